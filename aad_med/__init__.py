@@ -1,0 +1,12 @@
+"""aad-med: the Autoencoder Average Distance between cohorts of volumetric brain MRI.
+
+The package reads as the pipeline: ``data`` (cohort discovery, validation, MONAI transforms,
+synthetic cohorts) -> ``models`` (the autoencoder) -> ``training`` (loop, checkpoints) ->
+``embedding`` (cohort -> per-subject vectors) -> ``distances`` (AAD and its statistics) ->
+``plots`` / ``report`` -> ``cli`` (thin entry points).
+"""
+
+__version__ = "0.1.0"
+
+CHANNELS: tuple[str, ...] = ("t1", "t1ce", "t2", "flair")
+"""Canonical channel order used everywhere (images, checkpoints, reports)."""
