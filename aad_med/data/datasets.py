@@ -1,0 +1,296 @@
+"""Dataset stage: cohorts of :class:`~aad_med.data.records.SubjectRecord` -> torch datasets of
+preprocessed subjects (evaluation) or of random patches (training), with MONAI caching.
+
+Which cache to use:
+
+- ``"memory"`` (:class:`monai.data.CacheDataset`): the deterministic part (load, RAS, resample,
+  crop, z-score) of every subject is computed once when the dataset is built and kept in RAM.
+  Fastest per epoch; use it for small cohorts (synthetic, tests, a few hundred cropped BraTS
+  subjects at 1 mm is ~5-8 MB each) and when training for many epochs.
+- ``"disk"`` (:class:`monai.data.PersistentDataset`): the deterministic result of each subject
+  is written once to ``cache_dir`` as a ``.pt`` file (read back with ``weights_only=True``),
+  keyed by a hash of the record dict, the files' size and modification time, and the
+  :class:`~aad_med.data.preprocessing.PreprocessingConfig`. Use it for cohorts that do not fit
+  in RAM or when several runs (training, then embedding) reuse the same preprocessing.
+  Changing a file or the config gives a new key; stale entries are never read.
+- ``"none"`` (:class:`monai.data.Dataset`): preprocess on every access. Use it for a single
+  pass (embedding a cohort once) where a cache would only cost memory.
+
+All three give identical items. Randomness (training patches) depends only on
+``(seed, epoch, subject index)``, so the same seed gives the same patches whatever the
+number of DataLoader workers or the order of access; call :meth:`PatchDataset.set_epoch`
+before each epoch (the workers of a non-persistent DataLoader see the new epoch).
+
+This module reads files only through the transforms; it writes only the disk cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai.data import CacheDataset, Dataset, PersistentDataset
+from monai.transforms import Compose
+
+from aad_med.data.preprocessing import PreprocessingConfig
+from aad_med.data.records import SubjectRecord
+from aad_med.data.transforms import (
+    PATCH_KEYS,
+    PREPROCESSED_KEYS,
+    _project_error,
+    deterministic_transforms,
+    train_transforms,
+)
+from aad_med.errors import ConfigError
+
+__all__ = [
+    "CACHE_MODES",
+    "PATCH_KEYS",
+    "PREPROCESSED_KEYS",
+    "PatchDataset",
+    "build_eval_dataset",
+    "build_subject_dataset",
+    "build_train_dataset",
+    "record_hash",
+    "train_collate",
+]
+
+CACHE_MODES = ("memory", "disk", "none")
+CACHE_VERSION = 1
+"""Bumped whenever the deterministic transforms change what they produce (invalidates disk caches)."""
+
+
+class RecordHasher:
+    """Disk-cache key of a record dict: its content, its files' size and mtime, and the config.
+
+    A class rather than a closure so the dataset stays picklable for DataLoader workers.
+    """
+
+    def __init__(self, cfg: PreprocessingConfig):
+        self.cfg_json = json.dumps(cfg.to_dict(), sort_keys=True, default=str)
+
+    def __call__(self, item: dict) -> bytes:
+        return record_hash(item, self.cfg_json).encode("utf-8")
+
+
+def record_hash(item: dict, cfg_json: str) -> str:
+    """Hex digest identifying one subject's preprocessing input (files + config)."""
+    stats = {}
+    for key, value in sorted(item.items()):
+        if isinstance(value, str) and value and key != "subject_id":
+            try:
+                st = os.stat(value)
+                stats[key] = [st.st_size, st.st_mtime_ns]
+            except OSError:
+                stats[key] = None
+    payload = json.dumps(
+        {"v": CACHE_VERSION, "item": item, "stats": stats, "cfg": cfg_json},
+        sort_keys=True,
+        default=str,
+    )
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:40]
+
+
+class _ProjectErrors:
+    """Mixin: MONAI datasets wrap transform failures in ``RuntimeError``; re-raise ours as is."""
+
+    def _transform(self, index: int):
+        try:
+            return super()._transform(index)
+        except RuntimeError as e:
+            cause = _project_error(e)
+            if cause is None:
+                raise
+            raise cause from None
+
+
+class SubjectDataset(_ProjectErrors, Dataset):
+    """:class:`monai.data.Dataset` (no cache) that raises the project's errors unwrapped."""
+
+
+class CachedSubjectDataset(_ProjectErrors, CacheDataset):
+    """:class:`monai.data.CacheDataset` (memory cache) that raises the project's errors unwrapped."""
+
+
+class PersistentSubjectDataset(_ProjectErrors, PersistentDataset):
+    """:class:`monai.data.PersistentDataset` (disk cache) that raises the project's errors unwrapped."""
+
+
+def _record_dicts(records: Sequence[SubjectRecord | dict]) -> list[dict]:
+    return [r.as_dict() if isinstance(r, SubjectRecord) else dict(r) for r in records]
+
+
+def build_subject_dataset(
+    records: Sequence[SubjectRecord | dict],
+    cfg: PreprocessingConfig,
+    cache: str = "none",
+    cache_dir: str | Path | None = None,
+    num_workers: int = 0,
+) -> torch.utils.data.Dataset:
+    """Dataset of preprocessed subjects (deterministic transforms only), cached as requested.
+
+    Args:
+        records: the subjects (records or their ``as_dict()``).
+        cfg: preprocessing contract.
+        cache: ``"memory"``, ``"disk"`` or ``"none"`` (see the module docstring).
+        cache_dir: folder of the disk cache (required for ``"disk"``; created if missing).
+        num_workers: threads used to fill the memory cache.
+
+    Returns:
+        A dataset whose item ``i`` is the dict of :data:`PREPROCESSED_KEYS` for ``records[i]``.
+
+    Raises:
+        ConfigError: unknown cache mode, or ``"disk"`` without ``cache_dir``.
+        InputError: (for ``"memory"``, while building) a file of a subject is bad.
+    """
+    data = _record_dicts(records)
+    transform = deterministic_transforms(cfg)
+    if cache == "memory":
+        try:
+            return CachedSubjectDataset(
+                data,
+                transform,
+                cache_rate=1.0,
+                num_workers=max(0, num_workers) or None,
+                progress=False,
+                copy_cache=False,
+            )
+        except RuntimeError as e:
+            cause = _project_error(e)
+            if cause is None:
+                raise
+            raise cause from None
+    if cache == "disk":
+        if cache_dir is None:
+            raise ConfigError(
+                "cache='disk' needs cache_dir (a folder for the preprocessed subjects)"
+            )
+        cache_dir = Path(cache_dir)
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        return PersistentSubjectDataset(
+            data, transform, cache_dir=cache_dir, hash_func=RecordHasher(cfg), weights_only=True
+        )
+    if cache == "none":
+        return SubjectDataset(data, transform)
+    raise ConfigError(f"unknown cache {cache!r}; choose one of {list(CACHE_MODES)}")
+
+
+class PatchDataset(torch.utils.data.Dataset):
+    """Training dataset: item ``i`` is the list of ``samples_per_subject`` patch dicts
+    (:data:`PATCH_KEYS`) drawn from subject ``i``; batch it with :func:`train_collate`.
+
+    Randomness is seeded from ``(seed, epoch, i)`` on every access, so results do not depend on
+    workers or access order.
+    """
+
+    def __init__(
+        self,
+        subjects: torch.utils.data.Dataset,
+        random_transform: Compose,
+        seed: int = 0,
+    ):
+        self.subjects = subjects
+        self.random_transform = random_transform
+        self.seed = int(seed)
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.subjects)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Draw the patches of epoch ``epoch`` (call before each epoch)."""
+        self.epoch = int(epoch)
+
+    def set_random_state(self, seed: int) -> PatchDataset:
+        """Reseed: the same seed gives the same patches."""
+        self.seed = int(seed)
+        return self
+
+    def item_seed(self, index: int) -> int:
+        """The RNG seed used for subject ``index`` in the current epoch."""
+        seq = np.random.SeedSequence([self.seed, self.epoch, int(index) % max(1, len(self))])
+        return int(seq.generate_state(1, dtype=np.uint32)[0])
+
+    def __getitem__(self, index: int) -> list[dict]:
+        subject = self.subjects[index]
+        self.random_transform.set_random_state(seed=self.item_seed(index))
+        samples = self.random_transform(subject)
+        return samples if isinstance(samples, list) else [samples]
+
+
+def build_train_dataset(
+    records: Sequence[SubjectRecord | dict],
+    cfg: PreprocessingConfig,
+    samples_per_subject: int = 8,
+    cache: str = "memory",
+    cache_dir: str | Path | None = None,
+    tumour_ratio: float = 0.3,
+    augment: dict | None = None,
+    num_workers: int = 0,
+    seed: int = 0,
+) -> PatchDataset:
+    """Training patches: the cached deterministic part, then random patch sampling.
+
+    Each item is one subject's list of ``samples_per_subject`` patch dicts; use
+    ``DataLoader(ds, batch_size=B, collate_fn=train_collate)`` to get ``B * S`` patches a batch.
+
+    Args:
+        records: training subjects.
+        cfg: preprocessing contract (patch size, minimum brain fraction, spacing).
+        samples_per_subject: patches per subject per epoch.
+        cache: ``"memory"``, ``"disk"`` or ``"none"``.
+        cache_dir: disk cache folder (``cache="disk"``).
+        tumour_ratio: share of patches centred on the tumour for subjects with a seg.
+        augment: ``None`` (off) or a dict like :data:`aad_med.data.transforms.DEFAULT_AUGMENT`.
+        num_workers: threads used to fill the memory cache.
+        seed: patch sampling seed.
+    """
+    subjects = build_subject_dataset(records, cfg, cache, cache_dir, num_workers)
+    rand = train_transforms(cfg, samples_per_subject, tumour_ratio=tumour_ratio, augment=augment)
+    return PatchDataset(subjects, rand, seed=seed)
+
+
+def build_eval_dataset(
+    records: Sequence[SubjectRecord | dict],
+    cfg: PreprocessingConfig,
+    cache: str = "none",
+    cache_dir: str | Path | None = None,
+    num_workers: int = 0,
+) -> torch.utils.data.Dataset:
+    """Preprocessed subjects one by one (keys :data:`PREPROCESSED_KEYS`), for embedding with
+    :func:`aad_med.data.transforms.eval_patch_grid`. Same arguments as
+    :func:`build_subject_dataset`; ``"none"`` suits a single pass."""
+    return build_subject_dataset(records, cfg, cache, cache_dir, num_workers)
+
+
+def train_collate(batch: list[list[dict]] | list[dict]) -> dict:
+    """Stack a batch of subjects' patch lists into one dict of ``B * S`` patches.
+
+    Returns:
+        ``image`` ``(B*S, 4, p, p, p)`` float32, ``seg`` ``(B*S, 1, p, p, p)`` int16, ``brain``
+        ``(B*S, 1, p, p, p)`` uint8, ``patch_start`` ``(B*S, 3)`` int64, ``patch_tumour``
+        ``(B*S,)`` bool, ``has_seg`` ``(B*S,)`` bool, ``subject_id`` list of ``B*S`` str.
+    """
+    flat: list[dict] = []
+    for item in batch:
+        flat.extend(item if isinstance(item, list) else [item])
+    if not flat:
+        raise ValueError("train_collate got an empty batch")
+
+    def stack(key):
+        return torch.stack([torch.as_tensor(s[key]).as_subclass(torch.Tensor) for s in flat])
+
+    return {
+        "image": stack("image").to(torch.float32),
+        "seg": stack("seg"),
+        "brain": stack("brain"),
+        "patch_start": stack("patch_start").to(torch.int64),
+        "patch_tumour": torch.tensor([bool(s["patch_tumour"]) for s in flat]),
+        "has_seg": torch.tensor([bool(s["has_seg"]) for s in flat]),
+        "subject_id": [str(s["subject_id"]) for s in flat],
+    }

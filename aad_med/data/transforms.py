@@ -1,0 +1,581 @@
+"""MONAI preprocessing stage: subject files -> normalised, brain-cropped 4-channel volumes ->
+3D patches (random for training, a deterministic grid for evaluation).
+
+Pipeline (dictionary transforms, deterministic part first so a MONAI cache can hold it):
+
+1. :class:`LoadSubjectd` reads the four modalities (and the optional seg) through
+   :func:`aad_med.data.io.load_subject`; any file problem stays an
+   :class:`~aad_med.errors.InputError` naming the file.
+2. ``brain`` mask = voxels non-zero in any channel of the raw images.
+3. ``Orientationd`` to RAS, then resampling to ``cfg.spacing`` (bilinear image, nearest seg and
+   brain; skipped when the volume already has that spacing). The image is re-masked with the
+   resampled brain so the background stays exactly zero.
+4. Crop to the brain bounding box (``cfg.crop_foreground``), per-channel z-score over non-zero
+   voxels, zero padding *at the end* of each axis up to ``cfg.patch_size``.
+5. Conversion to plain tensors + primitive metadata (see :data:`PREPROCESSED_KEYS`), so items
+   can be cached in memory or on disk and loaded with ``torch.load(weights_only=True)``.
+
+Coordinates: voxel ``v`` of the preprocessed volume is voxel ``crop_start + v`` of the RAS,
+resampled volume (padding is only appended, so it never shifts positions), and
+``affine @ [v, 1]`` is its world position in mm.
+
+The random part (:func:`train_transforms`) samples cubic patches with a minimum brain fraction,
+optionally centred on tumour voxels, plus light augmentation. :func:`eval_patch_grid` cuts the
+deterministic evaluation grid used to embed a whole subject.
+
+This module reads files only through :mod:`aad_med.data.io`; it never writes files.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping, Sequence
+
+import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.data import MetaTensor
+from monai.transforms import (
+    Compose,
+    CropForegroundd,
+    MapTransform,
+    MaskIntensityd,
+    NormalizeIntensityd,
+    Orientationd,
+    RandFlipd,
+    Randomizable,
+    RandScaleIntensityd,
+    RandShiftIntensityd,
+    Spacingd,
+    SpatialPadd,
+)
+
+from aad_med.data.io import load_subject
+from aad_med.data.preprocessing import PreprocessingConfig
+from aad_med.data.records import SubjectRecord
+from aad_med.errors import AADError
+
+PREPROCESSED_KEYS = (
+    "subject_id",
+    "image",
+    "seg",
+    "brain",
+    "has_seg",
+    "affine",
+    "crop_start",
+    "ras_shape",
+    "spacing",
+)
+"""Keys of a preprocessed subject dict (output of :func:`deterministic_transforms`):
+
+- ``subject_id``: str
+- ``image``: ``(4, X, Y, Z)`` float32 tensor, channels ``t1, t1ce, t2, flair``, z-scored over
+  each channel's non-zero voxels, exactly 0 outside the brain
+- ``seg``: ``(1, X, Y, Z)`` int16 tensor (all zero when the subject has no seg)
+- ``brain``: ``(1, X, Y, Z)`` uint8 tensor, 1 where any raw channel was non-zero
+- ``has_seg``: bool
+- ``affine``: ``(4, 4)`` float64 tensor, voxel-to-world (mm) of the preprocessed volume
+- ``crop_start``: list of 3 ints, start of the brain crop in the RAS resampled volume
+- ``ras_shape``: list of 3 ints, shape of the RAS resampled volume before cropping
+- ``spacing``: list of 3 floats, voxel spacing in mm
+"""
+
+PATCH_KEYS = ("subject_id", "image", "seg", "brain", "has_seg", "patch_start", "patch_tumour")
+"""Keys of one training patch dict (output of :func:`train_transforms`):
+``image`` ``(4, p, p, p)`` float32, ``seg`` ``(1, p, p, p)`` int16, ``brain`` ``(1, p, p, p)``
+uint8, ``patch_start`` ``(3,)`` int64 (corner in the preprocessed volume), ``patch_tumour`` bool
+(patch was centred on a seg > 0 voxel), plus ``subject_id`` and ``has_seg``."""
+
+DEFAULT_AUGMENT = {
+    "flip_prob": 0.5,
+    "intensity_prob": 0.5,
+    "intensity_scale": 0.1,
+    "intensity_shift": 0.1,
+}
+"""A light augmentation for ``train_transforms(augment=...)``: random flips along each axis,
+per-channel intensity scale ``1 +- 0.1`` and shift ``+- 0.1`` (in z-score units) inside the brain."""
+
+_SPACING_ATOL = 1e-3
+_SAMPLE_TRIES = 32
+
+
+class SafeCompose(Compose):
+    """A :class:`monai.transforms.Compose` that lets the project's own errors through.
+
+    MONAI wraps every failure in ``RuntimeError("applying transform ...")``; an
+    :class:`~aad_med.errors.AADError` (a file problem the user must read) is re-raised as itself.
+    """
+
+    def __call__(self, input_, *args, **kwargs):
+        try:
+            return super().__call__(input_, *args, **kwargs)
+        except RuntimeError as e:
+            cause = _project_error(e)
+            if cause is None:
+                raise
+            raise cause from None
+
+
+def _project_error(e: BaseException) -> AADError | None:
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, AADError):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
+
+
+class LoadSubjectd(MapTransform):
+    """Read one subject from the primitive dict of :meth:`SubjectRecord.as_dict`.
+
+    Output keys: ``image`` MetaTensor ``(4, X, Y, Z)`` float32 carrying the affine, ``seg``
+    MetaTensor ``(1, X, Y, Z)`` (zeros when there is no seg), ``has_seg`` bool, ``subject_id``.
+    The file-path keys of the record are dropped.
+
+    Raises:
+        InputError: any problem with one of the subject's files (named).
+    """
+
+    def __init__(self, image_key: str = "image", seg_key: str = "seg", load_seg: bool = True):
+        super().__init__(keys=[image_key, seg_key])
+        self.image_key = image_key
+        self.seg_key = seg_key
+        self.load_seg = load_seg
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        record = SubjectRecord.from_dict(dict(data))
+        loaded = load_subject(record, load_seg=self.load_seg)
+        affine = torch.as_tensor(loaded.affine, dtype=torch.float64)
+        image = MetaTensor(torch.from_numpy(loaded.image), affine=affine)
+        if loaded.seg is None:
+            seg = torch.zeros((1, *loaded.image.shape[1:]), dtype=torch.int16)
+        else:
+            seg = torch.from_numpy(loaded.seg)[None]
+        return {
+            "subject_id": loaded.subject_id,
+            self.image_key: image,
+            self.seg_key: MetaTensor(seg, affine=affine.clone()),
+            "has_seg": loaded.seg is not None,
+        }
+
+
+class AddBrainMaskd(MapTransform):
+    """Add ``brain``: ``(1, X, Y, Z)`` uint8, 1 where any channel of ``image`` is non-zero."""
+
+    def __init__(self, image_key: str = "image", brain_key: str = "brain"):
+        super().__init__(keys=[image_key])
+        self.image_key = image_key
+        self.brain_key = brain_key
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        d = dict(data)
+        img = d[self.image_key]
+        mask = (_plain(img) != 0).any(dim=0, keepdim=True).to(torch.uint8)
+        if isinstance(img, MetaTensor):
+            mask = MetaTensor(mask, affine=img.affine.clone())
+        d[self.brain_key] = mask
+        return d
+
+
+class ResampleToSpacingd(MapTransform):
+    """``Spacingd`` that does nothing when the volume already has the target spacing.
+
+    Args:
+        keys: keys to resample; ``modes`` gives one interpolation mode per key.
+        pixdim: target spacing in mm.
+        modes: e.g. ``("bilinear", "nearest", "nearest")``.
+    """
+
+    def __init__(self, keys: KeysCollection, pixdim: Sequence[float], modes: Sequence[str]):
+        super().__init__(keys)
+        self.pixdim = tuple(float(s) for s in pixdim)
+        self.spacing = Spacingd(keys=keys, pixdim=self.pixdim, mode=tuple(modes))
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        d = dict(data)
+        current = _spacing_of(d[self.keys[0]].affine)
+        if np.allclose(current, self.pixdim, atol=_SPACING_ATOL):
+            return d
+        return self.spacing(d)
+
+
+class CastAndFinalised(MapTransform):
+    """Last deterministic step: plain tensors with fixed dtypes and primitive metadata.
+
+    Converts ``crop_start`` to a list of ints, records ``affine`` (of the preprocessed volume),
+    ``spacing`` and keeps ``ras_shape``; drops MONAI's bookkeeping keys.
+    """
+
+    def __init__(self):
+        super().__init__(keys=["image", "seg", "brain"])
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        d = dict(data)
+        image = d["image"]
+        affine = image.affine.clone().to(torch.float64) if isinstance(image, MetaTensor) else None
+        crop_start = d.get("crop_start")
+        crop_start = [0, 0, 0] if crop_start is None else [int(v) for v in crop_start]
+        out = {
+            "subject_id": str(d["subject_id"]),
+            "image": _plain(image).to(torch.float32).contiguous(),
+            "seg": _plain(d["seg"]).round().to(torch.int16).contiguous(),
+            "brain": (_plain(d["brain"]) > 0).to(torch.uint8).contiguous(),
+            "has_seg": bool(d["has_seg"]),
+            "affine": affine if affine is not None else torch.eye(4, dtype=torch.float64),
+            "crop_start": crop_start,
+            "ras_shape": [int(v) for v in d.get("ras_shape", image.shape[1:])],
+            "spacing": [float(s) for s in _spacing_of(affine if affine is not None else np.eye(4))],
+        }
+        return out
+
+
+class RecordShaped(MapTransform):
+    """Store the spatial shape of ``image`` under ``ras_shape`` (before cropping)."""
+
+    def __init__(self, image_key: str = "image", shape_key: str = "ras_shape"):
+        super().__init__(keys=[image_key])
+        self.image_key = image_key
+        self.shape_key = shape_key
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        d = dict(data)
+        d[self.shape_key] = [int(s) for s in d[self.image_key].shape[1:]]
+        return d
+
+
+def _plain(x) -> torch.Tensor:
+    if isinstance(x, MetaTensor):
+        return x.as_tensor()
+    return torch.as_tensor(x)
+
+
+def _spacing_of(affine) -> tuple[float, float, float]:
+    a = np.asarray(torch.as_tensor(affine).detach().cpu(), dtype=np.float64)
+    return tuple(float(s) for s in np.sqrt((a[:3, :3] ** 2).sum(axis=0)))
+
+
+def deterministic_transforms(cfg: PreprocessingConfig) -> Compose:
+    """The cacheable part of preprocessing: record dict -> preprocessed subject dict.
+
+    Input: ``SubjectRecord.as_dict()``. Output keys: :data:`PREPROCESSED_KEYS`. Every spatial
+    dimension of the output is at least ``cfg.patch_size``.
+
+    Raises (when called):
+        InputError: a file of the subject is missing, unreadable or inconsistent.
+    """
+    spatial = ["image", "seg", "brain"]
+    steps = [
+        LoadSubjectd(),
+        AddBrainMaskd(),
+        Orientationd(keys=spatial, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
+        ResampleToSpacingd(spatial, cfg.spacing, ("bilinear", "nearest", "nearest")),
+        # Bilinear resampling smears intensities into the background; the resampled mask keeps it 0.
+        MaskIntensityd(keys="image", mask_key="brain"),
+        RecordShaped(),
+    ]
+    if cfg.crop_foreground:
+        steps.append(
+            CropForegroundd(
+                keys=spatial,
+                source_key="brain",
+                allow_smaller=True,
+                start_coord_key="crop_start",
+                end_coord_key=None,
+            )
+        )
+    steps += [
+        NormalizeIntensityd(keys="image", nonzero=True, channel_wise=True),
+        # Padding only at the end keeps crop_start valid as the origin of the patch positions.
+        SpatialPadd(keys=spatial, spatial_size=[cfg.patch_size] * 3, method="end"),
+        CastAndFinalised(),
+    ]
+    return SafeCompose(steps, log_stats=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Patches
+
+
+def _integral(brain: torch.Tensor) -> torch.Tensor:
+    """Zero-padded 3D cumulative sum: ``S[i, j, k]`` = brain voxels in ``[:i, :j, :k]``."""
+    b = (brain.reshape(brain.shape[-3:]) > 0).to(torch.int64)
+    s = b.cumsum(0).cumsum(1).cumsum(2)
+    return torch.nn.functional.pad(s, (1, 0, 1, 0, 1, 0))
+
+
+def _box_counts(integral: torch.Tensor, starts: torch.Tensor, size: int) -> torch.Tensor:
+    """Brain voxels in the cubes ``[s, s + size)`` for every row ``s`` of ``starts`` (N, 3)."""
+    x0, y0, z0 = starts.unbind(1)
+    x1, y1, z1 = x0 + size, y0 + size, z0 + size
+    s = integral
+    return (
+        s[x1, y1, z1]
+        - s[x0, y1, z1]
+        - s[x1, y0, z1]
+        - s[x1, y1, z0]
+        + s[x0, y0, z1]
+        + s[x0, y1, z0]
+        + s[x1, y0, z0]
+        - s[x0, y0, z0]
+    )
+
+
+def _grid_starts(size: int, patch_size: int, stride: int) -> list[int]:
+    last = size - patch_size
+    starts = list(range(0, last + 1, stride))
+    if starts[-1] != last:
+        starts.append(last)
+    return starts
+
+
+def eval_patch_positions(
+    brain: torch.Tensor, patch_size: int, stride: int, min_brain_fraction: float
+) -> torch.Tensor:
+    """Start corners of the evaluation grid patches kept for a subject.
+
+    The grid starts at 0 with step ``stride`` along each axis, the last patch aligned to the end
+    of the volume, so it covers every voxel. Patches with a brain fraction below
+    ``min_brain_fraction`` are dropped, but the patch with the most brain is always kept.
+
+    Args:
+        brain: ``(1, X, Y, Z)`` or ``(X, Y, Z)`` mask (non-zero = brain), CPU or CUDA.
+        patch_size: cube edge ``p``.
+        stride: grid step (``p`` for non-overlapping patches).
+        min_brain_fraction: minimum share of brain voxels in a kept patch.
+
+    Returns:
+        ``(N, 3)`` int64 positions on the device of ``brain``, in grid (x-major) order, ``N >= 1``.
+
+    Raises:
+        ValueError: the volume is smaller than the patch, or ``stride < 1``.
+    """
+    shape = tuple(brain.shape[-3:])
+    if stride < 1:
+        raise ValueError(f"stride must be >= 1, got {stride}")
+    if any(s < patch_size for s in shape):
+        raise ValueError(f"volume {shape} is smaller than the patch size {patch_size}")
+    device = brain.device
+    axes = [torch.tensor(_grid_starts(s, patch_size, stride), device=device) for s in shape]
+    starts = torch.cartesian_prod(*axes).reshape(-1, 3)
+    counts = _box_counts(_integral(brain), starts, patch_size)
+    keep = counts >= min_brain_fraction * patch_size**3
+    if not bool(keep.any()):
+        keep = torch.zeros_like(keep)
+        keep[counts.argmax()] = True
+    return starts[keep].to(torch.int64)
+
+
+def extract_patches(image: torch.Tensor, positions: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """Cut cubes of edge ``patch_size`` at ``positions`` (N, 3) from ``image`` (C, X, Y, Z).
+
+    Returns:
+        ``(N, C, p, p, p)`` on the device of ``image`` (a copy, not a view).
+    """
+    p = patch_size
+    positions = positions.to(image.device)
+    ar = torch.arange(p, device=image.device)
+    ix = (positions[:, 0, None] + ar)[:, :, None, None]
+    iy = (positions[:, 1, None] + ar)[:, None, :, None]
+    iz = (positions[:, 2, None] + ar)[:, None, None, :]
+    return image[:, ix, iy, iz].permute(1, 0, 2, 3, 4).contiguous()
+
+
+def eval_patch_grid(
+    image: torch.Tensor,
+    brain: torch.Tensor,
+    patch_size: int,
+    stride: int,
+    min_brain_fraction: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The deterministic evaluation grid of patches covering a subject's brain.
+
+    For large grids (small stride, big volumes) use :func:`eval_patch_positions` and
+    :func:`extract_patches` in batches instead, to bound memory.
+
+    Args:
+        image: ``(4, X, Y, Z)`` preprocessed volume (CPU or CUDA).
+        brain: ``(1, X, Y, Z)`` brain mask of the same volume.
+        patch_size: cube edge ``p``.
+        stride: grid step.
+        min_brain_fraction: minimum share of brain voxels in a kept patch.
+
+    Returns:
+        ``(patches, positions)``: ``(N, 4, p, p, p)`` and ``(N, 3)`` int64 start corners, ``N >= 1``.
+    """
+    if tuple(image.shape[-3:]) != tuple(brain.shape[-3:]):
+        raise ValueError(f"image {tuple(image.shape)} and brain {tuple(brain.shape)} differ")
+    positions = eval_patch_positions(brain.to(image.device), patch_size, stride, min_brain_fraction)
+    return extract_patches(image, positions, patch_size), positions
+
+
+class RandBrainPatchd(Randomizable, MapTransform):
+    """Random cubic patches with at least ``min_brain_fraction`` brain, tumour-aware.
+
+    Each of the ``num_samples`` patches is, with probability ``tumour_ratio`` when the subject has
+    a non-empty seg, centred on a random seg > 0 voxel, otherwise on a random brain voxel. Centres
+    are drawn in batches of candidates; the first whose (clipped) patch holds enough brain wins.
+    If none does, a random admissible position of a fine grid is used, and if there is none, the
+    position with the most brain.
+
+    Returns a list of ``num_samples`` dicts (keys :data:`PATCH_KEYS`).
+    """
+
+    def __init__(
+        self,
+        patch_size: int,
+        num_samples: int,
+        min_brain_fraction: float,
+        tumour_ratio: float = 0.3,
+        keys: KeysCollection = ("image", "seg", "brain"),
+        brain_key: str = "brain",
+        seg_key: str = "seg",
+        max_tries: int = _SAMPLE_TRIES,
+    ):
+        MapTransform.__init__(self, keys)
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        if not 0.0 <= tumour_ratio <= 1.0:
+            raise ValueError(f"tumour_ratio must be in [0, 1], got {tumour_ratio}")
+        self.patch_size = int(patch_size)
+        self.num_samples = int(num_samples)
+        self.min_brain_fraction = float(min_brain_fraction)
+        self.tumour_ratio = float(tumour_ratio)
+        self.brain_key = brain_key
+        self.seg_key = seg_key
+        self.max_tries = int(max_tries)
+
+    def randomize(self, data=None) -> None:
+        # Sampling draws from self.R inside __call__; nothing to pre-draw.
+        return None
+
+    def _draw_centres(self, coords: torch.Tensor, n: int) -> torch.Tensor:
+        idx = torch.from_numpy(self.R.randint(0, coords.shape[0], size=n))
+        return coords[idx]
+
+    def _pick(self, centres, integral, shape, need) -> torch.Tensor | None:
+        p = self.patch_size
+        hi = torch.tensor(shape) - p
+        starts = (centres - p // 2).clamp(min=torch.zeros(3, dtype=hi.dtype), max=hi)
+        ok = _box_counts(integral, starts, p) >= need
+        if bool(ok.any()):
+            return starts[int(ok.nonzero()[0, 0])]
+        return None
+
+    def _fallback(self, integral, brain, need) -> torch.Tensor:
+        positions = eval_patch_positions(brain, self.patch_size, max(1, self.patch_size // 8), 0.0)
+        counts = _box_counts(integral, positions, self.patch_size)
+        ok = (counts >= need).nonzero()[:, 0]
+        if ok.numel():
+            return positions[int(ok[self.R.randint(ok.numel())])]
+        return positions[int(counts.argmax())]
+
+    def __call__(self, data: Mapping[Hashable, object]) -> list[dict]:
+        d = dict(data)
+        p = self.patch_size
+        brain = torch.as_tensor(d[self.brain_key]).cpu()
+        shape = tuple(brain.shape[-3:])
+        if any(s < p for s in shape):
+            raise ValueError(f"volume {shape} is smaller than the patch size {p}")
+        integral = _integral(brain)
+        need = self.min_brain_fraction * p**3
+        brain_coords = (brain.reshape(shape) > 0).nonzero()
+        seg = d.get(self.seg_key)
+        tumour_coords = None
+        if seg is not None and d.get("has_seg", True):
+            tumour_coords = (torch.as_tensor(seg).cpu().reshape(shape) > 0).nonzero()
+            if tumour_coords.shape[0] == 0:
+                tumour_coords = None
+        out = []
+        for _ in range(self.num_samples):
+            tumour = tumour_coords is not None and self.R.rand() < self.tumour_ratio
+            start = None
+            if tumour:
+                start = self._pick(
+                    self._draw_centres(tumour_coords, self.max_tries), integral, shape, need
+                )
+                tumour = start is not None
+            if start is None and brain_coords.shape[0]:
+                start = self._pick(
+                    self._draw_centres(brain_coords, self.max_tries), integral, shape, need
+                )
+            if start is None:
+                start = self._fallback(integral, brain, need)
+            out.append(self._crop(d, start.to(torch.int64), tumour))
+        return out
+
+    def _crop(self, d: dict, start: torch.Tensor, tumour: bool) -> dict:
+        p = self.patch_size
+        x, y, z = (int(v) for v in start)
+        sample = {k: v for k, v in d.items() if k not in self.keys and k in PATCH_KEYS}
+        for key in self.key_iterator(d):
+            # clone: a view would keep (and ship to the main process) the whole cached volume
+            sample[key] = _plain(d[key])[:, x : x + p, y : y + p, z : z + p].clone()
+        sample["patch_start"] = start.clone()
+        sample["patch_tumour"] = bool(tumour)
+        return sample
+
+
+def train_transforms(
+    cfg: PreprocessingConfig,
+    samples_per_subject: int,
+    tumour_ratio: float = 0.3,
+    augment: dict | None = None,
+) -> Compose:
+    """The random part of training preprocessing: preprocessed subject -> list of patch dicts.
+
+    Args:
+        cfg: preprocessing contract (``patch_size``, ``min_brain_fraction``).
+        samples_per_subject: patches drawn per subject per call.
+        tumour_ratio: share of patches centred on seg > 0 voxels for subjects with a seg.
+        augment: ``None`` or ``{}`` for no augmentation, else keys of :data:`DEFAULT_AUGMENT`
+            (``flip_prob`` per axis, ``intensity_prob``, ``intensity_scale``,
+            ``intensity_shift``); missing keys count as 0 (off).
+
+    Returns:
+        A Compose whose call on one preprocessed subject returns a list of
+        ``samples_per_subject`` dicts with keys :data:`PATCH_KEYS`. Seed it with
+        ``set_random_state(seed)``.
+    """
+    augment = dict(augment or {})
+    unknown = set(augment) - set(DEFAULT_AUGMENT)
+    if unknown:
+        raise ValueError(
+            f"unknown augment keys {sorted(unknown)}; known: {sorted(DEFAULT_AUGMENT)}"
+        )
+    spatial = ["image", "seg", "brain"]
+    steps: list = [
+        RandBrainPatchd(
+            patch_size=cfg.patch_size,
+            num_samples=samples_per_subject,
+            min_brain_fraction=cfg.min_brain_fraction,
+            tumour_ratio=tumour_ratio,
+        )
+    ]
+    flip = float(augment.get("flip_prob", 0.0))
+    if flip > 0:
+        steps += [RandFlipd(keys=spatial, prob=flip, spatial_axis=axis) for axis in range(3)]
+    prob = float(augment.get("intensity_prob", 0.0))
+    scale = float(augment.get("intensity_scale", 0.0))
+    shift = float(augment.get("intensity_shift", 0.0))
+    if prob > 0 and scale > 0:
+        steps.append(RandScaleIntensityd(keys="image", factors=scale, prob=prob, channel_wise=True))
+    if prob > 0 and shift > 0:
+        steps.append(RandShiftIntensityd(keys="image", offsets=shift, prob=prob, channel_wise=True))
+        # A shift would lift the background; keep it 0 as the encoder sees it at evaluation.
+        steps.append(MaskIntensityd(keys="image", mask_key="brain"))
+    if len(steps) > 1:
+        steps.append(_PlainPatchd())
+    return SafeCompose(steps, log_stats=False)
+
+
+class _PlainPatchd(MapTransform):
+    """Drop MONAI metadata added by augmentation so patches collate as plain tensors."""
+
+    def __init__(self):
+        super().__init__(keys=["image", "seg", "brain"])
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = _plain(d[key]).contiguous()
+        return d
