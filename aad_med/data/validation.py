@@ -1,0 +1,205 @@
+"""Stage 1, data: cohort validation. Checks every file of a discovered cohort before any
+training or embedding touches it, and reports every problem of the cohort at once, one line
+``file: problem`` each.
+
+Order per subject: headers first (readable NIfTI, dimensionality, size limit, affine), then one
+grid for all modalities (shape and affine within tolerance), then voxels (NaN/Inf, all-zero,
+segmentation labels). Voxels are read one file at a time, so memory stays flat whatever the
+cohort size. File reading itself lives in :mod:`aad_med.data.io`.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from aad_med import CHANNELS
+from aad_med.data.io import (
+    AFFINE_TOLERANCE,
+    MAX_VOXELS,
+    check_affine,
+    check_dimensions,
+    check_seg_labels,
+    check_values,
+    read_header,
+    read_voxels,
+)
+from aad_med.data.layouts import discover_cohort
+from aad_med.data.records import Cohort, ImageSource, SubjectRecord
+from aad_med.errors import CohortError, InputError
+
+log = logging.getLogger(__name__)
+
+
+class SkippedSubjectsWarning(UserWarning):
+    """Some subjects of a cohort were left out by ``skip_invalid`` (listed in ``Cohort.skipped``)."""
+
+
+@dataclass
+class _Header:
+    shape: tuple[int, int, int]
+    affine: np.ndarray
+
+
+def validate_cohort(
+    cohort: Cohort,
+    skip_invalid: bool = False,
+    max_voxels: int = MAX_VOXELS,
+    check_voxels: bool = True,
+    affine_tolerance: float = AFFINE_TOLERANCE,
+) -> Cohort:
+    """Check every file of every subject and report all problems at once.
+
+    Args:
+        cohort: a discovered cohort (:func:`aad_med.data.layouts.discover_cohort`).
+        skip_invalid: drop subjects with problems instead of raising; they are listed in the
+            returned ``Cohort.skipped`` (one line per subject) and a
+            :class:`SkippedSubjectsWarning` gives the count.
+        max_voxels: refuse headers claiming more voxels than this, before reading.
+        check_voxels: also read voxels (NaN/Inf, all-zero, segmentation labels); ``False``
+            checks headers and grids only, which is much faster on large cohorts.
+        affine_tolerance: largest difference allowed between the affines of one subject's files.
+
+    Returns:
+        A new cohort holding the valid subjects (the input is not modified).
+
+    Raises:
+        CohortError: one line per problem (``file: problem``) when any subject is invalid and
+            ``skip_invalid`` is false, or when no valid subject is left.
+    """
+    good: list[SubjectRecord] = []
+    problems: list[str] = []
+    skipped = list(cohort.skipped)
+    for i, subject in enumerate(cohort.subjects, start=1):
+        lines = subject_problems(subject, max_voxels, check_voxels, affine_tolerance)
+        if not lines:
+            good.append(subject)
+        elif skip_invalid:
+            skipped.append("; ".join(lines))
+        else:
+            problems.extend(lines)
+        if i % 50 == 0:
+            log.info("%s: validated %d/%d subjects", cohort.path, i, len(cohort.subjects))
+    if problems:
+        raise CohortError(problems)
+    if not good:
+        raise CohortError([*skipped, f"{cohort.path}: no valid subject left after skipping"])
+    if skipped:
+        n_total = len(good) + len(skipped)
+        msg = (
+            f"{cohort.path}: skipped {len(skipped)} of {n_total} subjects with problems "
+            "(listed in Cohort.skipped)"
+        )
+        log.warning(msg)
+        warnings.warn(msg, SkippedSubjectsWarning, stacklevel=2)
+    return Cohort(path=cohort.path, layout=cohort.layout, subjects=good, skipped=skipped)
+
+
+def load_cohort(
+    path: str | Path,
+    skip_invalid: bool = False,
+    check_voxels: bool = True,
+    max_voxels: int = MAX_VOXELS,
+) -> Cohort:
+    """Discover a cohort folder or CSV manifest and validate it (see :func:`validate_cohort`).
+
+    Raises:
+        CohortError: every problem of the cohort, one line each.
+    """
+    cohort = discover_cohort(path, skip_invalid=skip_invalid)
+    return validate_cohort(
+        cohort, skip_invalid=skip_invalid, max_voxels=max_voxels, check_voxels=check_voxels
+    )
+
+
+def subject_problems(
+    subject: SubjectRecord,
+    max_voxels: int = MAX_VOXELS,
+    check_voxels: bool = True,
+    affine_tolerance: float = AFFINE_TOLERANCE,
+) -> list[str]:
+    """All problems of one subject, one line ``file: problem`` each (empty when valid)."""
+    problems: list[str] = []
+    sources: list[tuple[str, ImageSource]] = [(ch, subject.images[ch]) for ch in CHANNELS]
+    if subject.seg is not None:
+        sources.append(("seg", subject.seg))
+    headers: dict[str, _Header] = {}
+    for name, src in sources:
+        try:
+            img = read_header(src.path, max_voxels)
+            shape = check_dimensions(img, src)
+            headers[name] = _Header(shape, check_affine(img, src.path))
+        except InputError as e:
+            # A 4D file stands for four channels: report its header problem once.
+            if str(e) not in problems:
+                problems.append(str(e))
+    problems.extend(_grid_problems(sources, headers, affine_tolerance))
+    if check_voxels:
+        problems.extend(_voxel_problems(sources, headers, max_voxels))
+    return problems
+
+
+def _grid_problems(
+    sources: list[tuple[str, ImageSource]], headers: dict[str, _Header], tol: float
+) -> list[str]:
+    ref = next(((n, s) for n, s in sources if n in headers), None)
+    if ref is None:
+        return []
+    ref_name, ref_src = ref
+    ref_h = headers[ref_name]
+    out = []
+    for name, src in sources:
+        h = headers.get(name)
+        if h is None or name == ref_name:
+            continue
+        if h.shape != ref_h.shape:
+            out.append(
+                f"{src.path}: {name} shape {h.shape} differs from {ref_name} shape {ref_h.shape} "
+                f"({ref_src.path.name})"
+            )
+            continue
+        diff = float(np.max(np.abs(h.affine - ref_h.affine)))
+        if diff > tol:
+            out.append(
+                f"{src.path}: {name} affine differs from {ref_name} ({ref_src.path.name}) by "
+                f"{diff:.3g} mm (tolerance {tol:g})"
+            )
+    return out
+
+
+def _voxel_problems(
+    sources: list[tuple[str, ImageSource]], headers: dict[str, _Header], max_voxels: int
+) -> list[str]:
+    out: list[str] = []
+    four_d: dict[Path, np.ndarray | None] = {}
+    for name, src in sources:
+        if name not in headers:
+            continue
+        try:
+            img = read_header(src.path, max_voxels)
+            if src.volume is None:
+                data = read_voxels(img, src.path, None)
+                where: str | Path = src.path
+            else:
+                # Decompress a 4D file once for its four channels.
+                if src.path not in four_d:
+                    four_d[src.path] = None
+                    four_d[src.path] = read_voxels(img, src.path, -1)
+                full = four_d[src.path]
+                if full is None:
+                    continue
+                data = full[..., src.volume]
+                where = f"{src.path} (volume {src.volume}, {name})"
+            if name == "seg":
+                check_values(data, src.path, allow_empty=True)
+                check_seg_labels(data, src.path)
+            else:
+                check_values(data, where)
+        except InputError as e:
+            if str(e) not in out:
+                out.append(str(e))
+    return out
