@@ -1,0 +1,292 @@
+"""``report.md`` and a self-contained ``report.html`` (images embedded as base64), built from the
+same block list so the two always say the same thing."""
+
+from __future__ import annotations
+
+import base64
+import datetime as _dt
+import html
+import re
+from collections.abc import Mapping
+from pathlib import Path
+
+from aad_med.report.serialize import _atomic_text
+from aad_med.report.text import (
+    DEFINITIONS,
+    LIMITATIONS,
+    _fmt,
+    fmt_p,
+    interpretation,
+    overlap_warning,
+)
+
+CAPTIONS: dict[str, str] = {
+    "latent_means": "Each cohort's mean latent vector with 95% bootstrap bands; dimensions "
+    "ordered by their share of AAD² (bars below, first pair). Where the lines separate beyond "
+    "their bands, the cohorts differ.",
+    "latent_pca": "Subjects in the first two principal axes of latent space; × marks cohort "
+    "means, ellipses hold about 95% of each cohort.",
+    "null_distribution": "AAD under random shuffles of cohort labels (grey) and the observed AAD "
+    "(line). The p-value is the share of shuffles reaching the line.",
+    "pairwise_aad": "AAD between every pair of cohorts.",
+    "mds": "Cohorts placed so that their distances approximate the pairwise AAD.",
+    "dendrogram": "Cohorts clustered by AAD.",
+    "attribution": "Latent dimensions carrying the largest share of AAD² for each pair.",
+}
+
+Block = tuple
+
+
+def build_blocks(result: Mapping, images: Mapping[str, str | Path] | None = None) -> list[Block]:
+    """The report as a list of blocks: ``("h1"|"h2"|"h3"|"p"|"warn", text)``,
+    ``("table", header, rows)``, ``("img", caption, path)``, ``("dl", [(term, text)])``."""
+    images = dict(images or {})
+    cohorts = result.get("cohorts", {})
+    pairs = list(result.get("pairs", []))
+    settings = result.get("settings", {})
+    b: list[Block] = [("h1", "AAD cohort comparison")]
+    b.append(
+        (
+            "p",
+            (
+                f"Checkpoint `{result.get('checkpoint', '?')}`; features `{result.get('features', 'latent')}`; "
+                f"latent dimension {result.get('latent_dim', '?')}; "
+                f"{_fmt(settings.get('n_permutations'))} permutations, "
+                f"{_fmt(settings.get('n_bootstrap'))} bootstrap resamples, seed {settings.get('seed', '?')}. "
+                f"Written {result.get('created', _dt.datetime.now().isoformat(timespec='seconds'))}."
+            ),
+        )
+    )
+    warning = overlap_warning(cohorts)
+    if warning:
+        b.append(("h2", "⚠ WARNING: training subjects among the compared cohorts"))
+        b.append(("warn", warning))
+    b.append(("h2", "Cohorts"))
+    b.append(
+        (
+            "table",
+            ["cohort", "subjects", "path", "used in training"],
+            [
+                [
+                    name,
+                    str(info.get("n_subjects", "?")),
+                    f"`{info.get('path', '')}`",
+                    str(info.get("train_overlap", 0)),
+                ]
+                for name, info in cohorts.items()
+            ],
+        )
+    )
+    b.append(("h2", "Summary"))
+    b.append(
+        (
+            "table",
+            ["pair", "AAD [95% CI]", "p", "FDR p", "× null median", "standardized"],
+            [
+                [
+                    f"{p['a']} vs {p['b']}",
+                    _aad_ci(p),
+                    fmt_p(p.get("aad_p")),
+                    fmt_p(p.get("aad_p_fdr")),
+                    _fmt(p.get("aad_null_ratio")),
+                    _fmt(p.get("aad_standardized")),
+                ]
+                for p in pairs
+            ],
+        )
+    )
+    for p in pairs:
+        b.append(("h2", f"{p['a']} vs {p['b']}"))
+        b.append(("p", interpretation(p)))
+        b.append(("table", ["statistic", "value"], _pair_rows(p)))
+        top = p.get("top_dims") or []
+        if top:
+            dims = ", ".join(f"z{int(d)} ({100 * float(s):.0f}%)" for d, s in top[:5])
+            b.append(("p", f"Largest shares of AAD²: {dims}."))
+        if p.get("mean_difference_png"):
+            b.append(
+                (
+                    "img",
+                    f"decode(mean of {p['b']}) − decode(mean of {p['a']}): what the "
+                    "latent mean difference looks like in image space (one patch).",
+                    p["mean_difference_png"],
+                )
+            )
+    regional = result.get("regional") or {}
+    if regional:
+        b.append(("h2", "Where in the brain"))
+        if regional.get("note"):
+            b.append(("p", str(regional["note"])))
+        for item in regional.get("images", []):
+            b.append(("img", item.get("caption", "Regional AAD"), item["png"]))
+    if images:
+        b.append(("h2", "Figures"))
+        for key, path in images.items():
+            b.append(("img", CAPTIONS.get(key, key), path))
+    b.append(("h2", "What each number means"))
+    definitions = dict(DEFINITIONS)
+    extra = result.get("definitions") or {}
+    if isinstance(extra, Mapping):
+        definitions.update({str(k): str(v) for k, v in extra.items()})
+    b.append(("dl", list(definitions.items())))
+    b.append(("h2", "What AAD cannot see"))
+    b.append(("p", LIMITATIONS))
+    return b
+
+
+def _aad_ci(p: Mapping) -> str:
+    ci = p.get("aad_ci95") or [None, None]
+    return f"{_fmt(p.get('aad'))} [{_fmt(ci[0])}, {_fmt(ci[1])}]"
+
+
+def _pair_rows(p: Mapping) -> list[list[str]]:
+    rows = [
+        ["subjects (a, b)", f"{p.get('n_a', '?')}, {p.get('n_b', '?')}"],
+        ["AAD [95% CI]", _aad_ci(p)],
+        [
+            "AAD p (permutation)",
+            f"{fmt_p(p.get('aad_p'))} ({_fmt(p.get('n_permutations'))} permutations)",
+        ],
+        ["AAD p, FDR-adjusted", fmt_p(p.get("aad_p_fdr"))],
+        ["null median AAD", _fmt(p.get("aad_null_median"))],
+        ["AAD / null median", _fmt(p.get("aad_null_ratio"))],
+        ["unbiased AAD²", _fmt(p.get("aad2_unbiased"))],
+        ["standardized AAD (effect size)", _fmt(p.get("aad_standardized"))],
+    ]
+    optional = [
+        ("Hotelling T² (p)", "hotelling_t2", "hotelling_p"),
+        ("RBF MMD² (p)", "mmd2", "mmd_p"),
+        ("energy distance (p)", "energy", "energy_p"),
+        ("Fréchet distance", "frechet", None),
+        ("AKLD (histogram KL)", "akld", None),
+    ]
+    for label, key, pkey in optional:
+        if key in p:
+            value = _fmt(p.get(key))
+            if pkey:
+                value += f" (p = {fmt_p(p.get(pkey))})"
+            rows.append([label, value])
+    if "ks_dims_fdr" in p:
+        dims = p.get("ks_dims_fdr") or []
+        rows.append(
+            [
+                "dimensions differing by KS (FDR 5%)",
+                ", ".join(f"z{int(d)}" for d in dims) if dims else "none",
+            ]
+        )
+    return rows
+
+
+def render_markdown(blocks: list[Block], base: Path | None = None) -> str:
+    """Markdown text; image paths written relative to ``base`` when given."""
+    out: list[str] = []
+    for blk in blocks:
+        kind = blk[0]
+        if kind in ("h1", "h2", "h3"):
+            out.append(f"{'#' * int(kind[1])} {blk[1]}\n")
+        elif kind == "p":
+            out.append(f"{blk[1]}\n")
+        elif kind == "warn":
+            out.append(f"> **⚠ {blk[1]}**\n")
+        elif kind == "table":
+            header, rows = blk[1], blk[2]
+            out.append("| " + " | ".join(header) + " |")
+            out.append("|" + "---|" * len(header))
+            out.extend("| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in rows)
+            out.append("")
+        elif kind == "img":
+            rel = _relative(Path(blk[2]), base)
+            out.append(f"![{Path(blk[2]).stem}]({rel})\n\n*{blk[1]}*\n")
+        elif kind == "dl":
+            out.extend(f"- **{term}**: {text}" for term, text in blk[1])
+            out.append("")
+    return "\n".join(out).rstrip() + "\n"
+
+
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;max-width:1000px;margin:2em auto;
+padding:0 1em;color:#222;line-height:1.45}
+table{border-collapse:collapse;margin:0.6em 0}td,th{border:1px solid #ccc;padding:3px 8px;
+text-align:left}th{background:#f2f2f2}img{max-width:100%;border:1px solid #eee}
+.warn{background:#fde8e0;border:3px solid #D55E00;padding:0.8em;font-weight:bold}
+figure{margin:1em 0}figcaption{font-style:italic;color:#444}code{background:#f5f5f5}
+"""
+
+
+def render_html(blocks: list[Block], base: Path | None = None) -> str:
+    """Self-contained HTML: every image is embedded as a base64 data URI."""
+    out = [
+        "<!DOCTYPE html>",
+        "<html lang='en'><head><meta charset='utf-8'>",
+        "<title>AAD cohort comparison</title>",
+        f"<style>{_CSS}</style></head><body>",
+    ]
+    for blk in blocks:
+        kind = blk[0]
+        if kind in ("h1", "h2", "h3"):
+            out.append(f"<{kind}>{_inline(blk[1])}</{kind}>")
+        elif kind == "p":
+            out.append(f"<p>{_inline(blk[1])}</p>")
+        elif kind == "warn":
+            out.append(f"<div class='warn'>⚠ {_inline(blk[1])}</div>")
+        elif kind == "table":
+            out.append("<table><tr>" + "".join(f"<th>{_inline(h)}</th>" for h in blk[1]) + "</tr>")
+            out.extend(
+                "<tr>" + "".join(f"<td>{_inline(c)}</td>" for c in r) + "</tr>" for r in blk[2]
+            )
+            out.append("</table>")
+        elif kind == "img":
+            path = Path(blk[2])
+            if base is not None and not path.is_absolute():
+                path = base / path
+            data = base64.b64encode(path.read_bytes()).decode("ascii")
+            out.append(
+                f"<figure><img alt='{html.escape(path.stem)}' "
+                f"src='data:image/png;base64,{data}'>"
+                f"<figcaption>{_inline(blk[1])}</figcaption></figure>"
+            )
+        elif kind == "dl":
+            out.append("<dl>")
+            for term, text in blk[1]:
+                out.append(f"<dt><b>{html.escape(term)}</b></dt><dd>{_inline(text)}</dd>")
+            out.append("</dl>")
+    out.append("</body></html>")
+    return "\n".join(out) + "\n"
+
+
+def _inline(text: str) -> str:
+    t = html.escape(str(text))
+    t = re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", t)
+    return re.sub(r"`(.+?)`", r"<code>\1</code>", t)
+
+
+def _relative(path: Path, base: Path | None) -> str:
+    if base is None or not path.is_absolute():
+        return path.as_posix()
+    try:
+        return path.resolve().relative_to(Path(base).resolve()).as_posix()
+    except ValueError:
+        return path.as_posix()
+
+
+def write_report(
+    result: Mapping,
+    out_dir: str | Path,
+    images: Mapping[str, str | Path] | None = None,
+) -> tuple[Path, Path]:
+    """Write ``report.md`` and ``report.html`` into ``out_dir``.
+
+    Args:
+        result: the content of ``distances.json`` (statistics plus run context). Pairs may carry
+            ``mean_difference_png``; ``result["regional"]`` may carry ``note`` and ``images``.
+        out_dir: folder of the report; image paths may be relative to it.
+        images: ``{figure key: png path}`` for the Figures section (keys as in :data:`CAPTIONS`).
+
+    Returns:
+        ``(report.md, report.html)`` paths.
+    """
+    out_dir = Path(out_dir)
+    blocks = build_blocks(result, images)
+    md = _atomic_text(out_dir / "report.md", render_markdown(blocks, out_dir))
+    page = _atomic_text(out_dir / "report.html", render_html(blocks, out_dir))
+    return md, page

@@ -1,0 +1,123 @@
+"""Plain-language text of the report: what each number means, what AAD cannot see, the
+interpretation of one pair, and the train-overlap warning. Pure functions of the result dict."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+ALPHA = 0.05
+
+DEFINITIONS: dict[str, str] = {
+    "aad": "Autoencoder Average Distance: Euclidean distance between the two cohorts' mean "
+    "latent vectors (each subject's vector is the mean of its patch latents). Its scale depends "
+    "on the encoder, so compare it with the null median and the CI, not across encoders.",
+    "aad2_unbiased": "Squared AAD minus the part expected from sampling noise alone "
+    "(trace of each cohort's covariance over its size); about 0 when the means are equal. "
+    "Equal to the unbiased linear-kernel MMD².",
+    "aad_ci95": "95% bootstrap interval of AAD, resampling subjects within each cohort. "
+    "AAD is never negative, so with equal means the interval still sits above 0: judge it "
+    "against the null median, not against 0.",
+    "aad_p": "Permutation p-value: how often shuffling the cohort labels of subjects gives an "
+    "AAD at least as large as observed, p = (k+1)/(B+1). Small p means the means differ more "
+    "than chance allows.",
+    "aad_p_fdr": "aad_p adjusted for comparing several pairs (Benjamini-Hochberg false discovery "
+    "rate). Use this one when more than two cohorts are compared.",
+    "aad_null_median": "Median AAD when cohort labels are shuffled: the AAD two random halves of "
+    "the same subjects would show. The floor that sampling noise alone produces.",
+    "aad_null_ratio": "AAD divided by the null median. About 1 means 'no more different than "
+    "random splits'; 2 means twice the noise floor.",
+    "aad_standardized": "Mahalanobis distance between the means with a shrinkage pooled "
+    "covariance: AAD in units of the subjects' spread, comparable across encoders "
+    "(roughly: 0.2 small, 0.5 medium, 0.8 large).",
+    "hotelling_t2": "Hotelling's T² for equal mean vectors with the shrinkage covariance; "
+    "hotelling_p is its p-value (by permutation when subjects are fewer than dimensions).",
+    "mmd2": "Squared maximum mean discrepancy with a Gaussian kernel (median bandwidth, "
+    "unbiased): sensitive to any difference of distribution, not only of the mean. mmd_p is "
+    "its permutation p-value.",
+    "energy": "Energy distance between the two sets of subject vectors: zero only for equal "
+    "distributions; sees differences in spread too. energy_p is its permutation p-value.",
+    "frechet": "Fréchet distance between Gaussians fitted to each cohort (mean term plus "
+    "covariance term), as in FID. Grows with differences in mean or spread.",
+    "akld": "McCaffrey's original variant: per latent dimension, symmetric KL divergence between "
+    "the two cohorts' histograms, averaged over dimensions.",
+    "ks_dims_fdr": "Latent dimensions whose distributions differ by a Kolmogorov-Smirnov test "
+    "after Benjamini-Hochberg correction across dimensions.",
+    "top_dims": "Latent dimensions ranked by their share of AAD² ((Δμ_j)² / AAD²): where in the "
+    "latent vector the distance lives.",
+    "train_overlap": "Number of a cohort's subjects that were used to train the encoder. The "
+    "encoder has seen them, so they sit unusually well in latent space and the tests become "
+    "over-sensitive.",
+}
+
+LIMITATIONS = (
+    "AAD compares only the cohorts' **mean** latent vectors. It cannot see a change of spread "
+    "with equal means (e.g. one site with more varied images but the same average), a shift "
+    "that cancels out across subjects, or image features the encoder discards (fine texture and "
+    "noise are largely thrown away by an MSE autoencoder, and per-subject z-scoring removes "
+    "global intensity). The MMD, energy and Fréchet statistics look beyond the mean; a "
+    "non-significant AAD is not proof that the cohorts are alike."
+)
+
+
+def _fmt(x, digits: int = 3) -> str:
+    if x is None:
+        return "n/a"
+    if isinstance(x, bool):
+        return str(x)
+    if isinstance(x, int):
+        return str(x)
+    x = float(x)
+    if x != x:
+        return "n/a"
+    if x != 0 and (abs(x) < 1e-3 or abs(x) >= 1e5):
+        return f"{x:.{digits - 1}e}"
+    return f"{x:.{digits}g}"
+
+
+def fmt_p(p) -> str:
+    """A p-value for humans: 3 significant digits, scientific notation below 0.001."""
+    return _fmt(p)
+
+
+def interpretation(pair: Mapping, alpha: float = ALPHA) -> str:
+    """One plain-language sentence (or two) on what a pair's numbers mean."""
+    if pair.get("interpretation"):
+        return str(pair["interpretation"])
+    a, b = pair["a"], pair["b"]
+    p = pair.get("aad_p_fdr", pair.get("aad_p"))
+    ratio = pair.get("aad_null_ratio")
+    ci = pair.get("aad_ci95") or [None, None]
+    head = (
+        f"AAD between {a} and {b} is {_fmt(pair.get('aad'))} "
+        f"[95% CI {_fmt(ci[0])}, {_fmt(ci[1])}], {_fmt(ratio)}× the AAD of random splits"
+    )
+    if p is not None and float(p) < alpha:
+        return (
+            f"{head}; p = {fmt_p(p)}: the cohorts' mean latent vectors differ more than chance "
+            f"allows, so the encoder sees a systematic difference between {a} and {b}."
+        )
+    return (
+        f"{head}; p = {fmt_p(p)}: no evidence that the mean latent vectors differ. This does not "
+        "show the cohorts are alike: AAD cannot see a change of spread with equal means."
+    )
+
+
+def overlap_warning(cohorts: Mapping[str, Mapping]) -> str | None:
+    """The loud warning when subjects used for training are among the compared ones."""
+    hits = {
+        name: int(info.get("train_overlap") or 0)
+        for name, info in cohorts.items()
+        if int(info.get("train_overlap") or 0) > 0
+    }
+    if not hits:
+        return None
+    parts = ", ".join(
+        f"{n} of {cohorts[name].get('n_subjects', '?')} subjects of {name}"
+        for name, n in hits.items()
+    )
+    return (
+        f"TRAINING SUBJECTS ARE BEING COMPARED: {parts} were used to train this encoder. "
+        "The encoder has seen them, so their latent vectors are not representative of new "
+        "data and the tests are over-sensitive (p-values too small, AAD inflated). Compare "
+        "cohorts held out from training, or train the encoder on a separate cohort."
+    )

@@ -1,0 +1,161 @@
+"""The report writers: strict JSON, CSV, NIfTI and a Markdown/HTML report carrying the numbers,
+definitions, the overlap warning and embedded images."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import json
+import re
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from aad_med.plots.statistics import plot_pairwise_aad
+from aad_med.report.document import write_report
+from aad_med.report.serialize import (
+    to_jsonable,
+    write_distances_json,
+    write_matrix_csv,
+    write_nifti,
+)
+from aad_med.report.text import DEFINITIONS, interpretation, overlap_warning
+
+
+def fake_result(overlap: int = 0) -> dict:
+    pair = {
+        "a": "siteA",
+        "b": "siteB",
+        "n_a": 12,
+        "n_b": 10,
+        "aad": 2.1234,
+        "aad2_unbiased": 4.0,
+        "aad_ci95": [1.5432, 2.8765],
+        "aad_p": 0.000999,
+        "aad_p_fdr": 0.001998,
+        "n_permutations": 999,
+        "aad_null_median": 0.5,
+        "aad_null_ratio": 4.2468,
+        "aad_standardized": 1.8,
+        "hotelling_t2": 30.5,
+        "hotelling_p": 0.0021,
+        "mmd2": 0.31,
+        "mmd_p": 0.004,
+        "energy": 0.9,
+        "energy_p": 0.003,
+        "frechet": 5.5,
+        "akld": 0.7,
+        "ks_dims_fdr": [0, 3],
+        "top_dims": [[0, 0.81], [3, 0.1]],
+    }
+    null_pair = dict(
+        pair,
+        b="siteC",
+        aad=0.41,
+        aad_p=0.62,
+        aad_p_fdr=0.62,
+        aad_null_ratio=0.95,
+        ks_dims_fdr=[],
+        top_dims=[[5, 0.3]],
+    )
+    return {
+        "checkpoint": "/ckpt/best.pt",
+        "latent_dim": 8,
+        "features": "latent",
+        "settings": {"n_permutations": 999, "n_bootstrap": 500, "seed": 0},
+        "cohorts": {
+            "siteA": {"n_subjects": 12, "path": "/data/A", "train_overlap": overlap},
+            "siteB": {"n_subjects": 10, "path": "/data/B", "train_overlap": 0},
+            "siteC": {"n_subjects": 10, "path": "/data/C", "train_overlap": 0},
+        },
+        "pairs": [pair, null_pair],
+        "definitions": {"mmd2": "Custom definition from distances."},
+    }
+
+
+def test_to_jsonable_converts_numpy_and_nan():
+    obj = {
+        "a": np.float32(1.5),
+        "b": np.arange(3),
+        "c": float("nan"),
+        "d": (np.int64(2),),
+        "e": np.bool_(True),
+        "f": [np.inf],
+    }
+    out = to_jsonable(obj)
+    assert out == {"a": 1.5, "b": [0, 1, 2], "c": None, "d": [2], "e": True, "f": [None]}
+    json.dumps(out, allow_nan=False)
+
+
+def test_distances_json_roundtrip(tmp_path):
+    res = fake_result()
+    res["pairs"][0]["aad_null_ratio"] = np.float64("nan")
+    path = write_distances_json(tmp_path / "distances.json", res)
+    back = json.loads(path.read_text())
+    assert back["pairs"][0]["aad"] == pytest.approx(2.1234)
+    assert back["pairs"][0]["aad_null_ratio"] is None
+    assert back["cohorts"]["siteA"]["n_subjects"] == 12
+    assert not list(tmp_path.glob(".*"))
+
+
+def test_matrix_csv(tmp_path):
+    m = np.array([[0.0, 1.25], [1.25, 0.0]])
+    path = write_matrix_csv(tmp_path / "pairwise_aad.csv", ["a", "b"], m)
+    rows = list(csv.reader(path.open()))
+    assert rows[0] == ["cohort", "a", "b"]
+    assert rows[1][0] == "a" and float(rows[1][2]) == 1.25
+
+
+def test_nifti_channel_last(tmp_path):
+    d = np.random.default_rng(0).normal(size=(4, 6, 7, 8)).astype(np.float32)
+    path = write_nifti(tmp_path / "diff.nii.gz", d)
+    img = nib.load(str(path))
+    assert img.shape == (6, 7, 8, 4)
+    np.testing.assert_allclose(np.asarray(img.dataobj)[..., 2], d[2])
+
+
+def test_interpretation_sentences():
+    res = fake_result()
+    sig = interpretation(res["pairs"][0])
+    assert "2.12" in sig and "differ more than chance" in sig
+    ns = interpretation(res["pairs"][1])
+    assert "no evidence" in ns and "spread" in ns
+    assert interpretation({"interpretation": "Given by distances."}) == "Given by distances."
+
+
+def test_overlap_warning():
+    assert overlap_warning(fake_result()["cohorts"]) is None
+    w = overlap_warning(fake_result(overlap=5)["cohorts"])
+    assert "5 of 12 subjects of siteA" in w and "over-sensitive" in w
+
+
+def test_report_contains_numbers_definitions_and_images(tmp_path):
+    res = fake_result(overlap=3)
+    png = plot_pairwise_aad(
+        ["siteA", "siteB"], np.array([[0, 2.1], [2.1, 0]]), tmp_path / "plots" / "pairwise_aad.png"
+    )
+    md_path, html_path = write_report(res, tmp_path, {"pairwise_aad": png})
+    md = md_path.read_text()
+    page = html_path.read_text()
+    for text in (md, page):
+        assert "2.12 [1.54, 2.88]" in text  # AAD [CI]
+        assert "9.99e-04" in text and re.search(r"\b0\.002\b", text)  # p and FDR p
+        assert "4.25" in text  # null ratio
+        assert "1.8" in text  # standardized effect size
+        assert "0.31" in text and "5.5" in text  # MMD², Fréchet
+        assert "WARNING" in text and "3 of 12 subjects of siteA" in text
+        assert "What each number means" in text and "What AAD cannot see" in text
+        assert "Custom definition from distances." in text
+        for key in DEFINITIONS:
+            assert key in text
+    assert "](plots/pairwise_aad.png)" in md
+    # HTML is self-contained: the image is embedded, no file reference remains.
+    m = re.search(r"data:image/png;base64,([A-Za-z0-9+/=]+)", page)
+    assert m and base64.b64decode(m.group(1)) == png.read_bytes()
+    assert "src='plots/" not in page
+
+
+def test_report_without_overlap_has_no_warning(tmp_path):
+    md, _ = write_report(fake_result(), tmp_path)
+    assert "WARNING" not in md.read_text()
