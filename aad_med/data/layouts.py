@@ -116,8 +116,25 @@ def discover_cohort(path: str | Path, skip_invalid: bool = False) -> Cohort:
         raise CohortError([f"{path}: cannot list folder ({e.strerror or e})"]) from None
     if not entries:
         raise CohortError([f"{path}: empty cohort (the folder is empty)"])
-    root, entries = _descend_single_folder(path, entries)
+    try:
+        return _discover_folder(path, entries, skip_invalid)
+    except _NoLayoutError:
+        # Kaggle nests releases (BraTS2020_TrainingData/MICCAI_BraTS2020_TrainingData/...):
+        # follow a chain of single sub-folders, but report the folder the user gave.
+        inner = _single_subfolder_chain(entries)
+        if inner is not None:
+            try:
+                return _discover_folder(inner, _listdir(inner), skip_invalid)
+            except (_NoLayoutError, OSError):
+                pass
+        raise
 
+
+class _NoLayoutError(CohortError):
+    """No layout matched a folder at all (as opposed to a matched layout with problems)."""
+
+
+def _discover_folder(root: Path, entries: list[Path], skip_invalid: bool) -> Cohort:
     found = _scan_brats(root, entries)
     msd = _scan_msd(root)
     if msd is not None:
@@ -133,7 +150,7 @@ def discover_cohort(path: str | Path, skip_invalid: bool = False) -> Cohort:
     manifests = [e for e in entries if e.is_file() and e.suffix.lower() == ".csv"]
     if len(manifests) == 1 and _looks_like_manifest(manifests[0]):
         return _finish(manifests[0], _read_csv(manifests[0]), skip_invalid)
-    raise CohortError([_unknown_layout_message(root, entries, manifests)])
+    raise _NoLayoutError([_unknown_layout_message(root, entries, manifests)])
 
 
 def _listdir(folder: Path) -> list[Path]:
@@ -144,24 +161,20 @@ def _listdir(folder: Path) -> list[Path]:
     )
 
 
-def _descend_single_folder(path: Path, entries: list[Path]) -> tuple[Path, list[Path]]:
-    """Follow a chain of single sub-folders (Kaggle's BraTS2020_TrainingData/MICCAI_.../ nesting)."""
-    root = path
-    for _ in range(3):
+def _single_subfolder_chain(entries: list[Path], depth: int = 3) -> Path | None:
+    """The innermost folder of a chain of lone sub-folders holding no NIfTI or CSV file."""
+    inner = None
+    for _ in range(depth):
         dirs = [e for e in entries if e.is_dir()]
         data_files = [e for e in entries if is_nifti_path(e) or e.suffix.lower() == ".csv"]
-        if len(dirs) != 1 or data_files or dirs[0].name in ("imagesTr", "labelsTr"):
+        if len(dirs) != 1 or data_files or _has_nifti(dirs[0]):
             break
-        if _has_nifti(dirs[0]):
-            break  # a one-subject cohort: the single folder is the subject
         try:
-            sub = _listdir(dirs[0])
+            entries = _listdir(dirs[0])
         except OSError:
             break
-        if not sub:
-            break
-        root, entries = dirs[0], sub
-    return root, entries
+        inner = dirs[0]
+    return inner
 
 
 def _has_nifti(folder: Path) -> bool:
