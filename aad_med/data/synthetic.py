@@ -686,7 +686,8 @@ def _write_subject(root: Path, layout: str, sid: str, vols: dict, affine, with_s
             _write_nifti(root / "labelsTr" / f"{sid}.nii.gz", seg, affine)
         return []
     if layout == "csv":
-        rel = {ch: f"images/{sid}_{ch}.nii.gz" for ch in (*CHANNELS, "seg")}
+        # Flat files next to the manifest: a sub-folder would look like a BraTS subject folder.
+        rel = {ch: f"{sid}_{ch}.nii.gz" for ch in (*CHANNELS, "seg")}
     else:
         ext = ".nii" if layout == "brats2020" else ".nii.gz"
         sep = "-" if layout == "brats2023" else "_"
@@ -786,7 +787,7 @@ def generate_cohort(
     * ``msd``: ``imagesTr/BRATS_00(k+1).nii.gz`` 4D in FLAIR, T1w, T1gd, T2w order,
       ``labelsTr/`` with Decathlon labels (1 oedema, 2 non-enhancing/necrotic, 3 enhancing),
       ``dataset.json``
-    * ``csv``: ``images/subject_0000k_{t1,t1ce,t2,flair,seg}.nii.gz`` and ``manifest.csv``
+    * ``csv``: ``subject_0000k_{t1,t1ce,t2,flair,seg}.nii.gz`` and ``manifest.csv``
       (``subject_id,t1,t1ce,t2,flair,seg``, paths relative to the CSV)
 
     Every layout also gets ``synthetic.json`` (site parameters, seed, shape) at its root.
