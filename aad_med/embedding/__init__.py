@@ -1,2 +1,36 @@
 """Stage 4, embedding: encode every subject of a cohort to one vector (streamed, cached).
-Knows the model and the evaluation patch grid; computes no statistics."""
+Knows the model and the evaluation patch grid; computes no statistics.
+
+``embed_cohort`` encodes one cohort; ``embed_cohorts`` several, with the on-disk cache and the
+feature set's joint standardisation; ``write_embeddings_csv``/``_npz`` write the outputs.
+"""
+
+from aad_med.embedding.cache import embed_cohorts, file_sha256
+from aad_med.embedding.encode import CohortEmbedding, embed_cohort
+from aad_med.embedding.features import (
+    FeatureSet,
+    available_feature_sets,
+    get_feature_set,
+    register_feature_set,
+)
+from aad_med.embedding.io import (
+    read_embeddings_csv,
+    read_embeddings_npz,
+    write_embeddings_csv,
+    write_embeddings_npz,
+)
+
+__all__ = [
+    "CohortEmbedding",
+    "FeatureSet",
+    "available_feature_sets",
+    "embed_cohort",
+    "embed_cohorts",
+    "file_sha256",
+    "get_feature_set",
+    "read_embeddings_csv",
+    "read_embeddings_npz",
+    "register_feature_set",
+    "write_embeddings_csv",
+    "write_embeddings_npz",
+]

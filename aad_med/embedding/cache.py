@@ -1,0 +1,221 @@
+"""Embedding several cohorts with an on-disk cache, so re-running the statistics (other
+permutation counts, other pairs) never re-encodes.
+
+A cohort's cache entry is keyed by the checkpoint file's SHA-256, the preprocessing config, the
+feature set, whether positions were kept, and every subject's files (path, size, modification
+time): change any of them and the entry is simply not found. Entries are ``.npz`` files read with
+``allow_pickle=False``, written atomically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import secrets
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from aad_med.data.preprocessing import PreprocessingConfig
+from aad_med.data.records import Cohort
+from aad_med.embedding.encode import DEFAULT_BATCH_SIZE, CohortEmbedding, embed_cohort
+from aad_med.embedding.features import FeatureSet, get_feature_set
+from aad_med.embedding.regional import RegionalLatents
+
+log = logging.getLogger(__name__)
+
+CACHE_VERSION = 1
+"""Bumped whenever encoding changes what it produces (invalidates old entries)."""
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file's bytes, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def cohort_cache_key(
+    cohort: Cohort,
+    checkpoint_hash: str,
+    preprocessing: PreprocessingConfig,
+    features: str,
+    keep_positions: bool,
+) -> str:
+    """Hex key of one cohort's embedding (see the module docstring for what it covers)."""
+    subjects = []
+    for rec in cohort.subjects:
+        files = []
+        for p in rec.files:
+            try:
+                st = os.stat(p)
+                files.append([str(Path(p).resolve()), st.st_size, st.st_mtime_ns])
+            except OSError:
+                files.append([str(p), None, None])
+        subjects.append([rec.subject_id, files, rec.as_dict()])
+    payload = {
+        "v": CACHE_VERSION,
+        "checkpoint": checkpoint_hash,
+        "preprocessing": preprocessing.to_dict(),
+        "features": features,
+        "keep_positions": bool(keep_positions),
+        "subjects": subjects,
+    }
+    text = json.dumps(payload, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:40]
+
+
+def _to_arrays(e: CohortEmbedding) -> dict[str, np.ndarray]:
+    out = {
+        "name": np.array(e.name),
+        "subject_ids": np.array(e.subject_ids, dtype=str),
+        "paths": np.array(e.paths, dtype=str),
+        "n_patches": e.n_patches,
+        "vectors": e.vectors,
+        "latent_means": e.latent_means,
+        "features": np.array(e.features),
+        "has_regional": np.array(e.regional is not None),
+    }
+    if e.regional is not None:
+        r = e.regional
+        out.update(
+            {
+                "r_cell_size": np.array(r.cell_size),
+                "r_patch_size": np.array(r.patch_size),
+                "r_cells": r.cells,
+                "r_sums": r.sums,
+                "r_counts": r.counts,
+                "r_image_sum": r.image_sum,
+                "r_n_images": np.array(r.n_images),
+                "r_ras_shape": np.array(r.ras_shape),
+                "r_ras_affine": r.ras_affine,
+                "r_same_space": np.array(r.same_space),
+            }
+        )
+    return out
+
+
+def _from_arrays(d: Mapping[str, np.ndarray]) -> CohortEmbedding:
+    regional = None
+    if bool(d["has_regional"]):
+        regional = RegionalLatents(
+            cell_size=int(d["r_cell_size"]),
+            patch_size=int(d["r_patch_size"]),
+            cells=d["r_cells"],
+            sums=d["r_sums"],
+            counts=d["r_counts"],
+            image_sum=d["r_image_sum"],
+            n_images=int(d["r_n_images"]),
+            ras_shape=tuple(int(v) for v in d["r_ras_shape"]),
+            ras_affine=d["r_ras_affine"],
+            same_space=bool(d["r_same_space"]),
+        )
+    return CohortEmbedding(
+        name=str(d["name"]),
+        subject_ids=[str(s) for s in d["subject_ids"]],
+        paths=[str(s) for s in d["paths"]],
+        n_patches=np.asarray(d["n_patches"], dtype=np.int64),
+        vectors=np.asarray(d["vectors"], dtype=np.float64),
+        latent_means=np.asarray(d["latent_means"], dtype=np.float64),
+        features=str(d["features"]),
+        regional=regional,
+    )
+
+
+def save_cached(path: str | Path, embedding: CohortEmbedding) -> Path:
+    """Write one cohort's embedding as ``.npz`` (atomic rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}-{secrets.token_hex(4)}.tmp.npz")
+    np.savez(tmp, **_to_arrays(embedding))
+    os.replace(tmp, path)
+    return path
+
+
+def load_cached(path: str | Path) -> CohortEmbedding | None:
+    """Read an entry written by :func:`save_cached`; ``None`` when missing or unreadable."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as d:
+            return _from_arrays({k: d[k] for k in d.files})
+    except (OSError, ValueError, KeyError) as e:
+        log.warning("ignoring unreadable embedding cache entry %s (%s)", path, e)
+        return None
+
+
+def default_cache_dir() -> Path:
+    """``$AAD_MED_CACHE/embeddings`` or ``~/.cache/aad-med/embeddings``."""
+    root = os.environ.get("AAD_MED_CACHE") or Path.home() / ".cache" / "aad-med"
+    return Path(root) / "embeddings"
+
+
+def embed_cohorts(
+    model: torch.nn.Module,
+    cohorts: Mapping[str, Cohort],
+    preprocessing: PreprocessingConfig,
+    device: str | torch.device = "cpu",
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    features: str | FeatureSet = "latent",
+    keep_positions: bool = False,
+    checkpoint_hash: str | None = None,
+    cache_dir: str | Path | None = None,
+    num_workers: int = 0,
+    progress: bool = True,
+) -> dict[str, CohortEmbedding]:
+    """Embed several cohorts, reusing cached entries, then apply the feature set's joint
+    standardisation (fitted on all compared subjects).
+
+    Args:
+        model, preprocessing, device, batch_size, features, keep_positions, num_workers,
+            progress: as :func:`aad_med.embedding.encode.embed_cohort`.
+        cohorts: ``{name: cohort}``, compared in this order.
+        checkpoint_hash: SHA-256 of the checkpoint file (:func:`file_sha256`); caching is off
+            without it (a model in memory has no stable identity).
+        cache_dir: cache folder; ``None`` turns caching off.
+
+    Returns:
+        ``{name: CohortEmbedding}`` in the order of ``cohorts``; ``vectors`` are final.
+    """
+    feature_set = get_feature_set(features)
+    use_cache = cache_dir is not None and checkpoint_hash is not None
+    out: dict[str, CohortEmbedding] = {}
+    for name, cohort in cohorts.items():
+        entry = None
+        if use_cache:
+            key = cohort_cache_key(
+                cohort, checkpoint_hash, preprocessing, feature_set.name, keep_positions
+            )
+            entry = Path(cache_dir) / f"{key}.npz"
+            cached = load_cached(entry)
+            if cached is not None:
+                log.info("cohort %s: embeddings read from cache %s", name, entry)
+                cached.name = name
+                out[name] = cached
+                continue
+        emb = embed_cohort(
+            model,
+            cohort,
+            preprocessing,
+            device=device,
+            batch_size=batch_size,
+            features=feature_set,
+            keep_positions=keep_positions,
+            name=name,
+            num_workers=num_workers,
+            progress=progress,
+        )
+        if entry is not None:
+            save_cached(entry, emb)
+        out[name] = emb
+    final = feature_set.finalize({k: v.vectors for k, v in out.items()})
+    for name, emb in out.items():
+        emb.vectors = np.asarray(final[name], dtype=np.float64)
+    return out

@@ -1,0 +1,249 @@
+"""Encoding a cohort: every subject's deterministic evaluation grid of brain patches goes through
+the encoder in batches (no gradients; bf16 autocast on CUDA) and is reduced to one vector by the
+chosen feature set. Streamed: one subject is in memory at a time, so memory does not grow with the
+cohort beyond the per-subject vectors."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from aad_med.data.datasets import build_eval_dataset
+from aad_med.data.preprocessing import PreprocessingConfig
+from aad_med.data.records import Cohort, SubjectRecord
+from aad_med.data.transforms import eval_patch_positions, extract_patches
+from aad_med.embedding.features import (
+    FeatureSet,
+    LatentMeanAccumulator,
+    PatchBatch,
+    get_feature_set,
+)
+from aad_med.embedding.regional import RegionalAccumulator, RegionalLatents
+from aad_med.errors import CheckpointError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BATCH_SIZE = 32
+
+
+@dataclass
+class CohortEmbedding:
+    """Per-subject vectors of one cohort.
+
+    Attributes:
+        name: cohort name.
+        subject_ids: one per subject, in cohort order.
+        paths: each subject's folder (the common parent of its files).
+        n_patches: ``(n,)`` evaluation patches encoded per subject.
+        vectors: ``(n, F)`` float64, the vectors the statistics use (``features``).
+        latent_means: ``(n, latent_dim)`` float64 mean patch latent (the seed's AAD vector;
+            equal to ``vectors`` when ``features == "latent"``).
+        features: name of the feature set of ``vectors``.
+        regional: position-resolved latents for the regional map (``keep_positions=True``).
+    """
+
+    name: str
+    subject_ids: list[str]
+    paths: list[str]
+    n_patches: np.ndarray
+    vectors: np.ndarray
+    latent_means: np.ndarray
+    features: str = "latent"
+    regional: RegionalLatents | None = field(default=None, repr=False)
+
+    def __len__(self) -> int:
+        return len(self.subject_ids)
+
+    @property
+    def dim(self) -> int:
+        return int(self.vectors.shape[1])
+
+
+def subject_folder(record: SubjectRecord) -> str:
+    """The common parent folder of a subject's files."""
+    return os.path.commonpath([str(Path(p).resolve().parent) for p in record.files])
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``"auto"``/``None`` -> CUDA when available, else CPU."""
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def check_model_matches(model: torch.nn.Module, preprocessing: PreprocessingConfig) -> None:
+    """Refuse a model whose input does not fit the preprocessing (patch size, channels).
+
+    Raises:
+        CheckpointError: the mismatch, named.
+    """
+    p = getattr(model, "patch_size", preprocessing.patch_size)
+    if int(p) != int(preprocessing.patch_size):
+        raise CheckpointError(
+            f"model expects {p}-voxel patches but the preprocessing cuts "
+            f"{preprocessing.patch_size}-voxel patches"
+        )
+    c = getattr(model, "in_channels", len(preprocessing.channels))
+    if int(c) != len(preprocessing.channels):
+        raise CheckpointError(
+            f"model expects {c} input channels but the data have {len(preprocessing.channels)} "
+            f"({', '.join(preprocessing.channels)})"
+        )
+
+
+def _autocast(device: torch.device):
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _ras_affine(affine: torch.Tensor, crop_start: Sequence[int]) -> np.ndarray:
+    """Affine of the uncropped RAS volume from the cropped one: world = A_crop @ (v - start)."""
+    a = np.asarray(torch.as_tensor(affine).cpu(), dtype=np.float64)
+    shift = np.eye(4)
+    shift[:3, 3] = -np.asarray(crop_start, dtype=np.float64)
+    return a @ shift
+
+
+def _subject_iterator(records: Sequence[SubjectRecord], preprocessing, num_workers: int):
+    dataset = build_eval_dataset(list(records), preprocessing, cache="none")
+    if num_workers <= 0:
+        for i in range(len(dataset)):
+            yield dataset[i]
+        return
+    # Workers preprocess the next subjects while the current one is encoded; batch size 1
+    # keeps one subject per item so memory stays flat.
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=None, num_workers=num_workers, prefetch_factor=2
+    )
+    yield from loader
+
+
+def embed_cohort(
+    model: torch.nn.Module,
+    cohort: Cohort,
+    preprocessing: PreprocessingConfig,
+    device: str | torch.device = "cpu",
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    features: str | FeatureSet = "latent",
+    keep_positions: bool = False,
+    name: str | None = None,
+    num_workers: int = 0,
+    progress: bool = True,
+) -> CohortEmbedding:
+    """Encode every subject of ``cohort`` to one vector.
+
+    Args:
+        model: the autoencoder (``encode(x) -> (B, latent_dim)``); put in eval mode here.
+        cohort: the validated cohort.
+        preprocessing: the preprocessing the model was trained with (from its checkpoint).
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:1"`` or ``"auto"``.
+        batch_size: patches per forward pass.
+        features: feature set name (``"latent"``: mean of patch latents) or instance.
+        keep_positions: also accumulate latents by grid position for the regional map.
+        name: cohort name (default: the cohort folder's name).
+        num_workers: DataLoader workers preprocessing the next subjects in the background.
+        progress: show a tqdm bar (subjects/s).
+
+    Returns:
+        The cohort's :class:`CohortEmbedding` (raw feature vectors; joint standardisation, if
+        the feature set has one, is applied by :func:`aad_med.embedding.cache.embed_cohorts`).
+
+    Raises:
+        CheckpointError: the model does not fit the preprocessing or the data.
+        InputError: a subject's file cannot be read (named).
+    """
+    device = resolve_device(device)
+    feature_set = get_feature_set(features)
+    check_model_matches(model, preprocessing)
+    model = model.to(device).eval()
+    name = name or Path(cohort.path).name
+    p, stride = preprocessing.patch_size, preprocessing.stride
+    regional = RegionalAccumulator(stride, p) if keep_positions else None
+    ids, paths, n_patches, vectors, latent_means = [], [], [], [], []
+    t0 = time.perf_counter()
+    bar = tqdm(
+        total=len(cohort.subjects),
+        desc=f"encoding {name}",
+        unit="subject",
+        disable=not progress,
+        leave=False,
+    )
+    try:
+        for record, item in zip(
+            cohort.subjects,
+            _subject_iterator(cohort.subjects, preprocessing, num_workers),
+            strict=True,
+        ):
+            image = torch.as_tensor(item["image"]).to(device, non_blocking=True)
+            brain = torch.as_tensor(item["brain"]).to(device)
+            crop_start = np.asarray(item["crop_start"], dtype=np.int64)
+            positions = eval_patch_positions(brain, p, stride, preprocessing.min_brain_fraction)
+            acc = feature_set.accumulator()
+            latent_acc = LatentMeanAccumulator()
+            subject_latents = []
+            for chunk in positions.split(batch_size):
+                patches = extract_patches(image, chunk, p)
+                with torch.inference_mode(), _autocast(device):
+                    try:
+                        z = model.encode(patches)
+                    except ValueError as e:
+                        raise CheckpointError(
+                            f"{subject_folder(record)}: model cannot encode these patches ({e})"
+                        ) from None
+                    batch = PatchBatch(
+                        model, patches, z.float().cpu(), chunk.cpu() + torch.from_numpy(crop_start)
+                    )
+                    latent_acc.add(batch)
+                    if not isinstance(acc, LatentMeanAccumulator):
+                        acc.add(batch)
+                if regional is not None:
+                    subject_latents.append(batch.latents.numpy())
+            mean = latent_acc.vector()
+            vec = mean if isinstance(acc, LatentMeanAccumulator) else acc.vector()
+            if regional is not None:
+                regional.add_subject(
+                    positions.cpu().numpy() + crop_start,
+                    np.concatenate(subject_latents),
+                    np.asarray(torch.as_tensor(item["image"]).cpu()),
+                    crop_start,
+                    tuple(item["ras_shape"]),
+                    _ras_affine(item["affine"], crop_start),
+                )
+            ids.append(record.subject_id)
+            paths.append(subject_folder(record))
+            n_patches.append(int(positions.shape[0]))
+            vectors.append(np.asarray(vec, dtype=np.float64))
+            latent_means.append(mean)
+            bar.update(1)
+    finally:
+        bar.close()
+    seconds = time.perf_counter() - t0
+    log.info(
+        "encoded %d subjects of %s in %.1f s (%.2f subjects/s, %d patches)",
+        len(ids),
+        name,
+        seconds,
+        len(ids) / max(seconds, 1e-9),
+        int(np.sum(n_patches)),
+    )
+    latent_dim = latent_means[0].shape[0] if latent_means else 0
+    return CohortEmbedding(
+        name=name,
+        subject_ids=ids,
+        paths=paths,
+        n_patches=np.asarray(n_patches, dtype=np.int64),
+        vectors=np.stack(vectors) if vectors else np.zeros((0, latent_dim)),
+        latent_means=np.stack(latent_means) if latent_means else np.zeros((0, latent_dim)),
+        features=feature_set.name,
+        regional=regional.result(latent_dim) if regional is not None else None,
+    )

@@ -1,0 +1,187 @@
+"""Embedding: shapes, the subject vector is the mean of its patch latents, streaming, caching,
+outputs and the regional accumulation."""
+
+from __future__ import annotations
+
+import csv
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from aad_med.data.datasets import build_eval_dataset
+from aad_med.data.preprocessing import PreprocessingConfig
+from aad_med.data.transforms import eval_patch_grid
+from aad_med.embedding import (
+    embed_cohort,
+    embed_cohorts,
+    get_feature_set,
+    read_embeddings_csv,
+    read_embeddings_npz,
+    write_embeddings_csv,
+    write_embeddings_npz,
+)
+from aad_med.embedding import encode as encode_mod
+from aad_med.embedding.decode import decode_mean_difference
+from aad_med.embedding.regional import regional_aad_map, shared_space_problem
+from aad_med.errors import CheckpointError, ConfigError
+
+
+def count_encode_calls(model, monkeypatch) -> list[int]:
+    calls: list[int] = []
+    original = model.encode
+
+    def counting(x):
+        calls.append(int(x.shape[0]))
+        return original(x)
+
+    monkeypatch.setattr(model, "encode", counting)
+    return calls
+
+
+def test_shapes_and_vector_is_mean_of_patch_latents(model, cohorts, preprocessing):
+    emb = embed_cohort(model, cohorts["siteA"], preprocessing, batch_size=5, progress=False)
+    assert emb.subject_ids == cohorts["siteA"].subject_ids
+    assert emb.vectors.shape == (3, 6) and emb.latent_means.shape == (3, 6)
+    assert emb.vectors.dtype == np.float64 and emb.features == "latent"
+    np.testing.assert_array_equal(emb.vectors, emb.latent_means)
+    assert all(os.path.isdir(p) for p in emb.paths)
+    ds = build_eval_dataset(cohorts["siteA"].subjects, preprocessing)
+    for i in range(3):
+        item = ds[i]
+        patches, _ = eval_patch_grid(item["image"], item["brain"], 8, preprocessing.stride, 0.25)
+        with torch.no_grad():
+            z = model.encode(patches).double().numpy()
+        assert emb.n_patches[i] == len(patches) > 1
+        np.testing.assert_allclose(emb.vectors[i], z.mean(axis=0), rtol=1e-5, atol=1e-6)
+
+
+def test_batch_size_does_not_change_vectors(model, cohorts, preprocessing):
+    a = embed_cohort(model, cohorts["siteA"], preprocessing, batch_size=1, progress=False)
+    b = embed_cohort(model, cohorts["siteA"], preprocessing, batch_size=64, progress=False)
+    np.testing.assert_allclose(a.vectors, b.vectors, rtol=1e-5, atol=1e-6)
+
+
+def test_streaming_encodes_each_subject_before_loading_the_next(
+    model, cohorts, preprocessing, monkeypatch
+):
+    events: list[str] = []
+    real_build = encode_mod.build_eval_dataset
+
+    class Spy(torch.utils.data.Dataset):
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __len__(self):
+            return len(self.inner)
+
+        def __getitem__(self, i):
+            events.append(f"load{i}")
+            return self.inner[i]
+
+    monkeypatch.setattr(encode_mod, "build_eval_dataset", lambda *a, **k: Spy(real_build(*a, **k)))
+    original = model.encode
+    monkeypatch.setattr(model, "encode", lambda x: (events.append("encode"), original(x))[1])
+    embed_cohort(model, cohorts["siteA"], preprocessing, batch_size=1000, progress=False)
+    assert events[0] == "load0"
+    # One subject loaded, encoded, then the next: never two subjects held at once.
+    loads = [i for i, e in enumerate(events) if e.startswith("load")]
+    assert len(loads) == 3
+    for i, j in zip(loads, loads[1:], strict=False):
+        assert "encode" in events[i + 1 : j]
+
+
+def test_cache_hit_does_not_reencode_and_file_change_does(
+    model, cohorts, preprocessing, tmp_path, monkeypatch
+):
+    calls = count_encode_calls(model, monkeypatch)
+    kw = dict(checkpoint_hash="abc", cache_dir=tmp_path / "cache", progress=False)
+    first = embed_cohorts(model, cohorts, preprocessing, **kw)
+    n_first = len(calls)
+    assert n_first > 0 and len(list((tmp_path / "cache").glob("*.npz"))) == 2
+    second = embed_cohorts(model, cohorts, preprocessing, **kw)
+    assert len(calls) == n_first  # cache hit: no encoding
+    for name in cohorts:
+        np.testing.assert_array_equal(first[name].vectors, second[name].vectors)
+        assert second[name].subject_ids == first[name].subject_ids
+    # Another checkpoint or a touched file means a new key: that cohort is encoded again.
+    embed_cohorts(
+        model, {"siteB": cohorts["siteB"]}, preprocessing, **{**kw, "checkpoint_hash": "other"}
+    )
+    assert len(calls) > n_first
+    n_second = len(calls)
+    f = cohorts["siteA"].subjects[0].images["t1"].path
+    st = os.stat(f)
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    embed_cohorts(model, cohorts, preprocessing, **kw)
+    assert len(calls) > n_second
+
+
+def test_no_cache_without_checkpoint_hash(model, cohorts, preprocessing, tmp_path):
+    embed_cohorts(model, cohorts, preprocessing, cache_dir=tmp_path / "c", progress=False)
+    assert not (tmp_path / "c").exists()
+
+
+def test_outputs_roundtrip(model, cohorts, preprocessing, tmp_path):
+    embs = embed_cohorts(model, cohorts, preprocessing, progress=False)
+    csv_path = write_embeddings_csv(tmp_path / "embeddings.csv", embs)
+    npz_path = write_embeddings_npz(tmp_path / "embeddings.npz", embs)
+    header = next(csv.reader(csv_path.open()))
+    assert header == ["subject_id", "cohort", "path", "n_patches", *(f"z{j}" for j in range(6))]
+    back = read_embeddings_csv(csv_path)
+    assert list(back) == ["siteA", "siteB"]
+    for name in embs:
+        np.testing.assert_array_equal(back[name], embs[name].vectors)  # full precision
+        np.testing.assert_array_equal(read_embeddings_npz(npz_path)[name], embs[name].vectors)
+    with np.load(npz_path) as d:
+        assert d["names"].tolist() == embs["siteA"].subject_ids + embs["siteB"].subject_ids
+        assert d["cohorts"].tolist() == ["siteA"] * 3 + ["siteB"] * 2
+        assert d["latent_means"].shape == (5, 6) and str(d["features"]) == "latent"
+
+
+def test_mismatch_and_unknown_feature_errors(model, cohorts):
+    with pytest.raises(CheckpointError, match="16-voxel patches"):
+        embed_cohort(model, cohorts["siteA"], PreprocessingConfig(patch_size=16), progress=False)
+    with pytest.raises(ConfigError, match="unknown embedding.features 'nope'"):
+        get_feature_set("nope")
+
+
+def test_regional_latents_and_map(model, cohorts, preprocessing, tmp_path):
+    embs = embed_cohorts(
+        model,
+        cohorts,
+        preprocessing,
+        keep_positions=True,
+        progress=False,
+        checkpoint_hash="h",
+        cache_dir=tmp_path / "cache",
+    )
+    ra, rb = embs["siteA"].regional, embs["siteB"].regional
+    assert ra.same_space and ra.ras_shape == (24, 28, 20) and ra.n_images == 3
+    assert ra.counts.max() == 3
+    # Subject-weighted: the cell means average to about the cohort mean latent.
+    assert shared_space_problem({"a": ra, "b": rb}) is None
+    m, bg = regional_aad_map(ra, rb)
+    assert m.shape == bg.shape == (24, 28, 20)
+    assert np.isfinite(m).any() and np.nanmin(m) >= 0
+    # Cached entries keep the regional part.
+    again = embed_cohorts(
+        model,
+        cohorts,
+        preprocessing,
+        keep_positions=True,
+        progress=False,
+        checkpoint_hash="h",
+        cache_dir=tmp_path / "cache",
+    )
+    np.testing.assert_array_equal(again["siteA"].regional.sums, ra.sums)
+    rb.ras_shape = (30, 28, 20)
+    assert "not in one image space" in shared_space_problem({"a": ra, "b": rb})
+
+
+def test_decode_mean_difference(model):
+    d = decode_mean_difference(model, np.zeros(6), np.zeros(6))
+    assert d.shape == (4, 8, 8, 8) and np.all(d == 0)
+    d = decode_mean_difference(model, np.zeros(6), np.ones(6))
+    assert np.abs(d).max() > 0
