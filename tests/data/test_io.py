@@ -1,0 +1,160 @@
+"""NIfTI reading: values, canonical channel order, 4D volumes, dtypes and header checks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from nifti_factory import (
+    brain_like,
+    tumour_like,
+    write_brats_subject,
+    write_msd_cohort,
+    write_nifti,
+)
+
+from aad_med import CHANNELS
+from aad_med.data import io
+from aad_med.data.layouts import discover_cohort
+from aad_med.data.records import ImageSource, SubjectRecord
+from aad_med.errors import InputError
+
+SHAPE = (24, 28, 20)
+
+
+def record_for(folder: Path, sid: str) -> SubjectRecord:
+    images = {ch: ImageSource(folder / f"{sid}_{ch}.nii.gz") for ch in CHANNELS}
+    return SubjectRecord(sid, images, ImageSource(folder / f"{sid}_seg.nii.gz"))
+
+
+def test_load_subject_values_and_order(tmp_path):
+    aff = np.diag([1.2, 1.0, 2.0, 1.0])
+    folder = tmp_path / "S1"
+    for c, ch in enumerate(CHANNELS):
+        write_nifti(folder / f"S1_{ch}.nii.gz", brain_like(SHAPE, seed=c, scale=c + 1), affine=aff)
+    write_nifti(folder / "S1_seg.nii.gz", tumour_like(SHAPE), affine=aff, dtype=np.uint8)
+    s = io.load_subject(record_for(folder, "S1"))
+    assert s.subject_id == "S1"
+    assert s.image.shape == (4, *SHAPE) and s.image.dtype == np.float32
+    for c in range(4):
+        np.testing.assert_array_equal(s.image[c], brain_like(SHAPE, seed=c, scale=c + 1))
+    assert s.seg.dtype == np.int16
+    np.testing.assert_array_equal(s.seg, tumour_like(SHAPE))
+    np.testing.assert_allclose(s.affine, aff)
+    assert s.spacing == pytest.approx((1.2, 1.0, 2.0))
+
+
+def test_load_subject_without_seg(tmp_path):
+    folder = write_brats_subject(tmp_path, "BraTS2021_00001", with_seg=False)
+    (rec,) = discover_cohort(tmp_path).subjects
+    s = io.load_subject(rec)
+    assert s.seg is None and s.image.shape == (4, *SHAPE)
+    assert folder.is_dir()
+
+
+def test_msd_4d_channels_land_in_canonical_order(tmp_path, monkeypatch):
+    write_msd_cohort(tmp_path, n=1, order=("t2", "flair", "t1ce", "t1"))
+    (rec,) = discover_cohort(tmp_path).subjects
+    calls = []
+    real = io.read_voxels
+    monkeypatch.setattr(io, "read_voxels", lambda *a: calls.append(a[2]) or real(*a))
+    s = io.load_subject(rec)
+    # The factory scales channel c of canonical order by (c + 1): means ~100, 200, 300, 400.
+    means = [float(s.image[c][s.image[c] > 0].mean()) for c in range(4)]
+    assert means == pytest.approx([100, 200, 300, 400], rel=0.05)
+    assert set(np.unique(s.seg)) == {0, 1, 2, 3}
+    # The 4D file is decompressed once for its four channels (the 3D seg once too).
+    assert calls.count(-1) == 1
+
+
+def test_scaling_and_integer_dtypes(tmp_path):
+    data = (brain_like() / 2).astype(np.int16)
+    img = nib.Nifti1Image(data, np.eye(4))
+    img.header.set_slope_inter(0.5, 10)
+    path = tmp_path / "scaled.nii.gz"
+    nib.save(img, str(path))
+    vol, _ = io.load_volume(ImageSource(path))
+    np.testing.assert_allclose(vol, data * 0.5 + 10)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.int8, np.uint16, np.int32, np.float64, ">i2"])
+def test_loads_common_dtypes_as_float32(tmp_path, dtype):
+    data = (brain_like() / 2).astype(dtype)
+    path = write_nifti(tmp_path / "x.nii", data)
+    vol, _ = io.load_volume(ImageSource(path))
+    assert vol.dtype == np.float32
+    np.testing.assert_array_equal(vol, data.astype(np.float32))
+
+
+def test_complex_and_rgb_refused(tmp_path):
+    cplx = write_nifti(tmp_path / "c.nii", brain_like().astype(np.complex64))
+    with pytest.raises(InputError, match=r"c\.nii: unsupported voxel data type complex64"):
+        io.load_volume(ImageSource(cplx))
+    rgb = np.zeros(SHAPE, dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")])
+    rgb["R"] = 1
+    path = tmp_path / "rgb.nii"
+    nib.save(nib.Nifti1Image(rgb, np.eye(4)), str(path))
+    with pytest.raises(InputError, match="unsupported voxel data type"):
+        io.load_volume(ImageSource(path))
+
+
+def test_non_nifti_image_format_refused(tmp_path):
+    path = tmp_path / "scan.mgz"
+    nib.save(nib.MGHImage(brain_like(), np.eye(4)), str(path))
+    with pytest.raises(InputError, match="not a NIfTI image .*MGHImage"):
+        io.read_header(path)
+
+
+def test_read_header_missing_folder_empty(tmp_path):
+    with pytest.raises(InputError, match="file does not exist"):
+        io.read_header(tmp_path / "nope.nii")
+    with pytest.raises(InputError, match="is a folder"):
+        io.read_header(tmp_path)
+    (tmp_path / "e.nii.gz").write_bytes(b"")
+    with pytest.raises(InputError, match="file is empty"):
+        io.read_header(tmp_path / "e.nii.gz")
+
+
+def test_singular_affine_refused(tmp_path):
+    hdr = nib.Nifti1Header()
+    hdr.set_data_shape(SHAPE)
+    hdr.set_data_dtype(np.float32)
+    hdr.set_qform(None, code=0)
+    hdr.set_sform(np.diag([1.0, 0.0, 1.0, 1.0]), code=1)
+    path = tmp_path / "s.nii"
+    nib.save(nib.Nifti1Image(brain_like(), None, header=hdr), str(path))
+    assert np.linalg.det(nib.load(path).affine[:3, :3]) == 0
+    with pytest.raises(InputError, match="affine is singular or not finite"):
+        io.load_volume(ImageSource(path))
+
+
+def test_volume_index_out_of_range(tmp_path):
+    path = write_nifti(tmp_path / "4d.nii.gz", np.stack([brain_like()] * 2, -1))
+    vol, _ = io.load_volume(ImageSource(path, volume=1))
+    assert vol.shape == SHAPE
+    with pytest.raises(InputError, match="has 2 volumes, volume 2 requested"):
+        io.load_volume(ImageSource(path, volume=2))
+
+
+def test_load_subject_refuses_bad_seg_labels(tmp_path):
+    folder = write_brats_subject(tmp_path, "S")
+    seg = tumour_like()
+    seg[0, 0, 0] = 9
+    bad = write_nifti(folder / "S_seg.nii.gz", seg, dtype=np.int16)
+    with pytest.raises(InputError) as ei:
+        io.load_subject(discover_cohort(tmp_path).subjects[0])
+    assert str(ei.value) == f"{bad}: segmentation labels {{9}} outside {{0, 1, 2, 3, 4}}"
+
+
+def test_load_subject_can_skip_seg(tmp_path):
+    folder = write_brats_subject(tmp_path, "S")
+    (folder / "S_seg.nii.gz").write_text("broken")
+    s = io.load_subject(discover_cohort(tmp_path).subjects[0], load_seg=False)
+    assert s.seg is None
+
+
+def test_is_nifti_path():
+    assert io.is_nifti_path("a/B.NII.GZ") and io.is_nifti_path("x.nii")
+    assert not io.is_nifti_path("x.nii.bak") and not io.is_nifti_path("x.mgz")
