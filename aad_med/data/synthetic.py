@@ -118,9 +118,9 @@ class SiteParams:
             keyed by channel (missing channels 1) or one number for all. Noise scales with it.
         offset: per-modality additive intensity offset (same forms; missing channels 0), applied
             inside the brain only so the background stays 0.
-        bias_field: strength of a smooth multiplicative low-order field ``exp(s * f(x))`` with
-            ``|f| <= 1`` over the field of view; 0 = none. ``0.05`` (reference) is mild,
-            ``0.35`` is about 7x stronger.
+        bias_field: strength ``s`` of a smooth multiplicative low-order field ``exp(s * f(x))``
+            with ``f`` of zero mean and ``max |f| = 1`` over the field of view; 0 = none.
+            ``0.05`` (reference) is mild (+-5 %), ``0.35`` is 7x stronger (x0.70 to x1.42).
         noise: Rician noise standard deviation as a fraction of white-matter intensity (per
             modality, before ``scale``); 0 = noiseless.
         blur_sigma: Gaussian point-spread function in voxels; 0 = none.
@@ -325,7 +325,7 @@ class _Draws:
         v["tumour_depth"] = rng.uniform(0.15, 0.5, 1)
         v["tumour_radius"] = np.exp(0.2 * rng.standard_normal(1))
         v["tumour_necrosis"] = rng.uniform(0.45, 0.7, 1)  # core radius / tumour radius
-        v["tumour_oedema"] = rng.uniform(1.5, 2.2, 1)  # oedema radius / tumour radius
+        v["tumour_oedema"] = rng.uniform(1.4, 1.9, 1)  # oedema radius / tumour radius
         v["tumour_lobes_freq"] = rng.uniform(5.0, 10.0, (2, 3))
         v["tumour_lobes_phase"] = rng.uniform(0, 2 * np.pi, (2, 3))
         v["oedema_freq"] = rng.uniform(3.0, 7.0, (2, 3))
@@ -407,7 +407,7 @@ def _anatomy(draws: _Draws, site: SiteParams, shape, has_tumour: bool):
     gyri /= np.float32(np.sqrt((draws["gyri_amp"] ** 2).sum() / 8))  # about unit std
 
     # Tumour geometry (also used for mass effect on the deep structures).
-    tumour_radius = 0.2 * site.tumour_size * float(draws["tumour_radius"][0])
+    tumour_radius = 0.27 * site.tumour_size * float(draws["tumour_radius"][0])
     tdir = draws["tumour_dir"] / (np.linalg.norm(draws["tumour_dir"]) + 1e-9)
     depth = min(float(draws["tumour_depth"][0]) + 0.3, max(0.0, 0.85 - tumour_radius))
     tc = tdir * depth
@@ -510,14 +510,18 @@ def _anatomy(draws: _Draws, site: SiteParams, shape, has_tumour: bool):
 
 
 def _bias(rng: np.random.Generator, axes1d, strength: float) -> np.ndarray | float:
-    """Smooth multiplicative field ``exp(strength * f)``, ``|f| <= 1``: low-order separable
-    cosines (a linear-like tilt plus curvature), a new random pattern per modality."""
+    """Smooth multiplicative field ``exp(strength * f)``: ``f`` is a low-order random field
+    (separable cosines of wavelength longer than the field of view) rescaled to zero mean and
+    ``max |f| = 1``, so ``strength`` is the log-range of the field, e.g. 0.35 -> x0.70 to x1.42.
+    A new random pattern per modality, as each sequence has its own."""
     freqs = rng.uniform(0.2, 0.6, (3, 3))
     phases = rng.uniform(0, 2 * np.pi, (3, 3))
     amps = rng.standard_normal(3)
     if strength == 0:
         return 1.0
-    f = _separable_waves(axes1d, freqs, phases, amps / np.abs(amps).sum())
+    f = _separable_waves(axes1d, freqs, phases, amps)
+    f -= np.float32(f.mean())
+    f /= np.float32(max(float(np.abs(f).max()), 1e-6))
     return np.exp(np.float32(strength) * f)
 
 
