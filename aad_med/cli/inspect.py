@@ -92,8 +92,15 @@ def _run(args: argparse.Namespace) -> int:
 
     fingerprints = []
     for cohort in cohorts:
-        for line in cohort.skipped:
-            print(f"{PROG}: warning: skipped {line}", file=sys.stderr)
+        if cohort.skipped:
+            n = len(cohort.skipped)
+            print(
+                f"{PROG}: warning: {cohort.path}: skipped {n} of {n + len(cohort.subjects)} "
+                "subjects with problems:",
+                file=sys.stderr,
+            )
+            for line in cohort.skipped:
+                print(f"{PROG}: warning:   {line}", file=sys.stderr)
         # --headers-only reads no voxel at all: no intensity statistics.
         fp = cohort_fingerprint(cohort, max_subjects=0 if args.headers_only else args.max_subjects)
         fingerprints.append(fp)

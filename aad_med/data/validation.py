@@ -94,7 +94,8 @@ def validate_cohort(
             f"{cohort.path}: skipped {len(skipped)} of {n_total} subjects with problems "
             "(listed in Cohort.skipped)"
         )
-        log.warning(msg)
+        # warnings only (not also log.warning): one message, not two, where logging is unset.
+        log.info(msg)
         warnings.warn(msg, SkippedSubjectsWarning, stacklevel=2)
     return Cohort(path=cohort.path, layout=cohort.layout, subjects=good, skipped=skipped)
 
