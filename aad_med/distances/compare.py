@@ -19,11 +19,7 @@ from aad_med.distances._common import as_cohort_array, to_jsonable
 from aad_med.distances.aad import dimension_shares
 from aad_med.distances.bootstrap import bootstrap_means, percentile_interval
 from aad_med.distances.frechet import frechet_distance
-from aad_med.distances.hotelling import (
-    aad_standardized,
-    hotelling_from_standardized,
-    label_free_whitened,
-)
+from aad_med.distances.hotelling import aad_standardized, hotelling_test, label_free_whitened
 from aad_med.distances.kernels import (
     energy_from_distances,
     median_heuristic,
@@ -76,9 +72,10 @@ DEFINITIONS: dict[str, str] = {
     "reading of how far above chance the distance is.",
     "aad_standardized": "Mahalanobis distance between the cohort means with a Ledoit–Wolf "
     "pooled within-cohort covariance: the mean shift in units of within-cohort spread.",
-    "hotelling_t2": "Hotelling's two-sample T² with the same covariance; hotelling_p from the F "
-    "distribution when subjects outnumber dimensions, else from label permutations (then with "
-    "a label-free Ledoit–Wolf covariance, so the test stays exact).",
+    "hotelling_t2": "Hotelling's two-sample T²: with more subjects than dimensions the textbook "
+    "test (plain pooled covariance, hotelling_p from the F distribution, exact under "
+    "normality); otherwise with the Ledoit–Wolf pooled covariance and hotelling_p from label "
+    "permutations (of T² with a label-free Ledoit–Wolf covariance, so the test stays exact).",
     "mmd2": "Unbiased squared maximum mean discrepancy with a Gaussian kernel (median pairwise "
     "distance as bandwidth): sensitive to any difference in distribution, not only the mean.",
     "energy": "Energy distance 2E|A−B| − E|A−A'| − E|B−B'|: zero only for identical "
@@ -197,7 +194,7 @@ def _compare_pair(
     alpha: float,
     return_samples: bool,
 ) -> dict[str, Any]:
-    na, nb, dim = a.shape[0], b.shape[0], a.shape[1]
+    na, nb = a.shape[0], b.shape[0]
     n = na + nb
     delta = a.mean(axis=0) - b.mean(axis=0)
     aad_value = float(np.linalg.norm(delta))
@@ -211,12 +208,12 @@ def _compare_pair(
     r = reduced.shape[1]
     blocks = [slice(0, r)]
     z = reduced
-    std = t2 = hot_p = None
-    hot_method = None
-    if "standardized" in tests or "hotelling" in tests:
-        std = aad_standardized(a, b)
-        t2, hot_p = hotelling_from_standardized(std, na, nb, dim)
-        hot_method = "F"
+    std = aad_standardized(a, b) if "standardized" in tests else None
+    t2 = hot_p = hot_method = hot_cov = None
+    if "hotelling" in tests:
+        hot = hotelling_test(a, b)
+        t2, hot_p, hot_cov = hot.t2, hot.pvalue, hot.covariance
+        hot_method = "F" if hot_p is not None else None
     perm_hotelling = "hotelling" in tests and hot_p is None
     if perm_hotelling:
         white = label_free_whitened(pooled)
@@ -270,10 +267,11 @@ def _compare_pair(
         "n_permutations": n_permutations,
         "aad_null_median": null_median,
         "aad_null_ratio": aad_value / null_median if null_median > 0 else None,
-        "aad_standardized": std if "standardized" in tests else None,
-        "hotelling_t2": t2 if "hotelling" in tests else None,
-        "hotelling_p": hot_p if "hotelling" in tests else None,
-        "hotelling_p_method": hot_method if "hotelling" in tests else None,
+        "aad_standardized": std,
+        "hotelling_t2": t2,
+        "hotelling_p": hot_p,
+        "hotelling_p_method": hot_method,
+        "hotelling_covariance": hot_cov,
         "mmd2": kernel_values.get("mmd_unbiased", (None, None))[0],
         "mmd_p": kernel_values.get("mmd_unbiased", (None, None))[1],
         "mmd_bandwidth": bandwidth,
