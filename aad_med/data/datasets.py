@@ -30,6 +30,7 @@ import hashlib
 import json
 import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -42,17 +43,18 @@ from aad_med.data.records import SubjectRecord
 from aad_med.data.transforms import (
     PATCH_KEYS,
     PREPROCESSED_KEYS,
-    _project_error,
     deterministic_transforms,
+    find_project_error,
     train_transforms,
 )
-from aad_med.errors import ConfigError
+from aad_med.errors import AADError, ConfigError, InputError
 
 __all__ = [
     "CACHE_MODES",
     "PATCH_KEYS",
     "PREPROCESSED_KEYS",
     "PatchDataset",
+    "WorkerInputError",
     "build_eval_dataset",
     "build_subject_dataset",
     "build_train_dataset",
@@ -96,17 +98,65 @@ def record_hash(item: dict, cfg_json: str) -> str:
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:40]
 
 
+class WorkerInputError(InputError):
+    """An :class:`~aad_med.errors.InputError` that survives a ``DataLoader`` worker.
+
+    torch re-creates a worker's exception in the main process as ``type(e)(formatted_traceback)``
+    and falls back to a bare ``RuntimeError`` when that fails, which a plain ``InputError``
+    (two arguments) does. In a worker the error carries its path and problem as JSON after a tag;
+    the main process parses them back, so the user still gets the one-line ``path: problem``.
+    """
+
+    TAG = "aad-med-input-error:"
+
+    def __init__(self, path: str | Path, problem: str | None = None):
+        if problem is None:
+            path, problem = self._parse(str(path))
+        super().__init__(path, problem)
+
+    @classmethod
+    def for_worker(cls, error: InputError) -> WorkerInputError:
+        """The error to raise inside a worker in place of ``error``."""
+        out = cls(error.path, error.problem)
+        out.args = (cls.TAG + json.dumps([error.path, error.problem]),)
+        return out
+
+    @classmethod
+    def _parse(cls, report: str) -> tuple[str, str]:
+        at = report.rfind(cls.TAG)
+        if at >= 0:
+            line = report[at + len(cls.TAG) :].splitlines()[0]
+            try:
+                path, problem = json.loads(line)
+                return str(path), str(problem)
+            except (ValueError, TypeError):
+                pass
+        lines = [ln for ln in report.strip().splitlines() if ln.strip()]
+        return "<DataLoader worker>", lines[-1] if lines else report
+
+
+def _reraise(error: AADError) -> None:
+    if isinstance(error, InputError) and torch.utils.data.get_worker_info() is not None:
+        raise WorkerInputError.for_worker(error) from None
+    raise error from None
+
+
 class _ProjectErrors:
-    """Mixin: MONAI datasets wrap transform failures in ``RuntimeError``; re-raise ours as is."""
+    """Mixin: MONAI datasets wrap transform failures in ``RuntimeError``; re-raise ours as is
+    (as :class:`WorkerInputError` inside a DataLoader worker). Items are shallow copies, so a
+    caller replacing a key (``d["image"] = d["image"].cuda()``) never edits the memory cache."""
 
     def _transform(self, index: int):
         try:
-            return super()._transform(index)
+            item = super()._transform(index)
+        except AADError as e:
+            _reraise(e)
         except RuntimeError as e:
-            cause = _project_error(e)
+            cause = find_project_error(e)
             if cause is None:
                 raise
-            raise cause from None
+            _reraise(cause)
+        return dict(item) if isinstance(item, dict) else item
 
 
 class SubjectDataset(_ProjectErrors, Dataset):
@@ -114,7 +164,30 @@ class SubjectDataset(_ProjectErrors, Dataset):
 
 
 class CachedSubjectDataset(_ProjectErrors, CacheDataset):
-    """:class:`monai.data.CacheDataset` (memory cache) that raises the project's errors unwrapped."""
+    """:class:`monai.data.CacheDataset` (memory cache) that raises the project's errors unwrapped.
+
+    The cache is filled serially (``num_workers <= 1``) or by a thread pool that lets running
+    subjects finish when one fails: MONAI's pool abandons them, and a torch op still running in
+    an abandoned thread aborts the interpreter at exit (``terminate called ...``, exit 134)
+    instead of letting the CLI report the bad file.
+    """
+
+    def _fill_cache(self, indices=None) -> list:
+        if self.cache_num <= 0:
+            return []
+        if indices is None:
+            indices = list(range(self.cache_num))
+        workers = self.num_workers or 1
+        if workers <= 1:
+            return [self._load_cache_item(i) for i in indices]
+        with ThreadPoolExecutor(workers) as pool:
+            futures = [pool.submit(self._load_cache_item, i) for i in indices]
+            try:
+                return [f.result() for f in futures]
+            except BaseException:
+                for f in futures:
+                    f.cancel()
+                raise
 
 
 class PersistentSubjectDataset(_ProjectErrors, PersistentDataset):
@@ -156,12 +229,12 @@ def build_subject_dataset(
                 data,
                 transform,
                 cache_rate=1.0,
-                num_workers=max(0, num_workers) or None,
+                num_workers=max(1, num_workers),
                 progress=False,
                 copy_cache=False,
             )
         except RuntimeError as e:
-            cause = _project_error(e)
+            cause = find_project_error(e)
             if cause is None:
                 raise
             raise cause from None

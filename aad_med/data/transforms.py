@@ -109,13 +109,13 @@ class SafeCompose(Compose):
         try:
             return super().__call__(input_, *args, **kwargs)
         except RuntimeError as e:
-            cause = _project_error(e)
+            cause = find_project_error(e)
             if cause is None:
                 raise
             raise cause from None
 
 
-def _project_error(e: BaseException) -> AADError | None:
+def find_project_error(e: BaseException) -> AADError | None:
     seen = set()
     while e is not None and id(e) not in seen:
         if isinstance(e, AADError):

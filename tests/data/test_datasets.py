@@ -3,7 +3,10 @@ training patches independent of workers, batch collation and error reporting."""
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -169,3 +172,46 @@ def test_records_as_dicts_are_accepted(records):
     a = build_eval_dataset(records, CFG)[0]
     b = build_eval_dataset([r.as_dict() for r in records], CFG)[0]
     assert_same_item(a, b)
+
+
+def test_input_error_survives_dataloader_workers(records):
+    records[1].images["t2"].path.unlink()
+    ds = build_eval_dataset(records, CFG, cache="none")
+    loader = DataLoader(ds, batch_size=None, num_workers=1)
+    with pytest.raises(InputError) as info:
+        list(loader)
+    assert str(info.value) == f"{records[1].images['t2'].path}: file does not exist"
+    train = build_train_dataset(records, CFG, samples_per_subject=2, cache="none")
+    with pytest.raises(InputError, match=r"_t2\.nii\.gz: file does not exist$"):
+        list(DataLoader(train, batch_size=3, num_workers=1, collate_fn=train_collate))
+
+
+def test_memory_cache_failure_exits_cleanly(records, tmp_path):
+    # MONAI's own cache pool abandoned running threads on failure and aborted at exit (rc 134).
+    records[0].images["t1"].path.write_bytes(b"\x1f\x8b broken gzip")
+    script = tmp_path / "build.py"
+    script.write_text(
+        "import json, sys\n"
+        "from aad_med.data.datasets import build_train_dataset\n"
+        "from aad_med.data.preprocessing import PreprocessingConfig\n"
+        "from aad_med.errors import InputError\n"
+        "recs = json.loads(sys.argv[1])\n"
+        "try:\n"
+        "    build_train_dataset(recs, PreprocessingConfig(patch_size=8), cache='memory',"
+        " num_workers=3)\n"
+        "except InputError as e:\n"
+        "    print('ERROR', e)\n"
+    )
+    arg = json.dumps([r.as_dict() for r in records])
+    proc = subprocess.run(
+        [sys.executable, str(script), arg], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.startswith(f"ERROR {records[0].images['t1'].path}: ")
+
+
+def test_items_are_copies_of_the_memory_cache(records):
+    ds = build_eval_dataset(records, CFG, cache="memory")
+    item = ds[0]
+    item["image"] = torch.zeros(1)
+    assert ds[0]["image"].shape[0] == 4
