@@ -80,10 +80,13 @@ def _inside(path: Path, folder: Path) -> bool:
     return True
 
 
-def check_run_dir(run_dir: str | Path, resume: str | Path | None, overwrite: bool) -> None:
+def check_run_dir(
+    run_dir: str | Path, resume: str | Path | None, overwrite: bool, delete: bool = True
+) -> None:
     """Refuse a run folder that already holds results, unless resuming it or told to overwrite.
 
-    With ``overwrite`` the old results are deleted first, so old and new never mix.
+    With ``overwrite`` the old results are deleted first (by the caller with ``delete``, i.e.
+    rank 0), so old and new never mix.
 
     Raises:
         ConfigError: the folder holds results and neither ``trainer.resume`` points into it nor
@@ -96,6 +99,8 @@ def check_run_dir(run_dir: str | Path, resume: str | Path | None, overwrite: boo
     if resume is not None and _inside(Path(resume), run_dir):
         return
     if overwrite:
+        if not delete:
+            return
         for name in ("checkpoints", "tensorboard"):
             shutil.rmtree(run_dir / name, ignore_errors=True)
         for name in ("loss_curve.png", "reconstructions.png", "config.yaml"):

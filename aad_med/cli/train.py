@@ -1,0 +1,114 @@
+"""``aad-train``: train the autoencoder from the Hydra config ``configs/train.yaml``.
+
+Thin entry point: compose the config, hand it to :func:`aad_med.training.pipeline.train_from_config`.
+Also runs as ``python -m aad_med.cli.train`` and under ``torchrun`` (same arguments). Expected
+failures print ``aad-train: error: <line>`` and exit with code 2 (tracebacks with
+``verbose=true``, ``--verbose`` or ``AAD_MED_VERBOSE=1``).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+import aad_med
+from aad_med.cli._errors import EXIT_INPUT_ERROR, run_reporting_errors, verbose_requested
+from aad_med.errors import AADError, ConfigError
+from aad_med.training.rundir import check_run_dir, register_resolvers
+
+PROG = "aad-train"
+CONFIG_DIR = Path(aad_med.__file__).resolve().parents[1] / "configs"
+"""The repository's ``configs/`` (the package is installed editable, next to it)."""
+
+register_resolvers()
+
+
+def _config_problem() -> str | None:
+    if not (CONFIG_DIR / "train.yaml").is_file():
+        return (
+            f"{CONFIG_DIR / 'train.yaml'}: training config not found; aad-train reads the configs/ "
+            "folder next to the aad_med package (install the repository with `pip install -e .`)"
+        )
+    return None
+
+
+def _argv_value(argv: list[str], key: str) -> str | None:
+    for arg in argv:
+        for prefix in (f"{key}=", f"+{key}=", f"++{key}="):
+            if arg.startswith(prefix):
+                return arg[len(prefix) :]
+    return None
+
+
+def _precheck_run_dir(argv: list[str]) -> None:
+    """Refuse an explicit ``hydra.run.dir`` holding results before Hydra writes ``.hydra/`` there."""
+    run_dir = _argv_value(argv, "hydra.run.dir")
+    if run_dir is None or "--multirun" in argv or "-m" in argv:
+        return
+    resume = _argv_value(argv, "trainer.resume")
+    overwrite = (_argv_value(argv, "overwrite") or "false").lower() == "true"
+    check_run_dir(
+        Path(run_dir), None if resume in (None, "null") else resume, overwrite, delete=False
+    )
+
+
+def _check_launcher(argv: list[str]) -> None:
+    if _argv_value(argv, "launcher") == "slurm":
+        try:
+            import hydra_plugins.hydra_submitit_launcher  # noqa: F401
+        except ImportError:
+            raise ConfigError(
+                "launcher=slurm needs Hydra's submitit launcher: pip install 'aad-med[slurm]' "
+                "(hydra-submitit-launcher)"
+            ) from None
+
+
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
+def _hydra_main(cfg: DictConfig) -> None:
+    from aad_med.training.pipeline import train_from_config
+
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    verbose = verbose_requested() or bool(cfg.get("verbose", False))
+    rc = run_reporting_errors(PROG, lambda: train_from_config(cfg, run_dir) and 0, verbose=verbose)
+    if rc:
+        # SystemExit passes through Hydra's own error handler, keeping our one-line message.
+        sys.exit(rc)
+
+
+def main() -> int:
+    """Console entry point of ``aad-train``."""
+    argv = sys.argv[1:]
+    verbose = verbose_requested(argv)
+    if verbose:
+        os.environ["AAD_MED_VERBOSE"] = "1"
+        os.environ.setdefault("HYDRA_FULL_ERROR", "1")
+        # Hydra's parser does not know these flags; the environment carries them instead.
+        sys.argv = [sys.argv[0]] + [a for a in argv if a not in ("-v", "--verbose")]
+    problem = _config_problem()
+    if problem:
+        print(f"{PROG}: error: {problem}", file=sys.stderr)
+        return EXIT_INPUT_ERROR
+
+    def prechecks() -> None:
+        _check_launcher(argv)
+        _precheck_run_dir(argv)
+
+    rc = run_reporting_errors(PROG, prechecks, verbose=verbose)
+    if rc:
+        return rc
+    try:
+        _hydra_main()
+    except AADError as e:  # only reached with verbose off if raised outside the task
+        for line in str(e).splitlines():
+            print(f"{PROG}: error: {line}", file=sys.stderr)
+        return EXIT_INPUT_ERROR
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
