@@ -11,6 +11,7 @@ statistic is also a small function in its own module: ``aad`` (AAD, unbiased AAD
 
 from aad_med.distances.aad import aad, aad2_unbiased, dimension_shares
 from aad_med.distances.compare import ALL_TESTS, DEFINITIONS, compare_embeddings
+from aad_med.distances.encoders import combine_encoder_runs
 from aad_med.distances.permutation import aad_permutation_test
 
 __all__ = [
@@ -19,6 +20,7 @@ __all__ = [
     "aad",
     "aad2_unbiased",
     "aad_permutation_test",
+    "combine_encoder_runs",
     "compare_embeddings",
     "dimension_shares",
 ]
