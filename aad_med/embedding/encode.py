@@ -175,7 +175,7 @@ def embed_cohort(
         total=len(cohort.subjects),
         desc=f"encoding {name}",
         unit="subject",
-        disable=not progress,
+        disable=None if progress else True,
         leave=False,
     )
     try:

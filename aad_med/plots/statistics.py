@@ -78,10 +78,7 @@ def plot_mds(names: Sequence[str], coords: np.ndarray, path: str | Path) -> Path
     for name, (x, y) in zip(names, c[:, :2], strict=True):
         ax.scatter([x], [y], s=120, color=colors[name], edgecolor="black")
         ax.annotate(name, (x, y), textcoords="offset points", xytext=(6, 6))
-    span = float(np.ptp(c[:, :2])) if c.size else 1.0
-    pad = 0.15 * (span or 1.0)
-    ax.set_xlim(c[:, 0].min() - pad, c[:, 0].max() + pad)
-    ax.set_ylim(c[:, 1].min() - pad, c[:, 1].max() + pad)
+    ax.margins(0.25)
     ax.set_aspect("equal", adjustable="datalim")
     ax.set_xlabel("MDS 1 (AAD units)")
     ax.set_ylabel("MDS 2 (AAD units)")

@@ -161,12 +161,12 @@ def _pair_rows(p: Mapping) -> list[list[str]]:
         ("AKLD (histogram KL)", "akld", None),
     ]
     for label, key, pkey in optional:
-        if key in p:
+        if p.get(key) is not None:
             value = _fmt(p.get(key))
             if pkey:
                 value += f" (p = {fmt_p(p.get(pkey))})"
             rows.append([label, value])
-    if "ks_dims_fdr" in p:
+    if p.get("ks_dims_fdr") is not None:
         dims = p.get("ks_dims_fdr") or []
         rows.append(
             [

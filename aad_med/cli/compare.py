@@ -1,0 +1,118 @@
+"""``aad-compare``: the AAD between cohorts with calibrated statistics, figures and a report
+(thin Hydra entry point over :func:`aad_med.report.comparison.run_comparison`).
+
+Example::
+
+    aad-compare checkpoint=runs/train/checkpoints/best.pt \\
+        cohorts.site_a=data/site_a cohorts.site_b=data/site_b \\
+        stats.n_permutations=10000 stats.n_bootstrap=2000 seed=0 hydra.run.dir=outputs/cmp
+
+``cohorts.NAME=DIR_OR_CSV`` needs no leading ``+``: Hydra refuses new keys at compose time, so
+:func:`open_cohort_overrides` rewrites them to ``++cohorts.NAME=...`` before Hydra sees them.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from aad_med.cli._errors import run_reporting_errors
+from aad_med.errors import ConfigError
+
+PROG = "aad-compare"
+CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs")
+_COHORT_OVERRIDE = re.compile(r"^cohorts\.[^=]+=")
+
+log = logging.getLogger("aad_med.compare")
+
+
+def open_cohort_overrides(args: Sequence[str]) -> list[str]:
+    """Turn ``cohorts.NAME=VALUE`` into ``++cohorts.NAME=VALUE`` (add or override), leaving
+    every other argument (and already prefixed ones) as is."""
+    return [f"++{a}" if _COHORT_OVERRIDE.match(a) else a for a in args]
+
+
+def settings_from_config(cfg: DictConfig):
+    """:class:`~aad_med.report.comparison.CompareSettings` from the composed config."""
+    from aad_med.report.comparison import CompareSettings
+
+    stats, emb = cfg.stats, cfg.embedding
+    tests = stats.get("tests")
+    return CompareSettings(
+        n_permutations=int(stats.n_permutations),
+        n_bootstrap=int(stats.n_bootstrap),
+        tests=None if tests is None else [str(t) for t in tests],
+        seed=int(cfg.seed),
+        device=str(cfg.device),
+        features=str(emb.features),
+        batch_size=int(emb.batch_size),
+        num_workers=int(emb.num_workers),
+        cache=bool(emb.cache),
+        cache_dir=emb.cache_dir,
+        skip_invalid=bool(cfg.skip_invalid),
+        regional=bool(cfg.regional),
+        decode_means=bool(cfg.decode_means),
+        bands_bootstrap=int(stats.get("bands_bootstrap", 1000)),
+        progress=bool(emb.progress),
+    )
+
+
+def compare_from_config(cfg: DictConfig, run_dir: str | Path) -> dict:
+    """Run the comparison described by a composed ``compare.yaml`` into ``run_dir``.
+
+    Raises:
+        ConfigError: no checkpoint or fewer than two cohorts given.
+    """
+    from aad_med.report.comparison import run_comparison
+
+    if OmegaConf.is_missing(cfg, "checkpoint") or not cfg.checkpoint:
+        raise ConfigError("checkpoint=PATH is required (a checkpoint written by aad-train)")
+    cohorts = OmegaConf.to_container(cfg.cohorts, resolve=True) or {}
+    cohorts = {str(k): str(v) for k, v in cohorts.items()}
+    result = run_comparison(cfg.checkpoint, cohorts, run_dir, settings_from_config(cfg))
+    for pair in result["pairs"]:
+        log.info(
+            "%s vs %s: AAD %.4g [%.4g, %.4g], p %.3g (FDR %.3g), %.3g x null median",
+            pair["a"],
+            pair["b"],
+            pair["aad"],
+            *pair["aad_ci95"],
+            pair["aad_p"],
+            pair["aad_p_fdr"],
+            pair["aad_null_ratio"] or float("nan"),
+        )
+    print(f"{PROG}: wrote {Path(run_dir) / 'report.html'} and distances.json, plots/ in {run_dir}")
+    return result
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="compare")
+def _hydra_main(cfg: DictConfig) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    run_dir = HydraConfig.get().runtime.output_dir
+    verbose = bool(cfg.get("verbose", False)) or None
+    rc = run_reporting_errors(
+        PROG, lambda: compare_from_config(cfg, run_dir) and 0, verbose=verbose
+    )
+    if rc:
+        # SystemExit passes through Hydra untouched (it only reports Exceptions).
+        sys.exit(rc)
+
+
+def main() -> None:
+    """Console script entry point (``aad-compare``)."""
+    from aad_med.training.rundir import register_resolvers
+
+    register_resolvers()
+    sys.argv = [sys.argv[0], *open_cohort_overrides(sys.argv[1:])]
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()

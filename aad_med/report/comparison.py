@@ -1,0 +1,395 @@
+"""The whole comparison as one call: load a checkpoint and cohorts, embed (cached), compute the
+statistics, and write every output of ``aad-compare`` into a run folder.
+
+All outputs are first written into a hidden temporary folder inside the run folder and moved into
+place only when everything succeeded, so a run folder never holds a half-written result set.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import os
+import re
+import secrets
+import shutil
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from aad_med.data.records import Cohort
+from aad_med.data.validation import load_cohort
+from aad_med.embedding.cache import default_cache_dir, embed_cohorts, file_sha256
+from aad_med.embedding.decode import decode_mean_difference
+from aad_med.embedding.encode import CohortEmbedding, resolve_device
+from aad_med.embedding.io import write_embeddings_csv, write_embeddings_npz
+from aad_med.embedding.regional import regional_aad_map, shared_space_problem
+from aad_med.errors import CheckpointError, CohortError, ConfigError, InputError
+from aad_med.plots.images import plot_mean_difference, plot_regional_aad
+from aad_med.plots.latent import plot_attribution, plot_latent_means, plot_latent_pca
+from aad_med.plots.statistics import (
+    plot_dendrogram,
+    plot_mds,
+    plot_null_distribution,
+    plot_pairwise_aad,
+)
+from aad_med.plots.summaries import bootstrap_mean_bands
+from aad_med.report.document import write_report
+from aad_med.report.serialize import write_distances_json, write_matrix_csv, write_nifti
+from aad_med.report.text import overlap_warning
+
+log = logging.getLogger("aad_med.compare")
+
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+PLOT_KEYS = (
+    "latent_means",
+    "latent_pca",
+    "null_distribution",
+    "pairwise_aad",
+    "mds",
+    "dendrogram",
+    "attribution",
+)
+
+
+@dataclass
+class CompareSettings:
+    """What ``aad-compare`` needs besides the checkpoint and cohorts (its Hydra config)."""
+
+    n_permutations: int = 10_000
+    n_bootstrap: int = 2000
+    tests: Sequence[str] | None = None
+    seed: int = 0
+    device: str = "auto"
+    features: str = "latent"
+    batch_size: int = 32
+    num_workers: int = 0
+    cache: bool = True
+    cache_dir: str | Path | None = None
+    skip_invalid: bool = False
+    regional: bool = True
+    decode_means: bool = True
+    bands_bootstrap: int = 1000
+    progress: bool = True
+    extra: dict = field(default_factory=dict)
+
+
+def check_cohort_names(names: Sequence[str]) -> None:
+    """Cohort names end up in file names: letters, digits, ``_ . -``; at least two cohorts.
+
+    Raises:
+        ConfigError: fewer than two cohorts or a name that cannot be a file name.
+    """
+    if len(names) < 2:
+        raise ConfigError(
+            f"aad-compare needs at least two cohorts, got {len(names)}: give each as "
+            "cohorts.NAME=DIR_OR_CSV"
+        )
+    for name in names:
+        if not NAME_PATTERN.match(str(name)):
+            raise ConfigError(
+                f"cohort name {name!r} must start with a letter or digit and contain only "
+                "letters, digits, '_', '.' and '-'"
+            )
+
+
+def load_cohorts(paths: Mapping[str, str | Path], skip_invalid: bool = False) -> dict[str, Cohort]:
+    """Discover and validate every cohort; all problems of all cohorts are reported together.
+
+    Raises:
+        CohortError: invalid subjects, unknown layouts, or a cohort with fewer than 2 subjects.
+    """
+    cohorts: dict[str, Cohort] = {}
+    problems: list[str] = []
+    for name, path in paths.items():
+        try:
+            cohort = load_cohort(path, skip_invalid=skip_invalid)
+        except CohortError as e:
+            problems.extend(f"cohort {name}: {p}" for p in e.problems)
+            continue
+        except InputError as e:
+            problems.append(f"cohort {name}: {e}")
+            continue
+        if len(cohort.subjects) < 2:
+            problems.append(
+                f"cohort {name} ({path}) has {len(cohort.subjects)} valid subject(s); "
+                "comparing cohorts needs at least 2 per cohort"
+            )
+        cohorts[name] = cohort
+    if problems:
+        raise CohortError(problems)
+    return cohorts
+
+
+def train_overlap(cohort: Cohort, ckpt: Mapping) -> int:
+    """How many of the cohort's subjects were used to train the encoder.
+
+    Matched by subject folder when the checkpoint records training files
+    (``train_subject_paths``), else by subject ID (``train_subject_ids``).
+    """
+    paths = ckpt.get("train_subject_paths") or []
+    if paths:
+        train = {os.path.realpath(str(p)) for p in paths}
+        return sum(
+            any(
+                os.path.realpath(str(f)) in train or os.path.realpath(str(Path(f).parent)) in train
+                for f in rec.files
+            )
+            for rec in cohort.subjects
+        )
+    ids = {str(s) for s in (ckpt.get("train_subject_ids") or [])}
+    return sum(rec.subject_id in ids for rec in cohort.subjects)
+
+
+def _pair_tag(a: str, b: str) -> str:
+    return f"{a}_vs_{b}"
+
+
+def _move_into(tmp: Path, run_dir: Path) -> None:
+    """Move every entry of ``tmp`` into ``run_dir`` (replacing older outputs) and remove ``tmp``."""
+    for entry in sorted(tmp.iterdir()):
+        dest = run_dir / entry.name
+        if dest.is_dir() and not dest.is_symlink():
+            shutil.rmtree(dest)
+        os.replace(entry, dest)
+    tmp.rmdir()
+
+
+def run_comparison(
+    checkpoint: str | Path,
+    cohort_paths: Mapping[str, str | Path],
+    run_dir: str | Path,
+    settings: CompareSettings | None = None,
+) -> dict:
+    """Compare cohorts with a trained encoder and write every output into ``run_dir``.
+
+    Args:
+        checkpoint: a checkpoint written by ``aad-train``.
+        cohort_paths: ``{name: folder or CSV manifest}``, at least two.
+        run_dir: output folder (created).
+        settings: statistics, embedding and output options.
+
+    Returns:
+        The content of ``distances.json``.
+
+    Raises:
+        ConfigError, CohortError, CheckpointError, InputError: one line per problem.
+    """
+    from aad_med.distances.compare import compare_embeddings
+    from aad_med.training.checkpoint import load_model_from_checkpoint
+
+    s = settings or CompareSettings()
+    names = list(cohort_paths)
+    check_cohort_names(names)
+    ckpt_path = Path(checkpoint)
+    if not ckpt_path.is_file():
+        raise CheckpointError(f"{ckpt_path}: checkpoint does not exist")
+    device = resolve_device(s.device)
+    model, preprocessing, ckpt = load_model_from_checkpoint(ckpt_path, device)
+    cohorts = load_cohorts(cohort_paths, s.skip_invalid)
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = run_dir / f".aad-compare-{secrets.token_hex(4)}.tmp"
+    tmp.mkdir()
+    try:
+        result = _compare_into(
+            tmp,
+            model,
+            preprocessing,
+            ckpt,
+            ckpt_path,
+            cohorts,
+            cohort_paths,
+            device,
+            s,
+            compare_embeddings,
+        )
+        _move_into(tmp, run_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return result
+
+
+def _compare_into(
+    tmp, model, preprocessing, ckpt, ckpt_path, cohorts, cohort_paths, device, s, compare_embeddings
+) -> dict:
+    overlaps = {name: train_overlap(c, ckpt) for name, c in cohorts.items()}
+    cache_dir = None
+    if s.cache:
+        cache_dir = Path(s.cache_dir) if s.cache_dir else default_cache_dir()
+    embs: dict[str, CohortEmbedding] = embed_cohorts(
+        model,
+        cohorts,
+        preprocessing,
+        device=device,
+        batch_size=s.batch_size,
+        features=s.features,
+        keep_positions=s.regional,
+        checkpoint_hash=file_sha256(ckpt_path) if cache_dir else None,
+        cache_dir=cache_dir,
+        num_workers=s.num_workers,
+        progress=s.progress,
+    )
+    names = list(embs)
+    stats = compare_embeddings(
+        {n: e.vectors for n, e in embs.items()},
+        n_permutations=s.n_permutations,
+        n_bootstrap=s.n_bootstrap,
+        seed=s.seed,
+        tests=None if s.tests is None else tuple(s.tests),
+    )
+    result: dict = {
+        "checkpoint": str(ckpt_path.resolve()),
+        "checkpoint_sha256": file_sha256(ckpt_path),
+        "latent_dim": int(embs[names[0]].latent_means.shape[1]),
+        "features": s.features,
+        "dim": int(embs[names[0]].dim),
+        "created": _dt.datetime.now().isoformat(timespec="seconds"),
+        "settings": {
+            "n_permutations": s.n_permutations,
+            "n_bootstrap": s.n_bootstrap,
+            "seed": s.seed,
+            "tests": stats.get("tests"),
+            "device": str(device),
+        },
+        "preprocessing": preprocessing.to_dict(),
+    }
+    result.update(stats)
+    for name in names:
+        info = dict(result.get("cohorts", {}).get(name, {}))
+        info.update(
+            {
+                "n_subjects": len(embs[name]),
+                "path": str(Path(cohort_paths[name]).resolve()),
+                "layout": cohorts[name].layout,
+                "train_overlap": overlaps[name],
+                "skipped": list(cohorts[name].skipped),
+                "n_patches_mean": float(np.mean(embs[name].n_patches)),
+            }
+        )
+        result.setdefault("cohorts", {})[name] = info
+    warning = overlap_warning(result["cohorts"])
+    if warning:
+        log.warning("!" * 80)
+        log.warning("WARNING: %s", warning)
+        log.warning("!" * 80)
+    result["train_overlap_warning"] = warning
+
+    write_embeddings_csv(tmp / "embeddings.csv", embs)
+    write_embeddings_npz(tmp / "embeddings.npz", embs)
+    write_matrix_csv(
+        tmp / "pairwise_aad.csv",
+        result["pairwise_aad"]["names"],
+        np.asarray(result["pairwise_aad"]["matrix"]),
+    )
+
+    images = _figures(tmp, embs, result, s)
+    if s.decode_means:
+        for pair in result["pairs"]:
+            a, b = pair["a"], pair["b"]
+            diff = decode_mean_difference(
+                model, embs[a].latent_means.mean(0), embs[b].latent_means.mean(0), device
+            )
+            tag = _pair_tag(a, b)
+            write_nifti(tmp / f"mean_difference_{tag}.nii.gz", diff)
+            plot_mean_difference(
+                diff,
+                tmp / f"mean_difference_{tag}.png",
+                preprocessing.channels,
+                title=f"decode(mean {b}) − decode(mean {a})",
+            )
+            pair["mean_difference_png"] = f"mean_difference_{tag}.png"
+    result["regional"] = _regional(tmp, embs, result, s)
+    write_distances_json(tmp / "distances.json", result)
+    write_report(result, tmp, images)
+    # The report embeds the image paths relative to the final run folder.
+    return result
+
+
+def _figures(tmp: Path, embs: Mapping[str, CohortEmbedding], result: Mapping, s) -> dict:
+    plots = tmp / "plots"
+    names = list(embs)
+    pairs = result["pairs"]
+    means = {n: e.latent_means.mean(axis=0) for n, e in embs.items()}
+    bands = {
+        n: bootstrap_mean_bands(e.latent_means, s.bands_bootstrap, s.seed) for n, e in embs.items()
+    }
+    first = pairs[0]
+    delta = means[first["b"]] - means[first["a"]]
+    total = float(delta @ delta)
+    shares = delta**2 / total if total > 0 else np.zeros_like(delta)
+    vectors = {n: e.vectors for n, e in embs.items()}
+    out = {
+        "latent_means": plot_latent_means(
+            means,
+            bands,
+            plots / "latent_means.png",
+            shares,
+            shares_label=f"share of AAD²\n({first['a']} vs {first['b']})",
+        ),
+        "latent_pca": plot_latent_pca(vectors, plots / "latent_pca.png"),
+        "null_distribution": plot_null_distribution(pairs, plots / "null_distribution.png"),
+        "pairwise_aad": plot_pairwise_aad(
+            names, np.asarray(result["pairwise_aad"]["matrix"]), plots / "pairwise_aad.png"
+        ),
+        "mds": plot_mds(
+            result["mds"]["names"], np.asarray(result["mds"]["coords"]), plots / "mds.png"
+        ),
+        "dendrogram": plot_dendrogram(
+            np.asarray(result["dendrogram"]["linkage"]),
+            result["dendrogram"]["names"],
+            plots / "dendrogram.png",
+        ),
+        "attribution": plot_attribution(pairs, plots / "attribution.png"),
+    }
+    return {k: Path(v).relative_to(tmp) for k, v in out.items()}
+
+
+def _regional(tmp: Path, embs: Mapping[str, CohortEmbedding], result: Mapping, s) -> dict:
+    if not s.regional:
+        return {
+            "available": False,
+            "note": "The regional AAD map was not requested (regional=false).",
+        }
+    regions = {n: e.regional for n, e in embs.items() if e.regional is not None}
+    if len(regions) != len(embs):
+        return {
+            "available": False,
+            "note": "The regional AAD map was skipped: positions were not kept for every cohort.",
+        }
+    problem = shared_space_problem(regions)
+    if problem:
+        log.info(problem)
+        return {"available": False, "note": problem}
+    maps, images, pair_names = [], [], []
+    background = None
+    for k, pair in enumerate(result["pairs"]):
+        a, b = pair["a"], pair["b"]
+        m, bg = regional_aad_map(regions[a], regions[b])
+        background = bg if background is None else background
+        maps.append(m)
+        pair_names.append([a, b])
+        png = "regional_aad.png" if k == 0 else f"regional_aad_{_pair_tag(a, b)}.png"
+        plot_regional_aad(m, bg, tmp / png, title=f"Regional AAD, {a} vs {b}")
+        images.append(
+            {
+                "png": png,
+                "caption": f"AAD between the mean patch latents of {a} and "
+                f"{b} at each position of the patch grid, over the cohorts' mean FLAIR.",
+            }
+        )
+    affine = regions[result["pairs"][0]["a"]].ras_affine
+    data = maps[0] if len(maps) == 1 else np.stack(maps)
+    write_nifti(tmp / "regional_aad.nii.gz", data, affine)
+    note = (
+        "All cohorts share one image space, so the AAD was also computed position by "
+        "position on the evaluation grid (cells of "
+        f"{regions[result['pairs'][0]['a']].cell_size} voxels; cells with fewer than 2 "
+        "subjects per cohort are empty). regional_aad.nii.gz holds "
+        + ("the map." if len(maps) == 1 else "one volume per pair, in the order of 'pairs'.")
+    )
+    return {"available": True, "note": note, "pairs": pair_names, "images": images}
