@@ -28,7 +28,7 @@ def pairwise_sq_distances(z: ArrayLike) -> np.ndarray:
 def median_heuristic(d2: np.ndarray) -> float:
     """Bandwidth ``h`` = median pairwise distance (off-diagonal); 1.0 if all points coincide."""
     iu = np.triu_indices(d2.shape[0], k=1)
-    h = float(np.sqrt(np.median(d2[iu]))) if iu[0].size else 0.0
+    h = float(np.median(np.sqrt(d2[iu]))) if iu[0].size else 0.0
     return h if h > 0 else 1.0
 
 
