@@ -27,6 +27,9 @@ CONFIG_DIR = Path(aad_med.__file__).resolve().parents[1] / "configs"
 
 register_resolvers()
 
+_preexisting_run_dir: Path | None = None
+"""An explicit ``hydra.run.dir`` that existed before this run (never removed on failure)."""
+
 
 def _config_problem() -> str | None:
     if not (CONFIG_DIR / "train.yaml").is_file():
@@ -68,6 +71,27 @@ def _check_launcher(argv: list[str]) -> None:
             ) from None
 
 
+def _remove_if_empty_run(run_dir: Path) -> None:
+    """A run that failed before producing results leaves no folder behind (only one it made)."""
+    import logging
+    import shutil
+
+    from aad_med.training.rundir import existing_results
+
+    if _preexisting_run_dir is not None and run_dir.resolve() == _preexisting_run_dir:
+        return
+    if existing_results(run_dir):
+        return
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        if isinstance(h, logging.FileHandler) and Path(h.baseFilename).is_relative_to(
+            run_dir.resolve()
+        ):
+            root.removeHandler(h)
+            h.close()
+    shutil.rmtree(run_dir, ignore_errors=True)
+
+
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
 def _hydra_main(cfg: DictConfig) -> None:
     from aad_med.training.pipeline import train_from_config
@@ -76,6 +100,7 @@ def _hydra_main(cfg: DictConfig) -> None:
     verbose = verbose_requested() or bool(cfg.get("verbose", False))
     rc = run_reporting_errors(PROG, lambda: train_from_config(cfg, run_dir) and 0, verbose=verbose)
     if rc:
+        _remove_if_empty_run(run_dir)
         # SystemExit passes through Hydra's own error handler, keeping our one-line message.
         sys.exit(rc)
 
@@ -98,6 +123,10 @@ def main() -> int:
         _check_launcher(argv)
         _precheck_run_dir(argv)
 
+    global _preexisting_run_dir
+    explicit = _argv_value(argv, "hydra.run.dir")
+    if explicit is not None and Path(explicit).exists():
+        _preexisting_run_dir = Path(explicit).resolve()
     rc = run_reporting_errors(PROG, prechecks, verbose=verbose)
     if rc:
         return rc

@@ -39,7 +39,8 @@ def instantiate(node: DictConfig, key: str, **kwargs: Any) -> Any:
 
 def missing_keys(cfg: DictConfig) -> list[str]:
     """Mandatory (``???``) keys left unset, hydra's own node excluded."""
-    return sorted(k for k in OmegaConf.missing_keys(cfg) if not k.startswith("hydra."))
+    body = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+    return sorted(OmegaConf.missing_keys(body))
 
 
 def settings_from_config(cfg: DictConfig) -> TrainSettings:
@@ -70,6 +71,7 @@ def settings_from_config(cfg: DictConfig) -> TrainSettings:
         progress=t.get("progress", "auto"),
         log_every_n_steps=int(t.get("log_every_n_steps", 10)),
         resume=None if t.get("resume") in (None, "") else str(t.resume),
+        epochs_per_run=(None if t.get("epochs_per_run") in (None, 0) else int(t.epochs_per_run)),
     )
 
 

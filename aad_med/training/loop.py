@@ -82,6 +82,8 @@ class TrainSettings:
         progress: ``"auto"`` (tqdm bars when stderr is a terminal), ``True`` or ``False``.
         log_every_n_steps: step interval of scalar logging.
         resume: checkpoint to continue from, or ``None``.
+        epochs_per_run: stop after this many epochs in this invocation (e.g. to fit a cluster
+            time limit) and continue later with ``resume``; ``None`` runs to ``max_epochs``.
     """
 
     max_epochs: int = 10
@@ -103,6 +105,7 @@ class TrainSettings:
     progress: str | bool = "auto"
     log_every_n_steps: int = 10
     resume: str | None = None
+    epochs_per_run: int | None = None
 
     def __post_init__(self):
         if self.loss not in LOSSES:
@@ -560,7 +563,10 @@ class Trainer:
             log.info(
                 "checkpoint is already at epoch %d of %d: nothing to do", self.epoch, s.max_epochs
             )
-        while self.epoch < s.max_epochs:
+        stop_at = s.max_epochs
+        if s.epochs_per_run:
+            stop_at = min(s.max_epochs, self.epoch + int(s.epochs_per_run))
+        while self.epoch < stop_at:
             t0 = time.perf_counter()
             train_loss, rate = self.train_epoch()
             val_loss = self.validate()
