@@ -70,8 +70,9 @@ DEFINITIONS: dict[str, str] = {
     "by chance alone.",
     "aad_null_ratio": "AAD divided by aad_null_median: about 1 for no difference; a scale-free "
     "reading of how far above chance the distance is.",
-    "aad_standardized": "Mahalanobis distance between the cohort means with a Ledoit–Wolf "
-    "pooled within-cohort covariance: the mean shift in units of within-cohort spread.",
+    "aad_standardized": "Mahalanobis distance between the cohort means with the pooled "
+    "within-cohort covariance (Ledoit–Wolf shrinkage of its correlation): the mean shift in "
+    "units of within-cohort spread, unchanged when a dimension is rescaled.",
     "hotelling_t2": "Hotelling's two-sample T²: with more subjects than dimensions the textbook "
     "test (plain pooled covariance, hotelling_p from the F distribution, exact under "
     "normality); otherwise with the Ledoit–Wolf pooled covariance and hotelling_p from label "

@@ -1,0 +1,68 @@
+"""Standardised AAD and Hotelling's T²: formulas, calibration, the permutation fallback."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from aad_med.distances.hotelling import aad_standardized, hotelling_test, pooled_within_covariance
+
+
+def test_hotelling_matches_the_textbook_formula():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(20, 3)), rng.normal(0.5, 1.0, size=(25, 3))
+    delta = a.mean(0) - b.mean(0)
+    s = ((a - a.mean(0)).T @ (a - a.mean(0)) + (b - b.mean(0)).T @ (b - b.mean(0))) / 43
+    t2 = 20 * 25 / 45 * delta @ np.linalg.solve(s, delta)
+    f = (45 - 3 - 1) / (43 * 3) * t2
+    res = hotelling_test(a, b)
+    assert res.covariance == "pooled"
+    assert res.t2 == pytest.approx(t2)
+    assert res.pvalue == pytest.approx(stats.f.sf(f, 3, 41))
+    assert res.df == (3, 41)
+
+
+def test_hotelling_f_test_is_calibrated():
+    rng = np.random.default_rng(1)
+    scales = np.array([1.0, 2.0, 5.0, 0.3])
+    p = np.array(
+        [
+            hotelling_test(
+                rng.normal(size=(10, 4)) * scales, rng.normal(size=(9, 4)) * scales
+            ).pvalue
+            for _ in range(2000)
+        ]
+    )
+    assert 0.035 <= np.mean(p <= 0.05) <= 0.065
+
+
+def test_more_dimensions_than_subjects_leaves_p_to_permutations():
+    rng = np.random.default_rng(2)
+    a, b = rng.normal(size=(5, 12)), rng.normal(size=(6, 12))
+    res = hotelling_test(a, b)
+    assert res.pvalue is None and res.covariance == "ledoit_wolf"
+    assert res.t2 == pytest.approx(5 * 6 / 11 * aad_standardized(a, b) ** 2)
+    assert np.isfinite(res.t2) and res.t2 > 0
+
+
+def test_standardized_is_scale_free_and_mahalanobis():
+    rng = np.random.default_rng(3)
+    a, b = rng.normal(size=(30, 4)), rng.normal(0.4, 1.0, size=(30, 4))
+    scale = np.array([1.0, 10.0, 100.0, 0.01])
+    assert aad_standardized(a * scale, b * scale) == pytest.approx(aad_standardized(a, b))
+    cov = pooled_within_covariance(a, b)
+    delta = a.mean(0) - b.mean(0)
+    assert aad_standardized(a, b) == pytest.approx(np.sqrt(delta @ np.linalg.solve(cov, delta)))
+
+
+def test_constant_dimension_does_not_break_the_test():
+    rng = np.random.default_rng(4)
+    a, b = rng.normal(size=(12, 3)), rng.normal(size=(12, 3))
+    a[:, 1] = b[:, 1] = 7.0
+    res = hotelling_test(a, b)
+    assert res.df == (2, 21)
+    assert 0 <= res.pvalue <= 1
+    b[:, 1] = 8.0  # differ along a direction without any within-cohort variance
+    assert hotelling_test(a, b).pvalue == 0.0
+    assert aad_standardized(a, b) == float("inf")
