@@ -1,0 +1,379 @@
+"""``aad-compare`` end to end: Hydra overrides without ``+``, the installed console script on tiny
+synthetic NIfTI cohorts with a tiny trained checkpoint (same site not significant, shifted site
+significant, every output present, distances.json reproducible from embeddings.csv), the
+embedding cache, the train-overlap warning, and one-line errors with exit code 2."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import matplotlib.image as mpimg
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from aad_med.cli import compare as compare_cli
+from aad_med.data.datasets import build_train_dataset, train_collate
+from aad_med.data.preprocessing import PreprocessingConfig
+from aad_med.data.synthetic import SITES, generate_cohort
+from aad_med.data.validation import load_cohort
+from aad_med.models import ConvAutoencoder
+from aad_med.training.checkpoint import CHECKPOINT_FORMAT, FORMAT_VERSION, save_checkpoint
+
+SHAPE = (32, 36, 28)
+PATCH = 16
+PLOTS = (
+    "latent_means",
+    "latent_pca",
+    "null_distribution",
+    "pairwise_aad",
+    "mds",
+    "dendrogram",
+    "attribution",
+)
+PAIR_KEYS = (
+    "a",
+    "b",
+    "n_a",
+    "n_b",
+    "aad",
+    "aad2_unbiased",
+    "aad_ci95",
+    "aad_p",
+    "aad_p_fdr",
+    "n_permutations",
+    "aad_null_median",
+    "aad_null_ratio",
+    "aad_standardized",
+    "hotelling_t2",
+    "hotelling_p",
+    "mmd2",
+    "mmd_p",
+    "energy",
+    "energy_p",
+    "frechet",
+    "akld",
+    "ks_dims_fdr",
+    "top_dims",
+)
+# A shifted site the mean latent of a z-scored MSE autoencoder can see: another population
+# (much smaller brains, larger tumours) on another scanner, FLAIR gain doubled.
+SHIFTED = SITES["site_b"].with_updates(
+    name="shifted", brain_size=0.75, tumour_size=2.0, scale=(1.0, 1.0, 1.0, 2.0)
+)
+
+
+def aad_compare() -> str:
+    exe = Path(sys.executable).with_name("aad-compare")
+    return str(exe) if exe.exists() else shutil.which("aad-compare")
+
+
+def train_tiny_checkpoint(
+    path: Path,
+    train_dir: Path,
+    preprocessing: PreprocessingConfig,
+    state: dict | None = None,
+    epochs: int = 4,
+) -> Path:
+    """A few epochs of a tiny MSE autoencoder, saved in aad-train's checkpoint format."""
+    cohort = load_cohort(train_dir)
+    ds = build_train_dataset(
+        cohort.subjects, preprocessing, samples_per_subject=4, cache="memory", seed=0
+    )
+    torch.manual_seed(0)
+    model = ConvAutoencoder(
+        channels=(8, 16), strides=(2, 2), latent_dim=8, patch_size=PATCH, num_res_units=0
+    )
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    loader = torch.utils.data.DataLoader(
+        ds,
+        batch_size=4,
+        shuffle=True,
+        collate_fn=train_collate,
+        generator=torch.Generator().manual_seed(0),
+    )
+    for epoch in range(epochs):
+        ds.set_epoch(epoch)
+        for batch in loader:
+            x = batch["image"]
+            loss = torch.mean((model(x) - x) ** 2)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return save_checkpoint(
+        path,
+        {
+            "format": CHECKPOINT_FORMAT,
+            "format_version": FORMAT_VERSION,
+            "model_state": model.state_dict(),
+            "model_config": model.model_config(),
+            "preprocessing": preprocessing.to_dict(),
+            "train_subject_ids": cohort.subject_ids,
+            **(state or {}),
+        },
+    )
+
+
+@pytest.fixture(scope="session")
+def data(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("compare_data")
+    generate_cohort(root / "train", 6, "reference", seed=100, shape=SHAPE, id_prefix="TrainRef_")
+    generate_cohort(root / "train", 6, SHIFTED, seed=101, shape=SHAPE, id_prefix="TrainShift_")
+    generate_cohort(root / "site_a", 10, "reference", seed=3, shape=SHAPE, id_prefix="A_")
+    generate_cohort(root / "site_a2", 10, "reference", seed=4, shape=SHAPE, id_prefix="A2_")
+    generate_cohort(root / "site_b", 10, SHIFTED, seed=11, shape=SHAPE, id_prefix="B_")
+    generate_cohort(root / "single", 1, "reference", seed=12, shape=SHAPE, id_prefix="S_")
+    pre = PreprocessingConfig(patch_size=PATCH, min_brain_fraction=0.25, eval_stride=8)
+    ckpt = train_tiny_checkpoint(root / "ckpt.pt", root / "train", pre)
+    return {"root": root, "ckpt": ckpt, "cache": root / "cache"}
+
+
+def run_cli(args: list[str], cache: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {
+        **os.environ,
+        "AAD_MED_CACHE": str(cache),
+        "AAD_MED_VERBOSE": "0",
+        "OMP_NUM_THREADS": "1",
+        "MPLBACKEND": "Agg",
+    }
+    return subprocess.run(
+        [aad_compare(), *args], capture_output=True, text=True, env=env, timeout=timeout
+    )
+
+
+@pytest.fixture(scope="session")
+def three_sites(data, tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("compare_run") / "run"
+    r = data["root"]
+    proc = run_cli(
+        [
+            f"checkpoint={data['ckpt']}",
+            f"cohorts.site_a={r / 'site_a'}",
+            f"cohorts.site_a2={r / 'site_a2'}",
+            f"cohorts.site_b={r / 'site_b'}",
+            "stats.n_permutations=499",
+            "stats.n_bootstrap=300",
+            "seed=0",
+            f"hydra.run.dir={out}",
+        ],
+        data["cache"],
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return {"out": out, "proc": proc, "result": json.loads((out / "distances.json").read_text())}
+
+
+def test_open_cohort_overrides():
+    args = [
+        "checkpoint=c.pt",
+        "cohorts.a=/x",
+        "+cohorts.b=/y",
+        "++cohorts.c=/z",
+        "seed=1",
+        "cohorts.d=/with=equals",
+    ]
+    assert compare_cli.open_cohort_overrides(args) == [
+        "checkpoint=c.pt",
+        "++cohorts.a=/x",
+        "+cohorts.b=/y",
+        "++cohorts.c=/z",
+        "seed=1",
+        "++cohorts.d=/with=equals",
+    ]
+
+
+def test_config_composes_cohorts_without_plus():
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import ConfigCompositionException
+
+    overrides = [
+        "checkpoint=c.pt",
+        "cohorts.site_a=/data/a",
+        "cohorts.site_b=/data/b",
+        "stats.n_permutations=499",
+    ]
+    with initialize_config_dir(config_dir=compare_cli.CONFIG_DIR, version_base="1.3"):
+        cfg = compose("compare", overrides=compare_cli.open_cohort_overrides(overrides))
+        assert dict(cfg.cohorts) == {"site_a": "/data/a", "site_b": "/data/b"}
+        assert cfg.stats.n_permutations == 499 and cfg.embedding.features == "latent"
+        settings = compare_cli.settings_from_config(cfg)
+        assert settings.n_permutations == 499 and settings.tests is None
+        # Hydra itself refuses the new key; the rewrite is what makes the documented form work.
+        with pytest.raises(ConfigCompositionException):
+            compose("compare", overrides=overrides)
+
+
+@pytest.mark.slow
+def test_end_to_end_outputs_and_significance(three_sites, data):
+    out, res = three_sites["out"], three_sites["result"]
+    pairs = {(p["a"], p["b"]): p for p in res["pairs"]}
+    same, shifted = pairs[("site_a", "site_a2")], pairs[("site_a", "site_b")]
+    assert same["aad_p"] > 0.05 and same["aad_p_fdr"] > 0.05
+    assert shifted["aad_p"] < 0.01 and pairs[("site_a2", "site_b")]["aad_p"] < 0.01
+    assert shifted["aad"] > same["aad"] and shifted["aad_null_ratio"] > 2
+    for p in res["pairs"]:
+        assert set(PAIR_KEYS) <= set(p)
+        assert p["n_permutations"] == 499 and p["aad_ci95"][0] <= p["aad"] <= p["aad_ci95"][1]
+    assert res["checkpoint"] == str(Path(data["ckpt"]).resolve())
+    assert res["latent_dim"] == 8 and res["features"] == "latent"
+    for name in ("site_a", "site_a2", "site_b"):
+        info = res["cohorts"][name]
+        assert info["n_subjects"] == 10 and info["train_overlap"] == 0
+        assert info["path"] == str((data["root"] / name).resolve())
+    # Every output, valid.
+    for f in (
+        "distances.json",
+        "embeddings.csv",
+        "embeddings.npz",
+        "pairwise_aad.csv",
+        "report.md",
+        "report.html",
+        "regional_aad.png",
+    ):
+        assert (out / f).is_file(), f
+    for key in PLOTS:
+        img = mpimg.imread(out / "plots" / f"{key}.png")
+        assert img.ndim == 3 and img.shape[0] > 100
+    for a, b in pairs:
+        img = nib.load(str(out / f"mean_difference_{a}_vs_{b}.nii.gz"))
+        assert img.shape == (PATCH, PATCH, PATCH, 4)
+        assert np.abs(np.asarray(img.dataobj)).max() > 0
+        assert (out / f"mean_difference_{a}_vs_{b}.png").is_file()
+    regional = nib.load(str(out / "regional_aad.nii.gz"))
+    assert regional.shape == (*SHAPE, 3)  # one volume per pair, in the input image space
+    vol = np.asarray(regional.dataobj)
+    assert np.isfinite(vol).any() and np.nanmax(vol[..., 1]) > np.nanmax(vol[..., 0])
+    assert res["regional"]["available"] is True
+    # Nothing half-written is left behind.
+    assert not [p for p in out.iterdir() if p.name.startswith(".aad-compare")]
+    assert not list(out.rglob("*.tmp*"))
+    # The report carries the numbers and the explanations.
+    md = (out / "report.md").read_text()
+    page = (out / "report.html").read_text()
+    for text in (md, page):
+        assert f"{shifted['aad']:.3g}" in text and "What each number means" in text
+        assert "What AAD cannot see" in text and "WARNING" not in text
+    assert "data:image/png;base64," in page and "src='plots/" not in page
+
+
+@pytest.mark.slow
+def test_distances_json_recomputes_from_embeddings_csv(three_sites):
+    from aad_med.distances import compare_embeddings
+    from aad_med.embedding import read_embeddings_csv
+
+    out, res = three_sites["out"], three_sites["result"]
+    vectors = read_embeddings_csv(out / "embeddings.csv")
+    assert {k: v.shape for k, v in vectors.items()} == {
+        "site_a": (10, 8),
+        "site_a2": (10, 8),
+        "site_b": (10, 8),
+    }
+    again = compare_embeddings(vectors, n_permutations=499, n_bootstrap=300, seed=0)
+    for p, q in zip(res["pairs"], again["pairs"], strict=True):
+        for key in (
+            "aad",
+            "aad2_unbiased",
+            "aad_p",
+            "aad_p_fdr",
+            "aad_null_median",
+            "aad_standardized",
+            "mmd2",
+            "mmd_p",
+            "energy",
+            "frechet",
+        ):
+            assert p[key] == pytest.approx(q[key], rel=1e-9, abs=1e-12), key
+        assert p["aad_ci95"] == pytest.approx(q["aad_ci95"], rel=1e-9)
+    np.testing.assert_allclose(res["pairwise_aad"]["matrix"], again["pairwise_aad"]["matrix"])
+    with np.load(out / "embeddings.npz") as d:
+        np.testing.assert_array_equal(d["vectors"][d["cohorts"] == "site_b"], vectors["site_b"])
+        np.testing.assert_array_equal(d["latent_means"], d["vectors"])
+
+
+@pytest.mark.slow
+def test_rerun_uses_cache_and_warns_about_training_subjects(three_sites, data, tmp_path):
+    r = data["root"]
+    out = tmp_path / "rerun"
+    proc = run_cli(
+        [
+            f"checkpoint={data['ckpt']}",
+            f"cohorts.site_a={r / 'site_a'}",
+            f"cohorts.train={r / 'train'}",
+            "stats.n_permutations=99",
+            "stats.n_bootstrap=50",
+            "stats.tests=[aad]",
+            "decode_means=false",
+            f"hydra.run.dir={out}",
+        ],
+        data["cache"],
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    log = (out / "compare.log").read_text()
+    assert "cohort site_a: embeddings read from cache" in log
+    assert "encoded 12 subjects of train" in log
+    res = json.loads((out / "distances.json").read_text())
+    assert res["cohorts"]["train"]["train_overlap"] == 12
+    assert res["cohorts"]["site_a"]["train_overlap"] == 0
+    assert res["pairs"][0]["mmd2"] is None  # tests=[aad] skips the kernel tests
+    assert "WARNING" in log and "12 of 12 subjects of train" in log
+    md = (out / "report.md").read_text()
+    assert "WARNING: training subjects among the compared cohorts" in md
+    # Same vectors as the first run for the cached cohort.
+    first = (three_sites["out"] / "embeddings.csv").read_text().splitlines()
+    second = (out / "embeddings.csv").read_text().splitlines()
+    assert [ln for ln in second if ",site_a," in ln] == [ln for ln in first if ",site_a," in ln]
+
+
+def _run_in_process(args: list[str], monkeypatch, capsys) -> tuple[int, str]:
+    monkeypatch.setattr(sys, "argv", ["aad-compare", *args])
+    monkeypatch.setenv("AAD_MED_VERBOSE", "0")
+    with pytest.raises(SystemExit) as exc:
+        compare_cli.main()
+    return exc.value.code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "case", ["missing_checkpoint", "one_subject", "one_cohort", "patch_mismatch", "no_checkpoint"]
+)
+def test_errors_are_one_line_exit_2(case, data, tmp_path, monkeypatch, capsys):
+    r = data["root"]
+    ckpt = str(data["ckpt"])
+    cohorts = [f"cohorts.site_a={r / 'site_a'}", f"cohorts.site_a2={r / 'site_a2'}"]
+    expected = {
+        "missing_checkpoint": "nope.pt: checkpoint does not exist",
+        "one_subject": "cohort single",
+        "one_cohort": "needs at least two cohorts",
+        "patch_mismatch": "16-voxel patches",
+        "no_checkpoint": "checkpoint=PATH is required",
+    }[case]
+    if case == "missing_checkpoint":
+        args = [f"checkpoint={tmp_path / 'nope.pt'}", *cohorts]
+    elif case == "one_subject":
+        args = [f"checkpoint={ckpt}", cohorts[0], f"cohorts.single={r / 'single'}"]
+    elif case == "one_cohort":
+        args = [f"checkpoint={ckpt}", cohorts[0]]
+    elif case == "patch_mismatch":
+        bad = torch.load(ckpt, weights_only=True)
+        bad["preprocessing"]["patch_size"] = 8
+        save_checkpoint(tmp_path / "bad.pt", bad)
+        args = [f"checkpoint={tmp_path / 'bad.pt'}", *cohorts]
+    else:
+        args = cohorts
+    code, err = _run_in_process(
+        [*args, f"hydra.run.dir={tmp_path / 'out'}", f"embedding.cache_dir={tmp_path / 'cache'}"],
+        monkeypatch,
+        capsys,
+    )
+    assert code == 2
+    lines = [ln for ln in err.splitlines() if ln.startswith("aad-compare: error:")]
+    assert len(lines) == 1 and expected in lines[0], err
+    assert "Traceback" not in err
+    leftovers = (
+        list((tmp_path / "out").glob(".aad-compare-*")) if (tmp_path / "out").exists() else []
+    )
+    assert not leftovers
