@@ -77,6 +77,10 @@ def build_blocks(result: Mapping, images: Mapping[str, str | Path] | None = None
             ],
         )
     )
+    skipped = [(name, line) for name, info in cohorts.items() for line in info.get("skipped") or []]
+    if skipped:
+        b.append(("p", f"{len(skipped)} invalid subject(s) were left out (skip_invalid):"))
+        b.append(("table", ["cohort", "left out"], [[n, line] for n, line in skipped]))
     b.append(("h2", "Summary"))
     b.append(
         (

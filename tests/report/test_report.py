@@ -156,6 +156,13 @@ def test_report_contains_numbers_definitions_and_images(tmp_path):
     assert "src='plots/" not in page
 
 
+def test_report_lists_skipped_subjects(tmp_path):
+    res = fake_result()
+    res["cohorts"]["siteB"]["skipped"] = ["/data/B/s7: t1 file is truncated"]
+    md, _ = write_report(res, tmp_path)
+    assert "| siteB | /data/B/s7: t1 file is truncated |" in md.read_text()
+
+
 def test_report_without_overlap_has_no_warning(tmp_path):
     md, _ = write_report(fake_result(), tmp_path)
     assert "WARNING" not in md.read_text()
