@@ -26,6 +26,8 @@ def ledoit_wolf_shrinkage(xc: ArrayLike) -> float:
     """
     x = np.asarray(xc, dtype=np.float64)
     n, p = x.shape
+    if n == 0 or p == 0:
+        return 0.0
     row_sq = np.einsum("ij,ij->i", x, x)
     trace_sum = float(row_sq.sum()) / n  # tr(S) with S = X^T X / n
     mu = trace_sum / p
@@ -120,6 +122,8 @@ def shrunk_covariance(xc: ArrayLike, denom: float | None = None) -> ShrunkCovari
     x = np.asarray(xc, dtype=np.float64)
     n, p = x.shape
     denom = float(n - 1 if denom is None else denom)
+    if p == 0:
+        return ShrunkCovariance(np.zeros((0, 0)), np.zeros(0), 0.0, 0.0, 0)
     s = ledoit_wolf_shrinkage(x)
     vecs, vals = _spectrum(x, denom)
     mu = float(np.einsum("ij,ij->", x, x)) / denom / p

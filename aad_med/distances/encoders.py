@@ -29,7 +29,11 @@ INTERVAL_METHODS = {
 
 
 def _weighted_quantiles(groups: Sequence[np.ndarray], qs: Sequence[float]) -> list[float]:
+    """Quantiles of the equal-weight mixture of ``groups`` (numpy's default method when the
+    groups have equal sizes, else the midpoint rule on weighted ranks)."""
     values = np.concatenate(groups)
+    if len({len(g) for g in groups}) == 1:
+        return [float(v) for v in np.quantile(values, qs)]
     weights = np.concatenate([np.full(len(g), 1.0 / (len(g) * len(groups))) for g in groups])
     order = np.argsort(values, kind="stable")
     values, cum = values[order], np.cumsum(weights[order])
