@@ -199,7 +199,7 @@ class ResampleToSpacingd(MapTransform):
         return self.spacing(d)
 
 
-class CastAndFinalised(MapTransform):
+class FinalisePreprocessedd(MapTransform):
     """Last deterministic step: plain tensors with fixed dtypes and primitive metadata.
 
     Converts ``crop_start`` to a list of ints, records ``affine`` (of the preprocessed volume),
@@ -287,7 +287,7 @@ def deterministic_transforms(cfg: PreprocessingConfig) -> Compose:
         NormalizeIntensityd(keys="image", nonzero=True, channel_wise=True),
         # Padding only at the end keeps crop_start valid as the origin of the patch positions.
         SpatialPadd(keys=spatial, spatial_size=[cfg.patch_size] * 3, method="end"),
-        CastAndFinalised(),
+        FinalisePreprocessedd(),
     ]
     return SafeCompose(steps, log_stats=False)
 
