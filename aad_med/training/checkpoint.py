@@ -40,8 +40,17 @@ def to_primitive(obj: Any) -> Any:
     Raises:
         TypeError: an object that has no primitive form (it would need pickle to load).
     """
-    if obj is None or isinstance(obj, bool | int | float | str | torch.Tensor):
+    if obj is None or isinstance(obj, torch.Tensor) or type(obj) in (bool, int, float, str):
         return obj
+    # Subclasses (torch's TorchVersion is a str, IntEnum an int) would need pickle to load.
+    if isinstance(obj, bool):
+        return bool(obj)
+    if isinstance(obj, int):
+        return int(obj)
+    if isinstance(obj, float):
+        return float(obj)
+    if isinstance(obj, str):
+        return str(obj)
     if isinstance(obj, np.generic):
         return obj.item()
     if isinstance(obj, np.ndarray):
@@ -175,6 +184,15 @@ def remove_stale_temp_files(folder: str | Path) -> list[Path]:
     return removed
 
 
+def _unpickling_reason(e: Exception) -> str:
+    """The informative line of torch's long weights_only error (e.g. the refused global)."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    for ln in lines:
+        if "WeightsUnpickler error:" in ln:
+            return ln.split("WeightsUnpickler error:", 1)[1].strip().split(". Please use")[0]
+    return lines[0] if lines else type(e).__name__
+
+
 def load_checkpoint(path: str | Path) -> dict:
     """Load a checkpoint safely (``weights_only=True``, onto the CPU) and check its format.
 
@@ -190,7 +208,7 @@ def load_checkpoint(path: str | Path) -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        reason = _unpickling_reason(e)
         raise CheckpointError(
             f"{path}: not a safe aad-med checkpoint (refused by weights_only loading: {reason[:200]})"
         ) from None
