@@ -25,6 +25,10 @@ class InputError(AADError):
         self.problem = problem
         super().__init__(f"{self.path}: {problem}")
 
+    def __reduce__(self):
+        # Picklable with its fields, so it survives DataLoader workers and multiprocessing.
+        return (type(self), (self.path, self.problem))
+
 
 class CohortError(AADError):
     """Several problems found in one cohort, reported all at once (one line each)."""
@@ -32,6 +36,9 @@ class CohortError(AADError):
     def __init__(self, problems: Iterable[str | InputError]):
         self.problems = [str(p) for p in problems]
         super().__init__("\n".join(self.problems))
+
+    def __reduce__(self):
+        return (type(self), (self.problems,))
 
 
 class CheckpointError(AADError):
