@@ -132,7 +132,10 @@ def main() -> int:
         return rc
     try:
         _hydra_main()
-    except AADError as e:  # only reached with verbose off if raised outside the task
+    except AADError as e:
+        # Hydra re-raises task errors when HYDRA_FULL_ERROR is set (verbose mode).
+        if verbose:
+            raise
         for line in str(e).splitlines():
             print(f"{PROG}: error: {line}", file=sys.stderr)
         return EXIT_INPUT_ERROR
