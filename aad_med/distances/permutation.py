@@ -37,9 +37,11 @@ def subset_indicators(
     """Yields random group-A indicators, each column a uniform random ``n_a``-subset of ``n``.
 
     Knuth's selection sampling (Algorithm S), run for all permutations of a chunk at once: row
-    ``i`` is selected with probability ``needed / (n - i)``. It draws ``n`` uniforms per
-    permutation, never sorts, and always selects exactly ``n_a`` (the ratio is exactly 1 when
-    every remaining subject is needed, and 0 when none is).
+    ``i`` is selected when ``u_i (n - i) < needed`` for a uniform ``u_i``, i.e. with probability
+    ``needed / (n - i)``. It draws ``n`` uniforms per permutation, never sorts, and always
+    selects exactly ``n_a``: ``u < 1`` and ``(n - i)`` is an integer below 2²⁴, so the float32
+    product stays below ``n - i`` when every remaining subject is needed, and nothing is
+    selected once none is.
 
     Args:
         n: pooled number of subjects.
@@ -49,20 +51,25 @@ def subset_indicators(
         chunk: columns per yielded matrix (default from :data:`CHUNK_ELEMENTS`).
 
     Yields:
-        float32 arrays of shape ``(n, m)`` with 0/1 entries and column sums ``n_a``.
+        float32 arrays of shape ``(n, m)`` with 0/1 entries and column sums ``n_a``. The buffer
+        is reused for the next chunk: consume it before advancing the iterator.
     """
     if chunk is None:
         chunk = max(64, CHUNK_ELEMENTS // max(n, 1))
+    chunk = max(1, min(chunk, n_permutations))
+    remaining_rows = (n - np.arange(n, dtype=np.float32))[:, None]
+    u_buf = np.empty(n * chunk, dtype=np.float32)
+    ind_buf = np.empty(n * chunk, dtype=np.float32)
     remaining = n_permutations
     while remaining > 0:
         m = min(chunk, remaining)
-        u = rng.random((n, m), dtype=np.float32)
+        u = u_buf[: n * m].reshape(n, m)
+        ind = ind_buf[: n * m].reshape(n, m)
+        rng.random(dtype=np.float32, out=u)
+        u *= remaining_rows
         need = np.full(m, n_a, dtype=np.float32)
-        prob = np.empty(m, dtype=np.float32)
-        ind = np.empty((n, m), dtype=np.float32)
         for i in range(n):
-            np.divide(need, np.float32(n - i), out=prob)
-            np.less(u[i], prob, out=ind[i], casting="unsafe")
+            np.less(u[i], need, out=ind[i], casting="unsafe")
             need -= ind[i]
         yield ind
         remaining -= m
@@ -95,16 +102,16 @@ class MeanDifferenceStatistic:
         # Centring (label-free) makes the float32 sums small and well-conditioned.
         zc = z - z.mean(axis=0)
         self.zt = np.ascontiguousarray(zc.T, dtype=np.float32)
-        self.colsum = self.zt.sum(axis=1, dtype=np.float64)[:, None]
+        self.offset = (self.zt.sum(axis=1, dtype=np.float64) / self.n_b).astype(np.float32)[:, None]
+        self.scale = np.float32(1.0 / self.n_a + 1.0 / self.n_b)
         self.blocks = list(blocks) if blocks is not None else [slice(0, z.shape[1])]
 
     def __call__(self, ind: np.ndarray) -> np.ndarray:
         """Returns the squared norms, shape ``(n_blocks, m)`` (float64)."""
-        s = (self.zt @ ind).astype(np.float64)
-        s *= 1.0 / self.n_a + 1.0 / self.n_b
-        s -= self.colsum / self.n_b
-        s *= s
-        return np.stack([s[b].sum(axis=0) for b in self.blocks])
+        s = self.zt @ ind
+        s *= self.scale
+        s -= self.offset
+        return np.stack([np.einsum("ij,ij->j", s[b], s[b]).astype(np.float64) for b in self.blocks])
 
 
 class KernelStatistic:
