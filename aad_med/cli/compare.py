@@ -7,6 +7,9 @@ Example::
         cohorts.site_a=data/site_a cohorts.site_b=data/site_b \\
         stats.n_permutations=10000 stats.n_bootstrap=2000 seed=0 hydra.run.dir=outputs/cmp
 
+``checkpoint=[A.pt,B.pt,...]`` compares with several encoders (e.g. training seeds) and adds
+their combined interval and rank stability.
+
 ``cohorts.NAME=DIR_OR_CSV`` needs no leading ``+``: Hydra refuses new keys at compose time, so
 :func:`open_cohort_overrides` rewrites them to ``++cohorts.NAME=...`` before Hydra sees them.
 """
@@ -75,7 +78,10 @@ def compare_from_config(cfg: DictConfig, run_dir: str | Path) -> dict:
         raise ConfigError("checkpoint=PATH is required (a checkpoint written by aad-train)")
     cohorts = OmegaConf.to_container(cfg.cohorts, resolve=True) or {}
     cohorts = {str(k): str(v) for k, v in cohorts.items()}
-    result = run_comparison(cfg.checkpoint, cohorts, run_dir, settings_from_config(cfg))
+    checkpoint = cfg.checkpoint
+    # checkpoint=[A.pt,B.pt,...]: one comparison per encoder plus their combination.
+    checkpoint = [str(c) for c in checkpoint] if OmegaConf.is_list(checkpoint) else str(checkpoint)
+    result = run_comparison(checkpoint, cohorts, run_dir, settings_from_config(cfg))
     for pair in result["pairs"]:
         log.info(
             "%s vs %s: AAD %.4g [%.4g, %.4g], p %.3g (FDR %.3g), %.3g x null median",

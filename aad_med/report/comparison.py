@@ -158,15 +158,21 @@ def _move_into(tmp: Path, run_dir: Path) -> None:
 
 
 def run_comparison(
-    checkpoint: str | Path,
+    checkpoint: str | Path | Sequence[str | Path],
     cohort_paths: Mapping[str, str | Path],
     run_dir: str | Path,
     settings: CompareSettings | None = None,
 ) -> dict:
     """Compare cohorts with a trained encoder and write every output into ``run_dir``.
 
+    With several checkpoints (e.g. one training recipe with seeds 0..4), the full output set is
+    made with the first one; every encoder's ``distances.json`` and embeddings go to
+    ``encoders/encoder{i}/``, and ``distances.json`` gains ``encoders``: the AAD of each pair
+    per encoder, an interval combining subject bootstrap and encoder-to-encoder variance, and
+    the rank stability of the pairwise AADs (:func:`aad_med.distances.combine_encoder_runs`).
+
     Args:
-        checkpoint: a checkpoint written by ``aad-train``.
+        checkpoint: a checkpoint written by ``aad-train``, or a list of them.
         cohort_paths: ``{name: folder or CSV manifest}``, at least two.
         run_dir: output folder (created).
         settings: statistics, embedding and output options.
@@ -177,17 +183,23 @@ def run_comparison(
     Raises:
         ConfigError, CohortError, CheckpointError, InputError: one line per problem.
     """
-    from aad_med.distances.compare import compare_embeddings
+    from aad_med.distances import combine_encoder_runs
     from aad_med.training.checkpoint import load_model_from_checkpoint
 
     s = settings or CompareSettings()
     names = list(cohort_paths)
     check_cohort_names(names)
-    ckpt_path = Path(checkpoint)
-    if not ckpt_path.is_file():
-        raise CheckpointError(f"{ckpt_path}: checkpoint does not exist")
+    if isinstance(checkpoint, str | Path):
+        ckpt_paths = [Path(checkpoint)]
+    else:
+        ckpt_paths = [Path(c) for c in checkpoint]
+    if not ckpt_paths:
+        raise ConfigError("checkpoint=PATH (or a list [PATH1,PATH2,...]) is required")
+    for path in ckpt_paths:
+        if not path.is_file():
+            raise CheckpointError(f"{path}: checkpoint does not exist")
+    multi = len(ckpt_paths) > 1
     device = resolve_device(s.device)
-    model, preprocessing, ckpt = load_model_from_checkpoint(ckpt_path, device)
     cohorts = load_cohorts(cohort_paths, s.skip_invalid)
 
     run_dir = Path(run_dir)
@@ -195,18 +207,44 @@ def run_comparison(
     tmp = run_dir / f".aad-compare-{secrets.token_hex(4)}.tmp"
     tmp.mkdir()
     try:
-        result = _compare_into(
-            tmp,
-            model,
-            preprocessing,
-            ckpt,
-            ckpt_path,
-            cohorts,
-            cohort_paths,
-            device,
-            s,
-            compare_embeddings,
-        )
+        results = []
+        for i, path in enumerate(ckpt_paths):
+            model, preprocessing, ckpt = load_model_from_checkpoint(path, device)
+            target = tmp if i == 0 else tmp / "encoders" / f"encoder{i}"
+            target.mkdir(parents=True, exist_ok=True)
+            results.append(
+                _compare_into(
+                    target,
+                    model,
+                    preprocessing,
+                    ckpt,
+                    path,
+                    cohorts,
+                    cohort_paths,
+                    device,
+                    s,
+                    full=i == 0,
+                    return_samples=multi,
+                )
+            )
+        result = results[0]
+        images = result.pop("_images", {})
+        if multi:
+            combined = combine_encoder_runs(results, names=[str(p) for p in ckpt_paths])
+            for i, res in enumerate(results):
+                for pair in res["pairs"]:
+                    pair.pop("aad_bootstrap_sample", None)
+                if i > 0:
+                    write_distances_json(tmp / "encoders" / f"encoder{i}" / "distances.json", res)
+            result["encoders"] = combined
+            result["checkpoints"] = [str(p.resolve()) for p in ckpt_paths]
+            for name in result["cohorts"]:
+                result["cohorts"][name]["train_overlap"] = max(
+                    r["cohorts"][name]["train_overlap"] for r in results
+                )
+        _warn_overlap(result)
+        write_distances_json(tmp / "distances.json", result)
+        write_report(result, tmp, images)
         _move_into(tmp, run_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -214,9 +252,33 @@ def run_comparison(
     return result
 
 
+def _warn_overlap(result: dict) -> None:
+    warning = overlap_warning(result["cohorts"])
+    if warning:
+        log.warning("!" * 80)
+        log.warning("WARNING: %s", warning)
+        log.warning("!" * 80)
+    result["train_overlap_warning"] = warning
+
+
 def _compare_into(
-    tmp, model, preprocessing, ckpt, ckpt_path, cohorts, cohort_paths, device, s, compare_embeddings
+    tmp,
+    model,
+    preprocessing,
+    ckpt,
+    ckpt_path,
+    cohorts,
+    cohort_paths,
+    device,
+    s,
+    full: bool = True,
+    return_samples: bool = False,
 ) -> dict:
+    """Embed and compare with one encoder; write the embeddings (and, when ``full``, figures,
+    decoded means and the regional map) into ``tmp``. The caller writes ``distances.json`` and
+    the report."""
+    from aad_med.distances import compare_embeddings
+
     overlaps = {name: train_overlap(c, ckpt) for name, c in cohorts.items()}
     cache_dir = None
     if s.cache:
@@ -241,6 +303,7 @@ def _compare_into(
         n_bootstrap=s.n_bootstrap,
         seed=s.seed,
         tests=None if s.tests is None else tuple(s.tests),
+        return_samples=return_samples,
     )
     result: dict = {
         "checkpoint": str(ckpt_path.resolve()),
@@ -272,13 +335,6 @@ def _compare_into(
             }
         )
         result.setdefault("cohorts", {})[name] = info
-    warning = overlap_warning(result["cohorts"])
-    if warning:
-        log.warning("!" * 80)
-        log.warning("WARNING: %s", warning)
-        log.warning("!" * 80)
-    result["train_overlap_warning"] = warning
-
     write_embeddings_csv(tmp / "embeddings.csv", embs)
     write_embeddings_npz(tmp / "embeddings.npz", embs)
     write_matrix_csv(
@@ -287,7 +343,9 @@ def _compare_into(
         np.asarray(result["pairwise_aad"]["matrix"]),
     )
 
-    images = _figures(tmp, embs, result, s)
+    if not full:
+        return result
+    result["_images"] = _figures(tmp, embs, result, s)
     if s.decode_means:
         for pair in result["pairs"]:
             a, b = pair["a"], pair["b"]
@@ -304,9 +362,6 @@ def _compare_into(
             )
             pair["mean_difference_png"] = f"mean_difference_{tag}.png"
     result["regional"] = _regional(tmp, embs, result, s)
-    write_distances_json(tmp / "distances.json", result)
-    write_report(result, tmp, images)
-    # The report embeds the image paths relative to the final run folder.
     return result
 
 

@@ -99,6 +99,9 @@ def build_blocks(result: Mapping, images: Mapping[str, str | Path] | None = None
             ],
         )
     )
+    enc = result.get("encoders")
+    if enc:
+        b.extend(_encoder_blocks(enc))
     for p in pairs:
         b.append(("h2", f"{p['a']} vs {p['b']}"))
         b.append(("p", interpretation(p)))
@@ -135,6 +138,55 @@ def build_blocks(result: Mapping, images: Mapping[str, str | Path] | None = None
     b.append(("dl", list(definitions.items())))
     b.append(("h2", "What AAD cannot see"))
     b.append(("p", LIMITATIONS))
+    return b
+
+
+def _encoder_blocks(enc: Mapping) -> list[Block]:
+    n = enc.get("n_encoders", len(enc.get("encoders", [])))
+    b: list[Block] = [("h2", f"Encoder uncertainty ({n} encoders)")]
+    b.append(
+        (
+            "p",
+            (
+                "The same comparison with every checkpoint given. AAD's scale belongs to the encoder, so "
+                "the spread across encoders is part of the uncertainty: the interval below combines the "
+                "subject bootstrap with encoder-to-encoder variance. The figures and per-pair sections "
+                f"further down use the first checkpoint, `{(enc.get('encoders') or ['?'])[0]}`."
+            ),
+        )
+    )
+    rows = []
+    for p in enc.get("pairs", []):
+        lo, hi = (p.get("aad_interval") or [None, None])[:2]
+        rows.append(
+            [
+                f"{p['a']} vs {p['b']}",
+                ", ".join(_fmt(v) for v in p.get("aad_per_encoder", [])),
+                f"{_fmt(p.get('aad_mean'))} [{_fmt(lo)}, {_fmt(hi)}]",
+                f"{p.get('n_encoders_significant', '?')} of {n}",
+            ]
+        )
+    b.append(
+        (
+            "table",
+            [
+                "pair",
+                "AAD per encoder",
+                "mean AAD [combined 95% interval]",
+                "encoders with FDR p < 0.05",
+            ],
+            rows,
+        )
+    )
+    rho = (enc.get("rank_stability") or {}).get("spearman_mean")
+    if rho is not None:
+        b.append(
+            (
+                "p",
+                f"Rank stability: the encoders order the cohort pairs alike with a mean "
+                f"Spearman correlation of {_fmt(rho)} (1 = identical order).",
+            )
+        )
     return b
 
 

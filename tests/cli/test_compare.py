@@ -377,3 +377,44 @@ def test_errors_are_one_line_exit_2(case, data, tmp_path, monkeypatch, capsys):
         list((tmp_path / "out").glob(".aad-compare-*")) if (tmp_path / "out").exists() else []
     )
     assert not leftovers
+
+
+@pytest.mark.slow
+def test_several_checkpoints_combine_encoders(data, tmp_path):
+    from aad_med.report.comparison import CompareSettings, run_comparison
+
+    other = torch.load(data["ckpt"], weights_only=True)
+    gen = torch.Generator().manual_seed(1)
+    other["model_state"] = {
+        k: v + 0.05 * v.abs().mean() * torch.randn(v.shape, generator=gen)
+        if v.is_floating_point()
+        else v
+        for k, v in other["model_state"].items()
+    }
+    second = save_checkpoint(tmp_path / "seed1.pt", other)
+    r = data["root"]
+    settings = CompareSettings(
+        n_permutations=99,
+        n_bootstrap=50,
+        tests=["aad"],
+        decode_means=False,
+        regional=False,
+        progress=False,
+        cache_dir=tmp_path / "cache",
+        bands_bootstrap=50,
+    )
+    out = tmp_path / "multi"
+    res = run_comparison(
+        [data["ckpt"], second], {"site_a": r / "site_a", "site_b": r / "site_b"}, out, settings
+    )
+    enc = res["encoders"]
+    assert enc["n_encoders"] == 2 and len(res["checkpoints"]) == 2
+    pair = enc["pairs"][0]
+    assert pair["aad_per_encoder"][0] == pytest.approx(res["pairs"][0]["aad"])
+    assert pair["aad_interval"][0] <= pair["aad_mean"] <= pair["aad_interval"][1]
+    assert pair["n_encoders_significant"] == 2
+    second_res = json.loads((out / "encoders" / "encoder1" / "distances.json").read_text())
+    assert second_res["pairs"][0]["aad"] == pytest.approx(pair["aad_per_encoder"][1])
+    assert "aad_bootstrap_sample" not in json.dumps(res)
+    assert "Encoder uncertainty (2 encoders)" in (out / "report.md").read_text()
+    assert not list(out.glob(".aad-compare-*"))
