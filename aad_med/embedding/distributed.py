@@ -1,0 +1,429 @@
+"""Stage 4, embedding beyond one process: under ``torchrun --nproc_per_node=N`` every rank
+encodes a shard of each cohort's subjects (subjects ``rank, rank + N, rank + 2N, ...``), and the
+vectors are gathered with ``torch.distributed.all_gather_object`` (gloo on CPU, nccl on CUDA) and
+put back in the original subject order. Every rank returns the same result; rank 0 alone writes
+the embedding cache and, from the command line, ``embeddings.csv``.
+
+Without torchrun (or with one process) it is exactly
+:func:`aad_med.embedding.cache.embed_cohorts`. Each subject is encoded alone (its own patch
+batches), so the vectors do not depend on how subjects are sharded: with the same device type and
+thread settings, N processes write the same ``embeddings.csv`` as one. Regional sums are added in
+another order and agree to rounding only.
+
+Command line (rank 0 writes ``OUT/embeddings.csv`` and ``OUT/embeddings.npz``)::
+
+    torchrun --standalone --nproc_per_node=4 -m aad_med.embedding.distributed \\
+        --checkpoint runs/train/checkpoints/best.pt \\
+        --cohort site_a=data/site_a --cohort site_b=data/site_b --out outputs/embed
+
+Computes no statistics.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from aad_med.data.preprocessing import PreprocessingConfig
+from aad_med.data.records import Cohort
+from aad_med.embedding.cache import (
+    cohort_cache_key,
+    default_cache_dir,
+    file_sha256,
+    load_cached,
+    save_cached,
+)
+from aad_med.embedding.cache import embed_cohorts as embed_cohorts_single
+from aad_med.embedding.encode import DEFAULT_BATCH_SIZE, CohortEmbedding, embed_cohort
+from aad_med.embedding.features import FeatureSet, get_feature_set
+from aad_med.embedding.regional import AFFINE_TOLERANCE, RegionalLatents
+from aad_med.errors import AADError, ConfigError
+
+__all__ = [
+    "embed_cohorts_distributed",
+    "main",
+    "merge_regional",
+    "merge_shards",
+    "shard_indices",
+]
+
+PROG = "aad-embed"
+#: Ranks wait at the gather for the slowest shard; a CPU cohort can take hours.
+DEFAULT_TIMEOUT_S = 6 * 3600.0
+
+log = logging.getLogger(__name__)
+
+
+def shard_indices(n: int, rank: int, world_size: int) -> list[int]:
+    """Subjects encoded by ``rank``: ``rank, rank + world_size, ...`` (round robin, so shards
+    differ in size by at most one and each holds subjects from the whole cohort)."""
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in a world of {world_size} processes")
+    return list(range(rank, int(n), world_size))
+
+
+def merge_regional(parts: Sequence[RegionalLatents]) -> RegionalLatents | None:
+    """Sum shards' regional latents (cells, subject counts, image sums) into one cohort's.
+
+    Returns:
+        The merged :class:`RegionalLatents`; ``None`` when ``parts`` is empty. ``same_space`` is
+        false when any shard saw several image spaces or the shards' spaces differ.
+    """
+    parts = [p for p in parts if p is not None]
+    if not parts:
+        return None
+    used = [p for p in parts if p.n_images > 0] or parts[:1]
+    ref = used[0]
+    same = all(p.same_space for p in parts) and all(
+        tuple(p.ras_shape) == tuple(ref.ras_shape)
+        and np.allclose(p.ras_affine, ref.ras_affine, atol=AFFINE_TOLERANCE)
+        for p in used
+    )
+    dim = next((p.sums.shape[1] for p in used if p.sums.ndim == 2), 0)
+    sums: dict[tuple[int, int, int], np.ndarray] = {}
+    counts: dict[tuple[int, int, int], int] = {}
+    for p in used:
+        for c, s, k in zip(p.cells.tolist(), p.sums, p.counts, strict=True):
+            key = tuple(int(v) for v in c)
+            if key in sums:
+                sums[key] = sums[key] + s
+                counts[key] += int(k)
+            else:
+                sums[key] = np.array(s, dtype=np.float64)
+                counts[key] = int(k)
+    keys = sorted(sums)
+    image_sum = ref.image_sum.copy()
+    if same:
+        for p in used[1:]:
+            image_sum += p.image_sum
+    return RegionalLatents(
+        cell_size=ref.cell_size,
+        patch_size=ref.patch_size,
+        cells=np.array(keys, dtype=np.int64).reshape(-1, 3),
+        sums=np.array([sums[k] for k in keys], dtype=np.float64).reshape(-1, dim),
+        counts=np.array([counts[k] for k in keys], dtype=np.int64),
+        image_sum=image_sum,
+        n_images=int(sum(p.n_images for p in used)),
+        ras_shape=tuple(ref.ras_shape),
+        ras_affine=ref.ras_affine,
+        same_space=bool(same),
+    )
+
+
+def merge_shards(
+    parts: Sequence[CohortEmbedding | None], name: str, n_subjects: int
+) -> CohortEmbedding:
+    """One cohort's embedding from its round-robin shards, in the original subject order.
+
+    Args:
+        parts: ``parts[r]`` holds subjects ``r, r + W, ...`` (``W = len(parts)``); ``None`` for a
+            rank whose shard was empty.
+        name: the cohort name.
+        n_subjects: subjects in the cohort.
+
+    Raises:
+        ValueError: the shards do not hold exactly ``n_subjects`` subjects in round-robin order.
+    """
+    world = len(parts)
+    sizes = [len(shard_indices(n_subjects, r, world)) for r in range(world)]
+    got = [0 if p is None else len(p) for p in parts]
+    if got != sizes:
+        raise ValueError(f"cohort {name}: shards hold {got} subjects, expected {sizes}")
+    present = [p for p in parts if p is not None and len(p)]
+    if not present:
+        raise ValueError(f"cohort {name}: no subjects were encoded")
+    order = [(i % world, i // world) for i in range(n_subjects)]
+
+    def pick(attr: str) -> list:
+        return [getattr(parts[r], attr)[j] for r, j in order]
+
+    regional = None
+    if any(p.regional is not None for p in present):
+        regional = merge_regional([p.regional for p in present])
+    return CohortEmbedding(
+        name=name,
+        subject_ids=[str(s) for s in pick("subject_ids")],
+        paths=[str(s) for s in pick("paths")],
+        n_patches=np.asarray(pick("n_patches"), dtype=np.int64),
+        vectors=np.stack(pick("vectors")).astype(np.float64),
+        latent_means=np.stack(pick("latent_means")).astype(np.float64),
+        features=present[0].features,
+        regional=regional,
+    )
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _rank_device(device: str | torch.device | None) -> torch.device:
+    """``auto``/``cuda`` -> this rank's GPU (``cuda:LOCAL_RANK``) when CUDA is visible."""
+    pref = "auto" if device is None else str(device)
+    if pref == "auto":
+        pref = "cuda" if torch.cuda.is_available() else "cpu"
+    if pref == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError("device=cuda but no CUDA GPU is visible; use device=cpu or auto")
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        return torch.device("cuda", local % torch.cuda.device_count())
+    return torch.device(pref)
+
+
+def _from_main(value: Any) -> Any:
+    """Rank 0's ``value`` on every rank (one pickled broadcast)."""
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+class _ReportedOnRankZero(AADError):
+    """A failure gathered from another rank; rank 0 reports it, the others exit quietly."""
+
+
+def _raise_first_error(outcomes: Sequence[tuple[str, Any]], rank: int) -> None:
+    for r, (kind, value) in enumerate(outcomes):
+        if kind == "error":
+            if rank == 0 or r == rank:
+                raise value
+            raise _ReportedOnRankZero(str(value))
+
+
+def embed_cohorts_distributed(
+    model: torch.nn.Module,
+    cohorts: Mapping[str, Cohort],
+    preprocessing: PreprocessingConfig,
+    device: str | torch.device = "auto",
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    features: str | FeatureSet = "latent",
+    keep_positions: bool = False,
+    checkpoint_hash: str | None = None,
+    cache_dir: str | Path | None = None,
+    num_workers: int = 0,
+    progress: bool = True,
+) -> dict[str, CohortEmbedding]:
+    """:func:`aad_med.embedding.cache.embed_cohorts` with the subjects split over the ranks of
+    an initialised process group (plain ``embed_cohorts`` when there is none or only one rank).
+
+    Every rank must call it with the same arguments; rank 0's ``cohorts`` are broadcast so all
+    ranks shard the same subject lists. ``"auto"`` and ``"cuda"`` mean this rank's GPU
+    (``cuda:LOCAL_RANK``). Rank 0 reads and writes the cache; a cached cohort is not re-encoded.
+    An input error on any rank is raised on every rank (rank 0 raises the error itself).
+
+    Args:
+        model, cohorts, preprocessing, device, batch_size, features, keep_positions,
+            checkpoint_hash, cache_dir, num_workers, progress: as
+            :func:`aad_med.embedding.cache.embed_cohorts`.
+
+    Returns:
+        ``{name: CohortEmbedding}`` in the order of ``cohorts``, subjects in cohort order, the
+        same on every rank; ``vectors`` are final (joint standardisation applied).
+    """
+    rank, world = _world()
+    if world == 1:
+        return embed_cohorts_single(
+            model,
+            cohorts,
+            preprocessing,
+            device=_rank_device(device),
+            batch_size=batch_size,
+            features=features,
+            keep_positions=keep_positions,
+            checkpoint_hash=checkpoint_hash,
+            cache_dir=cache_dir,
+            num_workers=num_workers,
+            progress=progress,
+        )
+    feature_set = get_feature_set(features)
+    dev = _rank_device(device)
+    cohorts = _from_main(dict(cohorts))
+    names = list(cohorts)
+
+    use_cache = cache_dir is not None and checkpoint_hash is not None
+    entries: dict[str, Path] = {}
+    if use_cache:
+        for name, cohort in cohorts.items():
+            key = cohort_cache_key(
+                cohort, checkpoint_hash, preprocessing, feature_set.name, keep_positions
+            )
+            entries[name] = Path(cache_dir) / f"{key}.npz"
+    cached = {}
+    if rank == 0 and use_cache:
+        cached = {n: e for n in names if (e := load_cached(entries[n])) is not None}
+    cached = _from_main(cached)
+
+    try:
+        local: dict[str, CohortEmbedding | None] = {}
+        for name in names:
+            if name in cached:
+                continue
+            cohort = cohorts[name]
+            idx = shard_indices(len(cohort.subjects), rank, world)
+            if not idx:
+                local[name] = None
+                continue
+            shard = Cohort(cohort.path, cohort.layout, [cohort.subjects[i] for i in idx])
+            local[name] = embed_cohort(
+                model,
+                shard,
+                preprocessing,
+                device=dev,
+                batch_size=batch_size,
+                features=feature_set,
+                keep_positions=keep_positions,
+                name=name,
+                num_workers=num_workers,
+                progress=progress and rank == 0,
+            )
+        outcome: tuple[str, Any] = ("ok", local)
+    except AADError as e:
+        outcome = ("error", e)
+    outcomes: list[tuple[str, Any]] = [("error", None)] * world
+    dist.all_gather_object(outcomes, outcome)
+    _raise_first_error(outcomes, rank)
+
+    out: dict[str, CohortEmbedding] = {}
+    for name in names:
+        if name in cached:
+            emb = cached[name]
+            emb.name = name
+            log.info("cohort %s: embeddings read from cache %s", name, entries[name])
+        else:
+            parts = [o[1][name] for o in outcomes]
+            emb = merge_shards(parts, name, len(cohorts[name].subjects))
+            if rank == 0 and name in entries:
+                save_cached(entries[name], emb)
+        out[name] = emb
+    final = feature_set.finalize({k: v.vectors for k, v in out.items()})
+    for name, emb in out.items():
+        emb.vectors = np.asarray(final[name], dtype=np.float64)
+    return out
+
+
+def _parse_cohorts(items: Sequence[str]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise ConfigError(f"--cohort expects NAME=DIR_OR_CSV, got {item!r}")
+        if name in out:
+            raise ConfigError(f"cohort name {name!r} is given twice")
+        out[name] = path
+    return out
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=PROG,
+        description="Encode cohorts to per-subject vectors, sharded over torchrun processes; "
+        "rank 0 writes OUT/embeddings.csv and OUT/embeddings.npz.",
+    )
+    p.add_argument("--checkpoint", required=True, help="checkpoint written by aad-train")
+    p.add_argument(
+        "--cohort",
+        action="append",
+        required=True,
+        metavar="NAME=DIR",
+        help="a cohort folder or CSV manifest (repeat for each cohort)",
+    )
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda (cuda:LOCAL_RANK)")
+    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="patches per pass")
+    p.add_argument("--num-workers", type=int, default=0, help="preprocessing workers per rank")
+    p.add_argument("--features", default="latent", help="feature set (default: latent)")
+    p.add_argument(
+        "--cache-dir",
+        default=None,
+        help="embedding cache folder ('default': $AAD_MED_CACHE/embeddings); off when omitted",
+    )
+    p.add_argument("--skip-invalid", action="store_true", help="leave invalid subjects out")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("-v", "--verbose", action="store_true", help="tracebacks on errors")
+    return p
+
+
+def _run(args: argparse.Namespace) -> int:
+    from aad_med.data.validation import load_cohort
+    from aad_med.embedding.io import write_embeddings_csv, write_embeddings_npz
+    from aad_med.training.checkpoint import load_model_from_checkpoint
+    from aad_med.training.distributed import cleanup_distributed, setup_distributed
+
+    paths = _parse_cohorts(args.cohort)
+    info = setup_distributed("cpu" if str(args.device) == "cpu" else "auto", DEFAULT_TIMEOUT_S)
+    try:
+        device = _rank_device(args.device)
+        model, preprocessing, _ = load_model_from_checkpoint(args.checkpoint, device)
+        cohorts: dict[str, Cohort] = {}
+        if info.is_main:
+            try:
+                cohorts = {
+                    n: load_cohort(p, skip_invalid=args.skip_invalid) for n, p in paths.items()
+                }
+                found: tuple[str, Any] = ("ok", cohorts)
+            except AADError as e:
+                found = ("error", e)
+        else:
+            found = ("ok", None)
+        if info.distributed:
+            found = _from_main(found)
+        if found[0] == "error":
+            if info.is_main:
+                raise found[1]
+            raise _ReportedOnRankZero(str(found[1]))
+        cohorts = found[1]
+        cache_dir = None
+        if args.cache_dir:
+            cache_dir = default_cache_dir() if args.cache_dir == "default" else args.cache_dir
+        embs = embed_cohorts_distributed(
+            model,
+            cohorts,
+            preprocessing,
+            device=device,
+            batch_size=args.batch_size,
+            features=args.features,
+            checkpoint_hash=file_sha256(args.checkpoint) if cache_dir else None,
+            cache_dir=cache_dir,
+            num_workers=args.num_workers,
+            progress=not args.no_progress,
+        )
+        if info.is_main:
+            out = Path(args.out)
+            write_embeddings_csv(out / "embeddings.csv", embs)
+            write_embeddings_npz(out / "embeddings.npz", embs)
+            n = sum(len(e) for e in embs.values())
+            print(
+                f"{PROG}: {n} subjects of {len(embs)} cohorts encoded by {info.world_size} "
+                f"process(es); wrote {out / 'embeddings.csv'}"
+            )
+    finally:
+        cleanup_distributed()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point; returns the exit code (2 on input errors, one line each)."""
+    from aad_med.cli._errors import EXIT_INPUT_ERROR, run_reporting_errors
+
+    args = _parser().parse_args(argv)
+
+    def fn() -> int:
+        try:
+            return _run(args)
+        except _ReportedOnRankZero:
+            return EXIT_INPUT_ERROR
+
+    return run_reporting_errors(PROG, fn, verbose=args.verbose or None)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
