@@ -165,6 +165,10 @@ def reconstruction_loss(
 ) -> torch.Tensor:
     """Mean squared (or absolute) error, in float32, over all voxels or the voxels of ``mask``.
 
+    With a mask, each patch's error is averaged over its own brain voxels and the patches are
+    then averaged, so every patch weighs the same and the mean over processes of per-process
+    losses equals the loss of the whole global batch (DDP gives the single-process result).
+
     Args:
         x_hat: reconstruction ``(B, C, ...)``.
         x: target of the same shape.
@@ -176,8 +180,9 @@ def reconstruction_loss(
     if mask is None:
         return err.mean()
     m = (mask > 0).to(err.dtype)
-    denom = m.sum() * err.shape[1]
-    return (err * m).sum() / denom.clamp_min(1.0)
+    dims = tuple(range(1, err.ndim))
+    per_patch = (err * m).sum(dim=dims) / (m.sum(dim=dims) * err.shape[1]).clamp_min(1.0)
+    return per_patch.mean()
 
 
 def _rebatch(loader: Iterable[Mapping], size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from aad_med.training.checkpoint import load_checkpoint
+from aad_med.training.checkpoint import load_checkpoint, load_model_from_checkpoint
 from tests.nifti_factory import write_brats_cohort
 from tests.training.conftest import AUGMENT, tiny_overrides
 
@@ -276,11 +276,17 @@ def test_torchrun_two_gloo_processes_agree_with_one(cohort, tmp_path):
     )
     assert b["world_size"] == 2 and a["world_size"] == 1
     assert a["step"] == b["step"], "same global batch gives the same number of steps"
-    for k, v in a["model_state"].items():
-        torch.testing.assert_close(b["model_state"][k], v, rtol=1e-4, atol=1e-5, msg=k)
     for ha, hb in zip(a["history"], b["history"], strict=True):
-        assert hb["train_loss"] == pytest.approx(ha["train_loss"], rel=1e-4)
-        assert hb["val_loss"] == pytest.approx(ha["val_loss"], rel=1e-4)
+        assert hb["train_loss"] == pytest.approx(ha["train_loss"], rel=1e-5)
+        assert hb["val_loss"] == pytest.approx(ha["val_loss"], rel=1e-5)
+    # Compare what the models compute, not every parameter: a conv bias in front of instance
+    # norm gets a gradient that is pure rounding noise, which Adam rescales to full steps.
+    m1, _, _ = load_model_from_checkpoint(single / "checkpoints" / "last.pt")
+    m2, _, _ = load_model_from_checkpoint(ddp / "checkpoints" / "last.pt")
+    x = torch.randn(6, 4, 8, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(m2.encode(x), m1.encode(x), rtol=1e-3, atol=1e-4)
+        torch.testing.assert_close(m2(x), m1(x), rtol=1e-3, atol=1e-4)
     epoch_lines = [ln for ln in (ddp / "train.log").read_text().splitlines() if "train_loss" in ln]
     assert len(epoch_lines) == 2, "rank 0 alone logs"
     assert (ddp / ".hydra" / "config.yaml").read_text() != ""

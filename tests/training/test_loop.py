@@ -166,6 +166,15 @@ def test_reconstruction_loss_brain_only():
     assert reconstruction_loss(x_hat, x, "mse", mask).item() == pytest.approx(1.0)
     assert reconstruction_loss(x_hat, x, "mse").item() == pytest.approx(5.0)
     assert reconstruction_loss(x_hat, x, "l1").item() == pytest.approx(2.0)
+    # Each patch weighs the same, whatever its brain volume: a batch's loss is the mean of
+    # its halves' losses (what DDP averages).
+    xs, ys = torch.randn(4, 4, 2, 2, 2), torch.randn(4, 4, 2, 2, 2)
+    ms = (torch.rand(4, 1, 2, 2, 2) > 0.3).float()
+    halves = [
+        reconstruction_loss(xs[i : i + 2], ys[i : i + 2], "mse", ms[i : i + 2]) for i in (0, 2)
+    ]
+    whole = reconstruction_loss(xs, ys, "mse", ms)
+    assert whole.item() == pytest.approx((halves[0] + halves[1]).item() / 2)
 
 
 def test_warmup_then_cosine():
