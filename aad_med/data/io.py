@@ -229,10 +229,11 @@ def load_subject(
         InputError: the first problem found (file named). Use
             :func:`aad_med.data.validation.validate_cohort` to collect all problems.
     """
-    volumes = []
+    # Filled channel by channel: peak memory is the subject plus one volume, not twice it.
+    image: np.ndarray | None = None
     ref_path, ref_shape, ref_affine = None, None, None
     four_d: dict[Path, np.ndarray] = {}
-    for ch in CHANNELS:
+    for c, ch in enumerate(CHANNELS):
         src = record.images[ch]
         if src.volume is None:
             data, affine = load_volume(src, max_voxels)
@@ -242,7 +243,7 @@ def load_subject(
             affine = check_affine(img, src.path)
             if src.path not in four_d:
                 four_d[src.path] = read_voxels(img, src.path, -1)
-            data = np.ascontiguousarray(four_d[src.path][..., src.volume])
+            data = four_d[src.path][..., src.volume]
             check_values(data, f"{src.path} (volume {src.volume}, {ch})")
         if ref_shape is None:
             ref_path, ref_shape, ref_affine = src.path, data.shape, affine
@@ -250,7 +251,10 @@ def load_subject(
             _check_same_grid(
                 src.path, data.shape, affine, ref_path, ref_shape, ref_affine, affine_tolerance
             )
-        volumes.append(data)
+        if image is None:
+            image = np.empty((len(CHANNELS), *data.shape), dtype=np.float32)
+        image[c] = data
+        del data
     four_d.clear()
     seg = None
     if load_seg and record.seg is not None:
@@ -265,7 +269,7 @@ def load_subject(
             affine_tolerance,
         )
         seg = check_seg_labels(seg_data, record.seg.path)
-    return LoadedSubject(record.subject_id, np.stack(volumes), seg, ref_affine)
+    return LoadedSubject(record.subject_id, image, seg, ref_affine)
 
 
 def _check_same_grid(path, shape, affine, ref_path, ref_shape, ref_affine, tol) -> None:

@@ -177,9 +177,16 @@ def _voxel_problems(
 ) -> list[str]:
     out: list[str] = []
     four_d: dict[Path, np.ndarray | None] = {}
+    checked: set[tuple[Path, bool]] = set()
     for name, src in sources:
         if name not in headers:
             continue
+        if src.volume is None:
+            # A manifest may list one file for several channels: read and check it once.
+            key = (src.path, name == "seg")
+            if key in checked:
+                continue
+            checked.add(key)
         try:
             img = read_header(src.path, max_voxels)
             if src.volume is None:
