@@ -5,6 +5,7 @@ Knows the model and the evaluation patch grid; computes no statistics.
 feature set's joint standardisation; ``write_embeddings_csv``/``_npz`` write the outputs.
 """
 
+import aad_med.embedding.acquisition  # noqa: F401  (registers the acquisition feature sets)
 from aad_med.embedding.cache import embed_cohorts, file_sha256
 from aad_med.embedding.encode import CohortEmbedding, embed_cohort
 from aad_med.embedding.features import (
