@@ -23,7 +23,7 @@ from aad_med.data.records import Cohort
 from aad_med.data.validation import load_cohort
 from aad_med.embedding.cache import default_cache_dir, embed_cohorts, file_sha256
 from aad_med.embedding.decode import decode_mean_difference
-from aad_med.embedding.encode import CohortEmbedding, resolve_device
+from aad_med.embedding.encode import CohortEmbedding, resolve_device, subject_folder
 from aad_med.embedding.io import write_embeddings_csv, write_embeddings_npz
 from aad_med.embedding.regional import regional_aad_map, shared_space_problem
 from aad_med.errors import CheckpointError, CohortError, ConfigError, InputError
@@ -126,21 +126,33 @@ def load_cohorts(paths: Mapping[str, str | Path], skip_invalid: bool = False) ->
 def train_overlap(cohort: Cohort, ckpt: Mapping) -> int:
     """How many of the cohort's subjects were used to train the encoder.
 
-    Matched by subject folder when the checkpoint records training files
-    (``train_subject_paths``), else by subject ID (``train_subject_ids``).
+    With ``train_subjects`` in the checkpoint (``{"cohort": path, "subject_id": id}`` per
+    training subject, as ``aad-train`` writes), a subject counts when its ID was trained on *from
+    the same place*: the same cohort path, or files inside the training cohort's folder (the
+    folder of a CSV manifest). Synthetic cohorts reuse IDs such as ``BraTS2021_00000``, so IDs
+    alone would raise false alarms. Older checkpoints with only ``train_subject_ids`` are
+    matched by ID.
     """
-    paths = ckpt.get("train_subject_paths") or []
-    if paths:
-        train = {os.path.realpath(str(p)) for p in paths}
-        return sum(
-            any(
-                os.path.realpath(str(f)) in train or os.path.realpath(str(Path(f).parent)) in train
-                for f in rec.files
-            )
-            for rec in cohort.subjects
-        )
-    ids = {str(s) for s in (ckpt.get("train_subject_ids") or [])}
-    return sum(rec.subject_id in ids for rec in cohort.subjects)
+    entries = ckpt.get("train_subjects") or []
+    if not entries:
+        ids = {str(s) for s in (ckpt.get("train_subject_ids") or [])}
+        return sum(rec.subject_id in ids for rec in cohort.subjects)
+    owners: dict[str, set[Path]] = {}
+    for entry in entries:
+        owners.setdefault(str(entry["subject_id"]), set()).add(Path(str(entry["cohort"])))
+    root = Path(cohort.path).resolve()
+    count = 0
+    for rec in cohort.subjects:
+        places = owners.get(rec.subject_id)
+        if not places:
+            continue
+        folder = Path(subject_folder(rec))
+        for place in places:
+            base = place if place.suffix.lower() != ".csv" else place.parent
+            if place.resolve() == root or folder.is_relative_to(base.resolve()):
+                count += 1
+                break
+    return count
 
 
 def _pair_tag(a: str, b: str) -> str:

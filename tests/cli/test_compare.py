@@ -115,6 +115,10 @@ def train_tiny_checkpoint(
             "model_config": model.model_config(),
             "preprocessing": preprocessing.to_dict(),
             "train_subject_ids": cohort.subject_ids,
+            "train_subjects": [
+                {"cohort": str(Path(train_dir).resolve()), "subject_id": sid}
+                for sid in cohort.subject_ids
+            ],
             **(state or {}),
         },
     )
@@ -418,3 +422,27 @@ def test_several_checkpoints_combine_encoders(data, tmp_path):
     assert "aad_bootstrap_sample" not in json.dumps(res)
     assert "Encoder uncertainty (2 encoders)" in (out / "report.md").read_text()
     assert not list(out.glob(".aad-compare-*"))
+
+
+def test_train_overlap_matches_place_not_only_id(tmp_path):
+    from aad_med.report.comparison import train_overlap
+    from tests.nifti_factory import write_brats_cohort
+
+    train = write_brats_cohort(tmp_path / "train", n=3)
+    other = write_brats_cohort(tmp_path / "site_a", n=2)  # same IDs, other subjects
+    ids = load_cohort(train).subject_ids
+    ckpt = {
+        "train_subject_ids": ids,
+        "train_subjects": [{"cohort": str(train), "subject_id": i} for i in ids],
+    }
+    assert train_overlap(load_cohort(train), ckpt) == 3
+    assert train_overlap(load_cohort(other), ckpt) == 0
+    # A CSV manifest trained on: subjects inside its folder count.
+    csv_ckpt = {
+        "train_subjects": [
+            {"cohort": str(tmp_path / "train" / "m.csv"), "subject_id": i} for i in ids
+        ]
+    }
+    assert train_overlap(load_cohort(train), csv_ckpt) == 3
+    # Older checkpoints: IDs only.
+    assert train_overlap(load_cohort(other), {"train_subject_ids": ids}) == 2
