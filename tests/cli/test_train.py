@@ -188,8 +188,9 @@ KILLER = textwrap.dedent(
 )
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def crash_setup(tmp_path_factory):
+    """One cohort and one uninterrupted reference run shared (read-only) by the kill tests."""
     root = tmp_path_factory.mktemp("crash")
     cohort = write_brats_cohort(root / "cohort", n=5)
     args = tiny_overrides(
