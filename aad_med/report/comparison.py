@@ -385,7 +385,9 @@ def _figures(tmp: Path, embs: Mapping[str, CohortEmbedding], result: Mapping, s)
     bands = {
         n: bootstrap_mean_bands(e.latent_means, s.bands_bootstrap, s.seed) for n, e in embs.items()
     }
-    first = pairs[0]
+    # Order dimensions by the pair that differs most beyond chance: with several cohorts the
+    # first pair is often a same-site one, whose shares are noise.
+    first = max(pairs, key=lambda p: p.get("aad_null_ratio") or 0.0)
     delta = means[first["b"]] - means[first["a"]]
     total = float(delta @ delta)
     shares = delta**2 / total if total > 0 else np.zeros_like(delta)

@@ -22,7 +22,7 @@ from aad_med.report.text import (
 
 CAPTIONS: dict[str, str] = {
     "latent_means": "Each cohort's mean latent vector with 95% bootstrap bands; dimensions "
-    "ordered by their share of AAD² (bars below, first pair). Where the lines separate beyond "
+    "ordered by their share of AAD² (bars below: the pair furthest above its null). Where the lines separate beyond "
     "their bands, the cohorts differ.",
     "latent_pca": "Subjects in the first two principal axes of latent space; × marks cohort "
     "means, ellipses hold about 95% of each cohort.",
