@@ -18,7 +18,7 @@ import nibabel as nib
 import numpy as np
 
 from aad_med import CHANNELS, __version__
-from aad_med.data.io import MAX_VOXELS, load_subject, read_header
+from aad_med.data.io import MAX_VOXELS, check_affine, load_subject, read_header
 from aad_med.data.records import Cohort
 
 FINGERPRINT_VERSION = 1
@@ -98,9 +98,10 @@ def cohort_fingerprint(
     subjects = cohort.subjects
     shapes, spacings, orientations = [], [], Counter()
     for s in subjects:
-        img = read_header(s.images[CHANNELS[0]].path, max_voxels)
+        path = s.images[CHANNELS[0]].path
+        img = read_header(path, max_voxels)
         shapes.append([int(v) for v in img.shape[:3]])
-        affine = np.asarray(img.affine, dtype=np.float64)
+        affine = check_affine(img, path)
         spacings.append([_round(v) for v in np.sqrt((affine[:3, :3] ** 2).sum(axis=0))])
         orientations["".join(nib.aff2axcodes(affine))] += 1
 

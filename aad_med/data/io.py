@@ -79,7 +79,9 @@ def read_header(path: str | Path, max_voxels: int = MAX_VOXELS) -> nib.Nifti1Ima
     if path.stat().st_size == 0:
         raise InputError(path, "file is empty")
     try:
-        img = nib.load(str(path))
+        # Garbage header fields make nibabel's affine arithmetic warn; the checks below decide.
+        with np.errstate(all="ignore"):
+            img = nib.load(str(path))
     except PermissionError:
         raise InputError(path, "permission denied (file is not readable)") from None
     except _HEADER_ERRORS as e:
@@ -187,7 +189,8 @@ def check_seg_labels(seg: np.ndarray, path: str | Path) -> np.ndarray:
 def check_affine(img: nib.Nifti1Image, path: str | Path) -> np.ndarray:
     """The header affine as float64, refused when singular or not finite."""
     try:
-        affine = np.asarray(img.affine, dtype=np.float64)
+        with np.errstate(all="ignore"):
+            affine = np.asarray(img.affine, dtype=np.float64)
     except (ValueError, TypeError, OverflowError) as e:
         raise InputError(path, f"header affine unreadable ({_short(e)})") from None
     if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:

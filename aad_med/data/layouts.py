@@ -12,6 +12,7 @@ Layouts (:data:`LAYOUTS`):
 - ``msd``: Medical Segmentation Decathlon Task01: ``imagesTr/BRATS_001.nii.gz`` 4D in the order
   of ``dataset.json`` (FLAIR, T1w, T1gd, T2w when absent), optional ``labelsTr/``; the
   nnU-Net v2 variant with one 3D file per channel (``BRATS_001_0000.nii.gz``) is also read.
+  ``imagesTs/`` (unlabelled test cases) is not part of the cohort.
 - ``csv``: a manifest ``subject_id,t1,t1ce,t2,flair[,seg]`` with paths relative to the CSV.
 
 Files are matched by name patterns only: no voxel is read here (that is
