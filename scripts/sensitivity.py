@@ -1,0 +1,378 @@
+"""Sensitivity benchmark: which acquisition and population shifts each feature set's AAD detects.
+
+Synthetic BraTS-style cohorts (``aad_med.data.synthetic``) are written as NIfTI files and go
+through the real pipeline (discovery, validation, preprocessing, evaluation patch grid,
+encoder). For every shift kind x severity a pool of shifted subjects is written with anatomy
+independent of the reference pool (another seed); each repeat draws ``n`` subjects from each
+pool, fits the feature set's standardisation on those ``2n`` subjects and runs the AAD
+permutation test. Same-site false-positive rates come from random halves of ``2n`` reference
+subjects. All feature sets share one encoding pass (their raw blocks are computed together).
+
+    python scripts/sensitivity.py --checkpoint runs/train/checkpoints/best.pt --out bench/ \\
+        [--shape 64 72 60] [--subjects 8 16 32] [--repeats 20] [--null-repeats 200]
+    python scripts/sensitivity.py --quick --out /tmp/sens     # tiny, untrained encoder, seconds
+
+Writes ``sensitivity.json``, ``sensitivity.csv``, ``sensitivity.png`` and ``sensitivity.md``
+(a Markdown section for BENCHMARKS.md) into ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from aad_med.data.preprocessing import PreprocessingConfig
+from aad_med.data.synthetic import SITES, generate_cohort
+from aad_med.data.validation import load_cohort
+from aad_med.distances import aad_permutation_test
+from aad_med.embedding import embed_cohort, get_feature_set
+from aad_med.embedding.acquisition import (
+    ConcatFeatureSet,
+    PositionMatchedFeatures,
+    intensity_fingerprint,
+    standardize_jointly,
+)
+from aad_med.plots.style import OKABE_ITO, new_figure, save_figure
+
+REFERENCE = SITES["reference"]
+
+# Shift kind -> severities (label, changes to the reference site); the last one is the target.
+SHIFTS: dict[str, list[tuple[str, dict]]] = {
+    "noise": [("noise 6%", {"noise": 0.06}), ("noise 12%", {"noise": 0.12})],
+    "blur": [("blur 0.6", {"blur_sigma": 0.6}), ("blur 1.2", {"blur_sigma": 1.2})],
+    "gamma": [("gamma 1.25", {"gamma": 1.25}), ("gamma 1.5", {"gamma": 1.5})],
+    "bias": [("bias x3.5", {"bias_field": 0.175}), ("bias x7", {"bias_field": 0.35})],
+    "intensity": [("scale x1.25", {"scale": 1.25}), ("scale x1.5", {"scale": 1.5})],
+    "population": [
+        ("brain 0.94, tumour 1.25", {"brain_size": 0.94, "tumour_size": 1.25}),
+        ("brain 0.88, tumour 1.5", {"brain_size": 0.88, "tumour_size": 1.5}),
+    ],
+}
+SINGLE_ACQUISITION = ("noise", "blur", "gamma", "bias")
+BASE_PARTS = ("latent", "multiscale", "dispersion", "position_matched")
+DEFAULT_FEATURES = (
+    "latent",
+    "multiscale",
+    "dispersion",
+    "position_matched",
+    "latent+multiscale",
+    "latent+multiscale+dispersion",
+)
+FINGERPRINT = "intensity_fingerprint"
+
+
+def quick_model(patch: int = 8) -> torch.nn.Module:
+    """An untrained tiny encoder for ``--quick`` (the test suite): measures the plumbing only."""
+    from aad_med.models import ConvAutoencoder
+
+    torch.manual_seed(0)
+    return ConvAutoencoder(
+        channels=(4, 8), strides=(2, 2), latent_dim=6, patch_size=patch, num_res_units=0,
+        norm="BATCH",
+    ).eval()  # fmt: skip
+
+
+def encode_pool(model, prep, folder: Path, extent: int) -> dict[str, np.ndarray]:
+    """Raw blocks of every base feature set (and the intensity fingerprint) for one cohort."""
+    cohort = load_cohort(folder)
+    bundle = ConcatFeatureSet(
+        ["latent", "multiscale", "dispersion", PositionMatchedFeatures(extent=extent)]
+    )
+    emb = embed_cohort(model, cohort, prep, features=bundle, progress=False)
+    blocks = dict(zip(BASE_PARTS, bundle.split(emb.vectors), strict=True))
+    blocks[FINGERPRINT] = intensity_fingerprint(cohort.subjects)
+    return blocks
+
+
+def raw_vectors(name: str, blocks: dict[str, np.ndarray], idx: np.ndarray):
+    """``(feature_set_or_None, raw rows idx)`` for a feature set or the fingerprint."""
+    if name == FINGERPRINT:
+        return None, blocks[FINGERPRINT][idx]
+    fs = get_feature_set(name)
+    if isinstance(fs, ConcatFeatureSet):
+        return fs, fs.assemble({p.name: blocks[p.name][idx] for p in fs.parts})
+    return fs, blocks[name][idx]
+
+
+def pvalue(name, blocks_a, idx_a, blocks_b, idx_b, n_perm: int, seed: int) -> float:
+    """AAD permutation p-value of one feature set, standardisation fitted on the 2n subjects."""
+    fs, a = raw_vectors(name, blocks_a, idx_a)
+    _, b = raw_vectors(name, blocks_b, idx_b)
+    final = standardize_jointly({"a": a, "b": b}) if fs is None else fs.finalize({"a": a, "b": b})
+    return float(aad_permutation_test(final["a"], final["b"], n_perm, seed=seed).pvalue)
+
+
+def run(args: argparse.Namespace) -> dict:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    data = Path(args.data) if args.data else out / "data"
+    if args.quick:
+        model, prep = quick_model(), PreprocessingConfig(patch_size=8, min_brain_fraction=0.25)
+        encoder = "untrained tiny encoder (quick mode: plumbing only, figures mean nothing)"
+    else:
+        from aad_med.training.checkpoint import load_model_from_checkpoint
+
+        model, prep, _ = load_model_from_checkpoint(args.checkpoint, "cpu")
+        encoder = str(args.checkpoint)
+    torch.set_num_threads(max(1, args.threads))
+    shape = tuple(args.shape)
+    extent = int(math.ceil(max(shape) / prep.patch_size) * prep.patch_size)
+    n_max = max(args.subjects)
+    features = list(args.features) + ([FINGERPRINT] if args.fingerprint else [])
+    t0 = time.perf_counter()
+
+    def pool(name: str, site, seed: int, n: int) -> dict[str, np.ndarray]:
+        folder = data / f"{name}-n{n}-seed{seed}-{'x'.join(map(str, shape))}"
+        if not (folder / "synthetic.json").exists():
+            generate_cohort(folder, n_subjects=n, site=site, seed=seed, shape=shape)
+        return encode_pool(model, prep, folder, extent)
+
+    ref = pool("reference", REFERENCE, args.seed, 2 * n_max)
+    rng = np.random.default_rng(args.seed)
+    rows, nulls = [], []
+    for n in args.subjects:
+        for name in features:
+            hits = 0
+            for r in range(args.null_repeats):
+                idx = rng.choice(2 * n_max, 2 * n, replace=False)
+                p = pvalue(name, ref, idx[:n], ref, idx[n:], args.permutations, seed=r)
+                hits += p < args.alpha
+            fpr = hits / args.null_repeats
+            se = math.sqrt(args.alpha * (1 - args.alpha) / args.null_repeats)
+            nulls.append(
+                {"n": n, "features": name, "fpr": fpr, "repeats": args.null_repeats, "se": se}
+            )
+    k = 0
+    for kind in args.shifts:
+        levels = SHIFTS[kind] if args.all_severities else SHIFTS[kind][-1:]
+        for label, changes in levels:
+            k += 1
+            site = REFERENCE.with_updates(name=kind, **changes)
+            shifted = pool(f"{kind}-{k}", site, args.seed + 1000 + k, n_max)
+            for n in args.subjects:
+                for name in features:
+                    ps = []
+                    for r in range(args.repeats):
+                        ia = rng.choice(2 * n_max, n, replace=False)
+                        ib = rng.choice(n_max, n, replace=False)
+                        ps.append(pvalue(name, ref, ia, shifted, ib, args.permutations, seed=r))
+                    ps = np.asarray(ps)
+                    rows.append(
+                        {
+                            "shift": kind,
+                            "severity": label,
+                            "target": label == SHIFTS[kind][-1][0],
+                            "params": changes,
+                            "n": n,
+                            "features": name,
+                            "detection_rate": float(np.mean(ps < args.alpha)),
+                            "median_p": float(np.median(ps)),
+                            "repeats": args.repeats,
+                        }
+                    )
+            print(f"{label}: done ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
+    return {
+        "command": "python scripts/sensitivity.py " + " ".join(map(shlex.quote, args.argv)),
+        "encoder": encoder,
+        "preprocessing": prep.to_dict(),
+        "shape": list(shape),
+        "alpha": args.alpha,
+        "permutations": args.permutations,
+        "pool_sizes": {"reference": 2 * n_max, "shifted": n_max},
+        "features": features,
+        "seconds": round(time.perf_counter() - t0, 1),
+        "results": rows,
+        "same_site": nulls,
+    }
+
+
+def calibrated(result: dict, name: str, n: int) -> bool:
+    """False-positive rate within two Monte-Carlo standard errors above alpha."""
+    for r in result["same_site"]:
+        if r["features"] == name and r["n"] == n:
+            return r["fpr"] <= result["alpha"] + 2 * r["se"]
+    return False
+
+
+def summary(result: dict, n: int, min_rate: float = 0.8) -> list[dict]:
+    """Per feature set: target-severity shift kinds detected in at least ``min_rate`` of repeats."""
+    out = []
+    for name in result["features"]:
+        rates = {
+            r["shift"]: r["detection_rate"]
+            for r in result["results"]
+            if r["features"] == name and r["n"] == n and r["target"]
+        }
+        fpr = next(
+            (r["fpr"] for r in result["same_site"] if r["features"] == name and r["n"] == n), None
+        )
+        out.append(
+            {
+                "features": name,
+                "rates": rates,
+                "fpr": fpr,
+                "calibrated": calibrated(result, name, n),
+                "single_detected": sum(rates.get(k, 0) >= min_rate for k in SINGLE_ACQUISITION),
+                "all_detected": sum(v >= min_rate for v in rates.values()),
+            }
+        )
+    return out
+
+
+def best_feature_set(result: dict, n: int) -> str | None:
+    """The encoder feature set detecting most shift kinds at a calibrated false-positive rate."""
+    cands = [s for s in summary(result, n) if s["calibrated"] and s["features"] != FINGERPRINT]
+    if not cands:
+        return None
+    key = lambda s: (s["single_detected"], s["all_detected"], sum(s["rates"].values()))  # noqa: E731
+    return max(cands, key=key)["features"]
+
+
+def write_csv(path: Path, result: dict) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["shift", "severity", "n", "features", "rate", "median_p", "repeats", "se"])
+        for r in result["same_site"]:
+            w.writerow(
+                ["same_site", "-", r["n"], r["features"], r["fpr"], "", r["repeats"], r["se"]]
+            )
+        for r in result["results"]:
+            w.writerow(
+                [r["shift"], r["severity"], r["n"], r["features"], r["detection_rate"],
+                 r["median_p"], r["repeats"], ""]
+            )  # fmt: skip
+
+
+def plot(path: Path, result: dict, n: int) -> Path:
+    """Detection rate by severity for each shift kind (one panel each) and same-site FPR."""
+    kinds = list(dict.fromkeys(r["shift"] for r in result["results"]))
+    feats = result["features"]
+    cols = min(4, len(kinds) + 1)
+    rows_ = math.ceil((len(kinds) + 1) / cols)
+    fig = new_figure(3.2 * cols, 2.6 * rows_)
+    colors = {f: OKABE_ITO[i % len(OKABE_ITO)] for i, f in enumerate(feats)}
+    for i, kind in enumerate(kinds):
+        ax = fig.add_subplot(rows_, cols, i + 1)
+        for name in feats:
+            pts = [r for r in result["results"] if r["shift"] == kind and r["features"] == name
+                   and r["n"] == n]  # fmt: skip
+            ax.plot(range(len(pts)), [r["detection_rate"] for r in pts], "o-",
+                    color=colors[name], label=name)  # fmt: skip
+            ax.set_xticks(range(len(pts)), [r["severity"] for r in pts], fontsize=7)
+        ax.set_ylim(-0.05, 1.05)
+        ax.set_title(kind, fontsize=9)
+        ax.set_ylabel(f"detected (p<{result['alpha']})", fontsize=8)
+    ax = fig.add_subplot(rows_, cols, len(kinds) + 1)
+    fprs = [
+        next((r["fpr"] for r in result["same_site"] if r["features"] == f and r["n"] == n), 0.0)
+        for f in feats
+    ]
+    ax.bar(range(len(feats)), fprs, color=[colors[f] for f in feats])
+    ax.axhline(result["alpha"], color="black", lw=0.8, ls="--")
+    ax.set_xticks(range(len(feats)), [f.replace("+", "+\n") for f in feats], fontsize=6)
+    ax.set_title("same site (false positives)", fontsize=9)
+    handles, labels = fig.axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncol=min(4, len(feats)), fontsize=7)
+    fig.suptitle(f"AAD sensitivity, {n} subjects per cohort", fontsize=10)
+    return save_figure(fig, path)
+
+
+def markdown(result: dict, n: int) -> str:
+    kinds = list(dict.fromkeys(r["shift"] for r in result["results"]))
+    targets = {r["shift"]: r["severity"] for r in result["results"] if r["target"]}
+    lines = [
+        "## Sensitivity to acquisition and population shifts",
+        "",
+        f"Command: `{result['command']}`",
+        "",
+        f"Encoder: {result['encoder']}; volumes {'x'.join(map(str, result['shape']))}, "
+        f"patch {result['preprocessing']['patch_size']}; AAD permutation test with "
+        f"{result['permutations']} permutations, alpha = {result['alpha']}. Pools: "
+        f"{result['pool_sizes']['reference']} reference subjects, "
+        f"{result['pool_sizes']['shifted']} per shifted site (independent anatomy); every "
+        "repeat draws n per cohort from the pools and refits the standardisation.",
+        "",
+    ]
+    for m in sorted({r["n"] for r in result["same_site"]}):
+        lines += [
+            f"### {m} subjects per cohort: detection rate at the target severity",
+            "",
+            "| features | "
+            + " | ".join(f"{k} ({targets.get(k, '')})" for k in kinds)
+            + " | same-site FPR |",
+            "|---" * (len(kinds) + 2) + "|",
+        ]
+        for s in summary(result, m):
+            cells = [f"{s['rates'].get(k, float('nan')):.2f}" for k in kinds]
+            fpr = f"{s['fpr']:.3f}" + ("" if s["calibrated"] else " (too high)")
+            label = s["features"] + (
+                " (raw-image statistic)" if s["features"] == FINGERPRINT else ""
+            )
+            lines.append(f"| {label} | " + " | ".join(cells) + f" | {fpr} |")
+        nulls = [r for r in result["same_site"] if r["n"] == m]
+        if nulls:
+            lines += ["", f"Same-site FPR: {nulls[0]['repeats']} random splits, Monte-Carlo "
+                      f"standard error {nulls[0]['se']:.3f} at alpha."]  # fmt: skip
+        best = best_feature_set(result, m)
+        if best:
+            lines += ["", f"Best encoder feature set at a calibrated FPR: **{best}**."]
+        lines.append("")
+    if any(not r["target"] for r in result["results"]):
+        lines += ["Milder severities are in `sensitivity.csv` and the plot.", ""]
+    return "\n".join(lines)
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--checkpoint", help="checkpoint written by aad-train (not needed with --quick)")
+    p.add_argument("--out", default="outputs/sensitivity")
+    p.add_argument("--data", help="folder for the synthetic pools (default OUT/data; reused)")
+    p.add_argument("--shape", type=int, nargs=3, default=[64, 72, 60])
+    p.add_argument("--subjects", type=int, nargs="+", default=[8, 16, 32])
+    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--null-repeats", type=int, default=200)
+    p.add_argument("--permutations", type=int, default=999)
+    p.add_argument("--alpha", type=float, default=0.01)
+    p.add_argument("--shifts", nargs="+", default=list(SHIFTS), choices=list(SHIFTS))
+    p.add_argument("--features", nargs="+", default=list(DEFAULT_FEATURES))
+    p.add_argument("--all-severities", action="store_true", help="also the milder severities")
+    p.add_argument("--no-fingerprint", dest="fingerprint", action="store_false")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--quick", action="store_true", help="tiny volumes and untrained encoder")
+    args = p.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    if args.quick:
+        # Tiny n cannot reach p < 0.01 with few permutations: quick mode tests at 0.05.
+        args.shape, args.subjects, args.repeats, args.null_repeats = [24, 24, 20], [5], 2, 10
+        args.permutations, args.shifts, args.alpha = 99, ["noise", "population"], 0.05
+    elif not args.checkpoint:
+        p.error("--checkpoint is required (or use --quick)")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    result = run(args)
+    out = Path(args.out)
+    n = 16 if 16 in args.subjects else args.subjects[0]
+    result["best"] = {str(m): best_feature_set(result, m) for m in args.subjects}
+    (out / "sensitivity.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_csv(out / "sensitivity.csv", result)
+    plot(out / "sensitivity.png", result, n)
+    (out / "sensitivity.md").write_text(markdown(result, n))
+    print(markdown(result, n))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

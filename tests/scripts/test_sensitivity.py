@@ -1,0 +1,63 @@
+"""scripts/sensitivity.py --quick: writes the JSON, CSV, plot and Markdown section, consistently."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "sensitivity.py"
+
+
+@pytest.fixture(scope="module")
+def sensitivity():
+    spec = importlib.util.spec_from_file_location("sensitivity_script", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_quick_mode_writes_every_output(sensitivity, tmp_path):
+    out = tmp_path / "sens"
+    assert sensitivity.main(["--quick", "--out", str(out), "--threads", "1"]) == 0
+    result = json.loads((out / "sensitivity.json").read_text())
+    feats = list(sensitivity.DEFAULT_FEATURES) + [sensitivity.FINGERPRINT]
+    assert result["features"] == feats
+    assert result["alpha"] == 0.05 and result["shape"] == [24, 24, 20]
+    # One row per shift kind x feature set (target severity only), one null row per feature set.
+    assert {(r["shift"], r["features"]) for r in result["results"]} == {
+        (k, f) for k in ("noise", "population") for f in feats
+    }
+    assert all(r["target"] and r["n"] == 5 and r["repeats"] == 2 for r in result["results"])
+    assert all(0.0 <= r["detection_rate"] <= 1.0 for r in result["results"])
+    assert [r["features"] for r in result["same_site"]] == feats
+    assert all(r["repeats"] == 10 and r["fpr"] in {i / 10 for i in range(11)}
+               for r in result["same_site"])  # fmt: skip
+    assert result["best"]["5"] in (*sensitivity.DEFAULT_FEATURES, None)
+
+    with open(out / "sensitivity.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == len(result["results"]) + len(result["same_site"])
+    by_key = {(r["shift"], r["features"]): float(r["rate"]) for r in rows}
+    for r in result["results"]:
+        assert by_key[(r["shift"], r["features"])] == r["detection_rate"]
+    for r in result["same_site"]:
+        assert by_key[("same_site", r["features"])] == r["fpr"]
+
+    png = (out / "sensitivity.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+    md = (out / "sensitivity.md").read_text()
+    assert md.startswith("## Sensitivity to acquisition and population shifts")
+    assert "python scripts/sensitivity.py --quick" in md
+    assert "| latent+multiscale |" in md and "intensity_fingerprint (raw-image statistic)" in md
+    assert "untrained tiny encoder" in md
+
+
+def test_full_mode_needs_a_checkpoint(sensitivity):
+    with pytest.raises(SystemExit) as e:
+        sensitivity.parse(["--out", "x"])
+    assert e.value.code == 2
