@@ -12,6 +12,10 @@ their combined interval and rank stability.
 
 ``cohorts.NAME=DIR_OR_CSV`` needs no leading ``+``: Hydra refuses new keys at compose time, so
 :func:`open_cohort_overrides` rewrites them to ``++cohorts.NAME=...`` before Hydra sees them.
+
+A ``hydra.run.dir`` that already holds results is refused before Hydra writes ``.hydra/`` into
+it, unless ``overwrite=true`` (then the old results are replaced once the new ones are
+complete). A run that fails leaves no folder behind unless the folder existed before.
 """
 
 from __future__ import annotations
@@ -25,7 +29,8 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from aad_med.cli._errors import run_reporting_errors
+from aad_med.cli._errors import run_reporting_errors, verbose_requested
+from aad_med.cli._runfolder import explicit_run_dir, flag, remove_failed_run
 from aad_med.errors import ConfigError
 
 PROG = "aad-compare"
@@ -33,6 +38,9 @@ CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs")
 _COHORT_OVERRIDE = re.compile(r"^cohorts\.[^=]+=")
 
 log = logging.getLogger("aad_med.compare")
+
+_preexisting_run_dir: Path | None = None
+"""An explicit ``hydra.run.dir`` that existed before this run (never removed on failure)."""
 
 
 def open_cohort_overrides(args: Sequence[str]) -> list[str]:
@@ -63,6 +71,7 @@ def settings_from_config(cfg: DictConfig):
         decode_means=bool(cfg.decode_means),
         bands_bootstrap=int(stats.get("bands_bootstrap", 1000)),
         progress=bool(emb.progress),
+        overwrite=bool(cfg.get("overwrite", False)),
     )
 
 
@@ -107,16 +116,38 @@ def _hydra_main(cfg: DictConfig) -> None:
         PROG, lambda: compare_from_config(cfg, run_dir) and 0, verbose=verbose
     )
     if rc:
+        from aad_med.report.comparison import RESULT_PATTERNS
+
+        remove_failed_run(run_dir, _preexisting_run_dir, RESULT_PATTERNS)
         # SystemExit passes through Hydra untouched (it only reports Exceptions).
         sys.exit(rc)
+
+
+def _precheck_run_dir(argv: list[str]) -> None:
+    """Refuse an explicit ``hydra.run.dir`` holding results before Hydra writes ``.hydra/`` there."""
+    from aad_med.report.comparison import check_compare_dir
+
+    run_dir = explicit_run_dir(argv)
+    if run_dir is not None:
+        check_compare_dir(run_dir, flag(argv, "overwrite"))
 
 
 def main() -> None:
     """Console script entry point (``aad-compare``)."""
     from aad_med.training.rundir import register_resolvers
 
+    global _preexisting_run_dir
     register_resolvers()
-    sys.argv = [sys.argv[0], *open_cohort_overrides(sys.argv[1:])]
+    argv = sys.argv[1:]
+    run_dir = explicit_run_dir(argv)
+    if run_dir is not None and run_dir.exists():
+        _preexisting_run_dir = run_dir.resolve()
+    rc = run_reporting_errors(
+        PROG, lambda: _precheck_run_dir(argv), verbose=verbose_requested(argv)
+    )
+    if rc:
+        sys.exit(rc)
+    sys.argv = [sys.argv[0], *open_cohort_overrides(argv)]
     _hydra_main()
 
 

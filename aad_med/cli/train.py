@@ -18,8 +18,9 @@ from omegaconf import DictConfig
 
 import aad_med
 from aad_med.cli._errors import EXIT_INPUT_ERROR, run_reporting_errors, verbose_requested
+from aad_med.cli._runfolder import explicit_run_dir, flag, override_value, remove_failed_run
 from aad_med.errors import AADError, ConfigError
-from aad_med.training.rundir import check_run_dir, register_resolvers
+from aad_med.training.rundir import RESULT_PATTERNS, check_run_dir, register_resolvers
 
 PROG = "aad-train"
 CONFIG_DIR = Path(aad_med.__file__).resolve().parents[1] / "configs"
@@ -40,28 +41,19 @@ def _config_problem() -> str | None:
     return None
 
 
-def _argv_value(argv: list[str], key: str) -> str | None:
-    for arg in argv:
-        for prefix in (f"{key}=", f"+{key}=", f"++{key}="):
-            if arg.startswith(prefix):
-                return arg[len(prefix) :]
-    return None
-
-
 def _precheck_run_dir(argv: list[str]) -> None:
     """Refuse an explicit ``hydra.run.dir`` holding results before Hydra writes ``.hydra/`` there."""
-    run_dir = _argv_value(argv, "hydra.run.dir")
-    if run_dir is None or "--multirun" in argv or "-m" in argv:
+    run_dir = explicit_run_dir(argv)
+    if run_dir is None:
         return
-    resume = _argv_value(argv, "trainer.resume")
-    overwrite = (_argv_value(argv, "overwrite") or "false").lower() == "true"
+    resume = override_value(argv, "trainer.resume")
     check_run_dir(
-        Path(run_dir), None if resume in (None, "null") else resume, overwrite, delete=False
+        run_dir, None if resume in (None, "null") else resume, flag(argv, "overwrite"), delete=False
     )
 
 
 def _check_launcher(argv: list[str]) -> None:
-    if _argv_value(argv, "launcher") == "slurm":
+    if override_value(argv, "launcher") == "slurm":
         try:
             import hydra_plugins.hydra_submitit_launcher  # noqa: F401
         except ImportError:
@@ -69,27 +61,6 @@ def _check_launcher(argv: list[str]) -> None:
                 "launcher=slurm needs Hydra's submitit launcher: pip install 'aad-med[slurm]' "
                 "(hydra-submitit-launcher)"
             ) from None
-
-
-def _remove_if_empty_run(run_dir: Path) -> None:
-    """A run that failed before producing results leaves no folder behind (only one it made)."""
-    import logging
-    import shutil
-
-    from aad_med.training.rundir import existing_results
-
-    if _preexisting_run_dir is not None and run_dir.resolve() == _preexisting_run_dir:
-        return
-    if existing_results(run_dir):
-        return
-    root = logging.getLogger()
-    for h in list(root.handlers):
-        if isinstance(h, logging.FileHandler) and Path(h.baseFilename).is_relative_to(
-            run_dir.resolve()
-        ):
-            root.removeHandler(h)
-            h.close()
-    shutil.rmtree(run_dir, ignore_errors=True)
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
@@ -100,7 +71,7 @@ def _hydra_main(cfg: DictConfig) -> None:
     verbose = verbose_requested() or bool(cfg.get("verbose", False))
     rc = run_reporting_errors(PROG, lambda: train_from_config(cfg, run_dir) and 0, verbose=verbose)
     if rc:
-        _remove_if_empty_run(run_dir)
+        remove_failed_run(run_dir, _preexisting_run_dir, RESULT_PATTERNS)
         # SystemExit passes through Hydra's own error handler, keeping our one-line message.
         sys.exit(rc)
 
@@ -124,7 +95,7 @@ def main() -> int:
         _precheck_run_dir(argv)
 
     global _preexisting_run_dir
-    explicit = _argv_value(argv, "hydra.run.dir")
+    explicit = override_value(argv, "hydra.run.dir")
     if explicit is not None and Path(explicit).exists():
         _preexisting_run_dir = Path(explicit).resolve()
     rc = run_reporting_errors(PROG, prechecks, verbose=verbose)

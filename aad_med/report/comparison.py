@@ -2,7 +2,12 @@
 statistics, and write every output of ``aad-compare`` into a run folder.
 
 All outputs are first written into a hidden temporary folder inside the run folder and moved into
-place only when everything succeeded, so a run folder never holds a half-written result set.
+place only when everything succeeded, so a run folder never holds a half-written result set. A
+run folder already holding results is refused before anything is read, unless ``overwrite``;
+then the old results are replaced only once the new ones are complete.
+
+Cohorts are validated before torch, MONAI and matplotlib are imported, so bad input is reported
+in about a second rather than after the heavy imports.
 """
 
 from __future__ import annotations
@@ -16,29 +21,20 @@ import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from aad_med.data.records import Cohort
 from aad_med.data.validation import load_cohort
-from aad_med.embedding.cache import default_cache_dir, embed_cohorts, file_sha256
-from aad_med.embedding.decode import decode_mean_difference
-from aad_med.embedding.encode import CohortEmbedding, resolve_device, subject_folder
-from aad_med.embedding.io import write_embeddings_csv, write_embeddings_npz
-from aad_med.embedding.regional import regional_aad_map, shared_space_problem
 from aad_med.errors import CheckpointError, CohortError, ConfigError, InputError
-from aad_med.plots.images import plot_mean_difference, plot_regional_aad
-from aad_med.plots.latent import plot_attribution, plot_latent_means, plot_latent_pca
-from aad_med.plots.statistics import (
-    plot_dendrogram,
-    plot_mds,
-    plot_null_distribution,
-    plot_pairwise_aad,
-)
-from aad_med.plots.summaries import bootstrap_mean_bands
 from aad_med.report.document import write_report
 from aad_med.report.serialize import write_distances_json, write_matrix_csv, write_nifti
 from aad_med.report.text import overlap_warning
+from aad_med.training.rundir import check_run_dir, result_entries
+
+if TYPE_CHECKING:
+    from aad_med.embedding.encode import CohortEmbedding
 
 log = logging.getLogger("aad_med.compare")
 
@@ -52,6 +48,20 @@ PLOT_KEYS = (
     "dendrogram",
     "attribution",
 )
+RESULT_PATTERNS = (
+    "distances.json",
+    "report.md",
+    "report.html",
+    "embeddings.csv",
+    "embeddings.npz",
+    "pairwise_aad.csv",
+    "plots/*.png",
+    "mean_difference_*",
+    "regional_aad*",
+    "encoders/*/*",
+)
+"""Files ``aad-compare`` writes into its run folder: a run never writes over these unless told to
+(``overwrite=true``)."""
 
 
 @dataclass
@@ -73,6 +83,7 @@ class CompareSettings:
     decode_means: bool = True
     bands_bootstrap: int = 1000
     progress: bool = True
+    overwrite: bool = False
     extra: dict = field(default_factory=dict)
 
 
@@ -133,6 +144,8 @@ def train_overlap(cohort: Cohort, ckpt: Mapping) -> int:
     alone would raise false alarms. Older checkpoints with only ``train_subject_ids`` are
     matched by ID.
     """
+    from aad_med.embedding.encode import subject_folder
+
     entries = ckpt.get("train_subjects") or []
     if not entries:
         ids = {str(s) for s in (ckpt.get("train_subject_ids") or [])}
@@ -159,14 +172,35 @@ def _pair_tag(a: str, b: str) -> str:
     return f"{a}_vs_{b}"
 
 
+def check_compare_dir(run_dir: str | Path, overwrite: bool) -> None:
+    """Refuse a run folder that already holds comparison results unless ``overwrite``.
+
+    Raises:
+        ConfigError: one line naming the folder and saying what to set.
+    """
+    check_run_dir(
+        run_dir, None, overwrite, delete=False, patterns=RESULT_PATTERNS, resume_hint=False
+    )
+
+
 def _move_into(tmp: Path, run_dir: Path) -> None:
-    """Move every entry of ``tmp`` into ``run_dir`` (replacing older outputs) and remove ``tmp``."""
+    """Move the complete result set in ``tmp`` into ``run_dir`` and remove ``tmp``.
+
+    Earlier results (``overwrite=true``) are first moved aside into a hidden folder, so the run
+    folder never mixes old and new results and an interruption leaves them recoverable; they are
+    deleted once every new output is in place.
+    """
+    old = run_dir / f".aad-compare-old-{secrets.token_hex(4)}"
+    entries = result_entries(run_dir, RESULT_PATTERNS)
+    entries += [run_dir / e.name for e in tmp.iterdir() if (run_dir / e.name).exists()]
+    if entries:
+        old.mkdir()
+        for entry in sorted(set(entries)):
+            os.replace(entry, old / entry.name)
     for entry in sorted(tmp.iterdir()):
-        dest = run_dir / entry.name
-        if dest.is_dir() and not dest.is_symlink():
-            shutil.rmtree(dest)
-        os.replace(entry, dest)
+        os.replace(entry, run_dir / entry.name)
     tmp.rmdir()
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def run_comparison(
@@ -186,7 +220,8 @@ def run_comparison(
     Args:
         checkpoint: a checkpoint written by ``aad-train``, or a list of them.
         cohort_paths: ``{name: folder or CSV manifest}``, at least two.
-        run_dir: output folder (created).
+        run_dir: output folder (created); one that already holds results is refused unless
+            ``settings.overwrite``.
         settings: statistics, embedding and output options.
 
     Returns:
@@ -195,10 +230,9 @@ def run_comparison(
     Raises:
         ConfigError, CohortError, CheckpointError, InputError: one line per problem.
     """
-    from aad_med.distances import combine_encoder_runs
-    from aad_med.training.checkpoint import load_model_from_checkpoint
-
     s = settings or CompareSettings()
+    run_dir = Path(run_dir)
+    check_compare_dir(run_dir, s.overwrite)
     names = list(cohort_paths)
     check_cohort_names(names)
     if isinstance(checkpoint, str | Path):
@@ -211,10 +245,14 @@ def run_comparison(
         if not path.is_file():
             raise CheckpointError(f"{path}: checkpoint does not exist")
     multi = len(ckpt_paths) > 1
-    device = resolve_device(s.device)
     cohorts = load_cohorts(cohort_paths, s.skip_invalid)
 
-    run_dir = Path(run_dir)
+    # Heavy imports only once the inputs are known to be valid.
+    from aad_med.distances import combine_encoder_runs
+    from aad_med.embedding.encode import resolve_device
+    from aad_med.training.checkpoint import load_model_from_checkpoint
+
+    device = resolve_device(s.device)
     run_dir.mkdir(parents=True, exist_ok=True)
     tmp = run_dir / f".aad-compare-{secrets.token_hex(4)}.tmp"
     tmp.mkdir()
@@ -290,6 +328,10 @@ def _compare_into(
     decoded means and the regional map) into ``tmp``. The caller writes ``distances.json`` and
     the report."""
     from aad_med.distances import compare_embeddings
+    from aad_med.embedding.cache import default_cache_dir, embed_cohorts, file_sha256
+    from aad_med.embedding.decode import decode_mean_difference
+    from aad_med.embedding.io import write_embeddings_csv, write_embeddings_npz
+    from aad_med.plots.images import plot_mean_difference
 
     overlaps = {name: train_overlap(c, ckpt) for name, c in cohorts.items()}
     cache_dir = None
@@ -378,6 +420,15 @@ def _compare_into(
 
 
 def _figures(tmp: Path, embs: Mapping[str, CohortEmbedding], result: Mapping, s) -> dict:
+    from aad_med.plots.latent import plot_attribution, plot_latent_means, plot_latent_pca
+    from aad_med.plots.statistics import (
+        plot_dendrogram,
+        plot_mds,
+        plot_null_distribution,
+        plot_pairwise_aad,
+    )
+    from aad_med.plots.summaries import bootstrap_mean_bands
+
     plots = tmp / "plots"
     names = list(embs)
     pairs = result["pairs"]
@@ -419,6 +470,9 @@ def _figures(tmp: Path, embs: Mapping[str, CohortEmbedding], result: Mapping, s)
 
 
 def _regional(tmp: Path, embs: Mapping[str, CohortEmbedding], result: Mapping, s) -> dict:
+    from aad_med.embedding.regional import regional_aad_map, shared_space_problem
+    from aad_med.plots.images import plot_regional_aad
+
     if not s.regional:
         return {
             "available": False,

@@ -1,5 +1,9 @@
 """Stage 3, training: the run folder: unique names, and never overwriting results silently.
 
+Shared by ``aad-train`` and ``aad-compare``: each says which files count as its results
+(:data:`RESULT_PATTERNS` for training, ``aad_med.report.comparison.RESULT_PATTERNS`` for
+comparisons) and :func:`check_run_dir` refuses a folder already holding any of them.
+
 ``register_resolvers()`` adds the OmegaConf resolvers the Hydra configs use for the run folder
 (``${aad_run_id:}``: a timestamp with microseconds plus a random suffix, shared by all processes
 of one torchrun launch; ``${aad_output_subdir:}``: ``.hydra`` on rank 0 only). Nothing here
@@ -12,6 +16,7 @@ import hashlib
 import os
 import secrets
 import shutil
+from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 
@@ -26,7 +31,7 @@ RESULT_PATTERNS = (
     "tensorboard/events.*",
     "config.yaml",
 )
-"""What counts as results in a run folder: a run never writes over these unless told to."""
+"""What counts as results in an ``aad-train`` run folder: never written over unless told to."""
 
 
 def run_id() -> str:
@@ -63,13 +68,30 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("aad_output_subdir", _output_subdir)
 
 
-def existing_results(run_dir: str | Path) -> list[Path]:
-    """Result files already in ``run_dir`` (see :data:`RESULT_PATTERNS`)."""
+def existing_results(run_dir: str | Path, patterns: Sequence[str] = RESULT_PATTERNS) -> list[Path]:
+    """Result files already in ``run_dir``: those matching ``patterns`` (globs relative to it)."""
     run_dir = Path(run_dir)
     found: list[Path] = []
-    for pattern in RESULT_PATTERNS:
+    for pattern in patterns:
         found.extend(sorted(run_dir.glob(pattern)))
     return found
+
+
+def result_entries(run_dir: str | Path, patterns: Sequence[str] = RESULT_PATTERNS) -> list[Path]:
+    """Top-level entries of ``run_dir`` holding results (``checkpoints/``, ``report.md``, ...):
+    what replacing the results removes, so that old and new results never mix."""
+    run_dir = Path(run_dir)
+    tops = {run_dir / p.relative_to(run_dir).parts[0] for p in existing_results(run_dir, patterns)}
+    return sorted(tops)
+
+
+def remove_results(run_dir: str | Path, patterns: Sequence[str] = RESULT_PATTERNS) -> None:
+    """Delete every top-level entry of ``run_dir`` holding results (see :func:`result_entries`)."""
+    for entry in result_entries(run_dir, patterns):
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
 
 
 def _inside(path: Path, folder: Path) -> bool:
@@ -81,34 +103,43 @@ def _inside(path: Path, folder: Path) -> bool:
 
 
 def check_run_dir(
-    run_dir: str | Path, resume: str | Path | None, overwrite: bool, delete: bool = True
+    run_dir: str | Path,
+    resume: str | Path | None,
+    overwrite: bool,
+    delete: bool = True,
+    patterns: Sequence[str] = RESULT_PATTERNS,
+    resume_hint: bool = True,
 ) -> None:
     """Refuse a run folder that already holds results, unless resuming it or told to overwrite.
 
-    With ``overwrite`` the old results are deleted first (by the caller with ``delete``, i.e.
-    rank 0), so old and new never mix.
+    With ``overwrite`` and ``delete`` the old results are deleted here (by rank 0 in training),
+    so old and new never mix; with ``delete=False`` the caller replaces them itself (aad-compare
+    does so only once its new results are complete).
+
+    Args:
+        run_dir: the run folder (it need not exist).
+        resume: a checkpoint being resumed; one inside ``run_dir`` allows its results.
+        overwrite: allow replacing the results (``overwrite=true``).
+        delete: with ``overwrite``, delete the old results now.
+        patterns: globs, relative to ``run_dir``, of the files that count as results.
+        resume_hint: mention ``trainer.resume`` in the message (training only).
 
     Raises:
         ConfigError: the folder holds results and neither ``trainer.resume`` points into it nor
-            ``overwrite=true`` was given (the message says which to set).
+            ``overwrite=true`` was given (one line naming the folder and what to set).
     """
     run_dir = Path(run_dir)
-    found = existing_results(run_dir)
+    found = existing_results(run_dir, patterns)
     if not found:
         return
     if resume is not None and _inside(Path(resume), run_dir):
         return
     if overwrite:
-        if not delete:
-            return
-        for name in ("checkpoints", "tensorboard"):
-            shutil.rmtree(run_dir / name, ignore_errors=True)
-        for name in ("loss_curve.png", "reconstructions.png", "config.yaml"):
-            (run_dir / name).unlink(missing_ok=True)
+        if delete:
+            remove_results(run_dir, patterns)
         return
     shown = ", ".join(str(p.relative_to(run_dir)) for p in found[:3])
-    raise ConfigError(
-        f"{run_dir}: run folder already holds results ({shown}); continue it with "
-        f"trainer.resume={run_dir / 'checkpoints' / 'last.pt'}, replace it with overwrite=true, "
-        "or choose another hydra.run.dir"
-    )
+    how = "replace it with overwrite=true, or choose another hydra.run.dir"
+    if resume_hint:
+        how = f"continue it with trainer.resume={run_dir / 'checkpoints' / 'last.pt'}, " + how
+    raise ConfigError(f"{run_dir}: run folder already holds results ({shown}); {how}")

@@ -1,0 +1,57 @@
+"""Run folders of the Hydra console scripts (``aad-train``, ``aad-compare``) as seen from the
+command line: reading ``key=value`` overrides before Hydra starts (so a refused run leaves an
+existing folder untouched, ``.hydra/`` included), and removing the folder a failed run created
+when it holds no results."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+
+from aad_med.training.rundir import existing_results
+
+
+def override_value(argv: Sequence[str], key: str) -> str | None:
+    """The value of ``key=...`` (also ``+key=``/``++key=``) on the command line, else ``None``."""
+    for arg in argv:
+        for prefix in (f"{key}=", f"+{key}=", f"++{key}="):
+            if arg.startswith(prefix):
+                return arg[len(prefix) :]
+    return None
+
+
+def explicit_run_dir(argv: Sequence[str]) -> Path | None:
+    """``hydra.run.dir`` given on the command line of a single run (not ``--multirun``)."""
+    run_dir = override_value(argv, "hydra.run.dir")
+    if run_dir is None or "--multirun" in argv or "-m" in argv:
+        return None
+    return Path(run_dir)
+
+
+def flag(argv: Sequence[str], key: str) -> bool:
+    """``key=true`` on the command line (any case, as Hydra reads booleans)."""
+    return (override_value(argv, key) or "false").strip().lower() == "true"
+
+
+def remove_failed_run(
+    run_dir: str | Path, preexisting: Path | None, patterns: Sequence[str]
+) -> None:
+    """Remove the folder of a run that failed before producing results (``.hydra/``, its log).
+
+    A folder that existed before the run (``preexisting``) or holds results is never removed.
+    """
+    run_dir = Path(run_dir)
+    if preexisting is not None and run_dir.resolve() == preexisting.resolve():
+        return
+    if not run_dir.exists() or existing_results(run_dir, patterns):
+        return
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        if isinstance(h, logging.FileHandler) and Path(h.baseFilename).is_relative_to(
+            run_dir.resolve()
+        ):
+            root.removeHandler(h)
+            h.close()
+    shutil.rmtree(run_dir, ignore_errors=True)
