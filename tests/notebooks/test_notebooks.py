@@ -13,7 +13,7 @@ NOTEBOOKS = sorted((Path(__file__).resolve().parents[2] / "notebooks").glob("*.i
 
 def test_notebooks_exist():
     names = {p.stem for p in NOTEBOOKS}
-    assert {"01_explore_cohorts", "02_train_and_inspect", "03_compare_cohorts"} <= names
+    assert {"01_explore_cohorts", "02_train_and_inspect", "03_compare_cohorts", "04_shift_calibration"} <= names
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
