@@ -58,14 +58,18 @@ SHIFTS: dict[str, list[tuple[str, dict]]] = {
     ],
 }
 SINGLE_ACQUISITION = ("noise", "blur", "gamma", "bias")
-BASE_PARTS = ("latent", "multiscale", "dispersion", "position_matched")
+BASE_PARTS = ("latent", "multiscale", "texture", "dispersion", "position_matched")
 DEFAULT_FEATURES = (
     "latent",
     "multiscale",
     "dispersion",
     "position_matched",
+    "texture",
     "latent+multiscale",
     "latent+multiscale+dispersion",
+    "multiscale+texture",
+    "latent+multiscale+texture",
+    "latent+multiscale+texture+dispersion",
 )
 FINGERPRINT = "intensity_fingerprint"
 
@@ -85,7 +89,7 @@ def encode_pool(model, prep, folder: Path, extent: int) -> dict[str, np.ndarray]
     """Raw blocks of every base feature set (and the intensity fingerprint) for one cohort."""
     cohort = load_cohort(folder)
     bundle = ConcatFeatureSet(
-        ["latent", "multiscale", "dispersion", PositionMatchedFeatures(extent=extent)]
+        ["latent", "multiscale", "texture", "dispersion", PositionMatchedFeatures(extent=extent)]
     )
     emb = embed_cohort(model, cohort, prep, features=bundle, progress=False)
     blocks = dict(zip(BASE_PARTS, bundle.split(emb.vectors), strict=True))

@@ -6,6 +6,8 @@ The feature sets here look at what the encoder computes but the mean latent aver
 
 * ``multiscale``: per-stage channel means and standard deviations of the encoder's activation
   maps, pooled over all voxels of all the subject's brain patches (texture, noise, sharpness);
+* ``texture``: scale-free roughness (neighbour-difference energy over variance) of the input
+  patches and of every encoder stage, which z-scoring and instance normalisation cannot remove;
 * ``dispersion``: mean and standard deviation of the subject's patch latents (how much the
   patches differ from each other, which smooth bias fields and contrast changes alter);
 * ``position_matched``: for co-registered cohorts, each patch latent is standardised against
@@ -137,6 +139,69 @@ class MultiscaleFeatures(StandardizedFeatureSet):
 
     def accumulator(self) -> SubjectAccumulator:
         return MultiscaleAccumulator()
+
+
+# --------------------------------------------------------------------------------------------
+# texture
+
+
+class TextureAccumulator(SubjectAccumulator):
+    """Per channel of the input patches and of every encoder stage: neighbour-difference energy
+    relative to the variance (sums over all voxels of all patches, float64)."""
+
+    def __init__(self):
+        self.stats: list[list[np.ndarray]] | None = None  # per map: [sum, sumsq, diff2, n, n_d]
+
+    def add(self, batch: PatchBatch) -> None:
+        with torch.no_grad():
+            maps = [batch.patches, *batch.stage_features()]
+        stats = []
+        for h in maps:
+            h = h.detach().to(torch.float64).cpu()
+            dims = [0] + list(range(2, h.ndim))
+            diff2 = sum(
+                (torch.diff(h, dim=a) ** 2).sum(dim=dims) / max(1, h.shape[a] - 1) * h.shape[a]
+                for a in range(2, h.ndim)
+            ) / (h.ndim - 2)
+            stats.append(
+                [
+                    h.sum(dim=dims).numpy(),
+                    (h * h).sum(dim=dims).numpy(),
+                    diff2.numpy(),
+                    np.full(h.shape[1], h.numel() // h.shape[1], dtype=np.float64),
+                ]
+            )
+        if self.stats is None:
+            self.stats = stats
+            return
+        for mine, new in zip(self.stats, stats, strict=True):
+            for i in range(4):
+                mine[i] = mine[i] + new[i]
+
+    def vector(self) -> np.ndarray:
+        if self.stats is None:
+            raise ValueError("no patches were added for this subject")
+        parts = []
+        for s, q, d2, n in self.stats:
+            mean = s / n
+            var = np.clip(q / n - mean * mean, 0.0, None)
+            # Roughness is scale-free, so it survives z-scoring and instance normalisation.
+            parts.append(np.where(var > 0, (d2 / n) / np.where(var > 0, var, 1.0), 0.0))
+        return np.concatenate(parts)
+
+
+class TextureFeatures(StandardizedFeatureSet):
+    """Roughness (neighbour-difference energy / variance) of the input and every encoder stage."""
+
+    name = "texture"
+    description = (
+        "per channel of the normalised input patches and of each encoder stage, mean squared "
+        "difference between neighbouring voxels divided by the variance (scale-free roughness: "
+        "sees noise and blur), standardised over all compared subjects"
+    )
+
+    def accumulator(self) -> SubjectAccumulator:
+        return TextureAccumulator()
 
 
 # --------------------------------------------------------------------------------------------
@@ -409,10 +474,14 @@ def intensity_fingerprint(
 COMBINATIONS: tuple[tuple[str, ...], ...] = (
     ("latent", "multiscale"),
     ("latent", "multiscale", "dispersion"),
+    ("multiscale", "texture"),
+    ("latent", "multiscale", "texture"),
+    ("latent", "multiscale", "texture", "dispersion"),
 )
 
 register_feature_set("multiscale", MultiscaleFeatures)
 register_feature_set("dispersion", DispersionFeatures)
+register_feature_set("texture", TextureFeatures)
 register_feature_set("position_matched", PositionMatchedFeatures)
 for _parts in COMBINATIONS:
     register_feature_set("+".join(_parts), lambda parts=_parts: ConcatFeatureSet(parts))
@@ -424,6 +493,7 @@ __all__ = [
     "LatentFeatures",
     "MultiscaleFeatures",
     "PositionMatchedFeatures",
+    "TextureFeatures",
     "intensity_fingerprint",
     "standardize_jointly",
 ]

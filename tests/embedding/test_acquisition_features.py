@@ -31,6 +31,8 @@ NEW_SETS = [
     "position_matched",
     "latent+multiscale",
     "latent+multiscale+dispersion",
+    "texture",
+    "latent+multiscale+texture",
 ]
 LATENT_DIM = 6
 STAGE_CHANNELS = (4, 8)  # the conftest model
@@ -41,6 +43,8 @@ EXPECTED_DIM = {
     "position_matched": 2 * LATENT_DIM,
     "latent+multiscale": LATENT_DIM + 2 * sum(STAGE_CHANNELS),
     "latent+multiscale+dispersion": 3 * LATENT_DIM + 2 * sum(STAGE_CHANNELS),
+    "texture": 4 + sum(STAGE_CHANNELS),
+    "latent+multiscale+texture": LATENT_DIM + 2 * sum(STAGE_CHANNELS) + 4 + sum(STAGE_CHANNELS),
 }
 
 
@@ -107,7 +111,7 @@ def test_shapes_and_joint_standardisation(pipeline):
         # Fitted once on all subjects: pooled mean 0; per-cohort means are not forced to 0.
         np.testing.assert_allclose(pooled.mean(axis=0), 0.0, atol=1e-10)
         assert np.abs(embs["siteA"].vectors.mean(axis=0)).max() > 1e-3, name
-        if name in ("multiscale", "dispersion", "position_matched"):
+        if name in ("multiscale", "texture", "dispersion", "position_matched"):
             sd = pooled.std(axis=0)
             assert np.all(np.isclose(sd, 1.0) | np.isclose(sd, 0.0)), name
             assert np.isclose(sd, 1.0).sum() > 0
@@ -197,6 +201,24 @@ def test_multiscale_values_and_batching(model):
     np.testing.assert_allclose(_vector(fs, one_batch), v, rtol=1e-6, atol=1e-8)
 
 
+def test_texture_is_roughness_and_scale_free(model):
+    rng = np.random.default_rng(4)
+    batches, x, _ = _batches(model, rng, n_patches=7)
+    fs = get_feature_set("texture")
+    v = _vector(fs, batches)
+    xd = x.double()
+    rough = []
+    for c in range(4):
+        ch = xd[:, c]
+        d2 = np.mean([(torch.diff(ch, dim=a) ** 2).mean().item() for a in (1, 2, 3)])
+        rough.append(d2 / ch.var(unbiased=False).item())
+    np.testing.assert_allclose(v[:4], rough, rtol=1e-9)
+    # White noise has roughness about 2; smoothing lowers it.
+    assert np.all(np.abs(v[:4] - 2.0) < 0.2)
+    scaled = [PatchBatch(model, 3.0 * b.patches, b.latents, b.positions) for b in batches]
+    np.testing.assert_allclose(_vector(fs, scaled)[:4], v[:4], rtol=1e-7)
+
+
 def test_dispersion_values(model):
     rng = np.random.default_rng(2)
     batches, _, z = _batches(model, rng, n_patches=9)
@@ -264,7 +286,7 @@ def null_pool():
     model = _tiny_model()
     rng = np.random.default_rng(7)
     bundle = ConcatFeatureSet(
-        ["latent", "multiscale", "dispersion", PositionMatchedFeatures(extent=32)]
+        ["latent", "multiscale", "texture", "dispersion", PositionMatchedFeatures(extent=32)]
     )
     raws = []
     for _ in range(32):
