@@ -23,6 +23,7 @@ from aad_med.calibration.artefacts import (
 from aad_med.calibration.curves import (
     CALIBRATION_COLUMNS,
     CalibrationSettings,
+    annotate_pairs,
     calibration_summary,
     describe_equivalent_severity,
     equivalent_severity,
@@ -35,6 +36,7 @@ __all__ = [
     "CALIBRATION_COLUMNS",
     "DEFAULT_SEVERITIES",
     "CalibrationSettings",
+    "annotate_pairs",
     "apply_artefact",
     "artefact_seed",
     "calibration_summary",

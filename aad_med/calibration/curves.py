@@ -53,6 +53,7 @@ from aad_med.data.transforms import (
 )
 from aad_med.distances.hotelling import aad_standardized
 from aad_med.distances.permutation import aad_permutation_test
+from aad_med.embedding.cache import file_sha256
 from aad_med.embedding.encode import check_model_matches, resolve_device
 from aad_med.embedding.features import PatchBatch, get_feature_set
 from aad_med.errors import ConfigError, InputError
@@ -640,6 +641,62 @@ def describe_equivalent_severity(
     return lines
 
 
+def equivalent_n(n_a: int, n_b: int) -> float:
+    """Equal-size cohort with the same variance of the mean difference: ``2 n_a n_b / (n_a + n_b)``."""
+    return 2.0 * n_a * n_b / max(n_a + n_b, 1)
+
+
+def annotate_pairs(
+    calibration,
+    pairs: Iterable[Mapping],
+    checkpoint_sha256: str | None = None,
+) -> list[dict]:
+    """Equivalent severities of every compared pair (``distances.json`` ``pairs``), for reports.
+
+    Args:
+        calibration: ``calibration.json`` / ``calibration.csv`` path or rows.
+        pairs: dicts with ``a``, ``b``, ``aad`` and ``n_a``, ``n_b``.
+        checkpoint_sha256: the comparison's checkpoint hash; when ``calibration`` is a
+            ``calibration.json`` made with another checkpoint, each entry carries a warning (AAD
+            scales differ between encoders).
+
+    Returns:
+        Per pair: ``a, b, aad, n_per_cohort`` (the equal-size equivalent of ``n_a, n_b``),
+        ``equivalent_severity`` (:func:`equivalent_severity`), ``statements``
+        (:func:`describe_equivalent_severity`) and ``warning`` (``None`` or one line).
+    """
+    warning = None
+    if checkpoint_sha256 is not None and isinstance(calibration, str | os.PathLike):
+        path = Path(calibration)
+        if path.suffix.lower() == ".json":
+            try:
+                made_with = json.loads(path.read_text(encoding="utf-8")).get("checkpoint_sha256")
+            except (OSError, ValueError, AttributeError):
+                made_with = None
+            if made_with and made_with != checkpoint_sha256:
+                warning = (
+                    f"{path}: calibration was made with another checkpoint; its AAD scale does "
+                    "not apply to this comparison"
+                )
+    rows = read_calibration_table(calibration)
+    out = []
+    for pair in pairs:
+        n = equivalent_n(int(pair["n_a"]), int(pair["n_b"]))
+        value = float(pair["aad"])
+        out.append(
+            {
+                "a": pair["a"],
+                "b": pair["b"],
+                "aad": value,
+                "n_per_cohort": n,
+                "equivalent_severity": equivalent_severity(rows, value, n),
+                "statements": describe_equivalent_severity(rows, value, n),
+                "warning": warning,
+            }
+        )
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # Whole run
 
@@ -721,6 +778,7 @@ def run_calibration(
     summary = calibration_summary(rows, settings.alpha)
     meta = {
         "checkpoint": str(checkpoint),
+        "checkpoint_sha256": file_sha256(checkpoint),
         "reference": str(reference),
         "n_reference_subjects": len(cohort.subjects),
         "reference_subject_ids": cohort.subject_ids,

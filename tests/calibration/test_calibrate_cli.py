@@ -82,6 +82,7 @@ def test_console_script_writes_every_output(calibrated):
     assert len(info["rows"]) == len(rows) and len(info["summary"]) == 2 * 2 * 3
     assert set(info["minimum_detectable"]) == {"noise", "blur"}
     assert info["train_overlap"] == []
+    assert len(info["checkpoint_sha256"]) == 64
     # AAD grows with blur (averaged over repeats, the larger cohort size).
     mean = {
         s: np.mean(

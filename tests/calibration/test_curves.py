@@ -308,3 +308,22 @@ def test_clean_condition_matches_embed_cohort(calib_data):
     # Deterministic: the same subjects give the same shifted vectors.
     again = embed_conditions(model, subjects[:1], pre, {"noise": [0.1]}, progress=False)
     np.testing.assert_allclose(again.vectors[1, 0], emb.vectors[1, 0], rtol=1e-6)
+
+
+def test_annotate_pairs_for_the_report(tmp_path):
+    from aad_med.calibration import annotate_pairs
+    from aad_med.calibration.curves import equivalent_n
+
+    assert equivalent_n(10, 10) == 10 and equivalent_n(5, 20) == pytest.approx(8.0)
+    pairs = [{"a": "site_a", "b": "site_b", "aad": 0.7, "n_a": 12, "n_b": 9}]
+    (entry,) = annotate_pairs(TABLE, pairs)
+    assert entry["n_per_cohort"] == pytest.approx(2 * 12 * 9 / 21)
+    assert entry["equivalent_severity"]["noise"] == pytest.approx(0.3)  # curve at n=10
+    assert entry["statements"][0].startswith("noise: like severity 0.3")
+    assert entry["warning"] is None
+    path = tmp_path / "calibration.json"
+    path.write_text(json.dumps({"checkpoint_sha256": "abc", "rows": TABLE}))
+    assert annotate_pairs(path, pairs, checkpoint_sha256="abc")[0]["warning"] is None
+    other = annotate_pairs(path, pairs, checkpoint_sha256="def")[0]
+    assert "made with another checkpoint" in other["warning"]
+    assert other["equivalent_severity"] == entry["equivalent_severity"]
