@@ -966,7 +966,9 @@ def targets(res: dict, cuda: bool) -> list[dict]:
         ">= 0.95",
         _f(b3) if cuda else gpu_only,
         (b3 or 0) >= 0.95 if cuda else None,
-        "" if cuda else f"CPU value {_f(b3)} (compute-bound, not the target's setting)",
+        ""
+        if cuda
+        else f"CPU value {_f(b3)}; a GPU step is far shorter, so the same loader cost weighs more",
     )
     best_mfu = max(
         (v.get("mfu") or 0 for v in b2.values() if v.get("status") == "measured"), default=None
