@@ -264,13 +264,14 @@ def plot(path: Path, result: dict, n: int) -> Path:
     rows_ = math.ceil((len(kinds) + 1) / cols)
     fig = new_figure(3.2 * cols, 2.6 * rows_)
     colors = {f: OKABE_ITO[i % len(OKABE_ITO)] for i, f in enumerate(feats)}
+    markers = {f: "osD^"[(i // len(OKABE_ITO)) % 4] for i, f in enumerate(feats)}
     for i, kind in enumerate(kinds):
         ax = fig.add_subplot(rows_, cols, i + 1)
         for name in feats:
             pts = [r for r in result["results"] if r["shift"] == kind and r["features"] == name
                    and r["n"] == n]  # fmt: skip
-            ax.plot(range(len(pts)), [r["detection_rate"] for r in pts], "o-",
-                    color=colors[name], label=name)  # fmt: skip
+            ax.plot(range(len(pts)), [r["detection_rate"] for r in pts], "-",
+                    marker=markers[name], color=colors[name], label=name, alpha=0.85)  # fmt: skip
             ax.set_xticks(range(len(pts)), [r["severity"] for r in pts], fontsize=7)
         ax.set_ylim(-0.05, 1.05)
         ax.set_title(kind, fontsize=9)
@@ -282,7 +283,7 @@ def plot(path: Path, result: dict, n: int) -> Path:
     ]
     ax.bar(range(len(feats)), fprs, color=[colors[f] for f in feats])
     ax.axhline(result["alpha"], color="black", lw=0.8, ls="--")
-    ax.set_xticks(range(len(feats)), [f.replace("+", "+\n") for f in feats], fontsize=6)
+    ax.set_xticks(range(len(feats)), feats, fontsize=6, rotation=90)
     ax.set_title("same site (false positives)", fontsize=9)
     handles, labels = fig.axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside lower center", ncol=min(4, len(feats)), fontsize=7)
