@@ -340,6 +340,12 @@ def check_sizes(n_per_cohort: Sequence[int] | None, n_subjects: int) -> list[int
     return sizes
 
 
+def smallest_attainable_p(n: int) -> float:
+    """The smallest exact permutation p-value of two cohorts of ``n``: the observed labelling
+    and its swap give the same AAD, out of ``C(2n, n)`` labellings."""
+    return min(1.0, 2.0 / math.comb(2 * int(n), int(n)))
+
+
 def n_affected(n: int, fraction: float) -> int:
     """Subjects of a cohort of ``n`` that carry the artefact (at least one)."""
     return max(1, min(n, int(round(float(fraction) * n))))
@@ -741,6 +747,16 @@ def run_calibration(
     ladders = severity_ladders(list(settings.artefacts), settings.severities)
     cohort = load_reference(reference, settings.skip_invalid, settings.max_subjects)
     sizes = check_sizes(settings.n_per_cohort, len(cohort.subjects))
+    floor = {n: smallest_attainable_p(n) for n in sizes}
+    blind = [n for n, p in floor.items() if p > settings.alpha]
+    if blind:
+        log.warning(
+            "with %s subjects per cohort no shift can reach p <= %g (the smallest possible "
+            "permutation p is %s): their detection rate is 0 by construction",
+            ", ".join(map(str, blind)),
+            settings.alpha,
+            ", ".join(f"{floor[n]:.3g}" for n in blind),
+        )
     device = resolve_device(settings.device)
     model, preprocessing, ckpt = load_model_from_checkpoint(checkpoint, device)
     overlap = sorted(set(ckpt.get("train_subject_ids") or []) & set(cohort.subject_ids))
@@ -794,6 +810,7 @@ def run_calibration(
             for name, ladder in ladders.items()
         },
         "n_per_cohort": sizes,
+        "smallest_attainable_p": {str(n): p for n, p in floor.items()},
         "settings": {k: v for k, v in asdict(settings).items() if k != "extra"},
         "encode_seconds": emb.seconds,
         "statistics_seconds": time.perf_counter() - t0,

@@ -168,8 +168,6 @@ def calibrate_from_config(cfg: DictConfig, run_dir: str | Path) -> dict:
     Raises:
         ConfigError: missing checkpoint or reference, or invalid settings.
     """
-    from aad_med.calibration import run_calibration
-
     for key, what in (
         ("checkpoint", "checkpoint=PATH (a checkpoint written by aad-train)"),
         ("reference", "reference=DIR_OR_CSV (the reference cohort)"),
@@ -179,6 +177,9 @@ def calibrate_from_config(cfg: DictConfig, run_dir: str | Path) -> dict:
     run_dir = Path(run_dir)
     check_output_dir(run_dir, bool(cfg.get("overwrite", False)))
     settings = settings_from_config(cfg)
+    # torch and MONAI load only once the command line is known to be complete.
+    from aad_med.calibration import run_calibration
+
     result = run_calibration(str(cfg.checkpoint), str(cfg.reference), settings)
     write_outputs(result, run_dir, bool(cfg.get("save_embeddings", True)))
     for artefact, by_n in result["minimum_detectable"].items():

@@ -429,7 +429,7 @@ def write_real_cohort(
         n_subjects: subjects to write.
         seed: cohort seed; subject ``i`` uses ``SeedSequence([seed, i])``.
         size: longest edge of the volumes in voxels.
-        id_prefix: subject ID prefix (default ``"Real_<source>_"``).
+        id_prefix: subject ID prefix (default ``"Real_<source>_s<seed>_"``).
         start_index: index of the first subject (to extend a cohort).
         deformation, bias, noise: per-subject variability (see :func:`make_real_subject`).
 
@@ -447,7 +447,9 @@ def write_real_cohort(
         )
     template = real_template(source, size)
     root = Path(out_dir)
-    prefix = f"Real_{template.name}_" if id_prefix is None else id_prefix
+    # The seed is part of the default ID: cohorts drawn with other seeds hold other subjects, and
+    # train/test overlap checks compare IDs.
+    prefix = f"Real_{template.name}_s{int(seed)}_" if id_prefix is None else id_prefix
     affine = np.diag([-1.0, -1.0, 1.0, 1.0])
     affine[1, 3] = float(template.shape[1] - 1)
     ids = []

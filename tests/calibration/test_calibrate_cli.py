@@ -83,6 +83,10 @@ def test_console_script_writes_every_output(calibrated):
     assert set(info["minimum_detectable"]) == {"noise", "blur"}
     assert info["train_overlap"] == []
     assert len(info["checkpoint_sha256"]) == 64
+    assert info["smallest_attainable_p"] == {"2": pytest.approx(1 / 3), "4": pytest.approx(2 / 70)}
+    # n=2 can never reach p <= 0.05: the run says so.
+    proc = calibrated["proc"]
+    assert "with 2 subjects per cohort no shift can reach p <= 0.05" in proc.stdout + proc.stderr
     # AAD grows with blur (averaged over repeats, the larger cohort size).
     mean = {
         s: np.mean(

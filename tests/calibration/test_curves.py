@@ -136,6 +136,14 @@ def test_rows_are_deterministic_per_seed():
     assert a == b and a != c
 
 
+def test_smallest_attainable_p():
+    from aad_med.calibration.curves import smallest_attainable_p
+
+    assert smallest_attainable_p(2) == pytest.approx(2 / 6)
+    assert smallest_attainable_p(3) == pytest.approx(0.1)
+    assert smallest_attainable_p(4) == pytest.approx(2 / 70)
+
+
 def test_check_sizes():
     assert check_sizes(None, 40) == [5, 10, 20]
     assert check_sizes(None, 8) == [2, 4]

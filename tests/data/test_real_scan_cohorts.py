@@ -66,7 +66,7 @@ def test_cohort_layout_determinism_and_variability(tmp_path):
     b = write_real_cohort(tmp_path / "b", "mni152", 3, seed=4, size=SIZE)
     cohort = load_cohort(a)
     assert cohort.layout == "brats2021" and len(cohort.subjects) == 3
-    assert cohort.subject_ids == [f"Real_mni152_{i:05d}" for i in range(3)]
+    assert cohort.subject_ids == [f"Real_mni152_s4_{i:05d}" for i in range(3)]
     assert all(s.seg is None and set(s.images) == set(CHANNELS) for s in cohort.subjects)
     sid = cohort.subject_ids[0]
     fa, fb = (d / sid / f"{sid}_t2.nii.gz" for d in (a, b))
