@@ -245,8 +245,11 @@ def load_model_from_checkpoint(
         ``cohorts`` for leakage warnings.
 
     Raises:
-        CheckpointError: unsafe or unreadable file, or weights that do not fit the recorded model.
+        CheckpointError: unsafe or unreadable file, weights that do not fit the recorded model,
+            or a recorded preprocessing the model cannot take (patch size, channels); the line
+            names the checkpoint.
     """
+    from aad_med.embedding.encode import check_model_matches
     from aad_med.models import build_model
 
     ckpt = load_checkpoint(path)
@@ -261,5 +264,9 @@ def load_model_from_checkpoint(
         raise CheckpointError(
             f"{path}: model cannot be rebuilt from checkpoint ({first[:200]})"
         ) from None
+    try:
+        check_model_matches(model, preprocessing)
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e}") from None
     model.to(device).eval()
     return model, preprocessing, ckpt
