@@ -125,7 +125,7 @@ def load_cohorts(paths: Mapping[str, str | Path], skip_invalid: bool = False) ->
             continue
         if len(cohort.subjects) < 2:
             problems.append(
-                f"cohort {name} ({path}) has {len(cohort.subjects)} valid subject(s); "
+                f"cohort {name}: {path}: has {len(cohort.subjects)} valid subject(s); "
                 "comparing cohorts needs at least 2 per cohort"
             )
         cohorts[name] = cohort
