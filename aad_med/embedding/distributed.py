@@ -25,7 +25,7 @@ import argparse
 import logging
 import os
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -192,11 +192,32 @@ class _ReportedOnRankZero(AADError):
 
 
 def _raise_first_error(outcomes: Sequence[tuple[str, Any]], rank: int) -> None:
-    for r, (kind, value) in enumerate(outcomes):
+    """Raise the lowest rank's error on rank 0 and a quiet stand-in on the others, so a
+    failure is reported once whichever rank hit it; no-op when every rank succeeded."""
+    for kind, value in outcomes:
         if kind == "error":
-            if rank == 0 or r == rank:
+            if rank == 0:
                 raise value
             raise _ReportedOnRankZero(str(value))
+
+
+def _on_every_rank(fn: Callable[[], Any]) -> Any:
+    """``fn()`` on every rank; when it fails with an :class:`AADError` on any rank, every rank
+    raises (see :func:`_raise_first_error`) instead of the others waiting in the next
+    collective until the launcher kills them."""
+    try:
+        value, outcome = fn(), ("ok", None)
+    except AADError as e:
+        value, outcome = None, ("error", e)
+    rank, world = _world()
+    if world == 1:
+        if outcome[0] == "error":
+            raise outcome[1]
+        return value
+    outcomes: list[tuple[str, Any]] = [("error", None)] * world
+    dist.all_gather_object(outcomes, outcome)
+    _raise_first_error(outcomes, rank)
+    return value
 
 
 def embed_cohorts_distributed(
@@ -361,8 +382,10 @@ def _run(args: argparse.Namespace) -> int:
     paths = _parse_cohorts(args.cohort)
     info = setup_distributed("cpu" if str(args.device) == "cpu" else "auto", DEFAULT_TIMEOUT_S)
     try:
-        device = _rank_device(args.device)
-        model, preprocessing, _ = load_model_from_checkpoint(args.checkpoint, device)
+        device = _on_every_rank(lambda: _rank_device(args.device))
+        model, preprocessing, _ = _on_every_rank(
+            lambda: load_model_from_checkpoint(args.checkpoint, device)
+        )
         cohorts: dict[str, Cohort] = {}
         if info.is_main:
             try:

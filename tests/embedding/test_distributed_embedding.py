@@ -72,6 +72,21 @@ def test_merge_refuses_shards_that_do_not_add_up():
         merge_shards([_emb("a", [0, 2]), _emb("a", [1])], "a", 4)
 
 
+def test_a_gathered_error_is_raised_by_rank_zero_only():
+    from aad_med.embedding.distributed import _raise_first_error, _ReportedOnRankZero
+    from aad_med.errors import InputError
+
+    bad = InputError("/data/s3/t1.nii.gz", "truncated gzip stream")
+    outcomes = [("ok", {}), ("error", bad), ("ok", {})]
+    with pytest.raises(InputError) as raised:
+        _raise_first_error(outcomes, rank=0)
+    assert raised.value is bad
+    for rank in (1, 2):
+        with pytest.raises(_ReportedOnRankZero, match="truncated gzip stream"):
+            _raise_first_error(outcomes, rank=rank)
+    _raise_first_error([("ok", {}), ("ok", {})], rank=1)
+
+
 def _regional(cells, sums, counts, image_value, n_images, shape=(4, 4, 4)) -> RegionalLatents:
     return RegionalLatents(
         cell_size=8,
