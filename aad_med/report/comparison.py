@@ -183,6 +183,14 @@ def check_compare_dir(run_dir: str | Path, overwrite: bool) -> None:
     )
 
 
+def _remove_stale_temp(run_dir: Path) -> None:
+    """Remove the temporary folders of runs killed before they finished (never results: those
+    moved aside by an interrupted ``overwrite`` are kept)."""
+    for stale in sorted(run_dir.glob(".aad-compare-*.tmp")):
+        log.info("removing %s, left by an interrupted run", stale)
+        shutil.rmtree(stale, ignore_errors=True)
+
+
 def _move_into(tmp: Path, run_dir: Path) -> None:
     """Move the complete result set in ``tmp`` into ``run_dir`` and remove ``tmp``.
 
@@ -254,6 +262,7 @@ def run_comparison(
 
     device = resolve_device(s.device)
     run_dir.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temp(run_dir)
     tmp = run_dir / f".aad-compare-{secrets.token_hex(4)}.tmp"
     tmp.mkdir()
     try:
