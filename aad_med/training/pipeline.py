@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import aad_med
 from aad_med.data.records import SubjectRecord
-from aad_med.errors import ConfigError
+from aad_med.errors import CohortError, ConfigError, InputError
 from aad_med.training.checkpoint import load_checkpoint
 from aad_med.training.config import (
     as_list,
@@ -79,7 +79,7 @@ def load_training_subjects(
         ``(records, cohort of each record, cohort paths)``.
 
     Raises:
-        CohortError / InputError: invalid cohorts (every problem listed).
+        CohortError: invalid cohorts (every problem of every cohort, one line each).
         ConfigError: no cohort given and no synthetic cohort configured.
     """
     from aad_med.data.validation import load_cohort
@@ -92,14 +92,25 @@ def load_training_subjects(
     records: list[SubjectRecord] = []
     owners: list[str] = []
     resolved: list[str] = []
+    problems: list[str] = []
     for p in paths:
-        cohort = load_cohort(p, skip_invalid=bool(cfg.data.get("skip_invalid", False)))
+        # Every cohort is checked, so all problems of all cohorts are reported at once.
+        try:
+            cohort = load_cohort(p, skip_invalid=bool(cfg.data.get("skip_invalid", False)))
+        except CohortError as e:
+            problems.extend(e.problems)
+            continue
+        except InputError as e:
+            problems.append(str(e))
+            continue
         for line in cohort.skipped:
             log.warning("skipped: %s", line)
         where = str(Path(p).resolve())
         resolved.append(where)
         records.extend(cohort.subjects)
         owners.extend([where] * len(cohort.subjects))
+    if problems:
+        raise CohortError(problems)
     if not records:
         raise ConfigError(f"no valid subjects in data.cohorts={paths}")
     return records, owners, resolved

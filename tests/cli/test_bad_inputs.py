@@ -452,6 +452,24 @@ def test_several_problems_one_line_each_through_compare(
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
+def test_several_problems_one_line_each_through_train(built, tmp_path):
+    """aad-train checks every cohort before reporting, like aad-inspect and aad-compare."""
+    cases = ("all_zero_volume", "csv_missing_columns", "empty_cohort")
+    cohorts = ",".join(str(built(name).cohort) for name in cases)
+    out = tmp_path / "out"
+    args = tiny_overrides(built(cases[0]).cohort, tmp_path, **{"data.cohorts": f"[{cohorts}]"})
+    proc = run_cli("train", [*args, f"hydra.run.dir={out}"])
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 3, lines
+    for line, name in zip(lines, cases, strict=True):
+        b = built(name)
+        assert line.startswith(f"aad-train: error: {b.offender}"), line
+        assert b.problem in line
+    assert not out.exists()
+
+
 def test_tiny_checkpoint_itself_is_valid(tiny_checkpoint):
     """The refusals above come from the bad inputs, not from the shared checkpoint."""
     from aad_med.training.checkpoint import load_model_from_checkpoint
