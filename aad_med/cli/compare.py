@@ -21,6 +21,7 @@ complete). A run that fails leaves no folder behind unless the folder existed be
 from __future__ import annotations
 
 import logging
+import os
 import re
 import sys
 from collections.abc import Sequence
@@ -139,6 +140,11 @@ def main() -> None:
     global _preexisting_run_dir
     register_resolvers()
     argv = sys.argv[1:]
+    if verbose_requested(argv):
+        os.environ["AAD_MED_VERBOSE"] = "1"
+        os.environ.setdefault("HYDRA_FULL_ERROR", "1")
+        # Hydra's parser does not know these flags; the environment carries them instead.
+        argv = [a for a in argv if a not in ("-v", "--verbose")]
     run_dir = explicit_run_dir(argv)
     if run_dir is not None and run_dir.exists():
         _preexisting_run_dir = run_dir.resolve()

@@ -423,15 +423,25 @@ def test_unreadable_file_in_process(tool, built, good_cohort, tiny_checkpoint, t
 
 
 @pytest.mark.parametrize(
-    "tool", ["inspect", pytest.param("train", marks=pytest.mark.slow), "compare"]
+    ("tool", "flag"),
+    [
+        ("inspect", "-v"),
+        ("inspect", "--verbose"),
+        pytest.param("train", "verbose=true", marks=pytest.mark.slow),
+        pytest.param("train", "--verbose", marks=pytest.mark.slow),
+        ("compare", "verbose=true"),
+        ("compare", "--verbose"),
+        ("compare", "-v"),
+    ],
 )
-def test_verbose_shows_the_traceback(tool, built, good_cohort, tiny_checkpoint, tmp_path):
+def test_verbose_shows_the_traceback(tool, flag, built, good_cohort, tiny_checkpoint, tmp_path):
     b = built("truncated_gz")
     args = command_line(tool, b, tmp_path / "out", good_cohort, tiny_checkpoint)
-    proc = run_cli(tool, [*args, "-v" if tool == "inspect" else "verbose=true"])
+    proc = run_cli(tool, [*args, flag])
     assert proc.returncode != 0
-    assert "Traceback" in proc.stderr and "CohortError" in proc.stderr
+    assert "Traceback" in proc.stderr and "CohortError" in proc.stderr, proc.stderr[-2000:]
     assert str(b.offender) in proc.stderr
+    assert "unrecognized arguments" not in proc.stderr
 
 
 def test_several_problems_one_line_each_through_compare(
