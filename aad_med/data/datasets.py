@@ -16,7 +16,13 @@ Which cache to use:
 - ``"none"`` (:class:`monai.data.Dataset`): preprocess on every access. Use it for a single
   pass (embedding a cohort once) where a cache would only cost memory.
 
-All three give identical items. Randomness (training patches) depends only on
+All three give identical items. Training datasets also cache the look-up tables of the patch
+sampler (:data:`~aad_med.data.transforms.SAMPLING_KEYS`: brain integral image, brain and tumour
+voxel indices), so cached epochs only draw and cut patches; this adds about a third to the
+memory of each cached subject. Their disk-cache entries have their own keys, so evaluation
+entries (without the tables) are unchanged and never mixed up with them.
+
+Randomness (training patches) depends only on
 ``(seed, epoch, subject index)``, so the same seed gives the same patches whatever the
 number of DataLoader workers or the order of access; call :meth:`PatchDataset.set_epoch`
 before each epoch (the workers of a non-persistent DataLoader see the new epoch).
@@ -43,6 +49,8 @@ from aad_med.data.records import SubjectRecord
 from aad_med.data.transforms import (
     PATCH_KEYS,
     PREPROCESSED_KEYS,
+    AddSamplingIndexd,
+    SafeCompose,
     deterministic_transforms,
     find_project_error,
     train_transforms,
@@ -68,20 +76,26 @@ CACHE_VERSION = 1
 
 
 class RecordHasher:
-    """Disk-cache key of a record dict: its content, its files' size and mtime, and the config.
+    """Disk-cache key of a record dict: its content, its files' size and mtime, the config and
+    the variant of the cached output.
 
     A class rather than a closure so the dataset stays picklable for DataLoader workers.
     """
 
-    def __init__(self, cfg: PreprocessingConfig):
+    def __init__(self, cfg: PreprocessingConfig, variant: str = ""):
         self.cfg_json = json.dumps(cfg.to_dict(), sort_keys=True, default=str)
+        self.variant = variant
 
     def __call__(self, item: dict) -> bytes:
-        return record_hash(item, self.cfg_json).encode("utf-8")
+        return record_hash(item, self.cfg_json, self.variant).encode("utf-8")
 
 
-def record_hash(item: dict, cfg_json: str) -> str:
-    """Hex digest identifying one subject's preprocessing input (files + config)."""
+def record_hash(item: dict, cfg_json: str, variant: str = "") -> str:
+    """Hex digest identifying one subject's preprocessing input (files + config).
+
+    ``variant`` names extra cached content (``"sampling_index"`` for training items); the empty
+    default gives the keys of plain preprocessed subjects.
+    """
     stats = {}
     for key, value in sorted(item.items()):
         if isinstance(value, str) and value and key != "subject_id":
@@ -90,11 +104,10 @@ def record_hash(item: dict, cfg_json: str) -> str:
                 stats[key] = [st.st_size, st.st_mtime_ns]
             except OSError:
                 stats[key] = None
-    payload = json.dumps(
-        {"v": CACHE_VERSION, "item": item, "stats": stats, "cfg": cfg_json},
-        sort_keys=True,
-        default=str,
-    )
+    fields = {"v": CACHE_VERSION, "item": item, "stats": stats, "cfg": cfg_json}
+    if variant:
+        fields["variant"] = variant
+    payload = json.dumps(fields, sort_keys=True, default=str)
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:40]
 
 
@@ -204,6 +217,7 @@ def build_subject_dataset(
     cache: str = "none",
     cache_dir: str | Path | None = None,
     num_workers: int = 0,
+    sampling_index: bool = False,
 ) -> torch.utils.data.Dataset:
     """Dataset of preprocessed subjects (deterministic transforms only), cached as requested.
 
@@ -213,9 +227,12 @@ def build_subject_dataset(
         cache: ``"memory"``, ``"disk"`` or ``"none"`` (see the module docstring).
         cache_dir: folder of the disk cache (required for ``"disk"``; created if missing).
         num_workers: threads used to fill the memory cache.
+        sampling_index: also compute (and cache) the patch sampler's look-up tables
+            (:data:`~aad_med.data.transforms.SAMPLING_KEYS`), for training.
 
     Returns:
-        A dataset whose item ``i`` is the dict of :data:`PREPROCESSED_KEYS` for ``records[i]``.
+        A dataset whose item ``i`` is the dict of :data:`PREPROCESSED_KEYS` for ``records[i]``
+        (plus :data:`~aad_med.data.transforms.SAMPLING_KEYS` with ``sampling_index``).
 
     Raises:
         ConfigError: unknown cache mode, or ``"disk"`` without ``cache_dir``.
@@ -223,6 +240,10 @@ def build_subject_dataset(
     """
     data = _record_dicts(records)
     transform = deterministic_transforms(cfg)
+    variant = ""
+    if sampling_index:
+        transform = SafeCompose([*transform.transforms, AddSamplingIndexd()], log_stats=False)
+        variant = "sampling_index"
     if cache == "memory":
         try:
             return CachedSubjectDataset(
@@ -246,7 +267,11 @@ def build_subject_dataset(
         cache_dir = Path(cache_dir)
         cache_dir.mkdir(parents=True, exist_ok=True)
         return PersistentSubjectDataset(
-            data, transform, cache_dir=cache_dir, hash_func=RecordHasher(cfg), weights_only=True
+            data,
+            transform,
+            cache_dir=cache_dir,
+            hash_func=RecordHasher(cfg, variant),
+            weights_only=True,
         )
     if cache == "none":
         return SubjectDataset(data, transform)
@@ -307,7 +332,8 @@ def build_train_dataset(
     num_workers: int = 0,
     seed: int = 0,
 ) -> PatchDataset:
-    """Training patches: the cached deterministic part, then random patch sampling.
+    """Training patches: the cached deterministic part (with the sampler's look-up tables), then
+    random patch sampling.
 
     Each item is one subject's list of ``samples_per_subject`` patch dicts; use
     ``DataLoader(ds, batch_size=B, collate_fn=train_collate)`` to get ``B * S`` patches a batch.
@@ -323,7 +349,9 @@ def build_train_dataset(
         num_workers: threads used to fill the memory cache.
         seed: patch sampling seed.
     """
-    subjects = build_subject_dataset(records, cfg, cache, cache_dir, num_workers)
+    subjects = build_subject_dataset(
+        records, cfg, cache, cache_dir, num_workers, sampling_index=True
+    )
     rand = train_transforms(cfg, samples_per_subject, tumour_ratio=tumour_ratio, augment=augment)
     return PatchDataset(subjects, rand, seed=seed)
 

@@ -25,7 +25,7 @@ from aad_med.data.datasets import (
 )
 from aad_med.data.preprocessing import PreprocessingConfig
 from aad_med.data.records import ImageSource, SubjectRecord
-from aad_med.data.transforms import DEFAULT_AUGMENT, PREPROCESSED_KEYS
+from aad_med.data.transforms import DEFAULT_AUGMENT, PREPROCESSED_KEYS, SAMPLING_KEYS
 from aad_med.errors import ConfigError, InputError
 
 CFG = PreprocessingConfig(patch_size=8, min_brain_fraction=0.4)
@@ -91,6 +91,7 @@ def test_disk_cache_key_follows_config_and_files(records, tmp_path):
     before = record_hash(item, "cfg")
     assert record_hash(item, "cfg") == before
     assert record_hash(item, "other cfg") != before
+    assert record_hash(item, "cfg", "sampling_index") != before
     path = records[0].images["t1"].path
     st = path.stat()
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
@@ -217,3 +218,19 @@ def test_items_are_copies_of_the_memory_cache(records):
     item = ds[0]
     item["image"] = torch.zeros(1)
     assert ds[0]["image"].shape[0] == 4
+
+
+def test_training_cache_holds_the_sampler_tables(records, tmp_path):
+    """Training items carry the patch sampler's tables; evaluation items and keys do not."""
+    cache_dir = tmp_path / "cache"
+    ev = build_eval_dataset(records, CFG, cache="disk", cache_dir=cache_dir)
+    for cache in ("memory", "disk", "none"):
+        tr = build_train_dataset(records, CFG, cache=cache, cache_dir=cache_dir, seed=0)
+        for i in range(len(records)):
+            item = tr.subjects[i]
+            assert set(item) == set(PREPROCESSED_KEYS) | set(SAMPLING_KEYS), cache
+            assert (item["tumour_index"].numel() > 0) is (records[i].seg is not None)
+    for i in range(len(records)):
+        assert set(ev[i]) == set(PREPROCESSED_KEYS)
+    # One entry per subject for each variant: evaluation and training entries never collide.
+    assert len(list(cache_dir.glob("*.pt"))) == 2 * len(records)

@@ -20,6 +20,8 @@ from aad_med.data.transforms import (
     DEFAULT_AUGMENT,
     PATCH_KEYS,
     PREPROCESSED_KEYS,
+    SAMPLING_KEYS,
+    AddSamplingIndexd,
     LoadSubjectd,
     RandBrainPatchd,
     deterministic_transforms,
@@ -344,3 +346,49 @@ def test_sampler_falls_back_to_the_best_patch():
     t.set_random_state(0)
     for s in t(d):
         assert int(s["brain"].sum()) == 8  # the whole 2x2x2 brain is inside every patch
+
+
+def test_sampling_index_matches_brute_force(subject):
+    d = deterministic_transforms(CFG)(subject.as_dict())
+    out = AddSamplingIndexd()(d)
+    assert set(out) == set(PREPROCESSED_KEYS) | set(SAMPLING_KEYS)
+    brain = d["brain"][0] > 0
+    shape = tuple(brain.shape)
+    integral = out["brain_integral"]
+    assert integral.dtype == torch.int32 and tuple(integral.shape) == tuple(s + 1 for s in shape)
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        lo = [int(rng.integers(0, s)) for s in shape]
+        hi = [int(rng.integers(a + 1, s + 1)) for a, s in zip(lo, shape, strict=True)]
+        box = brain[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]].sum()
+        corners = sum(
+            (-1) ** (3 - sum(c)) * int(integral[tuple((hi if c[i] else lo)[i] for i in range(3))])
+            for c in itertools.product((0, 1), repeat=3)
+        )
+        assert corners == int(box)
+    flat = np.flatnonzero(brain.numpy())
+    np.testing.assert_array_equal(out["brain_index"].numpy(), flat)
+    tumour = np.flatnonzero(d["seg"][0].numpy() > 0)
+    assert tumour.size > 0
+    np.testing.assert_array_equal(out["tumour_index"].numpy(), tumour)
+    no_seg = AddSamplingIndexd()({**d, "has_seg": False})
+    assert no_seg["tumour_index"].numel() == 0
+
+
+def test_cached_sampling_index_gives_the_same_patches(subject):
+    d = deterministic_transforms(CFG)(subject.as_dict())
+    cached = AddSamplingIndexd()(d)
+    t = train_transforms(CFG, 12, tumour_ratio=0.5, augment=DEFAULT_AUGMENT)
+    ref = t.set_random_state(5)(d)
+    fast = t.set_random_state(5)(cached)
+    assert any(s["patch_tumour"] for s in ref)
+    for a, b in zip(ref, fast, strict=True):
+        assert set(a) == set(b) == set(PATCH_KEYS)
+        assert torch.equal(a["patch_start"], b["patch_start"])
+        assert a["patch_tumour"] == b["patch_tumour"]
+        for key in ("image", "seg", "brain"):
+            assert torch.equal(a[key], b[key]), key
+    # Tables that do not fit the volume (e.g. from another subject) are rebuilt, not trusted.
+    stale = {**cached, "brain_integral": cached["brain_integral"][:-1]}
+    again = t.set_random_state(5)(stale)
+    assert all(torch.equal(a["image"], b["image"]) for a, b in zip(ref, again, strict=True))
