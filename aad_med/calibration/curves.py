@@ -23,7 +23,6 @@ the same checkpoint and feature set.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 import json
@@ -48,14 +47,12 @@ from aad_med.data.transforms import (
     AddBrainMaskd,
     SafeCompose,
     deterministic_transforms,
-    eval_patch_positions,
-    extract_patches,
 )
 from aad_med.distances.hotelling import aad_standardized
 from aad_med.distances.permutation import aad_permutation_test
 from aad_med.embedding.cache import file_sha256
-from aad_med.embedding.encode import check_model_matches, resolve_device
-from aad_med.embedding.features import PatchBatch, get_feature_set
+from aad_med.embedding.encode import check_model_matches, encode_subject, resolve_device
+from aad_med.embedding.features import get_feature_set
 from aad_med.errors import ConfigError, InputError
 
 log = logging.getLogger("aad_med.calibrate")
@@ -188,12 +185,6 @@ def split_preprocessing(preprocessing: PreprocessingConfig) -> tuple[SafeCompose
     )
 
 
-def _autocast(device: torch.device):
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 def encode_preprocessed(
     model: torch.nn.Module,
     item: Mapping[str, Any],
@@ -203,21 +194,9 @@ def encode_preprocessed(
     feature_set,
 ) -> np.ndarray:
     """One preprocessed subject (keys of ``PREPROCESSED_KEYS``) -> its feature vector, on the
-    same evaluation grid and with the same reduction as :func:`aad_med.embedding.embed_cohort`."""
-    image = torch.as_tensor(item["image"]).as_subclass(torch.Tensor).to(device)
-    brain = torch.as_tensor(item["brain"]).as_subclass(torch.Tensor).to(device)
-    crop_start = torch.as_tensor(np.asarray(item["crop_start"], dtype=np.int64))
-    p = preprocessing.patch_size
-    positions = eval_patch_positions(
-        brain, p, preprocessing.stride, preprocessing.min_brain_fraction
-    )
-    acc = feature_set.accumulator()
-    for chunk in positions.split(batch_size):
-        patches = extract_patches(image, chunk, p)
-        with torch.inference_mode(), _autocast(device):
-            z = model.encode(patches)
-            acc.add(PatchBatch(model, patches, z.float().cpu(), chunk.cpu() + crop_start))
-    return np.asarray(acc.vector(), dtype=np.float64)
+    same evaluation grid and with the same reduction as :func:`aad_med.embedding.embed_cohort`
+    (both run :func:`aad_med.embedding.encode.encode_subject`)."""
+    return encode_subject(model, item, preprocessing, device, batch_size, feature_set).vector
 
 
 def _shifted_item(raw: Mapping[str, Any], artefact: str, severity: float, seed: int) -> dict:

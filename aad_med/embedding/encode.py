@@ -1,7 +1,10 @@
 """Encoding a cohort: every subject's deterministic evaluation grid of brain patches goes through
 the encoder in batches (no gradients; bf16 autocast on CUDA) and is reduced to one vector by the
 chosen feature set. Streamed: one subject is in memory at a time, so memory does not grow with the
-cohort beyond the per-subject vectors."""
+cohort beyond the per-subject vectors.
+
+:func:`encode_subject` encodes one preprocessed subject; :func:`embed_cohort` runs it over a
+cohort, and the calibration stage over artefact-shifted copies of subjects."""
 
 from __future__ import annotations
 
@@ -9,9 +12,10 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -68,6 +72,27 @@ class CohortEmbedding:
         return int(self.vectors.shape[1])
 
 
+@dataclass
+class SubjectEncoding:
+    """One subject encoded on its evaluation grid.
+
+    Attributes:
+        vector: ``(F,)`` float64, the feature set's vector.
+        latent_mean: ``(latent_dim,)`` float64 mean patch latent.
+        positions: ``(N, 3)`` int64 patch start corners in the preprocessed (cropped) volume.
+        latents: ``(N, latent_dim)`` float32 patch latents (only with ``keep_latents``).
+    """
+
+    vector: np.ndarray
+    latent_mean: np.ndarray
+    positions: np.ndarray
+    latents: np.ndarray | None = None
+
+    @property
+    def n_patches(self) -> int:
+        return int(self.positions.shape[0])
+
+
 def subject_folder(record: SubjectRecord) -> str:
     """The common parent folder of a subject's files."""
     return os.path.commonpath([str(Path(p).resolve().parent) for p in record.files])
@@ -112,6 +137,75 @@ def _ras_affine(affine: torch.Tensor, crop_start: Sequence[int]) -> np.ndarray:
     shift = np.eye(4)
     shift[:3, 3] = -np.asarray(crop_start, dtype=np.float64)
     return a @ shift
+
+
+class _CannotEncode(ValueError):
+    """``model.encode`` refused the patches (told apart from other ``ValueError``s)."""
+
+
+def encode_subject(
+    model: torch.nn.Module,
+    item: Mapping[str, Any],
+    preprocessing: PreprocessingConfig,
+    device: str | torch.device,
+    batch_size: int,
+    feature_set: FeatureSet,
+    keep_latents: bool = False,
+) -> SubjectEncoding:
+    """Encode one preprocessed subject (keys of ``PREPROCESSED_KEYS``) on its evaluation grid.
+
+    The grid is :func:`~aad_med.data.transforms.eval_patch_positions` with the preprocessing's
+    stride and minimum brain fraction; patches go through ``model.encode`` ``batch_size`` at a
+    time (inference mode, bf16 autocast on CUDA) and are reduced by ``feature_set``. The model
+    must already be on ``device`` and in eval mode.
+
+    Args:
+        model: the autoencoder (``encode(x) -> (B, latent_dim)``).
+        item: the preprocessed subject (``image``, ``brain``, ``crop_start``).
+        preprocessing: the preprocessing the model was trained with.
+        device: where the patches are cut and encoded (``"cpu"``, ``"cuda:0"``, ...).
+        batch_size: patches per forward pass.
+        feature_set: the reduction of the patch latents to the subject's vector.
+        keep_latents: also return every patch latent (for the regional map).
+
+    Returns:
+        The subject's :class:`SubjectEncoding`.
+
+    Raises:
+        ValueError: the model cannot encode these patches (callers name the subject).
+    """
+    device = torch.device(device)
+    image = torch.as_tensor(item["image"]).as_subclass(torch.Tensor).to(device, non_blocking=True)
+    brain = torch.as_tensor(item["brain"]).as_subclass(torch.Tensor).to(device)
+    crop_start = torch.as_tensor(np.asarray(item["crop_start"], dtype=np.int64))
+    p = preprocessing.patch_size
+    positions = eval_patch_positions(
+        brain, p, preprocessing.stride, preprocessing.min_brain_fraction
+    )
+    acc = feature_set.accumulator()
+    latent_acc = LatentMeanAccumulator()
+    latents = []
+    for chunk in positions.split(batch_size):
+        patches = extract_patches(image, chunk, p)
+        with torch.inference_mode(), _autocast(device):
+            try:
+                z = model.encode(patches)
+            except ValueError as e:
+                raise _CannotEncode(str(e)) from None
+            batch = PatchBatch(model, patches, z.float().cpu(), chunk.cpu() + crop_start)
+            latent_acc.add(batch)
+            if not isinstance(acc, LatentMeanAccumulator):
+                acc.add(batch)
+        if keep_latents:
+            latents.append(batch.latents.numpy())
+    mean = latent_acc.vector()
+    vec = mean if isinstance(acc, LatentMeanAccumulator) else acc.vector()
+    return SubjectEncoding(
+        vector=np.asarray(vec, dtype=np.float64),
+        latent_mean=mean,
+        positions=positions.cpu().numpy(),
+        latents=np.concatenate(latents) if keep_latents else None,
+    )
 
 
 def _subject_iterator(records: Sequence[SubjectRecord], preprocessing, num_workers: int):
@@ -167,8 +261,11 @@ def embed_cohort(
     check_model_matches(model, preprocessing)
     model = model.to(device).eval()
     name = name or Path(cohort.path).name
-    p, stride = preprocessing.patch_size, preprocessing.stride
-    regional = RegionalAccumulator(stride, p) if keep_positions else None
+    regional = (
+        RegionalAccumulator(preprocessing.stride, preprocessing.patch_size)
+        if keep_positions
+        else None
+    )
     ids, paths, n_patches, vectors, latent_means = [], [], [], [], []
     t0 = time.perf_counter()
     bar = tqdm(
@@ -184,36 +281,25 @@ def embed_cohort(
             _subject_iterator(cohort.subjects, preprocessing, num_workers),
             strict=True,
         ):
-            image = torch.as_tensor(item["image"]).to(device, non_blocking=True)
-            brain = torch.as_tensor(item["brain"]).to(device)
-            crop_start = np.asarray(item["crop_start"], dtype=np.int64)
-            positions = eval_patch_positions(brain, p, stride, preprocessing.min_brain_fraction)
-            acc = feature_set.accumulator()
-            latent_acc = LatentMeanAccumulator()
-            subject_latents = []
-            for chunk in positions.split(batch_size):
-                patches = extract_patches(image, chunk, p)
-                with torch.inference_mode(), _autocast(device):
-                    try:
-                        z = model.encode(patches)
-                    except ValueError as e:
-                        raise CheckpointError(
-                            f"{subject_folder(record)}: model cannot encode these patches ({e})"
-                        ) from None
-                    batch = PatchBatch(
-                        model, patches, z.float().cpu(), chunk.cpu() + torch.from_numpy(crop_start)
-                    )
-                    latent_acc.add(batch)
-                    if not isinstance(acc, LatentMeanAccumulator):
-                        acc.add(batch)
-                if regional is not None:
-                    subject_latents.append(batch.latents.numpy())
-            mean = latent_acc.vector()
-            vec = mean if isinstance(acc, LatentMeanAccumulator) else acc.vector()
+            try:
+                enc = encode_subject(
+                    model,
+                    item,
+                    preprocessing,
+                    device,
+                    batch_size,
+                    feature_set,
+                    keep_latents=regional is not None,
+                )
+            except _CannotEncode as e:
+                raise CheckpointError(
+                    f"{subject_folder(record)}: model cannot encode these patches ({e})"
+                ) from None
             if regional is not None:
+                crop_start = np.asarray(item["crop_start"], dtype=np.int64)
                 regional.add_subject(
-                    positions.cpu().numpy() + crop_start,
-                    np.concatenate(subject_latents),
+                    enc.positions + crop_start,
+                    enc.latents,
                     np.asarray(torch.as_tensor(item["image"]).cpu()),
                     crop_start,
                     tuple(item["ras_shape"]),
@@ -221,9 +307,9 @@ def embed_cohort(
                 )
             ids.append(record.subject_id)
             paths.append(subject_folder(record))
-            n_patches.append(int(positions.shape[0]))
-            vectors.append(np.asarray(vec, dtype=np.float64))
-            latent_means.append(mean)
+            n_patches.append(enc.n_patches)
+            vectors.append(enc.vector)
+            latent_means.append(enc.latent_mean)
             bar.update(1)
     finally:
         bar.close()

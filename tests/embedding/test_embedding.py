@@ -12,7 +12,7 @@ import torch
 
 from aad_med.data.datasets import build_eval_dataset
 from aad_med.data.preprocessing import PreprocessingConfig
-from aad_med.data.transforms import eval_patch_grid
+from aad_med.data.transforms import eval_patch_grid, eval_patch_positions
 from aad_med.embedding import (
     embed_cohort,
     embed_cohorts,
@@ -24,6 +24,7 @@ from aad_med.embedding import (
 )
 from aad_med.embedding import encode as encode_mod
 from aad_med.embedding.decode import decode_mean_difference
+from aad_med.embedding.encode import encode_subject
 from aad_med.embedding.regional import regional_aad_map, shared_space_problem
 from aad_med.errors import CheckpointError, ConfigError
 
@@ -185,3 +186,40 @@ def test_decode_mean_difference(model):
     assert d.shape == (4, 8, 8, 8) and np.all(d == 0)
     d = decode_mean_difference(model, np.zeros(6), np.ones(6))
     assert np.abs(d).max() > 0
+
+
+@pytest.mark.parametrize("features", ["latent", "multiscale"])
+def test_encode_subject_is_the_per_subject_step_of_embed_cohort(
+    model, cohorts, preprocessing, features
+):
+    emb = embed_cohort(
+        model, cohorts["siteA"], preprocessing, batch_size=4, features=features, progress=False
+    )
+    ds = build_eval_dataset(cohorts["siteA"].subjects, preprocessing)
+    fs = get_feature_set(features)
+    for i in range(len(ds)):
+        item = ds[i]
+        enc = encode_subject(
+            model, item, preprocessing, torch.device("cpu"), 4, fs, keep_latents=True
+        )
+        np.testing.assert_array_equal(enc.vector, emb.vectors[i])
+        np.testing.assert_array_equal(enc.latent_mean, emb.latent_means[i])
+        grid = eval_patch_positions(item["brain"], 8, preprocessing.stride, 0.25)
+        np.testing.assert_array_equal(enc.positions, grid.numpy())
+        assert enc.n_patches == emb.n_patches[i] and enc.latents.shape == (enc.n_patches, 6)
+        np.testing.assert_allclose(enc.latents.mean(axis=0), enc.latent_mean, rtol=1e-5, atol=1e-6)
+        assert encode_subject(model, item, preprocessing, "cpu", 4, fs).latents is None
+
+
+def test_a_model_that_cannot_encode_is_named(model, cohorts, preprocessing, monkeypatch):
+    def refuse(x):
+        raise ValueError("bad patch")
+
+    monkeypatch.setattr(model, "encode", refuse)
+    item = build_eval_dataset(cohorts["siteA"].subjects[:1], preprocessing)[0]
+    fs = get_feature_set("latent")
+    with pytest.raises(ValueError, match="bad patch"):
+        encode_subject(model, item, preprocessing, torch.device("cpu"), 4, fs)
+    folder = os.path.dirname(cohorts["siteA"].subjects[0].images["t1"].path)
+    with pytest.raises(CheckpointError, match=f"{folder}: model cannot encode these patches"):
+        embed_cohort(model, cohorts["siteA"], preprocessing, progress=False)
