@@ -1,7 +1,7 @@
-"""Run folders of the Hydra console scripts (``aad-train``, ``aad-compare``) as seen from the
-command line: reading ``key=value`` overrides before Hydra starts (so a refused run leaves an
-existing folder untouched, ``.hydra/`` included), and removing the folder a failed run created
-when it holds no results."""
+"""Run folders of the Hydra console scripts (``aad-train``, ``aad-compare``, ``aad-calibrate``)
+as seen from the command line: reading ``key=value`` overrides before Hydra starts (so a refused
+run leaves an existing folder untouched, ``.hydra/`` included), and removing the folder a failed
+run created when it holds no results."""
 
 from __future__ import annotations
 

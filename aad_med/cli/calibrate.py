@@ -12,6 +12,10 @@ run folder (each file complete or absent): ``calibration.csv`` (one row per arte
 cohort size and repeat), ``calibration.json`` (settings, summary, smallest reliably detected
 severity, and the rows), ``calibration_curves.png``, ``power.png`` and, unless
 ``save_embeddings=false``, ``calibration_embeddings.npz``.
+
+A ``hydra.run.dir`` that already holds results is refused before Hydra writes ``.hydra/`` into
+it, unless ``overwrite=true``; a run that fails leaves no folder behind unless the folder existed
+before. ``--verbose``/``-v`` shows tracebacks, as for the other console scripts.
 """
 
 from __future__ import annotations
@@ -27,7 +31,8 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from aad_med.cli._errors import run_reporting_errors
+from aad_med.cli._errors import run_reporting_errors, verbose_requested
+from aad_med.cli._runfolder import explicit_run_dir, flag, remove_failed_run
 from aad_med.errors import ConfigError
 
 PROG = "aad-calibrate"
@@ -39,8 +44,13 @@ RESULT_FILES = (
     "power.png",
     "calibration_embeddings.npz",
 )
+"""Files ``aad-calibrate`` writes into its run folder: never written over unless
+``overwrite=true``."""
 
 log = logging.getLogger("aad_med.calibrate")
+
+_preexisting_run_dir: Path | None = None
+"""An explicit ``hydra.run.dir`` that existed before this run (never removed on failure)."""
 
 
 def settings_from_config(cfg: DictConfig):
@@ -87,18 +97,15 @@ def settings_from_config(cfg: DictConfig):
         raise ConfigError(f"invalid calibration setting: {e}") from None
 
 
-def check_output_dir(run_dir: Path, overwrite: bool) -> None:
+def check_calibrate_dir(run_dir: str | Path, overwrite: bool) -> None:
     """Refuse a run folder that already holds calibration results unless ``overwrite=true``.
 
     Raises:
-        ConfigError: results present (the message says what to set).
+        ConfigError: one line naming the folder and saying what to set.
     """
-    found = [name for name in RESULT_FILES if (run_dir / name).exists()]
-    if found and not overwrite:
-        raise ConfigError(
-            f"{run_dir}: already holds calibration results ({', '.join(found[:3])}); replace "
-            "them with overwrite=true or choose another hydra.run.dir"
-        )
+    from aad_med.training.rundir import check_run_dir
+
+    check_run_dir(run_dir, None, overwrite, delete=False, patterns=RESULT_FILES, resume_hint=False)
 
 
 def write_outputs(result: dict, run_dir: str | Path, save_embeddings: bool = True) -> list[Path]:
@@ -157,6 +164,11 @@ def write_outputs(result: dict, run_dir: str | Path, save_embeddings: bool = Tru
         for name in names:
             os.replace(stage / name, run_dir / name)
             written.append(run_dir / name)
+        # With overwrite=true, an earlier run's file this run does not write must not pass for
+        # one of its results (calibration_embeddings.npz after save_embeddings=false).
+        for name in RESULT_FILES:
+            if name not in names:
+                (run_dir / name).unlink(missing_ok=True)
         return written
     finally:
         shutil.rmtree(stage, ignore_errors=True)
@@ -175,7 +187,7 @@ def calibrate_from_config(cfg: DictConfig, run_dir: str | Path) -> dict:
         if OmegaConf.is_missing(cfg, key) or not cfg.get(key):
             raise ConfigError(f"{what} is required")
     run_dir = Path(run_dir)
-    check_output_dir(run_dir, bool(cfg.get("overwrite", False)))
+    check_calibrate_dir(run_dir, bool(cfg.get("overwrite", False)))
     settings = settings_from_config(cfg)
     # torch and MONAI load only once the command line is known to be complete.
     from aad_med.calibration import run_calibration
@@ -205,6 +217,7 @@ def _hydra_main(cfg: DictConfig) -> None:
         PROG, lambda: calibrate_from_config(cfg, run_dir) and 0, verbose=verbose
     )
     if rc:
+        remove_failed_run(run_dir, _preexisting_run_dir, RESULT_FILES)
         # SystemExit passes through Hydra untouched (it only reports Exceptions).
         sys.exit(rc)
 
@@ -213,7 +226,27 @@ def main() -> None:
     """Console script entry point (``aad-calibrate``)."""
     from aad_med.training.rundir import register_resolvers
 
+    global _preexisting_run_dir
     register_resolvers()
+    argv = sys.argv[1:]
+    if verbose_requested(argv):
+        os.environ["AAD_MED_VERBOSE"] = "1"
+        os.environ.setdefault("HYDRA_FULL_ERROR", "1")
+        # Hydra's parser does not know these flags; the environment carries them instead.
+        argv = [a for a in argv if a not in ("-v", "--verbose")]
+    run_dir = explicit_run_dir(argv)
+    if run_dir is not None and run_dir.exists():
+        _preexisting_run_dir = run_dir.resolve()
+    if run_dir is not None:
+        # Before Hydra writes .hydra/ into it: a refused run leaves the folder untouched.
+        rc = run_reporting_errors(
+            PROG,
+            lambda: check_calibrate_dir(run_dir, flag(argv, "overwrite")),
+            verbose=verbose_requested(argv),
+        )
+        if rc:
+            sys.exit(rc)
+    sys.argv = [sys.argv[0], *argv]
     _hydra_main()
 
 

@@ -117,17 +117,68 @@ def test_console_script_writes_every_output(calibrated):
 
 @pytest.mark.slow
 def test_refuses_to_overwrite_results(calibrated, calib_data):
+    out = calibrated["out"]
+    hydra_before = {p.name: p.read_bytes() for p in (out / ".hydra").iterdir()}
+    csv_before = (out / "calibration.csv").read_bytes()
     proc = run_cli(
         [
             f"checkpoint={calib_data['ckpt']}",
             f"reference={calib_data['reference']}",
             *QUICK,
-            f"hydra.run.dir={calibrated['out']}",
+            "seed=7",
+            f"hydra.run.dir={out}",
         ]
     )
     assert proc.returncode == 2
-    assert "already holds calibration results" in proc.stderr
-    assert "overwrite=true" in proc.stderr and "Traceback" not in proc.stderr
+    assert _error_lines(proc) == [
+        f"aad-calibrate: error: {out}: run folder already holds results (calibration.csv, "
+        "calibration.json, calibration_curves.png); replace it with overwrite=true, or choose "
+        "another hydra.run.dir"
+    ], proc.stderr
+    assert "Traceback" not in proc.stderr
+    # Refused before Hydra wrote into the folder: its record of the first run is untouched.
+    assert {p.name: p.read_bytes() for p in (out / ".hydra").iterdir()} == hydra_before
+    assert (out / "calibration.csv").read_bytes() == csv_before
+
+
+def _run_main(args: list[str], monkeypatch) -> int:
+    monkeypatch.setattr(sys, "argv", ["aad-calibrate", *map(str, args)])
+    monkeypatch.delenv("AAD_MED_VERBOSE", raising=False)
+    with pytest.raises(SystemExit) as exc:
+        calibrate_cli.main()
+    return exc.value.code
+
+
+def test_existing_results_refused_before_hydra_writes(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "power.png").write_bytes(b"an earlier result")
+    code = _run_main(["checkpoint=c.pt", "reference=r", f"hydra.run.dir={out}"], monkeypatch)
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"aad-calibrate: error: {out}: run folder already holds results (power")
+    assert "overwrite=true" in err and "Traceback" not in err
+    assert sorted(p.name for p in out.iterdir()) == ["power.png"]  # no .hydra/, no log
+
+
+def test_failed_run_leaves_no_new_folder(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    code = _run_main(["checkpoint=c.pt", f"hydra.run.dir={out}"], monkeypatch)
+    assert code == 2 and "reference=DIR_OR_CSV" in capsys.readouterr().err
+    assert not out.exists()
+    # A folder that existed before the run is kept, whatever Hydra wrote into it.
+    out.mkdir()
+    code = _run_main(["checkpoint=c.pt", f"hydra.run.dir={out}"], monkeypatch)
+    assert code == 2 and out.is_dir()
+
+
+@pytest.mark.parametrize("flag", ["-v", "--verbose", "verbose=true"])
+def test_verbose_shows_the_traceback(flag, tmp_path):
+    proc = run_cli(["checkpoint=c.pt", flag, f"hydra.run.dir={tmp_path / 'run'}"], timeout=120)
+    assert proc.returncode != 0
+    assert "Traceback" in proc.stderr and "ConfigError" in proc.stderr, proc.stderr[-2000:]
+    assert "reference=DIR_OR_CSV" in proc.stderr
+    assert "unrecognized arguments" not in proc.stderr
 
 
 def _error_lines(proc) -> list[str]:
