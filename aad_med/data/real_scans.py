@@ -53,7 +53,15 @@ _ITK_ROOTS = (
     "/usr/share/ITK-5.3",
     "/usr/share/ITK-5.2",
 )
-_ITK_NAMES = ("HeadMRVolume.mha", "HeadMRVolume.mhd", "BrainT1.nii.gz", "BrainT1.mha")
+# Debian 12 ships the Kmeans test T1 (128x128x62, 2x2x3 mm, with skull); later releases may add
+# the head MR volume.
+_ITK_NAMES = (
+    "KmeansTest_T1UCharRaw.nii.gz",
+    "HeadMRVolume.mha",
+    "HeadMRVolume.mhd",
+    "BrainT1.nii.gz",
+    "BrainT1.mha",
+)
 
 #: Tissue signal of the mixed channels (relative to the brain's median T1): CSF is bright in T2
 #: and dark in FLAIR, grey matter brighter than white matter in both.

@@ -120,22 +120,34 @@ def test_real_scans_mixed_in_one_subject_are_refused(tmp_path):
     assert line.startswith(f"{anat}: t2 shape (33, 41, 25) differs from t1 shape (197, 233, 189)")
 
 
+def itk_kmeans_file(name: str) -> Path:
+    for d in ITK_EXAMPLE_DIRS:
+        hits = sorted(d.rglob(name)) if d.is_dir() else []
+        if hits:
+            return hits[0]
+    pytest.skip(f"Debian's insighttoolkit5-examples is not installed (no {name})")
+
+
 def test_itk_example_t1(tmp_path):
-    candidates = [
-        p
-        for d in ITK_EXAMPLE_DIRS
-        if d.is_dir()
-        for p in d.rglob("*.nii*")
-        if "t1" in p.name.lower()
-    ]
-    if not candidates:
-        installed = any(d.is_dir() for d in ITK_EXAMPLE_DIRS)
-        pytest.skip(
-            "Debian's insighttoolkit5-examples ships no 3D T1 NIfTI here (Debian 12's package has "
-            "only 2D slices and checksum stubs of the BrainWeb volumes)"
-            if installed
-            else "Debian's insighttoolkit5-examples is not installed (no example T1 NIfTI)"
-        )
-    scan = sorted(candidates)[0]
-    fp = cohort_fingerprint(load_cohort(manifest_for(tmp_path, scan)))
-    assert fp["n_subjects"] == 1 and fp["intensity"]["t1"]["n_voxels"] > 0
+    """ITK's Kmeans example T1 (real, 128x128x62 at 2x2x3 mm, with skull) through the loader."""
+    scan = itk_kmeans_file("KmeansTest_T1UCharRaw.nii.gz")
+    cohort = load_cohort(manifest_for(tmp_path, scan))
+    loaded = load_subject(cohort.subjects[0])
+    assert loaded.image.shape == (4, 128, 128, 62)
+    assert np.allclose(loaded.spacing, (2.0, 2.0, 3.0))
+    fp = cohort_fingerprint(cohort)
+    expected = expected_foreground(scan)
+    assert fp["n_subjects"] == 1 and fp["intensity"]["t1"]["n_voxels"] == expected.size
+    assert fp["intensity"]["t1"]["mean"] == pytest.approx(expected.mean(), rel=1e-6)
+
+
+def test_itk_example_tissue_segmentation_is_not_a_tumour_seg(tmp_path):
+    """The example's real k-means tissue map (labels 0-6) offered as a seg: one line naming it."""
+    scan = itk_kmeans_file("KmeansTest_T1UCharRaw.nii.gz")
+    seg = itk_kmeans_file("KmeansTest_T1KmeansPrelimSegmentation.nii.gz")
+    rows = [{"subject_id": "itk0", **{ch: str(scan) for ch in CHANNELS}, "seg": str(seg)}]
+    manifest = write_csv_manifest(tmp_path / "manifest.csv", rows)
+    with pytest.raises(CohortError) as err:
+        load_cohort(manifest)
+    (line,) = err.value.problems
+    assert line.startswith(f"{seg}:") and "label" in line
