@@ -73,7 +73,8 @@ class CompareSettings:
     tests: Sequence[str] | None = None
     seed: int = 0
     device: str = "auto"
-    features: str = "latent"
+    # The default of configs/embedding/default.yaml (chosen by the sensitivity benchmark).
+    features: str = "multiscale+texture"
     batch_size: int = 32
     num_workers: int = 0
     cache: bool = True

@@ -105,7 +105,9 @@ def test_console_script_writes_every_output(calibrated):
         img = mpimg.imread(out / name)
         assert img.ndim == 3 and img.shape[0] > 200 and img.shape[1] > 400
     npz = np.load(out / "calibration_embeddings.npz")
-    assert npz["vectors"].shape == (5, 8, 8)
+    # The default features, multiscale+texture, of the (8, 16)-channel tiny encoder.
+    assert npz["vectors"].shape == (5, 8, 2 * (8 + 16) + 4 + 8 + 16)
+    assert info["settings"]["features"] == "multiscale+texture"
     assert list(npz["artefact"]) == ["none", "noise", "noise", "blur", "blur"]
     assert not [p for p in out.iterdir() if p.name.startswith(".calibration_tmp")]
     assert "wrote calibration.csv" in calibrated["proc"].stdout
@@ -255,7 +257,15 @@ def test_config_composes_to_settings():
         s = calibrate_cli.settings_from_config(cfg)
         assert s.artefacts == ["noise", "blur"] and s.n_per_cohort is None
         assert s.severities["noise"] == [0.05, 0.2] and s.n_permutations == 199
-        assert s.repeats == 3 and s.fraction_affected == 1.0 and s.features == "latent"
+        assert s.repeats == 3 and s.fraction_affected == 1.0
+        assert s.features == "multiscale+texture"  # configs/embedding/default.yaml
+        latent = calibrate_cli.settings_from_config(
+            compose(
+                "calibrate",
+                overrides=["checkpoint=c.pt", "reference=r", "embedding.features=latent"],
+            )
+        )
+        assert latent.features == "latent"
         full = calibrate_cli.settings_from_config(
             compose("calibrate", overrides=["checkpoint=c.pt", "reference=r"])
         )
