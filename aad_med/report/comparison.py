@@ -340,9 +340,11 @@ def _compare_into(
     from aad_med.distances import compare_embeddings
     from aad_med.embedding.cache import default_cache_dir, embed_cohorts, file_sha256
     from aad_med.embedding.decode import decode_mean_difference
+    from aad_med.embedding.features import get_feature_set
     from aad_med.embedding.io import write_embeddings_csv, write_embeddings_npz
     from aad_med.plots.images import plot_mean_difference
 
+    feature_set = get_feature_set(s.features)
     overlaps = {name: train_overlap(c, ckpt) for name, c in cohorts.items()}
     cache_dir = None
     if s.cache:
@@ -353,7 +355,7 @@ def _compare_into(
         preprocessing,
         device=device,
         batch_size=s.batch_size,
-        features=s.features,
+        features=feature_set,
         keep_positions=s.regional,
         checkpoint_hash=file_sha256(ckpt_path) if cache_dir else None,
         cache_dir=cache_dir,
@@ -373,7 +375,9 @@ def _compare_into(
         "checkpoint": str(ckpt_path.resolve()),
         "checkpoint_sha256": file_sha256(ckpt_path),
         "latent_dim": int(embs[names[0]].latent_means.shape[1]),
-        "features": s.features,
+        # The feature set of every statistic below (embeddings.csv holds its vectors).
+        "features": feature_set.name,
+        "features_description": feature_set.description,
         "dim": int(embs[names[0]].dim),
         "created": _dt.datetime.now().isoformat(timespec="seconds"),
         "settings": {

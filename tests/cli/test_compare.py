@@ -231,6 +231,7 @@ def test_end_to_end_outputs_and_significance(three_sites, data):
     assert shifted["aad_ci95"][0] <= shifted["aad"] <= shifted["aad_ci95"][1]
     assert res["checkpoint"] == str(Path(data["ckpt"]).resolve())
     assert res["latent_dim"] == 8 and res["features"] == "multiscale+texture"
+    assert res["features_description"].startswith("multiscale: per encoder stage")
     for name in ("site_a", "site_a2", "site_b"):
         info = res["cohorts"][name]
         assert info["n_subjects"] == 10 and info["train_overlap"] == 0
