@@ -1,5 +1,6 @@
-"""Figures of the latent space: cohort mean vectors with bootstrap bands, subjects in a PCA
-plane with 95% ellipses, and the attribution of AAD² to latent dimensions."""
+"""Figures of the latent space: cohort mean latent vectors with bootstrap bands, subjects in a
+PCA plane with 95% ellipses, and the attribution of AAD² to the dimensions of the vectors the
+statistics used (latent dimensions, or the columns of another feature set)."""
 
 from __future__ import annotations
 
@@ -69,9 +70,13 @@ def plot_latent_means(
     return save_figure(fig, path)
 
 
-def plot_latent_pca(vectors: Mapping[str, np.ndarray], path: str | Path) -> Path:
+def plot_latent_pca(
+    vectors: Mapping[str, np.ndarray],
+    path: str | Path,
+    title: str = "Subjects in latent space (PCA); × = cohort mean, ellipse = 95%",
+) -> Path:
     """Subjects of every cohort on the first two principal axes, cohort means marked (×) and
-    95% normal ellipses drawn."""
+    95% normal ellipses drawn (``title`` names the space when it is not the latent one)."""
     names = list(vectors)
     colors = cohort_colors(names)
     projected, explained = pca_2d(dict(vectors))
@@ -89,18 +94,24 @@ def plot_latent_pca(vectors: Mapping[str, np.ndarray], path: str | Path) -> Path
             ax.plot(ell[:, 0], ell[:, 1], color=colors[name], lw=1.2)
     ax.set_xlabel(f"PC1 ({100 * explained[0]:.0f}% of variance)")
     ax.set_ylabel(f"PC2 ({100 * explained[1]:.0f}% of variance)")
-    ax.set_title("Subjects in latent space (PCA); × = cohort mean, ellipse = 95%")
+    ax.set_title(title)
     ax.legend(fontsize=8)
     return save_figure(fig, path)
 
 
-def plot_attribution(pairs: Sequence[Mapping], path: str | Path, top: int = 10) -> Path:
-    """Per pair, the latent dimensions carrying the largest share of AAD² (horizontal bars).
+def plot_attribution(
+    pairs: Sequence[Mapping],
+    path: str | Path,
+    top: int = 10,
+    title: str = "Which latent dimensions carry the distance",
+) -> Path:
+    """Per pair, the dimensions carrying the largest share of AAD² (horizontal bars).
 
     Args:
         pairs: dicts with ``a``, ``b`` and ``top_dims`` as ``[[dim, share], ...]``.
         path: output PNG.
         top: bars per pair.
+        title: figure title (names the feature set when it is not ``latent``).
     """
     n = max(1, len(pairs))
     cols = min(3, n)
@@ -117,7 +128,7 @@ def plot_attribution(pairs: Sequence[Mapping], path: str | Path, top: int = 10) 
         ax.set_title(f"{pair['a']} vs {pair['b']}", fontsize=10)
     for ax in axes[len(pairs) :]:
         ax.set_visible(False)
-    fig.suptitle("Which latent dimensions carry the distance")
+    fig.suptitle(title)
     return save_figure(fig, path)
 
 

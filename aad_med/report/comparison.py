@@ -390,6 +390,8 @@ def _compare_into(
         "preprocessing": preprocessing.to_dict(),
     }
     result.update(stats)
+    if feature_set.name != "latent":
+        add_latent_aad(result["pairs"], {n: e.latent_means for n, e in embs.items()}, s)
     for name in names:
         info = dict(result.get("cohorts", {}).get(name, {}))
         info.update(
@@ -433,6 +435,37 @@ def _compare_into(
     return result
 
 
+LATENT_KEYS = (
+    "latent_aad",
+    "latent_aad_p",
+    "latent_aad_p_fdr",
+    "latent_aad_ci95",
+    "latent_aad_null_median",
+    "latent_aad_null_ratio",
+)
+"""Per-pair keys of the seed's AAD (mean patch latents) when another feature set is used."""
+
+
+def add_latent_aad(
+    pairs: Sequence[dict], latent_means: Mapping[str, np.ndarray], s: CompareSettings
+) -> None:
+    """Add the seed's AAD of every pair (:data:`LATENT_KEYS`), computed on the plain latent means
+    with the same permutation count, bootstrap count and seed as the main statistics."""
+    from aad_med.distances import compare_embeddings
+
+    latent = compare_embeddings(
+        latent_means,
+        n_permutations=s.n_permutations,
+        n_bootstrap=s.n_bootstrap,
+        seed=s.seed,
+        tests=("aad",),
+    )
+    by_pair = {(lp["a"], lp["b"]): lp for lp in latent["pairs"]}
+    for pair in pairs:
+        lp = by_pair[(pair["a"], pair["b"])]
+        pair.update({key: lp[key.removeprefix("latent_")] for key in LATENT_KEYS})
+
+
 def _figures(tmp: Path, embs: Mapping[str, CohortEmbedding], result: Mapping, s) -> dict:
     from aad_med.plots.latent import plot_attribution, plot_latent_means, plot_latent_pca
     from aad_med.plots.statistics import (
@@ -452,20 +485,26 @@ def _figures(tmp: Path, embs: Mapping[str, CohortEmbedding], result: Mapping, s)
     }
     # Order dimensions by the pair that differs most beyond chance: with several cohorts the
     # first pair is often a same-site one, whose shares are noise.
-    first = max(pairs, key=lambda p: p.get("aad_null_ratio") or 0.0)
+    ratio = "latent_aad_null_ratio" if "latent_aad_null_ratio" in pairs[0] else "aad_null_ratio"
+    first = max(pairs, key=lambda p: p.get(ratio) or 0.0)
     delta = means[first["b"]] - means[first["a"]]
     total = float(delta @ delta)
     shares = delta**2 / total if total > 0 else np.zeros_like(delta)
     vectors = {n: e.vectors for n, e in embs.items()}
+    space = "latent" if result["features"] == "latent" else f"{result['features']} feature"
     out = {
         "latent_means": plot_latent_means(
             means,
             bands,
             plots / "latent_means.png",
             shares,
-            shares_label=f"share of AAD²\n({first['a']} vs {first['b']})",
+            shares_label=f"share of latent AAD²\n({first['a']} vs {first['b']})",
         ),
-        "latent_pca": plot_latent_pca(vectors, plots / "latent_pca.png"),
+        "latent_pca": plot_latent_pca(
+            vectors,
+            plots / "latent_pca.png",
+            title=f"Subjects' {space} vectors (PCA); × = cohort mean, ellipse = 95%",
+        ),
         "null_distribution": plot_null_distribution(pairs, plots / "null_distribution.png"),
         "pairwise_aad": plot_pairwise_aad(
             names, np.asarray(result["pairwise_aad"]["matrix"]), plots / "pairwise_aad.png"
@@ -478,7 +517,11 @@ def _figures(tmp: Path, embs: Mapping[str, CohortEmbedding], result: Mapping, s)
             result["dendrogram"]["names"],
             plots / "dendrogram.png",
         ),
-        "attribution": plot_attribution(pairs, plots / "attribution.png"),
+        "attribution": plot_attribution(
+            pairs,
+            plots / "attribution.png",
+            title=f"Which dimensions of the {space} vectors carry the AAD",
+        ),
     }
     return {k: Path(v).relative_to(tmp) for k, v in out.items()}
 

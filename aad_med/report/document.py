@@ -17,6 +17,7 @@ from aad_med.report.text import (
     _fmt,
     fmt_p,
     interpretation,
+    latent_sentence,
     overlap_warning,
 )
 
@@ -33,6 +34,18 @@ CAPTIONS: dict[str, str] = {
     "dendrogram": "Cohorts clustered by AAD.",
     "attribution": "Latent dimensions carrying the largest share of AAD² for each pair.",
 }
+
+FEATURE_CAPTIONS: dict[str, str] = {
+    "latent_pca": "Subjects in the first two principal axes of the {features} vectors the "
+    "statistics used; × marks cohort means, ellipses hold about 95% of each cohort.",
+    "attribution": "Dimensions of the {features} vectors carrying the largest share of AAD² for "
+    "each pair.",
+    "latent_means": "Each cohort's mean latent vector (the seed's embedding, not the {features} "
+    "vectors of the statistics) with 95% bootstrap bands; dimensions ordered by their share of "
+    "the latent AAD² (bars below: the pair furthest above its latent null). Where the lines "
+    "separate beyond their bands, the mean latents differ.",
+}
+"""Captions of the figures that change meaning when the features are not ``latent``."""
 
 Block = tuple
 
@@ -82,29 +95,16 @@ def build_blocks(result: Mapping, images: Mapping[str, str | Path] | None = None
         b.append(("p", f"{len(skipped)} invalid subject(s) were left out (skip_invalid):"))
         b.append(("table", ["cohort", "left out"], [[n, line] for n, line in skipped]))
     b.append(("h2", "Summary"))
-    b.append(
-        (
-            "table",
-            ["pair", "AAD [95% CI]", "p", "FDR p", "× null median", "standardized"],
-            [
-                [
-                    f"{p['a']} vs {p['b']}",
-                    _aad_ci(p),
-                    fmt_p(p.get("aad_p")),
-                    fmt_p(p.get("aad_p_fdr")),
-                    _fmt(p.get("aad_null_ratio")),
-                    _fmt(p.get("aad_standardized")),
-                ]
-                for p in pairs
-            ],
-        )
-    )
+    b.append(_summary_table(result, pairs))
     enc = result.get("encoders")
     if enc:
         b.extend(_encoder_blocks(enc))
     for p in pairs:
         b.append(("h2", f"{p['a']} vs {p['b']}"))
         b.append(("p", interpretation(p)))
+        latent = latent_sentence(p)
+        if latent:
+            b.append(("p", latent))
         b.append(("table", ["statistic", "value"], _pair_rows(p)))
         top = p.get("top_dims") or []
         if top:
@@ -128,8 +128,12 @@ def build_blocks(result: Mapping, images: Mapping[str, str | Path] | None = None
             b.append(("img", item.get("caption", "Regional AAD"), item["png"]))
     if images:
         b.append(("h2", "Figures"))
+        features = str(result.get("features", "latent"))
         for key, path in images.items():
-            b.append(("img", CAPTIONS.get(key, key), path))
+            caption = CAPTIONS.get(key, key)
+            if features != "latent" and key in FEATURE_CAPTIONS:
+                caption = FEATURE_CAPTIONS[key].format(features=features)
+            b.append(("img", caption, path))
     b.append(("h2", "What each number means"))
     definitions = dict(DEFINITIONS)
     extra = result.get("definitions") or {}
@@ -190,9 +194,38 @@ def _encoder_blocks(enc: Mapping) -> list[Block]:
     return b
 
 
-def _aad_ci(p: Mapping) -> str:
-    ci = p.get("aad_ci95") or [None, None]
-    return f"{_fmt(p.get('aad'))} [{_fmt(ci[0])}, {_fmt(ci[1])}]"
+def _summary_table(result: Mapping, pairs: list[Mapping]) -> Block:
+    """One row per pair: the AAD of the chosen features, then, as their own labelled columns,
+    the seed's latent AAD (when other features were used)."""
+    features = str(result.get("features", "latent"))
+    label = "AAD [95% CI]" if features == "latent" else f"AAD ({features}) [95% CI]"
+    header = ["pair", label, "p", "FDR p", "× null median", "standardized"]
+    latent = any(p.get("latent_aad") is not None for p in pairs)
+    if latent:
+        header += ["seed's latent AAD [95% CI]", "latent AAD p (FDR)", "latent × null median"]
+    rows = []
+    for p in pairs:
+        row = [
+            f"{p['a']} vs {p['b']}",
+            _aad_ci(p),
+            fmt_p(p.get("aad_p")),
+            fmt_p(p.get("aad_p_fdr")),
+            _fmt(p.get("aad_null_ratio")),
+            _fmt(p.get("aad_standardized")),
+        ]
+        if latent:
+            row += [
+                _aad_ci(p, "latent_aad"),
+                f"{fmt_p(p.get('latent_aad_p'))} ({fmt_p(p.get('latent_aad_p_fdr'))})",
+                _fmt(p.get("latent_aad_null_ratio")),
+            ]
+        rows.append(row)
+    return ("table", header, rows)
+
+
+def _aad_ci(p: Mapping, key: str = "aad") -> str:
+    ci = p.get(f"{key}_ci95") or [None, None]
+    return f"{_fmt(p.get(key))} [{_fmt(ci[0])}, {_fmt(ci[1])}]"
 
 
 def _pair_rows(p: Mapping) -> list[list[str]]:
@@ -209,6 +242,15 @@ def _pair_rows(p: Mapping) -> list[list[str]]:
         ["unbiased AAD²", _fmt(p.get("aad2_unbiased"))],
         ["standardized AAD (effect size)", _fmt(p.get("aad_standardized"))],
     ]
+    if p.get("latent_aad") is not None:
+        rows += [
+            ["seed's latent AAD [95% CI]", _aad_ci(p, "latent_aad")],
+            [
+                "latent AAD p (permutation; FDR-adjusted)",
+                f"{fmt_p(p.get('latent_aad_p'))}; {fmt_p(p.get('latent_aad_p_fdr'))}",
+            ],
+            ["latent AAD / its null median", _fmt(p.get("latent_aad_null_ratio"))],
+        ]
     optional = [
         ("Hotelling T² (p)", "hotelling_t2", "hotelling_p"),
         ("RBF MMD² (p)", "mmd2", "mmd_p"),

@@ -44,6 +44,14 @@ DEFINITIONS: dict[str, str] = {
     "after Benjamini-Hochberg correction across dimensions.",
     "top_dims": "Latent dimensions ranked by their share of AAD² ((Δμ_j)² / AAD²): where in the "
     "latent vector the distance lives.",
+    "features": "The feature set turning each subject into the vector AAD and the other "
+    "statistics compare (named at the top of the report; 'latent' is the seed's mean of patch "
+    "latents).",
+    "latent_aad": "The seed's AAD, always computed beside the chosen features: distance between "
+    "the cohorts' mean latent vectors, each subject's vector being the mean of its patch "
+    "latents. latent_aad_ci95, latent_aad_p, latent_aad_p_fdr and latent_aad_null_ratio are "
+    "its interval, permutation p-value (same permutations count and seed), FDR-adjusted "
+    "p-value and ratio to its null median.",
     "train_overlap": "Number of a cohort's subjects that were used to train the encoder. The "
     "encoder has seen them, so they sit unusually well in latent space and the tests become "
     "over-sensitive.",
@@ -99,6 +107,25 @@ def interpretation(pair: Mapping, alpha: float = ALPHA) -> str:
     return (
         f"{head}; p = {fmt_p(p)}: no evidence that the mean latent vectors differ. This does not "
         "show the cohorts are alike: AAD cannot see a change of spread with equal means."
+    )
+
+
+def latent_sentence(pair: Mapping, alpha: float = ALPHA) -> str | None:
+    """What the seed's latent AAD says about a pair, when the statistics used other features."""
+    if pair.get("latent_aad") is None:
+        return None
+    ci = pair.get("latent_aad_ci95") or [None, None]
+    p = pair.get("latent_aad_p_fdr", pair.get("latent_aad_p"))
+    verdict = (
+        "the mean latent vectors differ more than chance allows"
+        if p is not None and float(p) < alpha
+        else "no evidence that the mean latent vectors differ (the mean latent is blind to most "
+        "scanner and protocol differences)"
+    )
+    return (
+        f"The seed's latent AAD (mean of patch latents) is {_fmt(pair['latent_aad'])} "
+        f"[95% CI {_fmt(ci[0])}, {_fmt(ci[1])}], {_fmt(pair.get('latent_aad_null_ratio'))}× its "
+        f"null median, p = {fmt_p(p)}: {verdict}."
     )
 
 

@@ -310,6 +310,20 @@ def test_distances_json_recomputes_from_embeddings_csv(three_sites):
             np.testing.assert_array_equal(d["vectors"][d["cohorts"] == name], vectors[name])
         # The plain latent means are kept beside the vectors the statistics used.
         assert d["latent_means"].shape == (30, 8)
+        latent = {n: d["latent_means"][d["cohorts"] == n] for n in vectors}
+    # The seed's latent AAD is always computed: same permutations, bootstrap and seed.
+    seed_stats = compare_embeddings(
+        latent, n_permutations=499, n_bootstrap=300, seed=0, tests=("aad",)
+    )
+    for p, q in zip(res["pairs"], seed_stats["pairs"], strict=True):
+        exact = np.linalg.norm(latent[p["a"]].mean(axis=0) - latent[p["b"]].mean(axis=0))
+        assert p["latent_aad"] == pytest.approx(exact, rel=1e-12)
+        assert p["latent_aad_p"] == q["aad_p"] and p["latent_aad_p_fdr"] == q["aad_p_fdr"]
+        assert p["latent_aad_ci95"] == pytest.approx(q["aad_ci95"], rel=1e-12)
+        assert p["latent_aad_null_ratio"] == pytest.approx(q["aad_null_ratio"], rel=1e-12)
+    md = (out / "report.md").read_text()
+    assert "AAD (multiscale+texture) [95% CI]" in md and "seed's latent AAD [95% CI]" in md
+    assert f"{res['pairs'][0]['latent_aad']:.3g}" in md
 
 
 @pytest.mark.slow
@@ -342,6 +356,9 @@ def test_latent_features_reproduce_the_seed_aad(data, tmp_path):
         lat = {n: d["latent_means"][d["cohorts"] == n] for n in ("site_a", "site_b")}
     seed_aad = np.linalg.norm(lat["site_a"].mean(axis=0) - lat["site_b"].mean(axis=0))
     assert res["pairs"][0]["aad"] == pytest.approx(seed_aad, rel=1e-12, abs=1e-15)
+    # The AAD is the latent one: no separate latent columns.
+    assert "latent_aad" not in res["pairs"][0]
+    assert "seed's latent AAD" not in (out / "report.md").read_text()
 
 
 @pytest.mark.slow

@@ -166,3 +166,29 @@ def test_report_lists_skipped_subjects(tmp_path):
 def test_report_without_overlap_has_no_warning(tmp_path):
     md, _ = write_report(fake_result(), tmp_path)
     assert "WARNING" not in md.read_text()
+
+
+def test_report_shows_the_seed_latent_aad_beside_other_features(tmp_path):
+    res = fake_result()
+    res["features"] = "multiscale+texture"
+    res["pairs"][0].update(
+        latent_aad=0.4321,
+        latent_aad_ci95=[0.301, 0.702],
+        latent_aad_p=0.43,
+        latent_aad_p_fdr=0.55,
+        latent_aad_null_ratio=1.07,
+    )
+    md, page = write_report(res, tmp_path)
+    md = md.read_text()
+    assert "| pair | AAD (multiscale+texture) [95% CI] |" in md
+    assert "seed's latent AAD [95% CI] | latent AAD p (FDR) | latent × null median |" in md
+    row = next(ln for ln in md.splitlines() if ln.startswith("| siteA vs siteB |"))
+    assert "0.432 [0.301, 0.702]" in row and "0.43 (0.55)" in row and "1.07" in row
+    # The pair without a latent AAD shows n/a, not a misleading number.
+    row = next(ln for ln in md.splitlines() if ln.startswith("| siteA vs siteC |"))
+    assert row.count("n/a") >= 3
+    assert "The seed's latent AAD (mean of patch latents) is 0.432" in md
+    assert "no evidence that the mean latent vectors differ" in md
+    # A latent-only comparison keeps the plain column.
+    plain = write_report(fake_result(), tmp_path / "plain")[0].read_text()
+    assert "| pair | AAD [95% CI] |" in plain and "seed's latent AAD" not in plain
