@@ -4,10 +4,10 @@ subjects, shared by the calibration tests of this folder."""
 from __future__ import annotations
 
 import pytest
+from checkpoint_factory import train_tiny_checkpoint
 
 from aad_med.data.preprocessing import PreprocessingConfig
 from aad_med.data.synthetic import generate_cohort
-from tests.calibration.tiny_encoder import train_tiny_checkpoint
 
 SHAPE = (32, 36, 28)
 PATCH = 16

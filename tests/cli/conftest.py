@@ -1,5 +1,6 @@
-"""Shared by the console-script tests: a tiny untrained checkpoint in ``aad-train``'s format and
-a way to run a console script as users do (a subprocess, quiet, one thread)."""
+"""Shared by the console-script tests: a tiny untrained checkpoint in ``aad-train``'s format
+(``checkpoint_factory.write_tiny_checkpoint``) and a way to run a console script as users do (a
+subprocess, quiet, one thread)."""
 
 from __future__ import annotations
 
@@ -9,13 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
-
-from aad_med.data.preprocessing import PreprocessingConfig
-from aad_med.models import ConvAutoencoder
-from aad_med.training.checkpoint import CHECKPOINT_FORMAT, FORMAT_VERSION, save_checkpoint
-
-TINY_PATCH = 8
+from checkpoint_factory import write_tiny_checkpoint
 
 CLI_ENV = {
     **os.environ,
@@ -25,32 +20,6 @@ CLI_ENV = {
     "MKL_NUM_THREADS": "1",
     "MPLBACKEND": "Agg",
 }
-
-
-def write_tiny_checkpoint(path: Path, seed: int = 0, **preprocessing: object) -> Path:
-    """An untrained (4, 8)-channel autoencoder on 8³ patches, saved as ``aad-train`` saves it.
-
-    Untrained weights are enough where only the input checks or the determinism of the
-    pipeline matter; ``preprocessing`` overrides fields of the recorded preprocessing.
-    """
-    torch.manual_seed(seed)
-    model = ConvAutoencoder(
-        channels=(4, 8), strides=(2, 2), latent_dim=4, patch_size=TINY_PATCH, num_res_units=0
-    )
-    pre = PreprocessingConfig(patch_size=TINY_PATCH, min_brain_fraction=0.25).to_dict()
-    pre.update(preprocessing)
-    return save_checkpoint(
-        path,
-        {
-            "format": CHECKPOINT_FORMAT,
-            "format_version": FORMAT_VERSION,
-            "model_state": model.state_dict(),
-            "model_config": model.model_config(),
-            "preprocessing": pre,
-            "train_subject_ids": [],
-            "train_subjects": [],
-        },
-    )
 
 
 @pytest.fixture(scope="session")

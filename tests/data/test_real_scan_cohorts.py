@@ -145,9 +145,10 @@ def test_metaimage_errors(tmp_path):
 
 @pytest.fixture(scope="module")
 def real_encoder(tmp_path_factory) -> dict:
+    from checkpoint_factory import train_tiny_checkpoint
+
     from aad_med.data.preprocessing import PreprocessingConfig
     from aad_med.training.checkpoint import load_model_from_checkpoint
-    from tests.calibration.tiny_encoder import train_tiny_checkpoint
 
     root = tmp_path_factory.mktemp("real_scans")
     # The encoder sees both sources, on subjects never compared below.

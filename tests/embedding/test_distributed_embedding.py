@@ -11,9 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
+from checkpoint_factory import write_tiny_checkpoint
 
-from aad_med.data.preprocessing import PreprocessingConfig
 from aad_med.embedding import embed_cohorts
 from aad_med.embedding.distributed import (
     embed_cohorts_distributed,
@@ -23,8 +22,6 @@ from aad_med.embedding.distributed import (
 )
 from aad_med.embedding.encode import CohortEmbedding
 from aad_med.embedding.regional import RegionalLatents
-from aad_med.models import ConvAutoencoder
-from aad_med.training.checkpoint import CHECKPOINT_FORMAT, FORMAT_VERSION, save_checkpoint
 from tests.nifti_factory import write_brats_cohort
 
 REPO = Path(__file__).resolve().parents[2]
@@ -127,24 +124,6 @@ def test_without_a_process_group_it_is_embed_cohorts(cohorts, model, preprocessi
 # -- torchrun ----------------------------------------------------------------------------------
 
 
-def _checkpoint(path: Path, model_patch: int = 8, data_patch: int = 8) -> Path:
-    torch.manual_seed(0)
-    model = ConvAutoencoder(
-        channels=(4, 8), strides=(2, 2), latent_dim=6, patch_size=model_patch, num_res_units=0
-    )
-    prep = PreprocessingConfig(patch_size=data_patch, min_brain_fraction=0.25)
-    return save_checkpoint(
-        path,
-        {
-            "format": CHECKPOINT_FORMAT,
-            "format_version": FORMAT_VERSION,
-            "model_state": model.state_dict(),
-            "model_config": model.model_config(),
-            "preprocessing": prep.to_dict(),
-        },
-    )
-
-
 def _run(args: list[str], nproc: int | None) -> subprocess.CompletedProcess:
     env = dict(os.environ)
     # Same thread count in both runs: convolution results may depend on it.
@@ -175,7 +154,7 @@ def two_cohorts(tmp_path):
 
 @pytest.mark.slow
 def test_two_gloo_processes_write_the_same_csv_as_one(tmp_path, two_cohorts):
-    ckpt = _checkpoint(tmp_path / "tiny.pt")
+    ckpt = write_tiny_checkpoint(tmp_path / "tiny.pt", latent_dim=6)
     one = _run(["--checkpoint", str(ckpt), *two_cohorts, "--out", str(tmp_path / "one")], None)
     assert one.returncode == 0, one.stderr
     two = _run(["--checkpoint", str(ckpt), *two_cohorts, "--out", str(tmp_path / "two")], 2)
@@ -195,7 +174,7 @@ def test_two_gloo_processes_write_the_same_csv_as_one(tmp_path, two_cohorts):
 
 @pytest.mark.slow
 def test_an_error_on_every_rank_is_reported_once(tmp_path, two_cohorts):
-    ckpt = _checkpoint(tmp_path / "bad.pt", model_patch=16, data_patch=8)
+    ckpt = write_tiny_checkpoint(tmp_path / "bad.pt", latent_dim=6, model_patch=16)
     two = _run(["--checkpoint", str(ckpt), *two_cohorts, "--out", str(tmp_path / "two")], 2)
     assert two.returncode != 0
     errors = [ln for ln in two.stderr.splitlines() if ln.startswith("aad-embed: error:")]

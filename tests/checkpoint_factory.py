@@ -1,0 +1,109 @@
+"""Tiny ConvAutoencoder checkpoints in ``aad-train``'s format, written into tmp dirs by tests
+(the checkpoint counterpart of ``nifti_factory``): an untrained one where only input checks or
+the determinism of the pipeline matter, a briefly trained one where the latents must mean
+something."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+
+from aad_med.data.datasets import build_train_dataset, train_collate
+from aad_med.data.preprocessing import PreprocessingConfig
+from aad_med.data.validation import load_cohort
+from aad_med.models import ConvAutoencoder
+from aad_med.training.checkpoint import CHECKPOINT_FORMAT, FORMAT_VERSION, save_checkpoint
+
+TINY_PATCH = 8
+
+
+def save_model_checkpoint(
+    path: Path, model: ConvAutoencoder, preprocessing: Mapping, **state: object
+) -> Path:
+    """Save ``model`` with ``preprocessing`` (a ``PreprocessingConfig.to_dict()``) as
+    ``aad-train`` does; ``state`` adds further keys (training subjects, ...)."""
+    return save_checkpoint(
+        path,
+        {
+            "format": CHECKPOINT_FORMAT,
+            "format_version": FORMAT_VERSION,
+            "model_state": model.state_dict(),
+            "model_config": model.model_config(),
+            "preprocessing": dict(preprocessing),
+            **state,
+        },
+    )
+
+
+def write_tiny_checkpoint(
+    path: Path,
+    seed: int = 0,
+    latent_dim: int = 4,
+    model_patch: int = TINY_PATCH,
+    **preprocessing: object,
+) -> Path:
+    """An untrained (4, 8)-channel autoencoder on ``model_patch``³ patches (8³ by default).
+
+    The recorded preprocessing uses 8³ patches and ``min_brain_fraction=0.25``; the keyword
+    arguments in ``preprocessing`` override its fields (a ``patch_size`` other than
+    ``model_patch`` makes a checkpoint that does not match its own model).
+    """
+    torch.manual_seed(seed)
+    model = ConvAutoencoder(
+        channels=(4, 8),
+        strides=(2, 2),
+        latent_dim=latent_dim,
+        patch_size=model_patch,
+        num_res_units=0,
+    )
+    pre = PreprocessingConfig(patch_size=TINY_PATCH, min_brain_fraction=0.25).to_dict()
+    pre.update(preprocessing)
+    return save_model_checkpoint(path, model, pre, train_subject_ids=[], train_subjects=[])
+
+
+def train_tiny_checkpoint(
+    path: Path,
+    train_dirs: Path | Sequence[Path],
+    preprocessing: PreprocessingConfig,
+    epochs: int = 4,
+    latent_dim: int = 8,
+    samples_per_subject: int = 4,
+) -> Path:
+    """Train a (8, 16)-channel MSE autoencoder for ``epochs`` on the cohorts in ``train_dirs``
+    and save it, with their subject IDs as ``train_subject_ids``, at ``path``."""
+    dirs = [train_dirs] if isinstance(train_dirs, str | Path) else list(train_dirs)
+    subjects, ids = [], []
+    for d in dirs:
+        cohort = load_cohort(d)
+        subjects.extend(cohort.subjects)
+        ids.extend(cohort.subject_ids)
+    ds = build_train_dataset(
+        subjects, preprocessing, samples_per_subject=samples_per_subject, cache="memory", seed=0
+    )
+    torch.manual_seed(0)
+    model = ConvAutoencoder(
+        channels=(8, 16),
+        strides=(2, 2),
+        latent_dim=latent_dim,
+        patch_size=preprocessing.patch_size,
+        num_res_units=0,
+    )
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    loader = torch.utils.data.DataLoader(
+        ds,
+        batch_size=4,
+        shuffle=True,
+        collate_fn=train_collate,
+        generator=torch.Generator().manual_seed(0),
+    )
+    for epoch in range(epochs):
+        ds.set_epoch(epoch)
+        for batch in loader:
+            x = batch["image"]
+            loss = torch.mean((model(x) - x) ** 2)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return save_model_checkpoint(path, model, preprocessing.to_dict(), train_subject_ids=ids)
