@@ -26,11 +26,8 @@ scans have no tumours).
 from __future__ import annotations
 
 import functools
-import gzip
 import importlib.util
-import io
 import json
-import os
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -41,6 +38,7 @@ import numpy as np
 from scipy import ndimage
 
 from aad_med import CHANNELS
+from aad_med.data.synthetic import brats_affine, write_bytes_atomic, write_nifti_atomic
 from aad_med.errors import ConfigError, InputError
 
 _MNI_T1 = "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
@@ -393,29 +391,6 @@ def make_real_subject(
     return out
 
 
-def _nifti_bytes(data: np.ndarray, affine: np.ndarray) -> bytes:
-    img = nib.Nifti1Image(data, affine)
-    img.header.set_qform(affine, code=1)
-    img.header.set_sform(affine, code=1)
-    img.header.set_xyzt_units("mm", "sec")
-    buf = io.BytesIO()
-    # mtime=0 and no name in the gzip header: the same subject gives the same bytes.
-    with gzip.GzipFile(filename="", mode="wb", fileobj=buf, compresslevel=1, mtime=0) as gz:
-        gz.write(img.to_bytes())
-    return buf.getvalue()
-
-
-def _write_atomic(path: Path, payload: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        tmp.write_bytes(payload)
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise InputError(path, f"cannot write ({e.strerror or e})") from None
-
-
 def write_real_cohort(
     out_dir: str | Path,
     source: str | Path,
@@ -458,8 +433,7 @@ def write_real_cohort(
     # The seed is part of the default ID: cohorts drawn with other seeds hold other subjects, and
     # train/test overlap checks compare IDs.
     prefix = f"Real_{template.name}_s{int(seed)}_" if id_prefix is None else id_prefix
-    affine = np.diag([-1.0, -1.0, 1.0, 1.0])
-    affine[1, 3] = float(template.shape[1] - 1)
+    affine = brats_affine(template.shape)
     ids = []
     for i in range(int(start_index), int(start_index) + int(n_subjects)):
         sid = f"{prefix}{i:05d}"
@@ -467,7 +441,7 @@ def write_real_cohort(
             template, np.random.SeedSequence([int(seed), i]), deformation, bias, noise
         )
         for ch in CHANNELS:
-            _write_atomic(root / sid / f"{sid}_{ch}.nii.gz", _nifti_bytes(vols[ch], affine))
+            write_nifti_atomic(root / sid / f"{sid}_{ch}.nii.gz", vols[ch], affine)
         ids.append(sid)
     info_path = root / "real_scans.json"
     batches = []
@@ -492,5 +466,5 @@ def write_real_cohort(
         }
     )
     text = json.dumps({"generator": "aad_med.data.real_scans", "batches": batches}, indent=2)
-    _write_atomic(info_path, (text + "\n").encode())
+    write_bytes_atomic(info_path, (text + "\n").encode())
     return root

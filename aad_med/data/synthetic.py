@@ -644,7 +644,9 @@ def _nifti_bytes(data: np.ndarray, affine: np.ndarray, compress: bool) -> bytes:
     return buf.getvalue()
 
 
-def _write_atomic(path: Path, payload: bytes) -> None:
+def write_bytes_atomic(path: Path, payload: bytes) -> None:
+    """Write ``payload`` to ``path`` through a temp file and a rename (a reader never sees a
+    torn file); ``InputError`` naming ``path`` when it cannot be written."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
@@ -655,8 +657,10 @@ def _write_atomic(path: Path, payload: bytes) -> None:
         raise InputError(path, f"cannot write ({e.strerror or e})") from None
 
 
-def _write_nifti(path: Path, data: np.ndarray, affine: np.ndarray) -> None:
-    _write_atomic(path, _nifti_bytes(data, affine, compress=path.name.endswith(".gz")))
+def write_nifti_atomic(path: Path, data: np.ndarray, affine: np.ndarray) -> None:
+    """Write ``data`` as NIfTI (gzipped for ``.gz``, byte-reproducible) with
+    :func:`write_bytes_atomic`."""
+    write_bytes_atomic(path, _nifti_bytes(data, affine, compress=path.name.endswith(".gz")))
 
 
 _ID_FORMATS: dict[str, tuple[str, str, int]] = {
@@ -682,12 +686,12 @@ def _write_subject(root: Path, layout: str, sid: str, vols: dict, affine, with_s
     """Write one subject's files; returns the manifest row (paths relative to ``root``)."""
     if layout == "msd":
         stack = np.stack([vols[ch] for ch in _MSD_ORDER], axis=-1)
-        _write_nifti(root / "imagesTr" / f"{sid}.nii.gz", stack, affine)
+        write_nifti_atomic(root / "imagesTr" / f"{sid}.nii.gz", stack, affine)
         if with_seg:
             seg = np.zeros_like(vols["seg"])
             for src, dst in _MSD_LABELS.items():
                 seg[vols["seg"] == src] = dst
-            _write_nifti(root / "labelsTr" / f"{sid}.nii.gz", seg, affine)
+            write_nifti_atomic(root / "labelsTr" / f"{sid}.nii.gz", seg, affine)
         return []
     if layout == "csv":
         # Flat files next to the manifest: a sub-folder would look like a BraTS subject folder.
@@ -699,9 +703,9 @@ def _write_subject(root: Path, layout: str, sid: str, vols: dict, affine, with_s
         names = {**names, "seg": "seg"}
         rel = {ch: f"{sid}/{sid}{sep}{names[ch]}{ext}" for ch in (*CHANNELS, "seg")}
     for ch in CHANNELS:
-        _write_nifti(root / rel[ch], vols[ch], affine)
+        write_nifti_atomic(root / rel[ch], vols[ch], affine)
     if with_seg:
-        _write_nifti(root / rel["seg"], vols["seg"], affine)
+        write_nifti_atomic(root / rel["seg"], vols["seg"], affine)
     return [sid, *(rel[ch] for ch in CHANNELS), rel["seg"] if with_seg else ""]
 
 
@@ -731,7 +735,7 @@ def _write_msd_dataset_json(root: Path) -> None:
         ],
         "test": [],
     }
-    _write_atomic(root / "dataset.json", (json.dumps(meta, indent=4) + "\n").encode())
+    write_bytes_atomic(root / "dataset.json", (json.dumps(meta, indent=4) + "\n").encode())
 
 
 def _merge_csv(path: Path, header: list[str], rows: list[list[str]]) -> None:
@@ -749,7 +753,7 @@ def _merge_csv(path: Path, header: list[str], rows: list[list[str]]) -> None:
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(header)
     writer.writerows(merged[k] for k in sorted(merged))
-    _write_atomic(path, buf.getvalue().encode())
+    write_bytes_atomic(path, buf.getvalue().encode())
 
 
 def _merge_provenance(path: Path, entry: dict) -> None:
@@ -762,7 +766,7 @@ def _merge_provenance(path: Path, entry: dict) -> None:
     if entry not in batches:
         batches.append(entry)
     text = json.dumps({"generator": "aad_med.data.synthetic", "batches": batches}, indent=2)
-    _write_atomic(path, (text + "\n").encode())
+    write_bytes_atomic(path, (text + "\n").encode())
 
 
 def generate_cohort(
