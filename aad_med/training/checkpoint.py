@@ -14,7 +14,7 @@ import pickle
 import random
 import secrets
 import shutil
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -121,8 +121,20 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def _tmp_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+@contextlib.contextmanager
+def _replaced_atomically(path: Path) -> Iterator[Path]:
+    """Yield a temp path next to ``path`` to write; on success rename it over ``path`` and fsync
+    the folder, on any exception (KeyboardInterrupt included) remove it. A process killed
+    mid-write leaves the temp file, which :func:`remove_stale_temp_files` clears."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    _fsync_dir(path.parent)
 
 
 def save_checkpoint(path: str | Path, state: Mapping) -> Path:
@@ -136,38 +148,23 @@ def save_checkpoint(path: str | Path, state: Mapping) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     clean = to_primitive(state)
-    tmp = _tmp_name(path)
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(clean, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    _fsync_dir(path.parent)
+    with _replaced_atomically(path) as tmp, open(tmp, "wb") as f:
+        torch.save(clean, f)
+        f.flush()
+        os.fsync(f.fileno())
     return path
 
 
 def copy_checkpoint(src: str | Path, dst: str | Path) -> Path:
     """Atomically make ``dst`` a copy of ``src`` (hard link when possible, else a byte copy)."""
     src, dst = Path(src), Path(dst)
-    tmp = _tmp_name(dst)
-    try:
+    with _replaced_atomically(dst) as tmp:
         try:
             os.link(src, tmp)
         except OSError:
             shutil.copyfile(src, tmp)
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
-        os.replace(tmp, dst)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    _fsync_dir(dst.parent)
     return dst
 
 
