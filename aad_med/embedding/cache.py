@@ -128,6 +128,19 @@ def _from_arrays(d: Mapping[str, np.ndarray]) -> CohortEmbedding:
     )
 
 
+def cache_entry(
+    cache_dir: str | Path,
+    cohort: Cohort,
+    checkpoint_hash: str,
+    preprocessing: PreprocessingConfig,
+    features: str,
+    keep_positions: bool,
+) -> Path:
+    """Where one cohort's embedding is cached in ``cache_dir`` (:func:`cohort_cache_key`)."""
+    key = cohort_cache_key(cohort, checkpoint_hash, preprocessing, features, keep_positions)
+    return Path(cache_dir) / f"{key}.npz"
+
+
 def save_cached(path: str | Path, embedding: CohortEmbedding) -> Path:
     """Write one cohort's embedding as ``.npz`` (atomic rename)."""
     path = Path(path)
@@ -190,10 +203,9 @@ def embed_cohorts(
     for name, cohort in cohorts.items():
         entry = None
         if use_cache:
-            key = cohort_cache_key(
-                cohort, checkpoint_hash, preprocessing, feature_set.name, keep_positions
+            entry = cache_entry(
+                cache_dir, cohort, checkpoint_hash, preprocessing, feature_set.name, keep_positions
             )
-            entry = Path(cache_dir) / f"{key}.npz"
             cached = load_cached(entry)
             if cached is not None:
                 log.info("cohort %s: embeddings read from cache %s", name, entry)
@@ -215,7 +227,15 @@ def embed_cohorts(
         if entry is not None:
             save_cached(entry, emb)
         out[name] = emb
-    final = feature_set.finalize({k: v.vectors for k, v in out.items()})
-    for name, emb in out.items():
+    return finalize_vectors(feature_set, out)
+
+
+def finalize_vectors(
+    feature_set: FeatureSet, embeddings: dict[str, CohortEmbedding]
+) -> dict[str, CohortEmbedding]:
+    """Replace every cohort's ``vectors`` by the feature set's joint standardisation, fitted on
+    all compared subjects together (in place; returns ``embeddings``)."""
+    final = feature_set.finalize({k: v.vectors for k, v in embeddings.items()})
+    for name, emb in embeddings.items():
         emb.vectors = np.asarray(final[name], dtype=np.float64)
-    return out
+    return embeddings

@@ -36,9 +36,10 @@ import torch.distributed as dist
 from aad_med.data.preprocessing import PreprocessingConfig
 from aad_med.data.records import Cohort
 from aad_med.embedding.cache import (
-    cohort_cache_key,
+    cache_entry,
     default_cache_dir,
     file_sha256,
+    finalize_vectors,
     load_cached,
     save_cached,
 )
@@ -274,10 +275,9 @@ def embed_cohorts_distributed(
     entries: dict[str, Path] = {}
     if use_cache:
         for name, cohort in cohorts.items():
-            key = cohort_cache_key(
-                cohort, checkpoint_hash, preprocessing, feature_set.name, keep_positions
+            entries[name] = cache_entry(
+                cache_dir, cohort, checkpoint_hash, preprocessing, feature_set.name, keep_positions
             )
-            entries[name] = Path(cache_dir) / f"{key}.npz"
     cached = {}
     if rank == 0 and use_cache:
         cached = {n: e for n in names if (e := load_cached(entries[n])) is not None}
@@ -325,10 +325,7 @@ def embed_cohorts_distributed(
             if rank == 0 and name in entries:
                 save_cached(entries[name], emb)
         out[name] = emb
-    final = feature_set.finalize({k: v.vectors for k, v in out.items()})
-    for name, emb in out.items():
-        emb.vectors = np.asarray(final[name], dtype=np.float64)
-    return out
+    return finalize_vectors(feature_set, out)
 
 
 def _parse_cohorts(items: Sequence[str]) -> dict[str, str]:
