@@ -71,6 +71,7 @@ def settings_from_config(cfg: DictConfig):
         regional=bool(cfg.regional),
         decode_means=bool(cfg.decode_means),
         bands_bootstrap=int(stats.get("bands_bootstrap", 1000)),
+        intensity=bool(stats.get("intensity", True)),
         progress=bool(emb.progress),
         overwrite=bool(cfg.get("overwrite", False)),
     )

@@ -13,11 +13,14 @@ in about a second rather than after the heavy imports.
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
+import json
 import logging
 import os
 import re
 import secrets
 import shutil
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,8 +32,13 @@ from aad_med.data.records import Cohort
 from aad_med.data.validation import load_cohort
 from aad_med.errors import CheckpointError, CohortError, ConfigError, InputError
 from aad_med.report.document import write_report
-from aad_med.report.serialize import write_distances_json, write_matrix_csv, write_nifti
-from aad_med.report.text import overlap_warning
+from aad_med.report.serialize import (
+    write_distances_json,
+    write_matrix_csv,
+    write_nifti,
+    write_table_csv,
+)
+from aad_med.report.text import INTENSITY_EXPLANATION, overlap_warning
 from aad_med.training.rundir import check_run_dir, result_entries
 
 if TYPE_CHECKING:
@@ -55,6 +63,7 @@ RESULT_PATTERNS = (
     "embeddings.csv",
     "embeddings.npz",
     "pairwise_aad.csv",
+    "intensity_fingerprint.csv",
     "plots/*.png",
     "mean_difference_*",
     "regional_aad*",
@@ -83,6 +92,7 @@ class CompareSettings:
     regional: bool = True
     decode_means: bool = True
     bands_bootstrap: int = 1000
+    intensity: bool = True
     progress: bool = True
     overwrite: bool = False
     extra: dict = field(default_factory=dict)
@@ -302,6 +312,8 @@ def run_comparison(
                 result["cohorts"][name]["train_overlap"] = max(
                     r["cohorts"][name]["train_overlap"] for r in results
                 )
+        if s.intensity:
+            _add_intensity(result, cohorts, s, tmp)
         _warn_overlap(result)
         write_distances_json(tmp / "distances.json", result)
         write_report(result, tmp, images)
@@ -310,6 +322,129 @@ def run_comparison(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return result
+
+
+INTENSITY_KEYS = ("intensity_distance", "intensity_p", "intensity_p_fdr", "intensity_null_ratio")
+"""Per-pair keys of the intensity fingerprint statistic (its own statistic, not an AAD)."""
+
+
+def intensity_statistics(
+    cohorts: Mapping[str, Cohort], s: CompareSettings
+) -> tuple[dict[str, np.ndarray], dict[tuple[str, str], dict], float]:
+    """The intensity fingerprint statistic of every pair of cohorts.
+
+    Each subject's raw volumes are read once more for their per-channel foreground percentiles
+    before any normalisation (:func:`aad_med.embedding.acquisition.intensity_fingerprint`); the
+    columns are z-scored over all compared subjects together (a transform symmetric in the
+    subjects, so permutation p-values stay exact) and compared with the AAD permutation test
+    (same permutation count and seed as the main statistics).
+
+    With ``s.cache`` the fingerprints are kept in the embedding cache folder, so a rerun does
+    not read the volumes again (:func:`cached_fingerprint`).
+
+    Returns:
+        ``(raw fingerprints per cohort, {(a, b): INTENSITY_KEYS values}, seconds spent reading)``.
+    """
+    from aad_med.distances import compare_embeddings
+    from aad_med.embedding.acquisition import standardize_jointly
+
+    t0 = time.perf_counter()
+    cache_dir = _cache_dir(s)
+    raw = {name: cached_fingerprint(c, cache_dir) for name, c in cohorts.items()}
+    seconds = time.perf_counter() - t0
+    stats = compare_embeddings(
+        standardize_jointly(raw),
+        n_permutations=s.n_permutations,
+        n_bootstrap=s.n_bootstrap,
+        seed=s.seed,
+        tests=("aad",),
+    )
+    pairs = {
+        (p["a"], p["b"]): {
+            "intensity_distance": p["aad"],
+            "intensity_p": p["aad_p"],
+            "intensity_p_fdr": p["aad_p_fdr"],
+            "intensity_null_ratio": p["aad_null_ratio"],
+        }
+        for p in stats["pairs"]
+    }
+    return raw, pairs, seconds
+
+
+def _cache_dir(s: CompareSettings) -> Path | None:
+    """The embedding cache folder of these settings (``None``: caching off)."""
+    if not s.cache:
+        return None
+    from aad_med.embedding.cache import default_cache_dir
+
+    return Path(s.cache_dir) if s.cache_dir else default_cache_dir()
+
+
+def cached_fingerprint(cohort: Cohort, cache_dir: str | Path | None) -> np.ndarray:
+    """:func:`~aad_med.embedding.acquisition.intensity_fingerprint` of a cohort, kept in
+    ``cache_dir`` under a key of every subject's files (path, size, modification time) and the
+    percentiles; ``None`` reads the volumes every time."""
+    from aad_med.embedding.acquisition import FINGERPRINT_PERCENTILES, intensity_fingerprint
+
+    if cache_dir is None:
+        return intensity_fingerprint(cohort.subjects)
+    subjects = []
+    for rec in cohort.subjects:
+        files = []
+        for f in rec.files:
+            try:
+                st = os.stat(f)
+                files.append([str(Path(f).resolve()), st.st_size, st.st_mtime_ns])
+            except OSError:
+                files.append([str(f), None, None])
+        subjects.append([rec.subject_id, files, rec.as_dict()])
+    payload = {"v": 1, "percentiles": list(FINGERPRINT_PERCENTILES), "subjects": subjects}
+    text = json.dumps(payload, sort_keys=True, default=str)
+    entry = Path(cache_dir) / f"intensity-{hashlib.sha256(text.encode()).hexdigest()[:40]}.npy"
+    if entry.is_file():
+        try:
+            with open(entry, "rb") as f:
+                return np.load(f, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            log.warning("ignoring unreadable intensity cache entry %s (%s)", entry, e)
+    raw = intensity_fingerprint(cohort.subjects)
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    tmp = entry.with_name(f".{entry.stem}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+    with open(tmp, "wb") as f:
+        np.save(f, raw, allow_pickle=False)
+    os.replace(tmp, entry)
+    return raw
+
+
+def _add_intensity(result: dict, cohorts: Mapping[str, Cohort], s: CompareSettings, tmp: Path):
+    """Intensity fingerprint statistic into ``result`` and ``intensity_fingerprint.csv``."""
+    from aad_med import CHANNELS
+    from aad_med.embedding.acquisition import FINGERPRINT_PERCENTILES
+
+    raw, pairs, seconds = intensity_statistics(cohorts, s)
+    n = sum(len(c.subjects) for c in cohorts.values())
+    log.info("intensity fingerprint of %d subjects in %.2f s", n, seconds)
+    for pair in result["pairs"]:
+        pair.update(pairs[(pair["a"], pair["b"])])
+    columns = [f"{ch}_p{q:g}" for ch in CHANNELS for q in FINGERPRINT_PERCENTILES]
+    rows = [
+        [sid, name, *(repr(float(v)) for v in raw[name][i])]
+        for name, c in cohorts.items()
+        for i, sid in enumerate(c.subject_ids)
+    ]
+    write_table_csv(tmp / "intensity_fingerprint.csv", ["subject_id", "cohort", *columns], rows)
+    result["intensity"] = {
+        "description": INTENSITY_EXPLANATION,
+        "percentiles": list(FINGERPRINT_PERCENTILES),
+        "channels": list(CHANNELS),
+        "columns": columns,
+        "cohort_medians": {
+            name: dict(zip(columns, np.median(v, axis=0).tolist(), strict=True))
+            for name, v in raw.items()
+        },
+        "file": "intensity_fingerprint.csv",
+        "seconds": seconds,
+    }
 
 
 def _warn_overlap(result: dict) -> None:
@@ -338,7 +473,7 @@ def _compare_into(
     decoded means and the regional map) into ``tmp``. The caller writes ``distances.json`` and
     the report."""
     from aad_med.distances import compare_embeddings
-    from aad_med.embedding.cache import default_cache_dir, embed_cohorts, file_sha256
+    from aad_med.embedding.cache import embed_cohorts, file_sha256
     from aad_med.embedding.decode import decode_mean_difference
     from aad_med.embedding.features import get_feature_set
     from aad_med.embedding.io import write_embeddings_csv, write_embeddings_npz
@@ -346,9 +481,7 @@ def _compare_into(
 
     feature_set = get_feature_set(s.features)
     overlaps = {name: train_overlap(c, ckpt) for name, c in cohorts.items()}
-    cache_dir = None
-    if s.cache:
-        cache_dir = Path(s.cache_dir) if s.cache_dir else default_cache_dir()
+    cache_dir = _cache_dir(s)
     embs: dict[str, CohortEmbedding] = embed_cohorts(
         model,
         cohorts,

@@ -13,6 +13,7 @@ from pathlib import Path
 from aad_med.report.serialize import _atomic_text
 from aad_med.report.text import (
     DEFINITIONS,
+    INTENSITY_EXPLANATION,
     LIMITATIONS,
     _fmt,
     fmt_p,
@@ -96,6 +97,8 @@ def build_blocks(result: Mapping, images: Mapping[str, str | Path] | None = None
         b.append(("table", ["cohort", "left out"], [[n, line] for n, line in skipped]))
     b.append(("h2", "Summary"))
     b.append(_summary_table(result, pairs))
+    if any(p.get("intensity_p") is not None for p in pairs):
+        b.append(("p", INTENSITY_EXPLANATION))
     enc = result.get("encoders")
     if enc:
         b.extend(_encoder_blocks(enc))
@@ -203,6 +206,9 @@ def _summary_table(result: Mapping, pairs: list[Mapping]) -> Block:
     latent = any(p.get("latent_aad") is not None for p in pairs)
     if latent:
         header += ["seed's latent AAD [95% CI]", "latent AAD p (FDR)", "latent × null median"]
+    intensity = any(p.get("intensity_p") is not None for p in pairs)
+    if intensity:
+        header += ["intensity fingerprint p (FDR), not an AAD"]
     rows = []
     for p in pairs:
         row = [
@@ -219,6 +225,8 @@ def _summary_table(result: Mapping, pairs: list[Mapping]) -> Block:
                 f"{fmt_p(p.get('latent_aad_p'))} ({fmt_p(p.get('latent_aad_p_fdr'))})",
                 _fmt(p.get("latent_aad_null_ratio")),
             ]
+        if intensity:
+            row.append(f"{fmt_p(p.get('intensity_p'))} ({fmt_p(p.get('intensity_p_fdr'))})")
         rows.append(row)
     return ("table", header, rows)
 
@@ -250,6 +258,17 @@ def _pair_rows(p: Mapping) -> list[list[str]]:
                 f"{fmt_p(p.get('latent_aad_p'))}; {fmt_p(p.get('latent_aad_p_fdr'))}",
             ],
             ["latent AAD / its null median", _fmt(p.get("latent_aad_null_ratio"))],
+        ]
+    if p.get("intensity_p") is not None:
+        rows += [
+            [
+                "intensity fingerprint distance (not an AAD; / null median)",
+                f"{_fmt(p.get('intensity_distance'))} ({_fmt(p.get('intensity_null_ratio'))}×)",
+            ],
+            [
+                "intensity fingerprint p (permutation; FDR-adjusted)",
+                f"{fmt_p(p.get('intensity_p'))}; {fmt_p(p.get('intensity_p_fdr'))}",
+            ],
         ]
     optional = [
         ("Hotelling T² (p)", "hotelling_t2", "hotelling_p"),

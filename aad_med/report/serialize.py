@@ -74,6 +74,21 @@ def write_matrix_csv(path: str | Path, names: Sequence[str], matrix: np.ndarray)
     return path
 
 
+def write_table_csv(
+    path: str | Path, header: Sequence[str], rows: Sequence[Sequence[object]]
+) -> Path:
+    """A table as CSV (header row first), written under a temporary name and renamed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(list(header))
+        writer.writerows([list(map(str, r)) for r in rows])
+    os.replace(tmp, path)
+    return path
+
+
 def write_nifti(path: str | Path, data: np.ndarray, affine: np.ndarray | None = None) -> Path:
     """Write a float32 NIfTI. A channel-first ``(C, X, Y, Z)`` array is stored as ``(X, Y, Z, C)``
     (NIfTI keeps extra dimensions last)."""

@@ -7,6 +7,13 @@ from collections.abc import Mapping
 
 ALPHA = 0.05
 
+INTENSITY_EXPLANATION = (
+    "The intensity fingerprint compares each channel's foreground intensity percentiles read "
+    "from the raw images before normalisation, so it sees global intensity, contrast and "
+    "bias-field differences that normalisation hides from the encoder; it is its own statistic, "
+    "not an AAD."
+)
+
 DEFINITIONS: dict[str, str] = {
     "aad": "Autoencoder Average Distance: Euclidean distance between the two cohorts' mean "
     "latent vectors (each subject's vector is the mean of its patch latents). Its scale depends "
@@ -52,6 +59,13 @@ DEFINITIONS: dict[str, str] = {
     "latents. latent_aad_ci95, latent_aad_p, latent_aad_p_fdr and latent_aad_null_ratio are "
     "its interval, permutation p-value (same permutations count and seed), FDR-adjusted "
     "p-value and ratio to its null median.",
+    "intensity_distance": "Distance between the cohorts' mean intensity fingerprints (per "
+    "channel, the 1st to 99th foreground percentiles of the raw images, each z-scored over all "
+    "compared subjects); intensity_fingerprint.csv holds the raw values. Not an AAD: no encoder "
+    "is involved.",
+    "intensity_p": "Permutation p-value of intensity_distance (label shuffles, same count and "
+    "seed as aad_p); intensity_p_fdr is it adjusted across pairs. Small p: the raw intensities "
+    "differ (scanner gain, contrast, bias field, or anatomy that changes the histograms).",
     "train_overlap": "Number of a cohort's subjects that were used to train the encoder. The "
     "encoder has seen them, so they sit unusually well in latent space and the tests become "
     "over-sensitive.",

@@ -327,6 +327,40 @@ def test_distances_json_recomputes_from_embeddings_csv(three_sites):
 
 
 @pytest.mark.slow
+def test_intensity_fingerprint_recomputes_from_its_csv(three_sites):
+    import csv
+
+    from aad_med.distances import compare_embeddings
+    from aad_med.embedding.acquisition import standardize_jointly
+
+    out, res = three_sites["out"], three_sites["result"]
+    with open(out / "intensity_fingerprint.csv", newline="") as f:
+        rows = list(csv.reader(f))
+    assert rows[0][:3] == ["subject_id", "cohort", "t1_p1"] and len(rows[0]) == 2 + 4 * 7
+    assert rows[0][2:] == res["intensity"]["columns"]
+    raw: dict[str, list] = {}
+    for row in rows[1:]:
+        raw.setdefault(row[1], []).append([float(v) for v in row[2:]])
+    assert {k: len(v) for k, v in raw.items()} == {"site_a": 10, "site_a2": 10, "site_b": 10}
+    again = compare_embeddings(
+        standardize_jointly(raw), n_permutations=499, n_bootstrap=300, seed=0, tests=("aad",)
+    )
+    for p, q in zip(res["pairs"], again["pairs"], strict=True):
+        assert p["intensity_distance"] == pytest.approx(q["aad"], rel=1e-12)
+        assert p["intensity_p"] == q["aad_p"] and p["intensity_p_fdr"] == q["aad_p_fdr"]
+    pairs = {(p["a"], p["b"]): p for p in res["pairs"]}
+    # site_b's scanner doubles the FLAIR gain: its raw FLAIR percentiles are higher.
+    assert pairs[("site_a", "site_b")]["intensity_p"] < 0.01
+    med = res["intensity"]["cohort_medians"]
+    assert med["site_b"]["flair_p50"] > 1.5 * med["site_a"]["flair_p50"]
+    assert res["intensity"]["seconds"] > 0
+    md = (out / "report.md").read_text()
+    assert "intensity fingerprint p (FDR), not an AAD" in md
+    assert "bias-field differences that normalisation hides from the encoder" in md
+    assert "it is its own statistic, not an AAD" in md
+
+
+@pytest.mark.slow
 def test_latent_features_reproduce_the_seed_aad(data, tmp_path):
     """embedding.features=latent: AAD is the distance between the cohorts' mean patch-latent
     means, exactly as the seed defined it, recomputed from embeddings.npz."""
@@ -342,6 +376,7 @@ def test_latent_features_reproduce_the_seed_aad(data, tmp_path):
             "stats.n_bootstrap=50",
             "stats.bands_bootstrap=50",
             "stats.tests=[aad]",
+            "stats.intensity=false",
             "decode_means=false",
             "regional=false",
             f"hydra.run.dir={out}",
@@ -359,6 +394,9 @@ def test_latent_features_reproduce_the_seed_aad(data, tmp_path):
     # The AAD is the latent one: no separate latent columns.
     assert "latent_aad" not in res["pairs"][0]
     assert "seed's latent AAD" not in (out / "report.md").read_text()
+    # stats.intensity=false: no intensity fingerprint statistic, no file.
+    assert "intensity_p" not in res["pairs"][0] and "intensity" not in res
+    assert not (out / "intensity_fingerprint.csv").exists()
 
 
 @pytest.mark.slow

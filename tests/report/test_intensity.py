@@ -1,0 +1,68 @@
+"""The intensity fingerprint statistic of aad-compare: raw foreground percentiles compared with
+the AAD permutation test, seeing a global intensity scale the encoder's features cannot."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from aad_med.data.validation import load_cohort
+from aad_med.distances import aad_permutation_test
+from aad_med.embedding.acquisition import intensity_fingerprint, standardize_jointly
+from aad_med.report.comparison import INTENSITY_KEYS, CompareSettings, intensity_statistics
+from tests.nifti_factory import write_brats_cohort
+
+
+@pytest.fixture(scope="module")
+def cohorts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("intensity")
+    # Same anatomy (same seeds) in all three; "bright" has every intensity x1.5.
+    return {
+        "a": load_cohort(write_brats_cohort(root / "a", n=5)),
+        "twin": load_cohort(write_brats_cohort(root / "twin", n=5)),
+        "bright": load_cohort(write_brats_cohort(root / "bright", n=5, scale=1.5)),
+    }
+
+
+def test_sees_a_global_scale_and_not_identical_images(cohorts):
+    settings = CompareSettings(n_permutations=199, n_bootstrap=50, seed=0)
+    raw, pairs, seconds = intensity_statistics(cohorts, settings)
+    assert seconds > 0 and {k: v.shape for k, v in raw.items()} == {
+        "a": (5, 28),
+        "twin": (5, 28),
+        "bright": (5, 28),
+    }
+    np.testing.assert_allclose(raw["bright"], 1.5 * raw["a"], rtol=1e-4)
+    for key in pairs:
+        assert set(pairs[key]) == set(INTENSITY_KEYS)
+    same = pairs[("a", "twin")]
+    assert same["intensity_distance"] == 0.0 and same["intensity_p"] == 1.0
+    shifted = pairs[("a", "bright")]
+    # 5 vs 5 subjects: 2/C(10,5) = 0.008 is the smallest exact p; 199 shuffles resolve 0.005.
+    assert shifted["intensity_p"] <= 0.02 and shifted["intensity_null_ratio"] > 2
+
+
+def test_is_the_aad_permutation_test_on_jointly_standardised_fingerprints(cohorts):
+    settings = CompareSettings(n_permutations=99, n_bootstrap=20, seed=3)
+    pair = {k: cohorts[k] for k in ("a", "bright")}
+    _, pairs, _ = intensity_statistics(pair, settings)
+    z = standardize_jointly({k: intensity_fingerprint(c.subjects) for k, c in pair.items()})
+    direct = aad_permutation_test(z["a"], z["bright"], n_permutations=99, seed=0)
+    assert pairs[("a", "bright")]["intensity_distance"] == pytest.approx(direct.statistic)
+
+
+def test_fingerprints_are_cached_by_file(cohorts, tmp_path):
+    from aad_med.report.comparison import cached_fingerprint
+
+    cache = tmp_path / "cache"
+    first = cached_fingerprint(cohorts["a"], cache)
+    entries = list(cache.glob("intensity-*.npy"))
+    assert len(entries) == 1 and not list(cache.glob(".*tmp"))
+    np.testing.assert_array_equal(first, intensity_fingerprint(cohorts["a"].subjects))
+    # A second call reads the entry, not the volumes: a planted entry is what comes back.
+    np.save(entries[0], first + 1.0)
+    np.testing.assert_array_equal(cached_fingerprint(cohorts["a"], cache), first + 1.0)
+    # Other files, other key.
+    cached_fingerprint(cohorts["bright"], cache)
+    assert len(list(cache.glob("intensity-*.npy"))) == 2
+    np.testing.assert_array_equal(cached_fingerprint(cohorts["a"], None), first)
