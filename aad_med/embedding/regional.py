@@ -50,9 +50,6 @@ class RegionalLatents:
             for c, s, n in zip(self.cells, self.sums, self.counts, strict=True)
         }
 
-    def mean_image(self) -> np.ndarray:
-        return self.image_sum / max(1, self.n_images)
-
 
 class RegionalAccumulator:
     """Builds :class:`RegionalLatents` one subject at a time."""

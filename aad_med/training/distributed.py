@@ -111,12 +111,3 @@ def all_reduce_sum(values: torch.Tensor, info: DistInfo) -> torch.Tensor:
     if info.distributed:
         dist.all_reduce(out, op=dist.ReduceOp.SUM)
     return out
-
-
-def broadcast_flag(flag: bool, info: DistInfo) -> bool:
-    """True on every process when ``flag`` is true on any (e.g. an error on one rank)."""
-    if not info.distributed:
-        return bool(flag)
-    t = torch.tensor([1.0 if flag else 0.0], device=info.device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item() > 0)
