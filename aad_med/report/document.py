@@ -12,14 +12,17 @@ from pathlib import Path
 
 from aad_med.report.serialize import _atomic_text
 from aad_med.report.text import (
+    BENCHMARK_SOURCE,
     DEFINITIONS,
     INTENSITY_EXPLANATION,
     LIMITATIONS,
     _fmt,
+    features_paragraph,
     fmt_p,
     interpretation,
     latent_sentence,
     overlap_warning,
+    sensitivity_table,
 )
 
 CAPTIONS: dict[str, str] = {
@@ -97,8 +100,15 @@ def build_blocks(result: Mapping, images: Mapping[str, str | Path] | None = None
         b.append(("table", ["cohort", "left out"], [[n, line] for n, line in skipped]))
     b.append(("h2", "Summary"))
     b.append(_summary_table(result, pairs))
-    if any(p.get("intensity_p") is not None for p in pairs):
+    with_intensity = any(p.get("intensity_p") is not None for p in pairs)
+    if with_intensity:
         b.append(("p", INTENSITY_EXPLANATION))
+    features = str(result.get("features", "latent"))
+    b.append(("h2", "What these features can and cannot see"))
+    b.append(("p", features_paragraph(features)))
+    header, rows = sensitivity_table(features, latent=True, intensity=with_intensity)
+    b.append(("table", header, rows))
+    b.append(("p", BENCHMARK_SOURCE))
     enc = result.get("encoders")
     if enc:
         b.extend(_encoder_blocks(enc))

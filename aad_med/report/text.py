@@ -1,5 +1,7 @@
-"""Plain-language text of the report: what each number means, what AAD cannot see, the
-interpretation of one pair, and the train-overlap warning. Pure functions of the result dict."""
+"""Plain-language text of the report, in one place: what each number means, what AAD cannot see,
+what each feature set and the intensity fingerprint can and cannot see (from the sensitivity
+benchmark), the interpretation of one pair, and the train-overlap warning. Pure functions of the
+result dict."""
 
 from __future__ import annotations
 
@@ -16,8 +18,9 @@ INTENSITY_EXPLANATION = (
 
 DEFINITIONS: dict[str, str] = {
     "aad": "Autoencoder Average Distance: Euclidean distance between the two cohorts' mean "
-    "latent vectors (each subject's vector is the mean of its patch latents). Its scale depends "
-    "on the encoder, so compare it with the null median and the CI, not across encoders.",
+    "vectors of the chosen features (with `latent`, each subject's vector is the mean of its "
+    "patch latents). Its scale depends on the encoder and the features, so compare it with the "
+    "null median and the CI, not across encoders or feature sets.",
     "aad2_unbiased": "Squared AAD minus the part expected from sampling noise alone "
     "(trace of each cohort's covariance over its size); about 0 when the means are equal. "
     "Equal to the unbiased linear-kernel MMD².",
@@ -72,13 +75,161 @@ DEFINITIONS: dict[str, str] = {
 }
 
 LIMITATIONS = (
-    "AAD compares only the cohorts' **mean** latent vectors. It cannot see a change of spread "
-    "with equal means (e.g. one site with more varied images but the same average), a shift "
-    "that cancels out across subjects, or image features the encoder discards (fine texture and "
-    "noise are largely thrown away by an MSE autoencoder, and per-subject z-scoring removes "
-    "global intensity). The MMD, energy and Fréchet statistics look beyond the mean; a "
-    "non-significant AAD is not proof that the cohorts are alike."
+    "AAD compares only the cohorts' **mean** vectors. It cannot see a change of spread with "
+    "equal means (e.g. one site with more varied images but the same average), a shift that "
+    "cancels out across subjects, or image properties its features discard (see 'What these "
+    "features can and cannot see'). The MMD, energy and Fréchet statistics look beyond the "
+    "mean; a non-significant AAD is not proof that the cohorts are alike."
 )
+
+# --------------------------------------------------------------------------------------------
+# What each feature set can see: the sensitivity benchmark (scripts/sensitivity.py).
+
+BENCHMARK_SOURCE = (
+    "Detection rates from the project's sensitivity benchmark (scripts/sensitivity.py, "
+    "BENCHMARKS.md): synthetic cohorts of 16 subjects each, one shift applied to an otherwise "
+    "identical site, a small encoder trained 8 epochs, detection = AAD permutation p < 0.01 over "
+    "20 repeats; same-site false positives over 200 random splits of one site. Rates with "
+    "another encoder, other data or other cohort sizes will differ: read them as what each kind "
+    "of feature can see at all."
+)
+
+SHIFT_KINDS: dict[str, str] = {
+    "noise": "scanner noise (Rician, 3% to 12% of white matter)",
+    "blur": "resolution / blur (Gaussian, σ 1.2 voxels)",
+    "gamma": "contrast (gamma 1.5)",
+    "bias": "smooth bias field (about 7× stronger)",
+    "intensity": "global intensity scale (×1.5)",
+    "population": "population (smaller brains, larger tumours)",
+}
+"""The benchmark's shift kinds, in plain words, at the severity the rates refer to."""
+
+FINGERPRINT = "intensity_fingerprint"
+
+DETECTION_RATES: dict[str, dict[str, float]] = {
+    "latent": dict(noise=0.0, blur=0.0, gamma=0.0, bias=0.0, intensity=0.0, population=0.15),
+    "multiscale": dict(noise=0.0, blur=1.0, gamma=0.35, bias=0.0, intensity=0.0, population=1.0),
+    "dispersion": dict(noise=0.0, blur=1.0, gamma=0.05, bias=0.0, intensity=0.0, population=0.5),
+    "position_matched": dict(
+        noise=0.0, blur=0.0, gamma=0.0, bias=0.0, intensity=0.0, population=0.45
+    ),
+    "texture": dict(noise=1.0, blur=1.0, gamma=1.0, bias=0.0, intensity=0.0, population=1.0),
+    "latent+multiscale": dict(
+        noise=0.0, blur=1.0, gamma=0.0, bias=0.0, intensity=0.0, population=0.95
+    ),
+    "latent+multiscale+dispersion": dict(
+        noise=0.0, blur=1.0, gamma=0.05, bias=0.0, intensity=0.0, population=0.85
+    ),
+    "multiscale+texture": dict(
+        noise=1.0, blur=1.0, gamma=0.9, bias=0.0, intensity=0.0, population=1.0
+    ),
+    "latent+multiscale+texture": dict(
+        noise=0.85, blur=1.0, gamma=0.5, bias=0.0, intensity=0.0, population=1.0
+    ),
+    "latent+multiscale+texture+dispersion": dict(
+        noise=0.35, blur=1.0, gamma=0.2, bias=0.0, intensity=0.0, population=1.0
+    ),
+    FINGERPRINT: dict(noise=1.0, blur=1.0, gamma=1.0, bias=0.8, intensity=1.0, population=1.0),
+}
+"""Detection rate at the severities of :data:`SHIFT_KINDS`, 16 subjects per cohort, alpha 0.01
+(sensitivity_results.md, the run behind BENCHMARKS.md's sensitivity section)."""
+
+SAME_SITE_FPR: dict[str, float] = {
+    "latent": 0.0,
+    "multiscale": 0.02,
+    "dispersion": 0.015,
+    "position_matched": 0.0,
+    "texture": 0.025,
+    "latent+multiscale": 0.025,
+    "latent+multiscale+dispersion": 0.005,
+    "multiscale+texture": 0.0,
+    "latent+multiscale+texture": 0.01,
+    "latent+multiscale+texture+dispersion": 0.0,
+    FINGERPRINT: 0.01,
+}
+"""Share of same-site splits flagged at alpha 0.01 (Monte-Carlo standard error 0.007)."""
+
+FEATURE_SUMMARIES: dict[str, str] = {
+    "latent": "the mean of each subject's patch latents (the seed's AAD). It mostly sees "
+    "anatomy and population differences; per-subject normalisation and the autoencoder's "
+    "bottleneck remove scanner noise, blur, contrast and intensity, so it is blind to most "
+    "scanner and protocol differences.",
+    "multiscale+texture": "per-stage channel statistics of the encoder plus the scale-free "
+    "roughness of the input and of every encoder stage. It sees noise, blur, gamma/contrast and "
+    "population differences; it cannot see a global intensity scale or a smooth bias field "
+    "(normalisation removes both): the intensity fingerprint reports those.",
+    "multiscale": "per-stage channel means and standard deviations of the encoder's activations. "
+    "It sees blur and population differences, contrast only partly, and not noise, intensity "
+    "scale or bias fields.",
+    "texture": "the scale-free roughness of the input and of every encoder stage. It sees noise, "
+    "blur, gamma/contrast and population differences, not intensity scale or bias fields.",
+    "dispersion": "the mean and spread of the subject's patch latents. It sees blur and part "
+    "of population differences, hardly contrast, not noise, intensity scale or bias fields.",
+    "position_matched": "patch latents standardised per grid position (co-registered cohorts). "
+    "It sees part of population differences and none of the scanner shifts.",
+}
+"""What each feature set is and which kinds of shift it sees, in plain words (from the
+benchmark); combinations not listed are described by their parts."""
+
+
+def _rate_word(rate: float) -> str:
+    if rate >= 0.8:
+        return f"seen ({100 * rate:.0f}%)"
+    if rate >= 0.2:
+        return f"sometimes ({100 * rate:.0f}%)"
+    return f"not seen ({100 * rate:.0f}%)"
+
+
+def features_paragraph(features: str) -> str:
+    """Which features the statistics used and what they can and cannot see, in plain words."""
+    summary = FEATURE_SUMMARIES.get(features)
+    if summary is None:
+        rates = DETECTION_RATES.get(features)
+        if rates is None:
+            return (
+                f"The statistics used the feature set `{features}`, which the sensitivity "
+                "benchmark did not measure: what it can see is unknown."
+            )
+        seen = [SHIFT_KINDS[k] for k, r in rates.items() if r >= 0.8]
+        missed = [SHIFT_KINDS[k] for k, r in rates.items() if r < 0.2]
+        summary = (
+            f"a combination of {', '.join(features.split('+'))}. It sees "
+            f"{', '.join(seen) or 'none of the benchmark shifts reliably'}; it cannot see "
+            f"{', '.join(missed) or 'any shift it was tested on reliably'}."
+        )
+    text = f"The statistics used the feature set `{features}`: {summary}"
+    if features != "latent":
+        text += (
+            " The seed's latent AAD is reported beside it (its own columns), so the two can be "
+            "compared."
+        )
+    return text
+
+
+def sensitivity_table(
+    features: str, latent: bool = True, intensity: bool = True
+) -> tuple[list[str], list[list[str]]]:
+    """``(header, rows)``: per shift kind, whether the used features, the seed's latent AAD and
+    the intensity fingerprint saw it in the benchmark (rate in brackets)."""
+    columns = [(features, f"AAD ({features})")]
+    if latent and features != "latent":
+        columns.append(("latent", "seed's latent AAD"))
+    if intensity:
+        columns.append((FINGERPRINT, "intensity fingerprint"))
+    header = ["shift between cohorts", *(label for _, label in columns)]
+    rows = []
+    for kind, words in SHIFT_KINDS.items():
+        row = [words]
+        for name, _ in columns:
+            rates = DETECTION_RATES.get(name)
+            row.append(_rate_word(rates[kind]) if rates else "not measured")
+        rows.append(row)
+    fpr = ["same-site cohorts flagged (false positives, alpha 0.01)"]
+    for name, _ in columns:
+        value = SAME_SITE_FPR.get(name)
+        fpr.append("not measured" if value is None else f"{100 * value:.1f}%")
+    rows.append(fpr)
+    return header, rows
 
 
 def _fmt(x, digits: int = 3) -> str:

@@ -192,3 +192,70 @@ def test_report_shows_the_seed_latent_aad_beside_other_features(tmp_path):
     # A latent-only comparison keeps the plain column.
     plain = write_report(fake_result(), tmp_path / "plain")[0].read_text()
     assert "| pair | AAD [95% CI] |" in plain and "seed's latent AAD" not in plain
+
+
+def test_report_says_what_the_features_can_and_cannot_see(tmp_path):
+    res = fake_result()
+    res["features"] = "multiscale+texture"
+    res["pairs"][0].update(intensity_p=0.001, intensity_p_fdr=0.002, intensity_distance=3.0)
+    md = write_report(res, tmp_path)[0].read_text()
+    assert "## What these features can and cannot see" in md
+    assert "The statistics used the feature set `multiscale+texture`" in md
+    assert "sees noise, blur, gamma/contrast and population differences" in md
+    assert "cannot see a global intensity scale or a smooth bias field" in md
+    header = next(ln for ln in md.splitlines() if ln.startswith("| shift between cohorts |"))
+    assert header == (
+        "| shift between cohorts | AAD (multiscale+texture) | seed's latent AAD "
+        "| intensity fingerprint |"
+    )
+    rows = {ln.split(" | ")[0][2:]: ln for ln in md.splitlines() if ln.startswith("| ")}
+    assert rows["smooth bias field (about 7× stronger)"].endswith(
+        "| not seen (0%) | not seen (0%) | seen (80%) |"
+    )
+    assert rows["scanner noise (Rician, 3% to 12% of white matter)"].endswith(
+        "| seen (100%) | not seen (0%) | seen (100%) |"
+    )
+    assert "| same-site cohorts flagged (false positives, alpha 0.01) | 0.0% | 0.0% | 1.0% |" in md
+    assert "sensitivity benchmark" in md
+    # The plain latent comparison says the mean latent is blind to scanner differences.
+    plain = write_report(fake_result(), tmp_path / "plain")[0].read_text()
+    assert "blind to most scanner and protocol differences" in plain
+    # A feature set the benchmark never measured is said to be unknown.
+    res["features"] = "mystery"
+    md = write_report(res, tmp_path / "other")[0].read_text()
+    assert "did not measure: what it can see is unknown" in md and "not measured" in md
+
+
+def test_every_feature_set_has_benchmark_text():
+    from aad_med.embedding import available_feature_sets
+    from aad_med.report.text import DETECTION_RATES, SAME_SITE_FPR, features_paragraph
+
+    for name in available_feature_sets():
+        assert name in DETECTION_RATES and name in SAME_SITE_FPR, name
+        assert "did not measure" not in features_paragraph(name)
+
+
+def test_benchmark_rates_match_the_measured_table():
+    """The report's rates are the benchmark's figures (sensitivity_results.md / BENCHMARKS.md)."""
+    from pathlib import Path
+
+    from aad_med.report.text import DETECTION_RATES, FINGERPRINT, SAME_SITE_FPR, SHIFT_KINDS
+
+    root = Path(__file__).resolve().parents[2]
+    table = {}
+    for name in ("BENCHMARKS.md", "sensitivity_results.md"):
+        path = root / name
+        if not path.is_file():
+            continue
+        for line in path.read_text().splitlines():
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            if len(cells) == 8 and re.fullmatch(r"[0-9.]+", cells[1]):
+                key = FINGERPRINT if cells[0].startswith(FINGERPRINT) else cells[0]
+                table.setdefault(key, cells[1:])
+    if not table:
+        pytest.skip("no sensitivity table in BENCHMARKS.md or sensitivity_results.md")
+    assert set(table) == set(DETECTION_RATES)
+    for name, cells in table.items():
+        rates = [float(c) for c in cells[:6]]
+        assert rates == [DETECTION_RATES[name][k] for k in SHIFT_KINDS], name
+        assert float(cells[6].split()[0]) == SAME_SITE_FPR[name], name
