@@ -10,6 +10,12 @@ Example::
 ``checkpoint=[A.pt,B.pt,...]`` compares with several encoders (e.g. training seeds) and adds
 their combined interval and rank stability.
 
+``calibration=PATH`` (a ``calibration.json`` or ``.csv`` from ``aad-calibrate`` with the same
+checkpoint and features) adds to every pair the artefact severities its AAD is comparable to.
+The config key is ``calibration_file``: ``calibration`` is the name of aad-calibrate's config
+group in the shared ``configs/`` folder, so Hydra would take ``calibration=PATH`` for a group
+choice; :func:`open_cohort_overrides` rewrites it before Hydra sees it.
+
 ``cohorts.NAME=DIR_OR_CSV`` needs no leading ``+``: Hydra refuses new keys at compose time, so
 :func:`open_cohort_overrides` rewrites them to ``++cohorts.NAME=...`` before Hydra sees them.
 
@@ -45,9 +51,17 @@ _preexisting_run_dir: Path | None = None
 
 
 def open_cohort_overrides(args: Sequence[str]) -> list[str]:
-    """Turn ``cohorts.NAME=VALUE`` into ``++cohorts.NAME=VALUE`` (add or override), leaving
-    every other argument (and already prefixed ones) as is."""
-    return [f"++{a}" if _COHORT_OVERRIDE.match(a) else a for a in args]
+    """Turn ``cohorts.NAME=VALUE`` into ``++cohorts.NAME=VALUE`` (add or override) and
+    ``calibration=PATH`` into ``calibration_file=PATH``, leaving every other argument (and
+    already prefixed ones) as is."""
+    out = []
+    for a in args:
+        if _COHORT_OVERRIDE.match(a):
+            a = f"++{a}"
+        elif a.startswith("calibration="):
+            a = "calibration_file=" + a[len("calibration=") :]
+        out.append(a)
+    return out
 
 
 def settings_from_config(cfg: DictConfig):
@@ -74,6 +88,7 @@ def settings_from_config(cfg: DictConfig):
         intensity=bool(stats.get("intensity", True)),
         progress=bool(emb.progress),
         overwrite=bool(cfg.get("overwrite", False)),
+        calibration=None if cfg.get("calibration_file") is None else str(cfg.calibration_file),
     )
 
 

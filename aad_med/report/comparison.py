@@ -93,6 +93,7 @@ class CompareSettings:
     decode_means: bool = True
     bands_bootstrap: int = 1000
     intensity: bool = True
+    calibration: str | Path | None = None
     progress: bool = True
     overwrite: bool = False
     extra: dict = field(default_factory=dict)
@@ -264,7 +265,18 @@ def run_comparison(
         if not path.is_file():
             raise CheckpointError(f"{path}: checkpoint does not exist")
     multi = len(ckpt_paths) > 1
+    if s.calibration and not Path(s.calibration).is_file():
+        raise InputError(
+            Path(s.calibration),
+            "calibration file does not exist (give the calibration.json or calibration.csv "
+            "written by aad-calibrate)",
+        )
     cohorts = load_cohorts(cohort_paths, s.skip_invalid)
+    if s.calibration:
+        from aad_med.calibration.curves import read_calibration_table
+
+        # A file that is not a calibration is refused before anything is encoded.
+        read_calibration_table(Path(s.calibration))
 
     # Heavy imports only once the inputs are known to be valid.
     from aad_med.distances import combine_encoder_runs
@@ -314,6 +326,8 @@ def run_comparison(
                 )
         if s.intensity:
             _add_intensity(result, cohorts, s, tmp)
+        if s.calibration:
+            add_equivalent_severity(result, s.calibration)
         _warn_overlap(result)
         write_distances_json(tmp / "distances.json", result)
         write_report(result, tmp, images)
@@ -444,6 +458,99 @@ def _add_intensity(result: dict, cohorts: Mapping[str, Cohort], s: CompareSettin
         },
         "file": "intensity_fingerprint.csv",
         "seconds": seconds,
+    }
+
+
+def _calibration_record(path: Path) -> dict:
+    """What a ``calibration.json`` says it was made with (``features``, ``checkpoint_sha256``);
+    empty for a ``calibration.csv``, which records neither."""
+    if path.suffix.lower() != ".json":
+        return {}
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise InputError(path, f"cannot read calibration ({e})") from None
+    settings = doc.get("settings") if isinstance(doc, Mapping) else None
+    return {
+        "features": (settings or {}).get("features"),
+        "checkpoint_sha256": doc.get("checkpoint_sha256"),
+    }
+
+
+def add_equivalent_severity(result: dict, calibration: str | Path) -> None:
+    """Translate every pair's AAD into equivalent artefact severities of a calibration.
+
+    Uses :func:`aad_med.calibration.annotate_pairs` on the AAD of the features the calibration
+    was made with: the comparison's own AAD, or the seed's latent AAD when the calibration was
+    made with ``latent`` and the comparison with other features. Adds ``equivalent_severity`` to
+    each pair (``statistic``, ``features``, ``value``, ``n_per_cohort``, ``severity`` per
+    artefact, ``statements``, ``warnings``) and ``calibration`` to ``result``.
+
+    Warnings (one line each): another checkpoint (from ``annotate_pairs``), another feature set,
+    a ``calibration.csv`` that records neither, and standardised features, whose AAD is scaled
+    by the subjects standardised together (the compared cohorts here, every subject under every
+    artefact in the calibration), so the equivalence is approximate.
+
+    Raises:
+        InputError: the file is not a calibration table.
+    """
+    from aad_med.calibration import annotate_pairs
+
+    path = Path(calibration)
+    made = _calibration_record(path)
+    features = str(result["features"])
+    cal_features = made.get("features")
+    pairs = result["pairs"]
+    use_latent = (
+        cal_features == "latent"
+        and features != "latent"
+        and all(p.get("latent_aad") is not None for p in pairs)
+    )
+    statistic = "latent_aad" if use_latent else "aad"
+    measured = "latent" if use_latent else features
+    notes = annotate_pairs(
+        path,
+        [
+            {"a": p["a"], "b": p["b"], "n_a": p["n_a"], "n_b": p["n_b"], "aad": p[statistic]}
+            for p in pairs
+        ],
+        checkpoint_sha256=result.get("checkpoint_sha256"),
+    )
+    extra = []
+    if cal_features is None:
+        extra.append(
+            f"{path}: this calibration records neither the checkpoint nor the features it was "
+            f"made with; the equivalences hold only for this checkpoint with "
+            f"embedding.features={measured}"
+        )
+    elif cal_features != measured:
+        extra.append(
+            f"{path}: calibration was made with features {cal_features}, this comparison uses "
+            f"{features}; AAD scales of different feature sets are not comparable"
+        )
+    if measured != "latent" and cal_features in (None, measured):
+        extra.append(
+            f"{measured} features are standardised over the subjects compared together (here "
+            "the compared cohorts, in the calibration every reference subject under every "
+            "artefact), so the two AAD scales differ: read the equivalence as approximate"
+        )
+    by_pair = {(n["a"], n["b"]): n for n in notes}
+    for pair in pairs:
+        note = by_pair[(pair["a"], pair["b"])]
+        pair["equivalent_severity"] = {
+            "statistic": statistic,
+            "features": measured,
+            "value": note["aad"],
+            "n_per_cohort": note["n_per_cohort"],
+            "severity": note["equivalent_severity"],
+            "statements": note["statements"],
+            "warnings": [w for w in (note["warning"], *extra) if w],
+        }
+    result["calibration"] = {
+        "path": str(path.resolve()),
+        "features": cal_features,
+        "checkpoint_sha256": made.get("checkpoint_sha256"),
+        "statistic": statistic,
     }
 
 

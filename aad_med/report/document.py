@@ -17,6 +17,7 @@ from aad_med.report.text import (
     INTENSITY_EXPLANATION,
     LIMITATIONS,
     _fmt,
+    calibration_intro,
     features_paragraph,
     fmt_p,
     interpretation,
@@ -56,7 +57,8 @@ Block = tuple
 
 def build_blocks(result: Mapping, images: Mapping[str, str | Path] | None = None) -> list[Block]:
     """The report as a list of blocks: ``("h1"|"h2"|"h3"|"p"|"warn", text)``,
-    ``("table", header, rows)``, ``("img", caption, path)``, ``("dl", [(term, text)])``."""
+    ``("table", header, rows)``, ``("img", caption, path)``, ``("dl", [(term, text)])``,
+    ``("ul", [text])``."""
     images = dict(images or {})
     cohorts = result.get("cohorts", {})
     pairs = list(result.get("pairs", []))
@@ -119,6 +121,12 @@ def build_blocks(result: Mapping, images: Mapping[str, str | Path] | None = None
         if latent:
             b.append(("p", latent))
         b.append(("table", ["statistic", "value"], _pair_rows(p)))
+        equivalent = p.get("equivalent_severity")
+        if equivalent:
+            b.append(("h3", "What this AAD is comparable to"))
+            b.append(("p", calibration_intro(equivalent, result.get("calibration"))))
+            b.append(("ul", list(equivalent.get("statements") or [])))
+            b.extend(("warn", w) for w in equivalent.get("warnings") or [])
         top = p.get("top_dims") or []
         if top:
             dims = ", ".join(f"z{int(d)} ({100 * float(s):.0f}%)" for d, s in top[:5])
@@ -327,6 +335,9 @@ def render_markdown(blocks: list[Block], base: Path | None = None) -> str:
         elif kind == "dl":
             out.extend(f"- **{term}**: {text}" for term, text in blk[1])
             out.append("")
+        elif kind == "ul":
+            out.extend(f"- {text}" for text in blk[1])
+            out.append("")
     return "\n".join(out).rstrip() + "\n"
 
 
@@ -372,6 +383,8 @@ def render_html(blocks: list[Block], base: Path | None = None) -> str:
                 f"src='data:image/png;base64,{data}'>"
                 f"<figcaption>{_inline(blk[1])}</figcaption></figure>"
             )
+        elif kind == "ul":
+            out.append("<ul>" + "".join(f"<li>{_inline(t)}</li>" for t in blk[1]) + "</ul>")
         elif kind == "dl":
             out.append("<dl>")
             for term, text in blk[1]:

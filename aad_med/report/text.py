@@ -67,8 +67,13 @@ DEFINITIONS: dict[str, str] = {
     "compared subjects); intensity_fingerprint.csv holds the raw values. Not an AAD: no encoder "
     "is involved.",
     "intensity_p": "Permutation p-value of intensity_distance (label shuffles, same count and "
-    "seed as aad_p); intensity_p_fdr is it adjusted across pairs. Small p: the raw intensities "
-    "differ (scanner gain, contrast, bias field, or anatomy that changes the histograms).",
+    "seed as aad_p); intensity_p_fdr is the same p adjusted across pairs. Small p: the raw "
+    "intensities differ (scanner gain, contrast, bias field, or anatomy that changes the "
+    "histograms).",
+    "equivalent_severity": "With calibration=PATH: for each artefact of an aad-calibrate run "
+    "made with the same encoder, the severity whose shifted copy of the reference gives, on "
+    "average, the observed AAD at the nearest calibrated cohort size ('comparable to'), with a "
+    "warning when the calibration's checkpoint or features differ.",
     "train_overlap": "Number of a cohort's subjects that were used to train the encoder. The "
     "encoder has seen them, so they sit unusually well in latent space and the tests become "
     "over-sensitive.",
@@ -291,6 +296,22 @@ def latent_sentence(pair: Mapping, alpha: float = ALPHA) -> str | None:
         f"The seed's latent AAD (mean of patch latents) is {_fmt(pair['latent_aad'])} "
         f"[95% CI {_fmt(ci[0])}, {_fmt(ci[1])}], {_fmt(pair.get('latent_aad_null_ratio'))}× its "
         f"null median, p = {fmt_p(p)}: {verdict}."
+    )
+
+
+def calibration_intro(equivalent: Mapping, calibration: Mapping | None = None) -> str:
+    """The sentence before a pair's equivalent severities (``pair["equivalent_severity"]``)."""
+    which = (
+        "the seed's latent AAD"
+        if equivalent.get("statistic") == "latent_aad"
+        else f"the AAD ({equivalent.get('features', '?')} features)"
+    )
+    source = f" `{calibration['path']}`" if calibration and calibration.get("path") else ""
+    return (
+        f"The calibration{source} measured this encoder's AAD between clean reference subjects "
+        "and reference subjects carrying one artefact at graded severities. Against it, "
+        f"{which} of {_fmt(equivalent.get('value'))} with about "
+        f"{_fmt(equivalent.get('n_per_cohort'))} subjects per cohort is comparable to:"
     )
 
 

@@ -19,6 +19,8 @@ import pytest
 
 from aad_med.calibration import CALIBRATION_COLUMNS, equivalent_severity
 from aad_med.cli import calibrate as calibrate_cli
+from aad_med.data.synthetic import generate_cohort
+from tests.calibration.conftest import SHAPE
 
 
 def aad_calibrate() -> str:
@@ -284,3 +286,136 @@ def test_config_composes_to_settings():
         )
         assert quick.artefacts == ["noise", "blur", "bias"] and quick.n_per_cohort == [5, 10]
         assert quick.repeats == 5
+
+
+# --------------------------------------------------------------------------------------------
+# aad-compare calibration=PATH: equivalent severities in distances.json and the report
+
+
+def aad_compare() -> str:
+    exe = Path(sys.executable).with_name("aad-compare")
+    return str(exe) if exe.exists() else shutil.which("aad-compare")
+
+
+@pytest.fixture(scope="module")
+def compared(calibrated, calib_data, tmp_path_factory) -> dict:
+    """aad-compare with the calibrated checkpoint, a clean site and a noisier one (4 each)."""
+    root = tmp_path_factory.mktemp("compare_calibrated")
+    site_a = generate_cohort(root / "a", 4, "reference", seed=21, shape=SHAPE, id_prefix="CA_")
+    site_b = generate_cohort(root / "b", 4, "noise", seed=22, shape=SHAPE, id_prefix="CB_")
+    out = root / "run"
+    env = {**os.environ, "AAD_MED_VERBOSE": "0", "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
+    proc = subprocess.run(
+        [
+            aad_compare(),
+            f"checkpoint={calib_data['ckpt']}",
+            f"cohorts.clean={site_a}",
+            f"cohorts.noisy={site_b}",
+            f"calibration={calibrated['out'] / 'calibration.json'}",
+            "stats.n_permutations=99",
+            "stats.n_bootstrap=50",
+            "stats.bands_bootstrap=20",
+            "decode_means=false",
+            "regional=false",
+            "embedding.cache=false",
+            f"hydra.run.dir={out}",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return {"out": out, "result": json.loads((out / "distances.json").read_text())}
+
+
+@pytest.mark.slow
+def test_compare_reports_equivalent_severities(compared, calibrated):
+    res = compared["result"]
+    pair = res["pairs"][0]
+    eq = pair["equivalent_severity"]
+    assert eq["statistic"] == "aad" and eq["features"] == "multiscale+texture"
+    assert eq["value"] == pair["aad"] and eq["n_per_cohort"] == 4.0
+    assert set(eq["severity"]) == {"noise", "blur"}
+    assert [line.split(":")[0] for line in eq["statements"]] == ["noise", "blur"]
+    for line in eq["statements"]:
+        assert "curve at 4 subjects per cohort" in line
+    # Same checkpoint and features: only the note that standardised features scale differently.
+    assert len(eq["warnings"]) == 1 and "approximate" in eq["warnings"][0]
+    assert res["calibration"]["path"] == str((calibrated["out"] / "calibration.json").resolve())
+    assert res["calibration"]["features"] == "multiscale+texture"
+    md = (compared["out"] / "report.md").read_text()
+    assert "### What this AAD is comparable to" in md
+    assert f"- {eq['statements'][0]}" in md and "read the equivalence as approximate" in md
+    html = (compared["out"] / "report.html").read_text()
+    assert "What this AAD is comparable to" in html and "<li>noise:" in html
+
+
+def _fake_pairs(result: dict) -> dict:
+    keep = ("a", "b", "n_a", "n_b", "aad", "latent_aad")
+    return {
+        "features": result["features"],
+        "checkpoint_sha256": result["checkpoint_sha256"],
+        "pairs": [{k: p[k] for k in keep if k in p} for p in result["pairs"]],
+    }
+
+
+@pytest.mark.slow
+def test_equivalence_warns_about_another_checkpoint_or_feature_set(compared, calibrated, tmp_path):
+    from aad_med.report.comparison import add_equivalent_severity
+
+    calibration = calibrated["out"] / "calibration.json"
+    other = _fake_pairs(compared["result"])
+    other["checkpoint_sha256"] = "0" * 64
+    add_equivalent_severity(other, calibration)
+    warnings = other["pairs"][0]["equivalent_severity"]["warnings"]
+    assert any("made with another checkpoint" in w for w in warnings), warnings
+    # Another feature set: said so, and the comparison's own AAD is still what is looked up.
+    latent_only = _fake_pairs(compared["result"])
+    latent_only["features"] = "latent"
+    latent_only["pairs"][0].pop("latent_aad")
+    add_equivalent_severity(latent_only, calibration)
+    eq = latent_only["pairs"][0]["equivalent_severity"]
+    assert eq["statistic"] == "aad"
+    assert any("made with features multiscale+texture" in w for w in eq["warnings"]), eq
+    # A latent calibration with a multiscale+texture comparison: the seed's latent AAD is used.
+    doc = json.loads(calibration.read_text())
+    doc["settings"]["features"] = "latent"
+    latent_cal = tmp_path / "calibration.json"
+    latent_cal.write_text(json.dumps(doc))
+    res = _fake_pairs(compared["result"])
+    add_equivalent_severity(res, latent_cal)
+    eq = res["pairs"][0]["equivalent_severity"]
+    assert eq["statistic"] == "latent_aad" and eq["features"] == "latent"
+    assert eq["value"] == res["pairs"][0]["latent_aad"] and eq["warnings"] == []
+    # A calibration.csv records neither checkpoint nor features: the report says so.
+    res = _fake_pairs(compared["result"])
+    add_equivalent_severity(res, calibrated["out"] / "calibration.csv")
+    warnings = res["pairs"][0]["equivalent_severity"]["warnings"]
+    assert any("records neither the checkpoint nor the features" in w for w in warnings)
+
+
+def test_compare_refuses_a_missing_or_bad_calibration_before_encoding(tmp_path):
+    from aad_med.errors import InputError
+    from aad_med.report.comparison import CompareSettings, run_comparison
+    from tests.nifti_factory import write_brats_cohort
+
+    a = write_brats_cohort(tmp_path / "a", n=2)
+    b = write_brats_cohort(tmp_path / "b", n=2)
+    ckpt = tmp_path / "c.pt"
+    ckpt.write_bytes(b"never loaded")
+    for path, problem in (
+        (tmp_path / "none.json", "calibration file does not exist"),
+        (tmp_path / "bad.csv", "not a calibration table"),
+    ):
+        if path.suffix == ".csv":
+            path.write_text("x,y\n1,2\n")
+        with pytest.raises(InputError) as err:
+            run_comparison(
+                ckpt,
+                {"a": a, "b": b},
+                tmp_path / "out",
+                CompareSettings(calibration=path, progress=False),
+            )
+        assert str(err.value).startswith(f"{path}: {problem}")
+        assert not (tmp_path / "out").exists()

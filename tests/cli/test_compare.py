@@ -180,6 +180,7 @@ def test_open_cohort_overrides():
         "++cohorts.c=/z",
         "seed=1",
         "cohorts.d=/with=equals",
+        "calibration=/c/calibration.json",
     ]
     assert compare_cli.open_cohort_overrides(args) == [
         "checkpoint=c.pt",
@@ -188,6 +189,8 @@ def test_open_cohort_overrides():
         "++cohorts.c=/z",
         "seed=1",
         "++cohorts.d=/with=equals",
+        # aad-calibrate's config group is called calibration: Hydra would read a group choice.
+        "calibration_file=/c/calibration.json",
     ]
 
 
@@ -203,6 +206,12 @@ def test_config_composes_cohorts_without_plus():
     ]
     with initialize_config_dir(config_dir=compare_cli.CONFIG_DIR, version_base="1.3"):
         cfg = compose("compare", overrides=compare_cli.open_cohort_overrides(overrides))
+        assert compare_cli.settings_from_config(cfg).calibration is None
+        calibrated = compose(
+            "compare",
+            overrides=compare_cli.open_cohort_overrides([*overrides, "calibration=/c/cal.json"]),
+        )
+        assert compare_cli.settings_from_config(calibrated).calibration == "/c/cal.json"
         assert dict(cfg.cohorts) == {"site_a": "/data/a", "site_b": "/data/b"}
         assert cfg.stats.n_permutations == 499
         # The default by evidence (sensitivity benchmark), for aad-compare and aad-calibrate.
