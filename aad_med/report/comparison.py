@@ -437,6 +437,7 @@ def _add_intensity(result: dict, cohorts: Mapping[str, Cohort], s: CompareSettin
 
     raw, pairs, seconds = intensity_statistics(cohorts, s)
     n = sum(len(c.subjects) for c in cohorts.values())
+    # Logged, not written to distances.json: two runs of one comparison give the same file.
     log.info("intensity fingerprint of %d subjects in %.2f s", n, seconds)
     for pair in result["pairs"]:
         pair.update(pairs[(pair["a"], pair["b"])])
@@ -457,7 +458,6 @@ def _add_intensity(result: dict, cohorts: Mapping[str, Cohort], s: CompareSettin
             for name, v in raw.items()
         },
         "file": "intensity_fingerprint.csv",
-        "seconds": seconds,
     }
 
 

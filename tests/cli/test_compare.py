@@ -362,7 +362,6 @@ def test_intensity_fingerprint_recomputes_from_its_csv(three_sites):
     assert pairs[("site_a", "site_b")]["intensity_p"] < 0.01
     med = res["intensity"]["cohort_medians"]
     assert med["site_b"]["flair_p50"] > 1.5 * med["site_a"]["flair_p50"]
-    assert res["intensity"]["seconds"] > 0
     md = (out / "report.md").read_text()
     assert "intensity fingerprint p (FDR), not an AAD" in md
     assert "bias-field differences that normalisation hides from the encoder" in md

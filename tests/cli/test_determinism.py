@@ -81,6 +81,10 @@ def test_other_seed_changes_p_values_and_intervals_only(runs):
     # The encoder and the subjects are the same: so are the distances.
     for key in ("aad", "aad2_unbiased", "mmd2", "energy", "frechet"):
         assert p[key] == q[key], key
+    # So are the seed's latent AAD and the intensity fingerprint distance, always computed.
+    for key in ("latent_aad", "intensity_distance"):
+        assert p[key] == q[key] and p[key] > 0, key
+    assert first["intensity"] == other["intensity"]
     assert first["pairwise_aad"] == other["pairwise_aad"]
     # The shuffles and resamples are not.
     assert p["aad_p"] != q["aad_p"]
