@@ -137,7 +137,7 @@ DETECTION_RATES: dict[str, dict[str, float]] = {
     FINGERPRINT: dict(noise=1.0, blur=1.0, gamma=1.0, bias=0.8, intensity=1.0, population=1.0),
 }
 """Detection rate at the severities of :data:`SHIFT_KINDS`, 16 subjects per cohort, alpha 0.01
-(sensitivity_results.md, the run behind BENCHMARKS.md's sensitivity section)."""
+(BENCHMARKS.md, section "Sensitivity to acquisition and population shifts")."""
 
 SAME_SITE_FPR: dict[str, float] = {
     "latent": 0.0,

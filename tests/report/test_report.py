@@ -236,24 +236,18 @@ def test_every_feature_set_has_benchmark_text():
 
 
 def test_benchmark_rates_match_the_measured_table():
-    """The report's rates are the benchmark's figures (sensitivity_results.md / BENCHMARKS.md)."""
+    """The report's rates are the benchmark's figures (BENCHMARKS.md's sensitivity section)."""
     from pathlib import Path
 
     from aad_med.report.text import DETECTION_RATES, FINGERPRINT, SAME_SITE_FPR, SHIFT_KINDS
 
     root = Path(__file__).resolve().parents[2]
     table = {}
-    for name in ("BENCHMARKS.md", "sensitivity_results.md"):
-        path = root / name
-        if not path.is_file():
-            continue
-        for line in path.read_text().splitlines():
-            cells = [c.strip() for c in line.strip().strip("|").split("|")]
-            if len(cells) == 8 and re.fullmatch(r"[0-9.]+", cells[1]):
-                key = FINGERPRINT if cells[0].startswith(FINGERPRINT) else cells[0]
-                table.setdefault(key, cells[1:])
-    if not table:
-        pytest.skip("no sensitivity table in BENCHMARKS.md or sensitivity_results.md")
+    for line in (root / "BENCHMARKS.md").read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 8 and re.fullmatch(r"[0-9.]+", cells[1]):
+            key = FINGERPRINT if cells[0].startswith(FINGERPRINT) else cells[0]
+            table.setdefault(key, cells[1:])
     assert set(table) == set(DETECTION_RATES)
     for name, cells in table.items():
         rates = [float(c) for c in cells[:6]]
