@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--n-subjects", type=int, default=12, help="subjects per compared site")
     parser.add_argument("--shape", type=int, nargs=3, default=[64, 72, 60], metavar=("X", "Y", "Z"))
-    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
     parser.add_argument("--n-permutations", type=int, default=5000)
     args = parser.parse_args(argv)
@@ -86,10 +86,10 @@ def main(argv: list[str] | None = None) -> int:
                 "aad_med.cli.train",
                 f"data.cohorts=[{data / 'train'}]",
                 "data.patch_size=16",
-                "data.samples_per_subject=16",
-                "model.channels=[16,32]",
-                "model.strides=[2,2]",
-                "model.latent_dim=16",
+                "data.samples_per_subject=32",
+                "model.channels=[16,32,64]",
+                "model.strides=[2,2,2]",
+                "model.latent_dim=32",
                 f"trainer.max_epochs={args.epochs}",
                 "trainer.batch_size=32",
                 f"trainer.device={args.device}",

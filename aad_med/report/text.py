@@ -37,8 +37,10 @@ DEFINITIONS: dict[str, str] = {
     "aad_null_ratio": "AAD divided by the null median. About 1 means 'no more different than "
     "random splits'; 2 means twice the noise floor.",
     "aad_standardized": "Mahalanobis distance between the means with a shrinkage pooled "
-    "covariance: AAD in units of the subjects' spread, comparable across encoders "
-    "(roughly: 0.2 small, 0.5 medium, 0.8 large).",
+    "covariance: AAD in units of the subjects' spread, unchanged when a dimension is rescaled. "
+    "It is not a Cohen's d: even with no shift at all it is about sqrt(D (1/n_a + 1/n_b)) for "
+    "D dimensions (more with few subjects), so read it against the same-site pairs of the "
+    "same run, not against fixed thresholds.",
     "hotelling_t2": "Hotelling's T² for equal mean vectors with the shrinkage covariance; "
     "hotelling_p is its p-value (by permutation when subjects are fewer than dimensions).",
     "mmd2": "Squared maximum mean discrepancy with a Gaussian kernel (median bandwidth, "
