@@ -74,11 +74,15 @@ def train_tiny_checkpoint(
     """Train a (8, 16)-channel MSE autoencoder for ``epochs`` on the cohorts in ``train_dirs``
     and save it, with their subject IDs as ``train_subject_ids``, at ``path``."""
     dirs = [train_dirs] if isinstance(train_dirs, str | Path) else list(train_dirs)
-    subjects, ids = [], []
+    subjects, ids, places = [], [], []
     for d in dirs:
         cohort = load_cohort(d)
         subjects.extend(cohort.subjects)
         ids.extend(cohort.subject_ids)
+        # as aad-train records them: the overlap check matches place and ID
+        places.extend(
+            {"cohort": str(Path(d).resolve()), "subject_id": sid} for sid in cohort.subject_ids
+        )
     ds = build_train_dataset(
         subjects, preprocessing, samples_per_subject=samples_per_subject, cache="memory", seed=0
     )
@@ -106,4 +110,6 @@ def train_tiny_checkpoint(
             opt.zero_grad()
             loss.backward()
             opt.step()
-    return save_model_checkpoint(path, model, preprocessing.to_dict(), train_subject_ids=ids)
+    return save_model_checkpoint(
+        path, model, preprocessing.to_dict(), train_subject_ids=ids, train_subjects=places
+    )

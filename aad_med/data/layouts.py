@@ -388,7 +388,7 @@ def _msd_split_subjects(
     labels: dict[str, ImageSource],
     found: _Found,
 ) -> None:
-    """nnU-Net v2 style: one 3D file per channel, ``<case>_<XXXX>.nii.gz``."""
+    """nnU-Net v2 style: one 3D file per channel, ``<case>_<NNNN>.nii.gz``."""
     cases: dict[str, dict[int, list[Path]]] = defaultdict(lambda: defaultdict(list))
     for f in files:
         m = _NNUNET_CHANNEL.match(f.name)

@@ -17,14 +17,13 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from checkpoint_factory import train_tiny_checkpoint
 
 from aad_med.cli import compare as compare_cli
-from aad_med.data.datasets import build_train_dataset, train_collate
 from aad_med.data.preprocessing import PreprocessingConfig
 from aad_med.data.synthetic import SITES, generate_cohort
 from aad_med.data.validation import load_cohort
-from aad_med.models import ConvAutoencoder
-from aad_med.training.checkpoint import CHECKPOINT_FORMAT, FORMAT_VERSION, save_checkpoint
+from aad_med.training.checkpoint import save_checkpoint
 
 SHAPE = (32, 36, 28)
 PATCH = 16
@@ -72,56 +71,6 @@ SHIFTED = SITES["site_b"].with_updates(
 def aad_compare() -> str:
     exe = Path(sys.executable).with_name("aad-compare")
     return str(exe) if exe.exists() else shutil.which("aad-compare")
-
-
-def train_tiny_checkpoint(
-    path: Path,
-    train_dir: Path,
-    preprocessing: PreprocessingConfig,
-    state: dict | None = None,
-    epochs: int = 4,
-) -> Path:
-    """A few epochs of a tiny MSE autoencoder, saved in aad-train's checkpoint format."""
-    cohort = load_cohort(train_dir)
-    ds = build_train_dataset(
-        cohort.subjects, preprocessing, samples_per_subject=4, cache="memory", seed=0
-    )
-    torch.manual_seed(0)
-    model = ConvAutoencoder(
-        channels=(8, 16), strides=(2, 2), latent_dim=8, patch_size=PATCH, num_res_units=0
-    )
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    loader = torch.utils.data.DataLoader(
-        ds,
-        batch_size=4,
-        shuffle=True,
-        collate_fn=train_collate,
-        generator=torch.Generator().manual_seed(0),
-    )
-    for epoch in range(epochs):
-        ds.set_epoch(epoch)
-        for batch in loader:
-            x = batch["image"]
-            loss = torch.mean((model(x) - x) ** 2)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    return save_checkpoint(
-        path,
-        {
-            "format": CHECKPOINT_FORMAT,
-            "format_version": FORMAT_VERSION,
-            "model_state": model.state_dict(),
-            "model_config": model.model_config(),
-            "preprocessing": preprocessing.to_dict(),
-            "train_subject_ids": cohort.subject_ids,
-            "train_subjects": [
-                {"cohort": str(Path(train_dir).resolve()), "subject_id": sid}
-                for sid in cohort.subject_ids
-            ],
-            **(state or {}),
-        },
-    )
 
 
 @pytest.fixture(scope="session")
