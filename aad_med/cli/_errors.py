@@ -21,7 +21,9 @@ def verbose_requested(argv: list[str] | None = None) -> bool:
     return any(a in ("-v", "--verbose", "verbose=true", "verbose=True") for a in argv)
 
 
-def run_reporting_errors(prog: str, fn: Callable[[], int | None], verbose: bool | None = None) -> int:
+def run_reporting_errors(
+    prog: str, fn: Callable[[], int | None], verbose: bool | None = None
+) -> int:
     """Call ``fn``; turn an :class:`AADError` into ``prog: error: <line>`` lines and exit code 2."""
     verbose = verbose_requested() if verbose is None else verbose
     try:

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import logging
 import shutil
-from collections.abc import Sequence
+import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from aad_med.cli._errors import run_reporting_errors, verbose_requested
 from aad_med.training.rundir import existing_results
 
 
@@ -55,3 +57,23 @@ def remove_failed_run(
             root.removeHandler(h)
             h.close()
     shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def run_hydra_job(
+    prog: str,
+    cfg,
+    job: Callable[[object, Path], object],
+    patterns: Sequence[str],
+    preexisting: Path | None,
+) -> None:
+    """Body of every ``@hydra.main`` entry point: run ``job(cfg, run_dir)`` with one-line errors,
+    and on failure remove the run folder Hydra made (unless it existed or holds results)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    verbose = verbose_requested() or bool(cfg.get("verbose", False))
+    rc = run_reporting_errors(prog, lambda: job(cfg, run_dir) and 0, verbose=verbose)
+    if rc:
+        remove_failed_run(run_dir, preexisting, patterns)
+        # SystemExit passes through Hydra's own error handler, keeping the one-line message.
+        sys.exit(rc)

@@ -37,7 +37,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from aad_med.cli._errors import run_reporting_errors, verbose_requested
-from aad_med.cli._runfolder import explicit_run_dir, flag, remove_failed_run
+from aad_med.cli._runfolder import explicit_run_dir, flag, run_hydra_job
 from aad_med.errors import ConfigError
 
 PROG = "aad-compare"
@@ -125,19 +125,9 @@ def compare_from_config(cfg: DictConfig, run_dir: str | Path) -> dict:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="compare")
 def _hydra_main(cfg: DictConfig) -> None:
-    from hydra.core.hydra_config import HydraConfig
+    from aad_med.report.comparison import RESULT_PATTERNS
 
-    run_dir = HydraConfig.get().runtime.output_dir
-    verbose = bool(cfg.get("verbose", False)) or None
-    rc = run_reporting_errors(
-        PROG, lambda: compare_from_config(cfg, run_dir) and 0, verbose=verbose
-    )
-    if rc:
-        from aad_med.report.comparison import RESULT_PATTERNS
-
-        remove_failed_run(run_dir, _preexisting_run_dir, RESULT_PATTERNS)
-        # SystemExit passes through Hydra untouched (it only reports Exceptions).
-        sys.exit(rc)
+    run_hydra_job(PROG, cfg, compare_from_config, RESULT_PATTERNS, _preexisting_run_dir)
 
 
 def _precheck_run_dir(argv: list[str]) -> None:

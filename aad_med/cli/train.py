@@ -13,12 +13,11 @@ import sys
 from pathlib import Path
 
 import hydra
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 import aad_med
 from aad_med.cli._errors import EXIT_INPUT_ERROR, run_reporting_errors, verbose_requested
-from aad_med.cli._runfolder import explicit_run_dir, flag, override_value, remove_failed_run
+from aad_med.cli._runfolder import explicit_run_dir, flag, override_value, run_hydra_job
 from aad_med.errors import AADError, ConfigError
 from aad_med.training.rundir import RESULT_PATTERNS, check_run_dir, register_resolvers
 
@@ -67,13 +66,7 @@ def _check_launcher(argv: list[str]) -> None:
 def _hydra_main(cfg: DictConfig) -> None:
     from aad_med.training.pipeline import train_from_config
 
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
-    verbose = verbose_requested() or bool(cfg.get("verbose", False))
-    rc = run_reporting_errors(PROG, lambda: train_from_config(cfg, run_dir) and 0, verbose=verbose)
-    if rc:
-        remove_failed_run(run_dir, _preexisting_run_dir, RESULT_PATTERNS)
-        # SystemExit passes through Hydra's own error handler, keeping our one-line message.
-        sys.exit(rc)
+    run_hydra_job(PROG, cfg, train_from_config, RESULT_PATTERNS, _preexisting_run_dir)
 
 
 def main() -> int:
