@@ -6,6 +6,7 @@ run created when it holds no results."""
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import sys
 from collections.abc import Callable, Sequence
@@ -77,3 +78,18 @@ def run_hydra_job(
         remove_failed_run(run_dir, preexisting, patterns)
         # SystemExit passes through Hydra's own error handler, keeping the one-line message.
         sys.exit(rc)
+
+
+def strip_verbose_flags(argv: Sequence[str]) -> list[str]:
+    """``argv`` without ``-v``/``--verbose``, which Hydra's parser rejects; when they were given,
+    the environment carries verbosity instead (``AAD_MED_VERBOSE``, ``HYDRA_FULL_ERROR``)."""
+    if verbose_requested(list(argv)):
+        os.environ["AAD_MED_VERBOSE"] = "1"
+        os.environ.setdefault("HYDRA_FULL_ERROR", "1")
+    return [a for a in argv if a not in ("-v", "--verbose")]
+
+
+def preexisting_run_dir(argv: Sequence[str]) -> Path | None:
+    """The explicit ``hydra.run.dir`` when it already exists (a failed run must not remove it)."""
+    run_dir = explicit_run_dir(argv)
+    return run_dir.resolve() if run_dir is not None and run_dir.exists() else None

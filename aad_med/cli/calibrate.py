@@ -32,7 +32,13 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from aad_med.cli._errors import run_reporting_errors, verbose_requested
-from aad_med.cli._runfolder import explicit_run_dir, flag, run_hydra_job
+from aad_med.cli._runfolder import (
+    explicit_run_dir,
+    flag,
+    preexisting_run_dir,
+    run_hydra_job,
+    strip_verbose_flags,
+)
 from aad_med.errors import ConfigError
 
 PROG = "aad-calibrate"
@@ -218,15 +224,9 @@ def main() -> None:
 
     global _preexisting_run_dir
     register_resolvers()
-    argv = sys.argv[1:]
-    if verbose_requested(argv):
-        os.environ["AAD_MED_VERBOSE"] = "1"
-        os.environ.setdefault("HYDRA_FULL_ERROR", "1")
-        # Hydra's parser does not know these flags; the environment carries them instead.
-        argv = [a for a in argv if a not in ("-v", "--verbose")]
+    argv = strip_verbose_flags(sys.argv[1:])
     run_dir = explicit_run_dir(argv)
-    if run_dir is not None and run_dir.exists():
-        _preexisting_run_dir = run_dir.resolve()
+    _preexisting_run_dir = preexisting_run_dir(argv)
     if run_dir is not None:
         # Before Hydra writes .hydra/ into it: a refused run leaves the folder untouched.
         rc = run_reporting_errors(

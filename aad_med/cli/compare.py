@@ -27,7 +27,6 @@ complete). A run that fails leaves no folder behind unless the folder existed be
 from __future__ import annotations
 
 import logging
-import os
 import re
 import sys
 from collections.abc import Sequence
@@ -37,7 +36,13 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from aad_med.cli._errors import run_reporting_errors, verbose_requested
-from aad_med.cli._runfolder import explicit_run_dir, flag, run_hydra_job
+from aad_med.cli._runfolder import (
+    explicit_run_dir,
+    flag,
+    preexisting_run_dir,
+    run_hydra_job,
+    strip_verbose_flags,
+)
 from aad_med.errors import ConfigError
 
 PROG = "aad-compare"
@@ -145,15 +150,8 @@ def main() -> None:
 
     global _preexisting_run_dir
     register_resolvers()
-    argv = sys.argv[1:]
-    if verbose_requested(argv):
-        os.environ["AAD_MED_VERBOSE"] = "1"
-        os.environ.setdefault("HYDRA_FULL_ERROR", "1")
-        # Hydra's parser does not know these flags; the environment carries them instead.
-        argv = [a for a in argv if a not in ("-v", "--verbose")]
-    run_dir = explicit_run_dir(argv)
-    if run_dir is not None and run_dir.exists():
-        _preexisting_run_dir = run_dir.resolve()
+    argv = strip_verbose_flags(sys.argv[1:])
+    _preexisting_run_dir = preexisting_run_dir(argv)
     rc = run_reporting_errors(
         PROG, lambda: _precheck_run_dir(argv), verbose=verbose_requested(argv)
     )

@@ -8,7 +8,6 @@ failures print ``aad-train: error: <line>`` and exit with code 2 (tracebacks wit
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -17,7 +16,14 @@ from omegaconf import DictConfig
 
 import aad_med
 from aad_med.cli._errors import EXIT_INPUT_ERROR, run_reporting_errors, verbose_requested
-from aad_med.cli._runfolder import explicit_run_dir, flag, override_value, run_hydra_job
+from aad_med.cli._runfolder import (
+    explicit_run_dir,
+    flag,
+    override_value,
+    preexisting_run_dir,
+    run_hydra_job,
+    strip_verbose_flags,
+)
 from aad_med.errors import AADError, ConfigError
 from aad_med.training.rundir import RESULT_PATTERNS, check_run_dir, register_resolvers
 
@@ -73,11 +79,7 @@ def main() -> int:
     """Console entry point of ``aad-train``."""
     argv = sys.argv[1:]
     verbose = verbose_requested(argv)
-    if verbose:
-        os.environ["AAD_MED_VERBOSE"] = "1"
-        os.environ.setdefault("HYDRA_FULL_ERROR", "1")
-        # Hydra's parser does not know these flags; the environment carries them instead.
-        sys.argv = [sys.argv[0]] + [a for a in argv if a not in ("-v", "--verbose")]
+    sys.argv = [sys.argv[0], *strip_verbose_flags(argv)]
     problem = _config_problem()
     if problem:
         print(f"{PROG}: error: {problem}", file=sys.stderr)
@@ -88,9 +90,7 @@ def main() -> int:
         _precheck_run_dir(argv)
 
     global _preexisting_run_dir
-    explicit = override_value(argv, "hydra.run.dir")
-    if explicit is not None and Path(explicit).exists():
-        _preexisting_run_dir = Path(explicit).resolve()
+    _preexisting_run_dir = preexisting_run_dir(argv)
     rc = run_reporting_errors(PROG, prechecks, verbose=verbose)
     if rc:
         return rc
