@@ -177,7 +177,7 @@ def test_tail_fit_recovers_a_gamma_and_orders_pvalues():
         (np.zeros(5), None, {}, "2-D"),
         (np.zeros((2, 3)), None, {}, "at least 3"),
         (np.zeros((5, 0)), None, {}, "no feature"),
-        (np.ones((5, 3)), np.zeros((2, 4)), {}, "4 features"),
+        (np.ones((5, 3)), np.zeros((2, 4)), {"k": 2}, "4 features"),
         (np.ones((5, 3)), np.zeros((2, 3)), {"k": 5}, r"\[1, 4\]"),
         (np.ones((5, 3)), np.zeros((2, 3)), {"method": "lof"}, "unknown"),
         (np.full((5, 3), np.nan), None, {}, "NaN"),
