@@ -37,9 +37,12 @@ advance):
 
 The guarantees are marginal, per subject: over many clean subjects the fraction with
 ``p ≤ α`` is ≤ α in expectation, not in every cohort. Rank p-values cannot go below
-``1/(n_ref + 1)``; :func:`fit_tail` fits a gamma distribution to the LOO scores so that
-:func:`tail_pvalues` can. The fitted tail has no finite-sample guarantee: its calibration is
-measured in the benchmark.
+``1/(n_ref + 1)``. :func:`tail_pvalues` refines them beyond the largest LOO score with a
+distribution fitted to the LOO scores (:func:`fit_tail`); they equal the rank p-values
+wherever those exceed ``1/(n_ref + 1)``, so the guarantee above holds for every
+``α ≥ 1/(n_ref + 1)``; below it there is no finite-sample guarantee: the calibration is
+measured in the benchmark. (A tail fitted to the whole LOO distribution and used alone,
+:func:`tail_sf`, was measured too and is not calibrated: ``BENCHMARKS.md``.)
 
 Drivers (:func:`contributions`): per-dimension signed terms that add up to the score exactly:
 ``knn``: ``c_d = (1/k) Σ_j (x_d − a_{j,d})²`` (all ≥ 0); ``mahalanobis``:
@@ -58,6 +61,7 @@ from scipy import stats
 from aad_med.distances.covariance import shrunk_covariance
 
 METHODS = ("knn", "mahalanobis")
+TAIL_FAMILIES = ("lognormal", "gamma")
 DEFAULT_K = 5
 
 
@@ -197,33 +201,99 @@ def reference_pvalues(loo_scores: ArrayLike) -> np.ndarray:
     return (ref.size - np.searchsorted(srt, ref, side="left")) / ref.size
 
 
-def fit_tail(loo_scores: ArrayLike) -> dict[str, float]:
-    """A gamma distribution fitted to the LOO scores (maximum likelihood, location 0).
+def fit_tail(loo_scores: ArrayLike, family: str = "lognormal") -> dict:
+    """A parametric distribution fitted to the LOO scores, to extrapolate beyond their maximum.
 
-    A scaled chi-square is the gamma family's special case; the shape is left free because
-    features are correlated and not Gaussian.
+    Families:
+
+    * ``"lognormal"`` (default): ``log s ~ Normal``; :func:`tail_sf` uses the predictive
+      Student-t, ``P(S > x) = T_{n-1}((m − log x) / (sd √(1 + 1/n)))`` with ``m``, ``sd`` the
+      mean and sample standard deviation of the ``n`` log-scores, so the uncertainty of the
+      fit itself widens the tail at small ``n``.
+    * ``"gamma"``: maximum-likelihood gamma with location 0 (a scaled chi-square with free
+      degrees of freedom).
+
+    Args:
+        loo_scores: the reference subjects' LOO scores, all > 0.
+        family: ``"lognormal"`` or ``"gamma"``.
 
     Returns:
-        ``{"shape", "scale", "n"}``.
+        ``{"family", "n", "max"}`` plus ``"log_mean", "log_sd"`` or ``"shape", "scale"``.
 
     Raises:
-        ValueError: fewer than 3 scores, or a score ≤ 0 (gamma needs positive values).
+        ValueError: fewer than 3 scores, a score ≤ 0, all scores equal or unknown family.
     """
     s = np.asarray(loo_scores, dtype=np.float64).ravel()
+    if family not in TAIL_FAMILIES:
+        raise ValueError(f"unknown tail family {family!r}; choose one of {TAIL_FAMILIES}")
     if s.size < 3 or not np.all(np.isfinite(s)):
         raise ValueError(f"a tail fit needs at least 3 finite LOO scores, got {s.size}")
     if np.any(s <= 0):
-        raise ValueError("a gamma tail needs positive scores (duplicate subjects score 0)")
+        raise ValueError("a tail fit needs positive scores (duplicate subjects score 0)")
     if np.ptp(s) <= 1e-12 * s.mean():
         raise ValueError("all LOO scores are equal; no tail can be fitted")
-    shape, _, scale = stats.gamma.fit(s, floc=0.0)
-    return {"shape": float(shape), "scale": float(scale), "n": int(s.size)}
+    out: dict = {"family": family, "n": int(s.size), "max": float(s.max())}
+    if family == "gamma":
+        shape, _, scale = stats.gamma.fit(s, floc=0.0)
+        out.update(shape=float(shape), scale=float(scale))
+    else:
+        logs = np.log(s)
+        out.update(log_mean=float(logs.mean()), log_sd=float(logs.std(ddof=1)))
+    return out
 
 
-def tail_pvalues(test_scores: ArrayLike, tail: Mapping[str, float]) -> np.ndarray:
-    """Upper-tail probability of each score under a :func:`fit_tail` gamma."""
+def tail_sf(x: ArrayLike, tail: Mapping) -> np.ndarray:
+    """``P(S > x)`` under a :func:`fit_tail` fit (the pure parametric p-value)."""
+    x = np.atleast_1d(np.asarray(x, dtype=np.float64))
+    if tail["family"] == "gamma":
+        return stats.gamma.sf(x, a=tail["shape"], scale=tail["scale"])
+    n = tail["n"]
+    with np.errstate(divide="ignore"):
+        t = (np.log(x) - tail["log_mean"]) / (tail["log_sd"] * np.sqrt(1.0 + 1.0 / n))
+    return stats.t.sf(t, n - 1)
+
+
+def tail_pvalues(test_scores: ArrayLike, loo_scores: ArrayLike, tail: Mapping) -> np.ndarray:
+    """Rank p-values, refined by the fitted tail beyond the largest LOO score.
+
+    ``p = (1 + #{i : loo_i ≥ s}) / (n_ref + 1)`` when ``s ≤ max loo`` (the conformal p-value),
+    else ``p = sf(s) / sf(max loo) / (n_ref + 1)`` with ``sf`` = :func:`tail_sf`: the fit only
+    estimates how far beyond the reference's most atypical subject ``s`` lies. Hence
+    ``P(p ≤ α)`` equals that of the conformal p-value for every ``α ≥ 1/(n_ref + 1)`` (same
+    guarantee); below ``1/(n_ref + 1)`` it is calibrated only as well as the tail fits.
+
+    Args:
+        test_scores: scores to assess.
+        loo_scores: the LOO scores ``tail`` was fitted to.
+        tail: a :func:`fit_tail` dict.
+
+    Returns:
+        ``(n,)`` p-values in ``(0, 1]``.
+    """
     s = np.atleast_1d(np.asarray(test_scores, dtype=np.float64))
-    return stats.gamma.sf(s, a=tail["shape"], scale=tail["scale"])
+    loo = np.asarray(loo_scores, dtype=np.float64).ravel()
+    p = conformal_pvalues(s, loo)
+    top = loo.max()
+    over = s > top
+    if np.any(over):
+        ratio = tail_sf(s[over], tail) / max(float(tail_sf(top, tail)[0]), np.finfo(float).tiny)
+        p[over] = np.clip(ratio, 0.0, 1.0) / (loo.size + 1.0)
+    return p
+
+
+def reference_tail_pvalues(loo_scores: ArrayLike, family: str = "lognormal") -> np.ndarray:
+    """:func:`tail_pvalues` of each reference subject against the others' LOO scores.
+
+    Subject ``i``'s p-value is ``(1 + #{j ≠ i : loo_j ≥ loo_i}) / n_ref`` (= its
+    :func:`reference_pvalues`) unless it exceeds every other LOO score; then the tail fitted
+    to the other ``n_ref − 1`` scores refines it below ``1/n_ref``.
+    """
+    loo = np.asarray(loo_scores, dtype=np.float64).ravel()
+    p = reference_pvalues(loo)
+    for i in np.flatnonzero(p <= 1.0 / loo.size):
+        others = np.delete(loo, i)
+        p[i] = tail_pvalues(loo[i : i + 1], others, fit_tail(others, family))[0]
+    return p
 
 
 def bh_qvalues(pvalues: ArrayLike) -> np.ndarray:
@@ -287,7 +357,7 @@ def atypicality(
     tests: Mapping[str, ArrayLike] | None = None,
     method: str = "knn",
     k: int = DEFAULT_K,
-    tail: bool = True,
+    tail: str | None = "lognormal",
 ) -> dict:
     """Scores, p-values and q-values of the reference (LOO) and of every test cohort.
 
@@ -297,7 +367,7 @@ def atypicality(
         tests: ``{cohort: (n_c, D)}`` vectors to test against the whole reference.
         method: ``"knn"`` or ``"mahalanobis"``.
         k: neighbours for ``"knn"``.
-        tail: also fit the gamma tail and give ``p_tail``/``q_tail``.
+        tail: tail family for ``p_tail``/``q_tail`` (:func:`fit_tail`); ``None``: none.
 
     Returns:
         ``{"method", "k", "n_reference", "tail", "reference", "tests"}``: ``tail`` is the
@@ -306,30 +376,33 @@ def atypicality(
         with ``tail``, ``p_tail`` and ``q_tail``.
 
     Raises:
-        ValueError: as :func:`contributions`, or a non-positive LOO score with ``tail``.
+        ValueError: as :func:`contributions`, or a non-positive LOO score with ``tail``
+            (duplicated subjects).
     """
     ref, _ = _check(reference, None, method, k)
     loo_c = contributions(ref, None, method, k)
     loo = loo_c.sum(axis=1)
-    fit = fit_tail(loo) if tail else None
+    fit = fit_tail(loo, tail) if tail else None
 
-    def pack(contrib: np.ndarray, p: np.ndarray) -> dict:
-        s = contrib.sum(axis=1)
-        out = {"score": s, "p": p, "q": bh_qvalues(p), "contributions": contrib}
-        if fit is not None:
-            pt = tail_pvalues(s, fit)
-            out.update(p_tail=pt, q_tail=bh_qvalues(pt))
+    def pack(contrib: np.ndarray, p: np.ndarray, p_tail: np.ndarray | None) -> dict:
+        out = {"score": contrib.sum(axis=1), "p": p, "q": bh_qvalues(p), "contributions": contrib}
+        if p_tail is not None:
+            out.update(p_tail=p_tail, q_tail=bh_qvalues(p_tail))
         return out
 
     result_tests = {}
     for name, vecs in (tests or {}).items():
         c = contributions(ref, vecs, method, k)
-        result_tests[name] = pack(c, conformal_pvalues(c.sum(axis=1), loo))
+        s = c.sum(axis=1)
+        pt = tail_pvalues(s, loo, fit) if fit is not None else None
+        result_tests[name] = pack(c, conformal_pvalues(s, loo), pt)
     return {
         "method": method,
         "k": int(k) if method == "knn" else None,
         "n_reference": int(ref.shape[0]),
         "tail": fit,
-        "reference": pack(loo_c, reference_pvalues(loo)),
+        "reference": pack(
+            loo_c, reference_pvalues(loo), reference_tail_pvalues(loo, tail) if tail else None
+        ),
         "tests": result_tests,
     }

@@ -13,8 +13,10 @@ from aad_med.distances.atypicality import (
     contributions,
     fit_tail,
     reference_pvalues,
+    reference_tail_pvalues,
     scores,
     tail_pvalues,
+    tail_sf,
     top_drivers,
 )
 
@@ -157,18 +159,40 @@ def test_mahalanobis_matches_dense_formula_when_unshrunk_dims_small():
     np.testing.assert_allclose(scores(ref, x, "mahalanobis"), expected, rtol=1e-8)
 
 
-def test_tail_fit_recovers_a_gamma_and_orders_pvalues():
+def test_tail_fits_recover_their_family():
     rng = np.random.default_rng(1)
-    s = rng.gamma(4.0, 2.0, size=4000)
-    fit = fit_tail(s)
-    assert fit["shape"] == pytest.approx(4.0, rel=0.08)
-    assert fit["scale"] == pytest.approx(2.0, rel=0.08)
-    p = tail_pvalues([1.0, 8.0, 40.0], fit)
-    assert p[0] > p[1] > p[2] and p[2] < 1e-5
+    g = fit_tail(rng.gamma(4.0, 2.0, size=4000), "gamma")
+    assert g["shape"] == pytest.approx(4.0, rel=0.08)
+    assert g["scale"] == pytest.approx(2.0, rel=0.08)
+    ln = fit_tail(np.exp(rng.normal(1.0, 0.5, size=4000)))
+    assert ln["family"] == "lognormal"
+    assert ln["log_mean"] == pytest.approx(1.0, abs=0.03)
+    assert ln["log_sd"] == pytest.approx(0.5, rel=0.05)
+    # Predictive Student-t: P(S > e^(m + 2 sd)) ~ normal tail 0.0228 for large n.
+    assert tail_sf(np.exp(1.0 + 2 * 0.5), ln)[0] == pytest.approx(0.0228, abs=0.004)
     with pytest.raises(ValueError, match="positive"):
         fit_tail([0.0, 1.0, 2.0])
     with pytest.raises(ValueError, match="equal"):
         fit_tail([1.0, 1.0, 1.0])
+    with pytest.raises(ValueError, match="family"):
+        fit_tail([1.0, 2.0, 3.0], "weibull")
+
+
+@pytest.mark.parametrize("family", ["lognormal", "gamma"])
+def test_tail_pvalues_equal_rank_pvalues_up_to_the_largest_loo_score(family):
+    rng = np.random.default_rng(8)
+    loo = rng.gamma(3.0, 1.0, size=20)
+    fit = fit_tail(loo, family)
+    inside = np.linspace(0.01, loo.max(), 50)
+    np.testing.assert_array_equal(tail_pvalues(inside, loo, fit), conformal_pvalues(inside, loo))
+    beyond = loo.max() * np.array([1.0001, 1.5, 3.0, 10.0])
+    p = tail_pvalues(beyond, loo, fit)
+    assert np.all(np.diff(p) < 0) and p[0] <= 1 / 21 and p[0] > 0.9 / 21 and p[-1] < 1e-3
+    ref_p = reference_tail_pvalues(loo, family)
+    top = int(np.argmax(loo))
+    plain = reference_pvalues(loo)
+    np.testing.assert_array_equal(np.delete(ref_p, top), np.delete(plain, top))
+    assert ref_p[top] <= plain[top] == 1 / 20
 
 
 @pytest.mark.parametrize(
@@ -209,5 +233,5 @@ def test_result_layout():
     for part in (res["reference"], res["tests"]["x"]):
         assert set(part) == {"score", "p", "q", "contributions", "p_tail", "q_tail"}
         assert np.all(part["q"] >= part["p"])
-    no_tail = atypicality(rng.standard_normal((12, 4)), tail=False)
+    no_tail = atypicality(rng.standard_normal((12, 4)), tail=None)
     assert no_tail["tail"] is None and "p_tail" not in no_tail["reference"]
