@@ -47,7 +47,15 @@ from aad_med.data.synthetic import (
     write_nifti_atomic,
 )
 from aad_med.data.validation import load_cohort
-from aad_med.distances.atypicality import atypicality, block_contributions
+from aad_med.distances.atypicality import (
+    atypicality,
+    bh_qvalues,
+    block_contributions,
+    conformal_pvalues,
+    fit_tail,
+    tail_pvalues,
+    tail_sf,
+)
 from aad_med.embedding import embed_cohort, get_feature_set
 from aad_med.embedding.acquisition import intensity_fingerprint, standardize_jointly
 
@@ -58,6 +66,9 @@ METHODS = ("knn", "mahalanobis")
 PLANTS = {"t1_t2_swap": None, "rician_noise": {"noise": 0.3}, "blur": {"blur_sigma": 2.0}}
 """Planted problem -> changes to the reference site (``None``: T1 and T2 files swapped)."""
 ALPHAS = (0.05, 0.01, 0.001)
+PVALUES = ("rank", "tail_lognormal", "tail_gamma", "fit_gamma")
+"""p-values compared: conformal rank; rank refined beyond the largest LOO score by a lognormal
+(the default) or gamma tail; a gamma fitted to all LOO scores used alone (no rank part)."""
 TEST_START = 100_000
 """``start_index`` of the test cohort: anatomy independent of the pool's."""
 
@@ -135,6 +146,17 @@ def frd_rule(ref: np.ndarray, test: np.ndarray) -> tuple[np.ndarray, np.ndarray]
     return flags, 1 - stats.norm.cdf((s - mu) / max(sd, 1e-10))
 
 
+def pvalue_kinds(loo: np.ndarray, test_scores: np.ndarray) -> dict[str, np.ndarray]:
+    """Every p-value of :data:`PVALUES` for ``test_scores`` given the reference's LOO scores."""
+    gamma = fit_tail(loo, "gamma")
+    return {
+        "rank": conformal_pvalues(test_scores, loo),
+        "tail_lognormal": tail_pvalues(test_scores, loo, fit_tail(loo, "lognormal")),
+        "tail_gamma": tail_pvalues(test_scores, loo, gamma),
+        "fit_gamma": tail_sf(test_scores, gamma),
+    }
+
+
 def fpr_study(raw, n_ref, n_test, splits, alphas, k, rng) -> list[dict]:
     """Per-subject FPR of clean subjects over random reference/test splits of the clean pool."""
     n_pool = next(iter(raw.values())).shape[0]
@@ -147,11 +169,11 @@ def fpr_study(raw, n_ref, n_test, splits, alphas, k, rng) -> list[dict]:
             flags, _ = frd_rule(ref, test)
             hits.setdefault((space, "frd", "gaussian", 0.05), []).append(float(flags.mean()))
             for method in METHODS:
-                res = atypicality(ref, {"t": test}, method=method, k=k)["tests"]["t"]
+                res = atypicality(ref, {"t": test}, method=method, k=k, tail=None)
+                pvals = pvalue_kinds(res["reference"]["score"], res["tests"]["t"]["score"])
                 for a in alphas:
-                    for kind in ("p", "p_tail"):
-                        key = (space, method, "rank" if kind == "p" else "tail", a)
-                        hits.setdefault(key, []).append(float(np.mean(res[kind] <= a)))
+                    for kind, p in pvals.items():
+                        hits.setdefault((space, method, kind, a), []).append(float(np.mean(p <= a)))
     rows = []
     for (space, method, pv, a), rates in hits.items():
         r = np.asarray(rates)
@@ -169,23 +191,25 @@ def planted_study(raw_pool, raw_test, ids, blocks, planted_idx, n_ref, draws, k,
     clean = np.setdiff1d(np.arange(len(ids)), planted_idx)
     out = []
     for space in SPACES:
-        per = {(m, pv): [] for m in METHODS for pv in ("rank", "tail")} | {("frd", "gauss"): []}
+        per = {(m, pv): [] for m in METHODS for pv in PVALUES} | {("frd", "gaussian"): []}
         examples = {}
         for d in range(draws):
             ri = rng.choice(n_pool, n_ref, replace=False)
             ref, test = standardise(space, raw_pool[space][ri], raw_test[space])
             flags, _ = frd_rule(ref, test)
-            per[("frd", "gauss")].append({
+            per[("frd", "gaussian")].append({
                 "planted_flagged": int(flags[planted_idx].sum()),
                 "clean_flagged": int(flags[clean].sum()),
             })  # fmt: skip
             for method in METHODS:
-                res = atypicality(ref, {"t": test}, method=method, k=k)["tests"]["t"]
+                full = atypicality(ref, {"t": test}, method=method, k=k, tail=None)
+                res = full["tests"]["t"]
+                pvals = pvalue_kinds(full["reference"]["score"], res["score"])
                 order = np.argsort(-res["score"], kind="stable")
                 rank = np.empty(len(ids), int)
                 rank[order] = np.arange(1, len(ids) + 1)
-                for pv, key in (("rank", "p"), ("tail", "p_tail")):
-                    p, q = res[key], res["q" if key == "p" else "q_tail"]
+                for pv, p in pvals.items():
+                    q = bh_qvalues(p)
                     per[(method, pv)].append({
                         "planted_ranks": sorted(int(r) for r in rank[planted_idx]),
                         "top3": bool(np.all(rank[planted_idx] <= len(planted_idx))),
@@ -227,8 +251,11 @@ def markdown(result: dict) -> str:
         f"({result['n_iqm_columns']} finite columns of `aad_med.data.quality`), each "
         "standardised jointly over reference and test subjects. Scores: kNN "
         f"(k = {result['k']}, mean squared distance to the k nearest reference subjects) and "
-        "Ledoit-Wolf Mahalanobis distance to the reference mean. 'rank' p = conformal rank "
-        "p-value; 'tail' p = fitted gamma tail. FRD rule = `frd_score.detect_ood` defaults "
+        "Ledoit-Wolf Mahalanobis distance to the reference mean. p-values: `rank` = conformal "
+        "rank p-value; `tail_lognormal` / `tail_gamma` = rank p-value refined beyond the "
+        "largest LOO score by a lognormal (predictive t) / gamma tail fitted to the LOO scores "
+        "(`tail_pvalues`, the module default is lognormal); `fit_gamma` = a gamma fitted to all "
+        "LOO scores used alone. FRD rule = `frd_score.detect_ood` defaults "
         f"re-implemented on our features. Wall time {result['seconds']:.0f} s.",
         "",
         f"### Clean subjects: per-subject false-positive rate ({a['splits']} random splits of "
@@ -237,10 +264,13 @@ def markdown(result: dict) -> str:
         "| features | score | p-value | n_ref | FPR at α=0.05 | FPR at α=0.01 | FPR at α=0.001 |",
         "|---|---|---|---|---|---|---|",
     ]
+    order = (*PVALUES, "gaussian")
     fpr = {}
     for r in result["fpr"]:
         fpr[(r["features"], r["method"], r["pvalue"], r["n_ref"], r["alpha"])] = r
-    keys = sorted({k[:4] for k in fpr}, key=lambda k: (k[3], SPACES.index(k[0]), k[1], k[2]))
+    keys = sorted(
+        {k[:4] for k in fpr}, key=lambda k: (k[3], SPACES.index(k[0]), k[1], order.index(k[2]))
+    )
     for key in keys:
         cells = []
         for alpha in ALPHAS:

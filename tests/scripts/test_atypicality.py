@@ -27,14 +27,14 @@ def test_quick_mode_writes_consistent_results(script, tmp_path):
     result = json.loads((out / "atypicality.json").read_text())
     assert result["args"]["n_ref"] == [6, 8] and result["k"] == 5
     assert set(result["planted_ids"].values()) == set(script.PLANTS)
-    # FPR rows: every space x (2 methods x 2 p-values x 3 alphas + FRD) x n_ref, rates in [0, 1]
-    assert len(result["fpr"]) == 2 * 3 * (2 * 2 * 3 + 1)
+    # FPR rows: every space x (2 methods x 4 p-values x 3 alphas + FRD) x n_ref, rates in [0, 1]
+    assert len(result["fpr"]) == 2 * 3 * (2 * 4 * 3 + 1)
     assert all(0 <= r["fpr"] <= 1 and r["splits"] == 4 for r in result["fpr"])
     # A rank p-value is at least 1/(n_ref + 1): with n_ref <= 8 nothing reaches 0.05 or below.
     rank = [r for r in result["fpr"] if r["pvalue"] == "rank"]
     assert rank and all(r["fpr"] == 0.0 for r in rank)
     planted = [r for r in result["planted"] if r["method"] != "frd"]
-    assert len(planted) == 2 * 3 * 2 * 2
+    assert len(planted) == 2 * 3 * 2 * 4
     for r in planted:
         fd = r["first_draw"]
         assert len(fd["planted_ranks"]) == 3 and all(1 <= x <= 8 for x in fd["planted_ranks"])
