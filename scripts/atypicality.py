@@ -36,7 +36,7 @@ import torch
 from scipy import stats
 
 from aad_med.data.preprocessing import PreprocessingConfig
-from aad_med.data.quality import subject_quality
+from aad_med.data.quality import cohort_quality
 from aad_med.data.synthetic import (
     SITES,
     brats_affine,
@@ -109,12 +109,7 @@ def raw_features(model, prep, folder: Path) -> tuple[list[str], dict[str, np.nda
     fs = get_feature_set(ENCODER_FEATURES)
     emb = embed_cohort(model, cohort, prep, features=fs, progress=False)
     parts = fs.split(emb.vectors)
-    iqm_rows, iqm_keys = [], None
-    for rec in cohort.subjects:
-        m, _ = subject_quality(rec)
-        iqm_keys = list(m)
-        iqm_rows.append([m[k] for k in iqm_keys])
-    iqm = np.asarray(iqm_rows, dtype=np.float64)
+    iqm_keys, iqm, _ = cohort_quality(cohort.subjects)
     keep = np.all(np.isfinite(iqm), axis=0)  # fber is NaN on skull-stripped data
     fp = intensity_fingerprint(cohort.subjects)
     blocks = {

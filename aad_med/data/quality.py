@@ -40,6 +40,7 @@ A metric whose class is empty or whose denominator is 0 is NaN, with the reason 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import numpy as np
 from scipy import ndimage
@@ -230,3 +231,25 @@ def subject_quality(
         metrics.update({f"{ch}_{k}": v for k, v in m.items()})
         notes.update({f"{ch}_{k}": v for k, v in n.items()})
     return metrics, notes
+
+
+def cohort_quality(
+    records: Sequence[SubjectRecord], max_voxels: int = MAX_VOXELS
+) -> tuple[list[str], np.ndarray, list[dict[str, str]]]:
+    """:func:`subject_quality` of every subject, as one table.
+
+    Returns:
+        ``(columns, values, notes)``: column names ``"{channel}_{metric}"``, a
+        ``(n_subjects, n_columns)`` float64 array (NaN where undefined) and each subject's notes.
+
+    Raises:
+        InputError, ValueError: as :func:`subject_quality` (the subject is named by the loader).
+    """
+    columns = [f"{ch}_{k}" for ch in CHANNELS for k in METRICS]
+    values = np.full((len(records), len(columns)), np.nan)
+    notes = []
+    for i, rec in enumerate(records):
+        m, n = subject_quality(rec, max_voxels)
+        values[i] = [m[c] for c in columns]
+        notes.append(n)
+    return columns, values, notes

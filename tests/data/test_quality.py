@@ -10,7 +10,13 @@ import pytest
 from scipy import ndimage
 
 from aad_med import CHANNELS
-from aad_med.data.quality import METRICS, image_quality, subject_quality, tissue_classes
+from aad_med.data.quality import (
+    METRICS,
+    cohort_quality,
+    image_quality,
+    subject_quality,
+    tissue_classes,
+)
 
 SHAPE = (40, 40, 40)
 
@@ -120,9 +126,12 @@ def test_subject_quality_reads_a_synthetic_subject(tmp_path):
     from aad_med.data.synthetic import generate_cohort
     from aad_med.data.validation import load_cohort
 
-    generate_cohort(tmp_path / "c", n_subjects=1, shape=(40, 44, 36), seed=3)
-    record = load_cohort(tmp_path / "c").subjects[0]
-    m, notes = subject_quality(record)
+    generate_cohort(tmp_path / "c", n_subjects=2, shape=(40, 44, 36), seed=3)
+    records = load_cohort(tmp_path / "c").subjects
+    m, notes = subject_quality(records[0])
+    columns, values, all_notes = cohort_quality(records)
+    assert values.shape == (2, len(columns)) and all_notes[0] == notes
+    np.testing.assert_array_equal(values[0], [m[c] for c in columns])
     assert set(m) == {f"{ch}_{k}" for ch in CHANNELS for k in METRICS}
     assert math.isnan(m["t1_fber"]) and "t1_fber" in notes
     # T1 tissue order: CSF < GM < WM, so the T1 WM/GM contrast is finite and positive.
