@@ -21,8 +21,9 @@ itself included).
 
 Guarantees, under the null that the subject and the reference subjects are exchangeable (same
 distribution, independent) and that the standardisation of the features is symmetric in them
-(fitted on all compared subjects jointly, as ``FeatureSet.finalize`` does, or fixed in
-advance):
+(fitted on all compared subjects jointly, as ``FeatureSet.finalize`` does, or fixed
+independently of them; one fitted on the reference alone is not symmetric and makes the LOO
+scores slightly too small):
 
 * reference subjects, both methods: the ``n_ref`` LOO scores are an exchangeable sequence, so
   for every fixed ``i``, ``P(p_i ≤ α) ≤ ⌊α n_ref⌋ / n_ref ≤ α`` exactly (ties count against
