@@ -12,8 +12,10 @@ import contextlib
 import os
 import pickle
 import random
+import re
 import secrets
 import shutil
+import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -181,40 +183,96 @@ def remove_stale_temp_files(folder: str | Path) -> list[Path]:
     return removed
 
 
-def _unpickling_reason(e: Exception) -> str:
-    """The informative line of torch's long weights_only error (e.g. the refused global)."""
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    for ln in lines:
-        if "WeightsUnpickler error:" in ln:
-            return ln.split("WeightsUnpickler error:", 1)[1].strip().split(". Please use")[0]
-    return lines[0] if lines else type(e).__name__
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_ADVICE = (
+    "weights_only` set to `false",
+    "weights_only=false",
+    "re-running",
+    "please use",
+    "please file an issue",
+    "check the documentation",
+    "this file can still be loaded",
+    "do those steps only",
+    "we changed the default value",
+    "alternatively, to load",
+    "do it only if",
+)
+
+
+def _torch_reason(e: BaseException) -> str:
+    """The informative part of a torch loading error, on one line, without torch's advice to
+    load with ``weights_only=False`` (which would run whatever the file holds)."""
+    text = _ANSI.sub("", str(e))
+    if "WeightsUnpickler error:" in text:
+        # The refused global or opcode follows the marker, sometimes on the next line.
+        text = text.split("WeightsUnpickler error:", 1)[1]
+    sentences = re.split(r"(?<=[.!?])\s+|\n+", text)
+    kept = [
+        s.strip(" \t.")
+        for s in sentences
+        if s.strip(" \t.") and not any(a in s.lower() for a in _ADVICE)
+    ]
+    reason = "; ".join(kept) if kept else type(e).__name__
+    return reason[:200]
+
+
+def checkpoint_path_problem(path: str | Path) -> str | None:
+    """Why ``path`` cannot be a checkpoint file (one line naming it), or ``None`` when it can.
+
+    Distinguishes a missing file, a broken symbolic link, a folder, and something that is not a
+    regular file (a device or FIFO, which ``torch.load`` would read forever).
+    """
+    path = Path(path)
+    if path.is_symlink() and not path.exists():
+        return f"{path}: checkpoint is a broken symbolic link (to {os.readlink(path)})"
+    if not path.exists():
+        return f"{path}: checkpoint does not exist"
+    if path.is_dir():
+        return f"{path}: is a folder, expected a checkpoint file (.pt)"
+    if not path.is_file():
+        return f"{path}: checkpoint is not a regular file (a device, FIFO or socket)"
+    return None
+
+
+def _non_finite_weights(state: Mapping) -> tuple[int, list[str]]:
+    n_bad, names = 0, []
+    for name, value in state.items():
+        if isinstance(value, torch.Tensor) and value.is_floating_point():
+            bad = int(value.numel() - torch.isfinite(value).sum())
+            if bad:
+                n_bad += bad
+                names.append(str(name))
+    return n_bad, names
 
 
 def load_checkpoint(path: str | Path) -> dict:
     """Load a checkpoint safely (``weights_only=True``, onto the CPU) and check its format.
 
     Raises:
-        CheckpointError: missing or unreadable file, a pickle payload or other non-primitive
-            content ("not a safe aad-med checkpoint"), or not an aad-med checkpoint.
+        CheckpointError: missing, not a regular file, or unreadable; a pickle payload or other
+            non-primitive content ("not a safe aad-med checkpoint"); not an aad-med checkpoint;
+            model weights holding NaN or Inf. The one line names the file and never suggests
+            loading with ``weights_only=False``.
     """
     path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"{path}: checkpoint does not exist")
-    if path.is_dir():
-        raise CheckpointError(f"{path}: is a folder, expected a checkpoint file (.pt)")
+    problem = checkpoint_path_problem(path)
+    if problem:
+        raise CheckpointError(problem)
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # torch warns about pickle protocols it "might not support": the error says it all.
+            warnings.simplefilter("ignore", UserWarning)
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        reason = _unpickling_reason(e)
         raise CheckpointError(
-            f"{path}: not a safe aad-med checkpoint (refused by weights_only loading: {reason[:200]})"
+            f"{path}: not a safe aad-med checkpoint (refused by weights_only loading: "
+            f"{_torch_reason(e)})"
         ) from None
     except PermissionError:
         raise CheckpointError(f"{path}: permission denied (file is not readable)") from None
     except (RuntimeError, EOFError, OSError, ValueError, KeyError, AttributeError) as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(
-            f"{path}: not a readable checkpoint (truncated or corrupt: {reason[:200]})"
+            f"{path}: not a readable checkpoint (truncated or corrupt: {_torch_reason(e)})"
         ) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(
@@ -229,7 +287,60 @@ def load_checkpoint(path: str | Path) -> dict:
     missing = [k for k in REQUIRED_KEYS if k not in ckpt]
     if missing:
         raise CheckpointError(f"{path}: checkpoint lacks {', '.join(missing)}")
+    if not isinstance(ckpt["model_state"], Mapping):
+        raise CheckpointError(f"{path}: checkpoint model_state is not a mapping of tensors")
+    n_bad, names = _non_finite_weights(ckpt["model_state"])
+    if n_bad:
+        shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+        raise CheckpointError(
+            f"{path}: model weights hold {n_bad} NaN/Inf value(s) in {len(names)} tensor(s) "
+            f"({shown}); the checkpoint is unusable (a diverged or corrupted run)"
+        )
     return ckpt
+
+
+MIN_SPACING_MM = 0.05
+MAX_SPACING_MM = 20.0
+MAX_PATCH_SIZE = 512
+
+
+def check_preprocessing_record(path: str | Path, record: object) -> None:
+    """Refuse a checkpoint's preprocessing record that cannot work (one line naming the file).
+
+    Catches what :class:`PreprocessingConfig` alone lets through and what would otherwise end
+    in a traceback or an absurd allocation: a non-positive or non-integer ``eval_stride``, a
+    spacing outside ``[MIN_SPACING_MM, MAX_SPACING_MM]`` or not finite, a ``patch_size`` that
+    is not an integer in ``[4, MAX_PATCH_SIZE]``.
+
+    Raises:
+        CheckpointError: naming the checkpoint, the key and the value.
+    """
+
+    def bad(what: str) -> CheckpointError:
+        return CheckpointError(f"{path}: invalid preprocessing record: {what}")
+
+    if not isinstance(record, Mapping):
+        raise bad(f"expected a mapping, got {type(record).__name__}")
+    stride = record.get("eval_stride")
+    if stride is not None and (
+        isinstance(stride, bool) or not isinstance(stride, int) or stride < 1
+    ):
+        raise bad(f"eval_stride={stride!r} (must be a whole number >= 1, or null)")
+    patch = record.get("patch_size", 32)
+    if isinstance(patch, bool) or not isinstance(patch, int) or not 4 <= patch <= MAX_PATCH_SIZE:
+        raise bad(f"patch_size={patch!r} (must be a whole number in [4, {MAX_PATCH_SIZE}])")
+    spacing = record.get("spacing", [1.0, 1.0, 1.0])
+    try:
+        values = [float(v) for v in spacing]
+    except (TypeError, ValueError):
+        values = []
+    if len(values) != 3 or not all(
+        np.isfinite(v) and MIN_SPACING_MM <= v <= MAX_SPACING_MM for v in values
+    ):
+        raise bad(
+            f"spacing={spacing!r} (must be three numbers in [{MIN_SPACING_MM}, "
+            f"{MAX_SPACING_MM}] mm)"
+        )
 
 
 def load_model_from_checkpoint(
@@ -250,6 +361,7 @@ def load_model_from_checkpoint(
     from aad_med.models import build_model
 
     ckpt = load_checkpoint(path)
+    check_preprocessing_record(path, ckpt["preprocessing"])
     try:
         model = build_model(ckpt["model_config"])
         model.load_state_dict(ckpt["model_state"])
