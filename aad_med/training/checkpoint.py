@@ -379,3 +379,169 @@ def load_model_from_checkpoint(
         raise CheckpointError(f"{path}: {e}") from None
     model.to(device).eval()
     return model, preprocessing, ckpt
+
+
+# -- resume -----------------------------------------------------------------------------------
+
+RESUME_STRICT_KEYS = (
+    "seed",
+    "data",
+    "model",
+    "optim",
+    "loss",
+    "trainer.batch_size",
+    "trainer.max_epochs",
+    "trainer.warmup_epochs",
+)
+"""Config keys (and every key below them) that must be equal to resume: the data, seed, model,
+optimisation (optimizer, lr, schedule, clipping, loss) and anything that sets the learning-rate
+schedule (``max_epochs`` fixes the schedule's length). A resumed run is the same run."""
+
+RESUME_FREE_KEYS = ("data.num_workers", "data.cache", "data.cache_dir", "data.skip_invalid")
+"""Keys under :data:`RESUME_STRICT_KEYS` that only change how the data is loaded, not which."""
+
+RESUME_ALLOW_KEY = "trainer.resume_allow_changes"
+"""Set to true (``+trainer.resume_allow_changes=true``) to resume despite changes; the
+checkpoint then records them in ``resume_history`` and keeps the union of training subjects."""
+
+
+def _flatten(obj: object, prefix: str = "") -> dict[str, object]:
+    if isinstance(obj, Mapping):
+        out: dict[str, object] = {}
+        for k, v in obj.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        if not obj and prefix:
+            out[prefix[:-1]] = {}
+        return out
+    return {prefix[:-1]: obj}
+
+
+def _is_strict(key: str) -> bool:
+    def under(k: str, roots: tuple[str, ...]) -> bool:
+        return any(k == r or k.startswith(r + ".") for r in roots)
+
+    return under(key, RESUME_STRICT_KEYS) and not under(key, RESUME_FREE_KEYS)
+
+
+def _short_value(v: object) -> str:
+    text = repr(v)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def resume_config_differences(saved: Mapping | None, current: Mapping) -> list[str]:
+    """The strict config keys (:data:`RESUME_STRICT_KEYS`) whose values differ, as
+    ``"key (saved -> current)"`` lines, sorted by key."""
+    if not saved:
+        return []
+    old, new = _flatten(saved), _flatten(current)
+    keys = sorted(k for k in set(old) | set(new) if _is_strict(k))
+    return [
+        f"{k} ({_short_value(old.get(k, '<unset>'))} -> {_short_value(new.get(k, '<unset>'))})"
+        for k in keys
+        if old.get(k, "<unset>") != new.get(k, "<unset>")
+    ]
+
+
+def _subject_keys(entries: object) -> set[tuple[str, str]]:
+    out = set()
+    for e in entries or []:
+        if isinstance(e, Mapping):
+            out.add((str(e.get("cohort", "")), str(e.get("subject_id", ""))))
+    return out
+
+
+def resume_subject_differences(saved: Mapping, metadata: Mapping) -> list[str]:
+    """How the training and validation subjects differ from the checkpoint's, one item each
+    (empty when the same, or when the checkpoint does not record them)."""
+    out = []
+    # After an allowed change, train_subjects is the union; run_train_subjects the last run's.
+    key = "run_train_subjects" if "run_train_subjects" in saved else "train_subjects"
+    if key in saved and "train_subjects" in metadata:
+        old, new = _subject_keys(saved[key]), _subject_keys(metadata["train_subjects"])
+        if old != new:
+            out.append(
+                f"training subjects ({len(new - old)} new, {len(old - new)} no longer present "
+                f"of {len(old)})"
+            )
+    if "val_subject_ids" in saved and "val_subject_ids" in metadata:
+        old_val, new_val = (sorted(map(str, d["val_subject_ids"])) for d in (saved, metadata))
+        if old_val != new_val:
+            out.append("validation subjects")
+    return out
+
+
+def resume_allowed(config: Mapping | None) -> bool:
+    """Whether the config sets :data:`RESUME_ALLOW_KEY` to true."""
+    trainer = (config or {}).get("trainer") or {}
+    return bool(trainer.get(RESUME_ALLOW_KEY.split(".", 1)[1], False))
+
+
+def check_resume_compatible(
+    path: str | Path, saved: Mapping, config: Mapping, metadata: Mapping | None = None
+) -> list[str]:
+    """Refuse to resume ``saved`` (loaded from ``path``) under a different data, seed, model or
+    optimisation config, or with other subjects.
+
+    Args:
+        path: the checkpoint, named in the message.
+        saved: the loaded checkpoint (its ``config``, ``train_subjects``, ``val_subject_ids``).
+        config: the resolved config of the resuming run.
+        metadata: the resuming run's checkpoint metadata (``train_subjects``,
+            ``val_subject_ids``); ``None`` compares the config only.
+
+    Returns:
+        The differences, when :data:`RESUME_ALLOW_KEY` allows them (empty when none).
+
+    Raises:
+        CheckpointError: one line naming the checkpoint and every differing key.
+    """
+    diffs = resume_config_differences(saved.get("config"), config)
+    if not saved.get("config"):
+        # Checkpoints written outside aad-train may lack the config: compare what they record.
+        for key, now in (("seed", config.get("seed")),):
+            if key in saved and now is not None and saved[key] != now:
+                diffs.append(f"{key} ({saved[key]!r} -> {now!r})")
+    if metadata is not None:
+        diffs += resume_subject_differences(saved, metadata)
+    if diffs and not resume_allowed(config):
+        raise CheckpointError(
+            f"{path}: refusing to resume with settings that differ from the checkpoint's: "
+            f"{'; '.join(diffs)}. Resume with the run's own config (config.yaml next to "
+            f"checkpoints/), or set +{RESUME_ALLOW_KEY}=true to continue anyway"
+        )
+    return diffs
+
+
+def merged_training_record(saved: Mapping, metadata: Mapping, changes: list[str]) -> dict:
+    """Metadata for a resume that was allowed to change settings: ``train_subjects``,
+    ``train_subject_ids`` and ``cohorts`` become the union of the checkpoint's and the current
+    ones (so leakage checks see every subject the weights were trained on),
+    ``run_train_subjects`` keeps the current run's own, and ``resume_history`` gains one entry
+    (epoch, changes, previous cohorts) when ``changes`` is not empty. Also used, with no
+    changes, to carry a merged record through a later plain resume."""
+    out = dict(metadata)
+    out["run_train_subjects"] = list(metadata.get("train_subjects") or [])
+    old = [dict(e) for e in saved.get("train_subjects") or [] if isinstance(e, Mapping)]
+    seen = _subject_keys(old)
+    union = old + [
+        dict(e)
+        for e in metadata.get("train_subjects") or []
+        if (str(e.get("cohort", "")), str(e.get("subject_id", ""))) not in seen
+    ]
+    out["train_subjects"] = union
+    ids = list(dict.fromkeys([*map(str, saved.get("train_subject_ids") or [])]))
+    ids += [i for i in map(str, metadata.get("train_subject_ids") or []) if i not in ids]
+    out["train_subject_ids"] = ids
+    cohorts = list(dict.fromkeys([*map(str, saved.get("cohorts") or [])]))
+    cohorts += [c for c in map(str, metadata.get("cohorts") or []) if c not in cohorts]
+    out["cohorts"] = cohorts
+    out["resume_history"] = list(saved.get("resume_history") or [])
+    if changes:
+        out["resume_history"].append(
+            {
+                "epoch": int(saved.get("epoch", 0)),
+                "changes": list(changes),
+                "cohorts": [str(c) for c in saved.get("cohorts") or []],
+            }
+        )
+    return out

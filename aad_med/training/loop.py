@@ -37,9 +37,12 @@ from aad_med.errors import AADError, CheckpointError, ConfigError
 from aad_med.training.checkpoint import (
     CHECKPOINT_FORMAT,
     FORMAT_VERSION,
+    RESUME_ALLOW_KEY,
     capture_rng_state,
+    check_resume_compatible,
     copy_checkpoint,
     load_checkpoint,
+    merged_training_record,
     remove_stale_temp_files,
     restore_rng_state,
     save_checkpoint,
@@ -366,6 +369,20 @@ class Trainer:
             CheckpointError: unsafe/unreadable file, or a model that differs from the config.
         """
         ckpt = load_checkpoint(path)
+        config = self.metadata.get("config")
+        if config is not None:
+            changes = check_resume_compatible(path, ckpt, config, self.metadata)
+            if changes:
+                log.warning(
+                    "resuming %s despite changes (%s=true): %s; the checkpoint records them "
+                    "and every subject trained on",
+                    path,
+                    RESUME_ALLOW_KEY,
+                    "; ".join(changes),
+                )
+                self.metadata = merged_training_record(ckpt, self.metadata, changes)
+            elif "resume_history" in ckpt:
+                self.metadata = merged_training_record(ckpt, self.metadata, [])
         if ckpt["model_config"] != self.model_config:
             raise CheckpointError(
                 f"{path}: checkpoint model {ckpt['model_config']} differs from the configured "

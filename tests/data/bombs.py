@@ -33,8 +33,10 @@ def _header_bytes(shape, dtype, extension_bytes: int = 0) -> bytes:
     hdr.set_data_dtype(dtype)
     raw = bytearray(hdr.binaryblock)
     if extension_bytes:
-        # One extension (code 0) of the declared size; vox_offset points past it.
+        # One extension (code 0) of the declared size; vox_offset points past it and must be
+        # exact in float32 (e.g. 1.5 GiB - 352 bytes), or nibabel starts the voxels elsewhere.
         vox_offset = 352 + extension_bytes
+        assert float(np.float32(vox_offset)) == vox_offset, "vox_offset not exact in float32"
         raw[108:112] = struct.pack("<f", float(vox_offset))
         raw += b"\x01\x00\x00\x00" + struct.pack("<ii", extension_bytes, 0)
     else:

@@ -83,7 +83,7 @@ def test_decompression_bomb_cohort_is_one_line_exit_2_under_a_memory_cap(tmp_pat
 
 def test_extension_bomb_is_one_line_exit_2_under_a_memory_cap(tmp_path):
     cohort = write_bomb_cohort(
-        tmp_path / "ext", shape=(24, 28, 20), extension_bytes=1536 * 1024**2, bombs=("t2",)
+        tmp_path / "ext", shape=(24, 28, 20), extension_bytes=1536 * 1024**2 - 352, bombs=("t2",)
     )
     bomb = next(cohort.rglob("*_t2.nii.gz"))
     assert bomb.stat().st_size < 8 * 1024**2
