@@ -386,16 +386,16 @@ def load_model_from_checkpoint(
 RESUME_STRICT_KEYS = (
     "seed",
     "data",
-    "model",
     "optim",
     "loss",
     "trainer.batch_size",
     "trainer.max_epochs",
     "trainer.warmup_epochs",
 )
-"""Config keys (and every key below them) that must be equal to resume: the data, seed, model,
+"""Config keys (and every key below them) that must be equal to resume: the data, seed,
 optimisation (optimizer, lr, schedule, clipping, loss) and anything that sets the learning-rate
-schedule (``max_epochs`` fixes the schedule's length). A resumed run is the same run."""
+schedule (``max_epochs`` fixes the schedule's length). A resumed run is the same run. The model
+is compared separately, as the recorded ``model_config`` (``Trainer.load_state``)."""
 
 RESUME_FREE_KEYS = ("data.num_workers", "data.cache", "data.cache_dir", "data.skip_invalid")
 """Keys under :data:`RESUME_STRICT_KEYS` that only change how the data is loaded, not which."""
