@@ -19,9 +19,11 @@ This module owns file reading for the whole package; transforms and validation c
 
 from __future__ import annotations
 
+import errno
 import gzip
 import math
 import os
+import stat
 import struct
 import zlib
 from collections.abc import Sequence
@@ -194,6 +196,30 @@ def _nifti_layout(head: bytes) -> tuple[str, int, int] | None:
     return None
 
 
+def file_problem(path: str | Path) -> str | None:
+    """Why ``path`` is not a regular file to read, in a few words, or ``None`` when it is.
+
+    Tells apart a missing file, a symbolic link loop, a broken link, a folder, and a device,
+    FIFO or socket (which a reader would block on or read forever).
+    """
+    path = Path(path)
+    try:
+        st = path.stat()
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return "symbolic link loop (the link resolves to itself)"
+        if path.is_symlink():
+            return f"broken symbolic link (points to {os.readlink(path)}, which does not exist)"
+        if e.errno == errno.ENOENT:
+            return "file does not exist"
+        return f"cannot be read ({e.strerror or e})"
+    if stat.S_ISDIR(st.st_mode):
+        return "is a folder, expected a NIfTI file"
+    if not stat.S_ISREG(st.st_mode):
+        return "not a regular file (a device, FIFO or socket)"
+    return None
+
+
 def read_header(path: str | Path, max_voxels: int = MAX_VOXELS) -> nib.Nifti1Image:
     """Open a NIfTI file lazily and check its header; no voxel data is read.
 
@@ -205,10 +231,9 @@ def read_header(path: str | Path, max_voxels: int = MAX_VOXELS) -> nib.Nifti1Ima
             extensions larger than the limit.
     """
     path = Path(path)
-    if not path.exists():
-        raise InputError(path, "file does not exist")
-    if path.is_dir():
-        raise InputError(path, "is a folder, expected a NIfTI file")
+    problem = file_problem(path)
+    if problem:
+        raise InputError(path, problem)
     if not os.access(path, os.R_OK):
         raise InputError(path, "permission denied (file is not readable)")
     if path.stat().st_size == 0:
