@@ -1,7 +1,7 @@
 """Decompression-bomb and header-extension-bomb cohorts: a few MB on disk, gigabytes once read.
 
-Built in well under a second: the gzip stream is several members, the large all-zero part
-compressed once and repeated, which every gzip reader (Python's, nibabel's) reads as one file.
+Built in seconds: the gzip stream is several members, the large constant parts compressed once
+and repeated, which every gzip reader (Python's, nibabel's) reads as one file.
 """
 
 from __future__ import annotations
@@ -20,10 +20,15 @@ from tests.nifti_factory import BRATS2021_SUFFIX, brain_like, write_nifti
 _CHUNK = 64 * 1024 * 1024
 
 
-@functools.lru_cache(maxsize=4)
-def _zero_member(n_bytes: int) -> bytes:
+@functools.lru_cache(maxsize=8)
+def _fill_member(n_bytes: int, fill: int) -> bytes:
     comp = zlib.compressobj(9, zlib.DEFLATED, 31)  # wbits 31: a gzip member
-    return comp.compress(bytes(n_bytes)) + comp.flush()
+    return comp.compress(bytes([fill]) * n_bytes) + comp.flush()
+
+
+def _members(n_bytes: int, fill: int) -> list[bytes]:
+    full, rest = divmod(n_bytes, _CHUNK)
+    return [_fill_member(_CHUNK, fill)] * full + ([_fill_member(rest, fill)] if rest else [])
 
 
 def _header_bytes(shape, dtype, extension_bytes: int = 0) -> bytes:
@@ -45,19 +50,13 @@ def _header_bytes(shape, dtype, extension_bytes: int = 0) -> bytes:
     return bytes(raw)
 
 
-def write_zero_bomb(path: Path, shape=(800, 800, 800), extension_bytes: int = 0) -> Path:
-    """A ``.nii.gz`` of uint8 zeros of ``shape`` (512 MB decoded at 800³), optionally with one
-    header extension of ``extension_bytes`` (zeros) between the header and the voxels."""
-    n_data = int(np.prod(shape))
+def write_bomb(path: Path, shape=(800, 800, 800), extension_bytes: int = 0) -> Path:
+    """A ``.nii.gz`` of uint8 voxels all 1 (a valid, non-empty image; 512 MB decoded at 800³),
+    optionally with one header extension of ``extension_bytes`` (zeros) before the voxels."""
     head = _header_bytes(shape, np.uint8, extension_bytes)
     padding = extension_bytes - 8 if extension_bytes else 0
-    total = padding + n_data
-    member = _zero_member(_CHUNK)
-    parts = [gzip.compress(head, compresslevel=1)]
-    full, rest = divmod(total, _CHUNK)
-    parts += [member] * full
-    if rest:
-        parts.append(_zero_member(rest))
+    parts = [gzip.compress(head, compresslevel=1), *_members(padding, 0)]
+    parts += _members(int(np.prod(shape)), 1)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(b"".join(parts))
     return path
@@ -66,13 +65,13 @@ def write_zero_bomb(path: Path, shape=(800, 800, 800), extension_bytes: int = 0)
 def write_bomb_cohort(
     root: Path, shape=(800, 800, 800), extension_bytes: int = 0, bombs=("t1", "t1ce", "t2", "flair")
 ) -> Path:
-    """One BraTS-2021 subject whose channels in ``bombs`` are zero bombs
-    (:func:`write_zero_bomb`) and the others small ordinary volumes of the same ``shape``."""
+    """One BraTS-2021 subject whose channels in ``bombs`` are bombs (:func:`write_bomb`) and the
+    others ordinary volumes of the same ``shape``."""
     sid = "BraTS2021_00000"
     for ch, suffix in BRATS2021_SUFFIX.items():
         path = root / sid / f"{sid}_{suffix}.nii.gz"
         if ch in bombs:
-            write_zero_bomb(path, shape, extension_bytes)
+            write_bomb(path, shape, extension_bytes)
         else:
             write_nifti(path, brain_like(shape))
     return root
