@@ -390,12 +390,14 @@ def check_subject_budget(
     headers: Sequence[tuple[ImageSource, nib.Nifti1Image, np.ndarray]],
     max_subject_voxels: int | None = None,
     target_spacing: Sequence[float] | None = None,
+    patch_size: int | None = None,
 ) -> None:
     """Refuse a subject whose files would decode, or resample, to more than the budget.
 
     Counts what loading allocates: every 3D source's voxels, a 4D file's voxels once, and, when
-    ``target_spacing`` is given, each source's voxel count after resampling to it (physical
-    extent divided by the target voxel volume). Only headers are used.
+    ``target_spacing`` is given, each source's voxel count after resampling to it (each axis's
+    extent over the target spacing, at least ``patch_size`` since volumes are padded to it).
+    Only headers are used.
 
     Args:
         subject_id: named in the message.
@@ -403,6 +405,7 @@ def check_subject_budget(
             :func:`read_header` and :func:`check_affine`.
         max_subject_voxels: the budget; ``None`` uses :func:`subject_voxel_budget`.
         target_spacing: the preprocessing spacing in mm, or ``None`` (no resampling).
+        patch_size: edge every axis is padded to after resampling, or ``None``.
 
     Raises:
         InputError: naming the subject's largest file, the count and the budget.
@@ -435,12 +438,15 @@ def check_subject_budget(
     target = [float(t) for t in target_spacing]
     if len(target) != 3 or not all(math.isfinite(t) and t > 0 for t in target):
         raise ConfigError(f"target spacing must be 3 positive numbers, got {target_spacing}")
+    pad = max(1, int(patch_size or 1))
     resampled = 0.0
     for _, img, affine in headers:
-        extent = math.prod(
-            n * s for n, s in zip(img.shape[:3], header_spacing(affine), strict=True)
-        )
-        resampled += extent / math.prod(target)
+        # Reorientation may permute axes; with an anisotropic target this is an estimate.
+        sizes = [
+            max(pad, n * s / t)
+            for n, s, t in zip(img.shape[:3], header_spacing(affine), target, strict=True)
+        ]
+        resampled += math.prod(sizes)
     if resampled > budget:
         spacing = "x".join(f"{v:.3g}" for v in header_spacing(headers[0][2]))
         raise InputError(
@@ -459,6 +465,7 @@ def load_subject(
     load_seg: bool = True,
     max_subject_voxels: int | None = None,
     target_spacing: Sequence[float] | None = None,
+    patch_size: int | None = None,
 ) -> LoadedSubject:
     """Read all modalities of a subject, checking that they share one grid.
 
@@ -474,6 +481,7 @@ def load_subject(
         load_seg: also read the segmentation when there is one.
         max_subject_voxels: per-subject budget; ``None`` uses :func:`subject_voxel_budget`.
         target_spacing: spacing the caller will resample to (counted in the budget).
+        patch_size: edge the caller pads every axis to after resampling (counted too).
 
     Raises:
         InputError: the first problem found (file named). Use
@@ -488,7 +496,7 @@ def load_subject(
         check_dimensions(img, src)
         headers[name] = (src, img, check_affine(img, src.path))
     check_subject_budget(
-        record.subject_id, list(headers.values()), max_subject_voxels, target_spacing
+        record.subject_id, list(headers.values()), max_subject_voxels, target_spacing, patch_size
     )
     # Filled channel by channel: peak memory is the subject plus one volume, not twice it.
     image: np.ndarray | None = None

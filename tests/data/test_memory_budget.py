@@ -172,3 +172,14 @@ def test_absurd_resampled_size_is_refused_before_resampling(tmp_path, voxel_mm, 
     prep = PreprocessingConfig(spacing=(target_mm,) * 3, patch_size=8)
     with pytest.raises(InputError, match=r"resampled from .* would hold .* per-subject budget"):
         deterministic_transforms(prep)(subject.as_dict())
+
+
+def test_padding_to_a_huge_patch_counts_in_the_budget(tmp_path):
+    cohort = write_brats_cohort(tmp_path / "c", n=1)
+    subject = discover_cohort(cohort).subjects[0]
+    # 5 images padded to 600³ = 1.08 G voxels; the subject itself is 67 k.
+    prep = PreprocessingConfig(patch_size=600)
+    with pytest.raises(InputError, match="per-subject budget"):
+        deterministic_transforms(prep)(subject.as_dict())
+    item = deterministic_transforms(PreprocessingConfig(patch_size=8))(subject.as_dict())
+    assert item["image"].shape[0] == 4
