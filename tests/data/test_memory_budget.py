@@ -1,5 +1,5 @@
 """Bounded memory from hostile headers: a decompression bomb (a 2 MB cohort of four 800³
-channels), a header-extension bomb (1.5 GB declared in a 6 MB file), and a resampled size that
+channels), a header-extension bomb (1.5 GB declared in a 1.6 MB file), and a resampled size that
 explodes (100 mm voxels, or a 0.01 mm target spacing) are refused from the headers, before any
 allocation, with one line naming the file."""
 
@@ -124,6 +124,21 @@ def test_several_extensions_are_summed_against_the_limit(tmp_path, monkeypatch, 
     monkeypatch.setenv(EXTENSION_LIMIT_ENV, "20000")
     img = read_header(path)
     assert len(img.header.extensions) == 3
+
+
+@pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])
+def test_nifti2_extensions_are_checked_too(tmp_path, monkeypatch, suffix):
+    import nibabel as nib
+
+    img = nib.Nifti2Image(brain_like((4, 4, 4)), np.eye(4))
+    img.header.extensions.append(nib.nifti1.Nifti1Extension(0, b"x" * 5000))
+    path = tmp_path / f"two{suffix}"
+    nib.save(img, str(path))
+    monkeypatch.setenv(EXTENSION_LIMIT_ENV, "4096")
+    with pytest.raises(InputError, match="header extensions declare"):
+        read_header(path)
+    monkeypatch.setenv(EXTENSION_LIMIT_ENV, "8192")
+    assert isinstance(read_header(path), nib.Nifti2Image)
 
 
 def test_negative_extension_size_is_refused_not_read_to_the_end(tmp_path):
