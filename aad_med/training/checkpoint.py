@@ -504,10 +504,13 @@ def check_resume_compatible(
     if metadata is not None:
         diffs += resume_subject_differences(saved, metadata)
     if diffs and not resume_allowed(config):
+        # "+key=..." adds a key the config lacks; Hydra refuses it once configs declare the key.
+        declared = RESUME_ALLOW_KEY.split(".", 1)[1] in ((config or {}).get("trainer") or {})
+        plus = "" if declared else "+"
         raise CheckpointError(
             f"{path}: refusing to resume with settings that differ from the checkpoint's: "
             f"{'; '.join(diffs)}. Resume with the run's own config (config.yaml next to "
-            f"checkpoints/), or set +{RESUME_ALLOW_KEY}=true to continue anyway"
+            f"checkpoints/), or set {plus}{RESUME_ALLOW_KEY}=true to continue anyway"
         )
     return diffs
 

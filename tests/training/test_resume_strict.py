@@ -105,3 +105,16 @@ def test_config_differences_ignore_loading_keys():
     assert resume_config_differences(saved, now) == []
     now["data"]["cohorts"] = ["/a", "/b"]
     assert resume_config_differences(saved, now) == ["data.cohorts (['/a'] -> ['/a', '/b'])"]
+
+
+def test_refusal_names_the_allow_key_as_the_config_needs_it(tmp_path):
+    from aad_med.training.checkpoint import check_resume_compatible
+
+    saved = {"config": {"seed": 0, "trainer": {}}}
+    with pytest.raises(CheckpointError, match=r"set \+trainer\.resume_allow_changes=true"):
+        check_resume_compatible(tmp_path / "x.pt", saved, {"seed": 1, "trainer": {}})
+    declared = {"seed": 1, "trainer": {"resume_allow_changes": False}}
+    with pytest.raises(CheckpointError, match=r"or set trainer\.resume_allow_changes=true"):
+        check_resume_compatible(tmp_path / "x.pt", saved, declared)
+    allowed = {"seed": 1, "trainer": {"resume_allow_changes": True}}
+    assert check_resume_compatible(tmp_path / "x.pt", saved, allowed) == ["seed (0 -> 1)"]
