@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 import aad_med
 from aad_med.data.records import SubjectRecord
 from aad_med.errors import CohortError, ConfigError, InputError
-from aad_med.training.checkpoint import load_checkpoint
+from aad_med.training.checkpoint import check_resume_compatible, load_checkpoint
 from aad_med.training.config import (
     as_list,
     instantiate,
@@ -179,8 +179,13 @@ def train_from_config(cfg: DictConfig, run_dir: str | Path) -> FitResult:
         run_dir, settings.resume, bool(cfg.get("overwrite", False)), delete=env_rank() == 0
     )
     if settings.resume:
-        # Fail before minutes of data loading when the checkpoint is unusable or unsafe.
-        load_checkpoint(settings.resume)
+        # Fail before minutes of data loading (and before config.yaml is rewritten) when the
+        # checkpoint is unusable, unsafe, or from a run with other data or settings.
+        check_resume_compatible(
+            settings.resume,
+            load_checkpoint(settings.resume),
+            OmegaConf.to_container(cfg, resolve=True),
+        )
     prep = preprocessing_from_config(cfg.data)
     model_patch = cfg.model.get("patch_size")
     if model_patch is not None and int(model_patch) != prep.patch_size:
