@@ -143,10 +143,6 @@ def _compare_pair(
     if perm_hotelling:
         hot_p = permutation_pvalue(float(observed[0][1]), null[0][1])
         hot_method = "permutation"
-        # Report the T² this p-value belongs to: the label-free Ledoit–Wolf one (float64).
-        shift = white[:na].mean(axis=0) - white[na:].mean(axis=0)
-        t2 = na * nb / n * float(shift @ shift)
-        hot_cov = "ledoit_wolf_label_free"
 
     kernel_values: dict[str, tuple[float | None, float | None]] = {}
     for j, kind in enumerate(kinds):
@@ -170,6 +166,12 @@ def _compare_pair(
         "aad_unbiased": aad_unbiased(a, b),
         "aad2_unbiased": aad2_unbiased(a, b),
         "aad2_unbiased_se": float(moments.se),
+        "aad2_moments": {
+            "var_null": float(moments.var_null),
+            "var_linear": float(moments.var_linear),
+            "trace": float(moments.trace),
+            "df_linear": float(moments.df_linear),
+        },
         "aad_ci95": [float(lo[0]), float(hi[0])],
         "aad_p": aad_p,
         "aad_p_fdr": None,

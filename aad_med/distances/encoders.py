@@ -14,17 +14,18 @@ import numpy as np
 from scipy import stats
 
 from aad_med.distances._common import to_jsonable
+from aad_med.distances.interval import DistanceMoments, interval_from_moments
 from aad_med.errors import ConfigError
 
 #: How the combined interval is built, by method name (also written to the output).
 INTERVAL_METHODS = {
-    "unbiased_total_variance": "Interval for the squared distance from the encoders' mean "
-    "aad2_unbiased ± t × sqrt(mean within-encoder variance (aad2_unbiased_se²) + "
-    "between-encoder variance of aad2_unbiased), t with Welch–Satterthwaite degrees of freedom "
-    "(E - 1 for the between part), mapped to the distance scale by sqrt(max(0, ·)): the spread "
-    "of the distance one would get from another encoder of the same recipe on another sample "
-    "of subjects.",
-    "t_total_variance": "For results written before aad2_unbiased_se existed: mean AAD ± "
+    "unbiased_total_variance": "The single-run interval (aad_ci95, test inversion for the "
+    "unbiased squared distance) applied to the encoders' mean aad2_unbiased, with variance = "
+    "mean within-encoder variance + between-encoder variance of aad2_unbiased, widened by "
+    "(t/z)² with Welch–Satterthwaite degrees of freedom (E - 1 for the between part): the "
+    "spread of the distance one would get from another encoder of the same recipe on another "
+    "sample of subjects.",
+    "t_total_variance": "For results written before aad2_moments existed: mean AAD ± "
     "t(0.975, E-1) × sqrt(mean within-encoder variance + between-encoder variance), clipped at "
     "0, the within variance taken from each encoder's 95% interval ((hi - lo) / 3.92)². "
     "Inherits the upward bias of AAD.",
@@ -40,7 +41,7 @@ def combine_encoder_runs(
 
     Args:
         results: one ``compare_embeddings`` output per encoder, over the same cohorts (pairs
-            without ``aad2_unbiased_se``, from older runs, get the fallback interval of
+            without ``aad2_moments``, from older runs, get the fallback interval of
             :data:`INTERVAL_METHODS`).
         names: encoder labels (default: each result's ``checkpoint`` key, else ``encoder{i}``).
         level: coverage of the combined interval.
@@ -83,20 +84,35 @@ def combine_encoder_runs(
         runs = [pairs[key] for pairs in by_key]
         aads = np.array([r["aad"] for r in runs], dtype=np.float64)
         u_mean = None
-        if all(r.get("aad2_unbiased_se") is not None for r in runs):
+        if all(r.get("aad2_moments") is not None for r in runs):
             u = np.array([r["aad2_unbiased"] for r in runs], dtype=np.float64)
-            within = float(np.mean([r["aad2_unbiased_se"] ** 2 for r in runs]))
+            # JSON writes an infinite df (no linear variance) as null.
+            m = {
+                k: np.array([np.inf if r["aad2_moments"][k] is None else r["aad2_moments"][k]
+                             for r in runs], dtype=np.float64)
+                for k in ("var_null", "var_linear", "trace", "df_linear")
+            }  # fmt: skip
+            within = float(np.mean(m["var_null"] + m["var_linear"]))
             between = float(u.var(ddof=1))
+            # Satterthwaite: the between-encoder variance has only E - 1 df, so the whole
+            # variance is widened by the squared ratio of t to normal quantiles.
             total = within + between
-            # Satterthwaite: the within part is known well, the between part has E - 1 df.
-            df = total**2 / (between**2 / (n_enc - 1)) if between > 0 else np.inf
-            t = stats.t.ppf(q_hi, df) if np.isfinite(df) else stats.norm.ppf(q_hi)
-            half = t * np.sqrt(total)
+            widen = 1.0
+            if between > 0:
+                df = total**2 / (between**2 / (n_enc - 1))
+                widen = float(stats.t.ppf(q_hi, df) / stats.norm.ppf(q_hi)) ** 2
             u_mean = float(u.mean())
-            interval = [
-                float(np.sqrt(max(u_mean - half, 0.0))),
-                float(np.sqrt(max(u_mean + half, 0.0))),
-            ]
+            lo, hi = interval_from_moments(
+                DistanceMoments(
+                    u=u_mean,
+                    var_null=widen * (float(m["var_null"].mean()) + between),
+                    var_linear=widen * float(m["var_linear"].mean()),
+                    trace=float(m["trace"].mean()),
+                    df_linear=float(m["df_linear"].min()),
+                ),
+                level,
+            )
+            interval = [float(lo[0]), float(hi[0])]
             method = "unbiased_total_variance"
         else:
             within = float(

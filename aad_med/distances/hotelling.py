@@ -126,7 +126,8 @@ class HotellingResult:
             direction without within-cohort variance).
         pvalue: from the F distribution, or ``None`` when it does not exist (then use a
             permutation test, as ``compare_embeddings`` does).
-        covariance: ``"pooled"`` (plain pooled within-cohort covariance) or ``"ledoit_wolf"``.
+        covariance: ``"pooled"`` (plain pooled within-cohort covariance) or
+            ``"ledoit_wolf_label_free"`` (Ledoit–Wolf, pooled subjects, labels ignored).
         df: the F degrees of freedom ``(p, n - p - 1)``, ``p`` the rank used; ``None`` without F.
     """
 
@@ -145,15 +146,22 @@ def hotelling_test(x_a: ArrayLike, x_b: ArrayLike) -> HotellingResult:
     The Ledoit–Wolf covariance is not used there on purpose: shrinkage shrinks T² and leaves
     the F reference far too conservative (false-positive rate 0.017 instead of 0.05 at 10 vs 10
     subjects in 4 dimensions). Otherwise the pooled covariance is singular, T² uses the
-    Ledoit–Wolf pooled covariance and the p-value is left to a permutation test.
+    Ledoit–Wolf covariance of the pooled subjects estimated without the labels (the statistic
+    whose permutation p-value ``compare_embeddings`` reports) and the p-value is left to a
+    permutation test.
     """
     a, b = check_pair(x_a, x_b)
     na, nb, dim = a.shape[0], b.shape[0], a.shape[1]
     n = na + nb
     delta = a.mean(axis=0) - b.mean(axis=0)
     if n - 2 <= dim:
-        std = aad_standardized(a, b)
-        return HotellingResult(na * nb / n * std**2, None, "ledoit_wolf", None)
+        # The T² a permutation test can use: the covariance is estimated without the labels,
+        # so it is the same under every relabelling (see label_free_whitened).
+        white = label_free_whitened(np.vstack([a, b]))
+        shift = white[:na].mean(axis=0) - white[na:].mean(axis=0)
+        return HotellingResult(
+            na * nb / n * float(shift @ shift), None, "ledoit_wolf_label_free", None
+        )
     centred = np.vstack([a - a.mean(axis=0), b - b.mean(axis=0)])
     vecs, vals = _spectrum(centred, n - 2)
     keep = vals > vals.max(initial=0.0) * 1e-12

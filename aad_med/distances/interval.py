@@ -165,11 +165,15 @@ def interval_from_moments(
         level: coverage, in ``(0, 1)``.
 
     Returns:
-        ``(lo, hi)`` on the distance scale, ``0 <= lo <= hi``; ``lo`` is 0 when ``θ = 0`` is
-        inside the interval.
+        ``(lo, hi)`` on the distance scale, ``0 <= lo <= sqrt(max(0, u)) <= hi``; ``lo`` is 0
+        when ``θ = 0`` is inside the interval, and ``hi > 0`` unless the cohorts have no
+        spread at all.
     """
     u = np.atleast_1d(np.asarray(moments.u, dtype=np.float64))
-    v0 = np.maximum(np.atleast_1d(np.asarray(moments.var_null, dtype=np.float64)), 1e-300)
+    raw_v0 = np.atleast_1d(np.asarray(moments.var_null, dtype=np.float64))
+    # No spread at all (constant cohorts): the distance is known exactly.
+    exact = ~(raw_v0 > 0) & ~(np.asarray(moments.var_linear) > 0)
+    v0 = np.where(exact, 1.0, raw_v0)
     q_delta = np.atleast_1d(np.asarray(moments.var_linear, dtype=np.float64)) / 4.0
     trace = np.maximum(np.atleast_1d(np.asarray(moments.trace, dtype=np.float64)), 1e-300)
     df_lin = np.atleast_1d(np.asarray(moments.df_linear, dtype=np.float64))
@@ -212,16 +216,22 @@ def interval_from_moments(
     # Lower bound: the smallest θ² whose upper cutoff reaches U (0 if θ² = 0 already does).
     need_lo = cutoff(np.zeros_like(u), q_hi) < u
     low2 = bisect(np.zeros_like(u), np.maximum(u, 0.0), lambda t: cutoff(t, q_hi) < u, need_lo)
-    # Upper bound: the largest θ² whose lower cutoff stays at or below U.
-    has_hi = cutoff(np.zeros_like(u), q_lo) <= u
-    top = np.abs(u) + sd0 + kappa
+    # Upper bound: the largest θ² whose lower cutoff stays at or below U. A negative U (the
+    # cohorts are less different than chance allows) is treated as 0, so the interval is
+    # never empty and its upper end says how large a distance a zero estimate leaves open.
+    u_top = np.maximum(u, 0.0)
+    has_hi = cutoff(np.zeros_like(u), q_lo) <= u_top
+    top = u_top + sd0 + kappa
     for _ in range(200):
-        grow = has_hi & (cutoff(top, q_lo) <= u)
+        grow = has_hi & (cutoff(top, q_lo) <= u_top)
         if not np.any(grow):
             break
         top = np.where(grow, top * 2, top)
-    high2 = bisect(np.zeros_like(u), top, lambda t: cutoff(t, q_lo) <= u, has_hi)
-    return np.sqrt(low2), np.sqrt(np.maximum(high2, low2))
+    high2 = bisect(np.zeros_like(u), top, lambda t: cutoff(t, q_lo) <= u_top, has_hi)
+    point = np.maximum(u, 0.0)
+    low2 = np.where(exact, point, low2)
+    high2 = np.where(exact, point, np.maximum(high2, low2))
+    return np.sqrt(low2), np.sqrt(high2)
 
 
 def aad_interval(x_a: ArrayLike, x_b: ArrayLike, level: float = 0.95) -> tuple[float, float]:

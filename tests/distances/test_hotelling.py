@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from aad_med.distances.covariance import shrunk_covariance
 from aad_med.distances.hotelling import aad_standardized, hotelling_test, pooled_within_covariance
 
 
@@ -41,8 +42,16 @@ def test_more_dimensions_than_subjects_leaves_p_to_permutations():
     rng = np.random.default_rng(2)
     a, b = rng.normal(size=(5, 12)), rng.normal(size=(6, 12))
     res = hotelling_test(a, b)
-    assert res.pvalue is None and res.covariance == "ledoit_wolf"
-    assert res.t2 == pytest.approx(5 * 6 / 11 * aad_standardized(a, b) ** 2)
+    assert res.pvalue is None and res.covariance == "ledoit_wolf_label_free"
+    # The T² of the label-free Ledoit–Wolf covariance (the one a permutation test can use),
+    # not the Mahalanobis distance of the within-cohort one.
+    pooled = np.vstack([a, b])
+    centred = pooled - pooled.mean(axis=0)
+    sd = centred.std(axis=0, ddof=1)
+    corr = shrunk_covariance(centred / sd).matrix()  # dense solve, not the whitening path
+    delta = (a.mean(axis=0) - b.mean(axis=0)) / sd
+    assert res.t2 == pytest.approx(5 * 6 / 11 * delta @ np.linalg.solve(corr, delta), rel=1e-6)
+    assert res.t2 != pytest.approx(5 * 6 / 11 * aad_standardized(a, b) ** 2, rel=1e-3)
     assert np.isfinite(res.t2) and res.t2 > 0
 
 
