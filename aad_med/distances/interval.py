@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from numpy.typing import ArrayLike
-from scipy import special, stats
+from scipy import special
 
 from aad_med.distances._common import check_pair
 from aad_med.distances.aad import aad2_unbiased
@@ -103,15 +103,15 @@ def _direction_variance(
     Averages ``((x_i - x_j)ᵀ δ̂_{-ij})² / 2`` over pairs, ``δ̂_{-ij}`` the mean difference without
     subjects ``i`` and ``j``: in centred coordinates that is the sample variance of
     ``x_iᵀΔ - ||x_i||²/(n-2)``. Its expectation exceeds ``δᵀΣδ`` by ``tr(Σ²)/(n-2) +
-    tr(Σ Σ_other)/n_other`` (``t_own + t_cross_term``), which is subtracted; clipped at 0.
-    With 2 subjects the plug-in ``ΔᵀSΔ`` (biased upwards) is used.
+    tr(Σ Σ_other)/n_other`` (``t_own + t_cross_term``), which is subtracted, so the value is
+    unbiased and may be negative. With 2 subjects the plug-in ``ΔᵀSΔ`` (biased upwards) is used.
     """
     n = xc.shape[0]
     proj = xc @ delta
     if n < 3:
         return float(proj @ proj) / (n - 1)
     x = proj - np.einsum("ij,ij->i", xc, xc) / (n - 2)
-    return max(float(np.var(x, ddof=1)) - t_own / (n - 2) - t_cross_term, 0.0)
+    return float(np.var(x, ddof=1)) - t_own / (n - 2) - t_cross_term
 
 
 def distance_moments(x_a: ArrayLike, x_b: ArrayLike) -> DistanceMoments:
@@ -138,17 +138,20 @@ def distance_moments(x_a: ArrayLike, x_b: ArrayLike) -> DistanceMoments:
     var_null = 2 * t_aa / (na * (na - 1)) + 2 * t_bb / (nb * (nb - 1)) + 4 * t_ab / (na * nb)
     q_a = _direction_variance(ac, delta, t_aa, t_ab / nb) / na
     q_b = _direction_variance(bc, -delta, t_bb, t_ab / na) / nb
-    total = q_a + q_b
+    # Clipped once, on the sum: clipping each cohort's term would add more upward bias.
+    total = max(q_a + q_b, 0.0)
     df = np.inf
-    if total > 0:
-        df = 1.0 / ((q_a / total) ** 2 / (na - 1) + (q_b / total) ** 2 / (nb - 1))
+    pos_a, pos_b = max(q_a, 0.0), max(q_b, 0.0)
+    if pos_a + pos_b > 0:
+        w_a = pos_a / (pos_a + pos_b)
+        df = 1.0 / (w_a**2 / (na - 1) + (1.0 - w_a) ** 2 / (nb - 1))
     return DistanceMoments(u, var_null, 4.0 * total, trace, float(df))
 
 
 def _standard_quantile(shape: np.ndarray, q: float) -> np.ndarray:
     """Quantile ``q`` of a gamma law of the given shape, standardised to mean 0 and sd 1."""
     shape = np.asarray(shape, dtype=np.float64)
-    normal = stats.norm.ppf(q)
+    normal = special.ndtri(q)
     big = ~(shape < NORMAL_SHAPE)
     safe = np.where(big, 1.0, shape)
     gam = (special.gammaincinv(safe, q) - safe) / np.sqrt(safe)
@@ -198,7 +201,7 @@ def interval_from_moments(
             df = np.where(lin > 0, df_lin * (var / np.where(lin > 0, lin, 1.0)) ** 2, np.inf)
         widen = np.where(
             np.isfinite(df) & (df < 1e6),
-            stats.t.ppf(q, np.minimum(df, 1e6)) / stats.norm.ppf(q),
+            special.stdtrit(np.minimum(df, 1e6), q) / special.ndtri(q),
             1.0,
         )
         return theta2 + np.sqrt(var) * widen * _standard_quantile(shape, q)
