@@ -57,9 +57,10 @@ class DistanceMoments:
         var_linear: ``4 δᵀΣ_Δδ``, the part of the variance that grows with the distance
             (estimate clipped at 0).
         trace: ``tr(S_A)/n_A + tr(S_B)/n_B``, the sampling-noise part of ``AAD²``.
-        df_linear: Welch–Satterthwaite degrees of freedom of the ``var_linear`` estimate
-            (``inf`` when it is 0): with 8 subjects in a cohort it is about 7, and the
-            interval's tails are widened as a t law's would be.
+        df_linear: degrees of freedom of the ``var_linear`` estimate (``inf`` when it is 0):
+            the cohorts' ``n - 1`` averaged (harmonically) with their shares of it; with 8
+            subjects in the dominant cohort about 8. The interval's tails are widened as a t
+            law's would be.
     """
 
     u: np.ndarray | float
@@ -143,8 +144,11 @@ def distance_moments(x_a: ArrayLike, x_b: ArrayLike) -> DistanceMoments:
     df = np.inf
     pos_a, pos_b = max(q_a, 0.0), max(q_b, 0.0)
     if pos_a + pos_b > 0:
+        # Weighted harmonic mean of the cohorts' n - 1 (Welch–Satterthwaite would square the
+        # weights): the leave-two-out estimate is noisier than a sample variance, and with
+        # Satterthwaite's df the 8-vs-30 cells covered 0.92 (studentised U: t quantiles ~2.4).
         w_a = pos_a / (pos_a + pos_b)
-        df = 1.0 / (w_a**2 / (na - 1) + (1.0 - w_a) ** 2 / (nb - 1))
+        df = 1.0 / (w_a / (na - 1) + (1.0 - w_a) / (nb - 1))
     return DistanceMoments(u, var_null, 4.0 * total, trace, float(df))
 
 
