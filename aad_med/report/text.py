@@ -34,8 +34,9 @@ DEFINITIONS: dict[str, str] = {
     "(the AAD one would get with unlimited subjects). Built for the unbiased squared distance "
     "from its estimated variance and skew, not by bootstrap, and mapped to the distance scale; "
     "its lower bound is 0 when the data cannot rule out equal means. Measured coverage "
-    "(scripts/coverage.py, BENCHMARKS.md) is about 0.93-0.97 from 12 subjects per cohort up "
-    "to 256 dimensions, also for heavy-tailed data. It does not depend on the seed.",
+    "(scripts/coverage.py, BENCHMARKS.md) is 0.93-0.99 from 12 subjects per cohort up to 256 "
+    "dimensions, also for heavy-tailed data (wide side for small distances; 0.92 at worst "
+    "with 8 subjects in one cohort). It does not depend on the seed.",
     "aad_p": "Permutation p-value: how often shuffling the cohort labels of subjects gives an "
     "AAD at least as large as observed, p = (k+1)/(B+1). Small p means the means differ more "
     "than chance allows.",
