@@ -287,9 +287,12 @@ def interpretation(pair: Mapping, alpha: float = ALPHA) -> str:
     p = pair.get("aad_p_fdr", pair.get("aad_p"))
     ratio = pair.get("aad_null_ratio")
     ci = pair.get("aad_ci95") or [None, None]
-    head = (
-        f"AAD between {a} and {b} is {_fmt(pair.get('aad'))} "
-        f"[95% CI {_fmt(ci[0])}, {_fmt(ci[1])}], {_fmt(ratio)}× the AAD of random splits"
+    head = f"AAD between {a} and {b} is {_fmt(pair.get('aad'))}"
+    if pair.get("aad_unbiased") is not None:
+        head += f" (bias-corrected {_fmt(pair['aad_unbiased'])})"
+    head += (
+        f" [95% CI of the distance between the population means {_fmt(ci[0])}, "
+        f"{_fmt(ci[1])}], {_fmt(ratio)}× the AAD of random splits"
     )
     if p is not None and float(p) < alpha:
         return (
@@ -385,8 +388,13 @@ def latent_sentence(pair: Mapping, alpha: float = ALPHA) -> str | None:
         else "no evidence that the mean latent vectors differ (the mean latent is blind to most "
         "scanner and protocol differences)"
     )
+    corrected = (
+        f" (bias-corrected {_fmt(pair['latent_aad_unbiased'])})"
+        if pair.get("latent_aad_unbiased") is not None
+        else ""
+    )
     return (
-        f"The seed's latent AAD (mean of patch latents) is {_fmt(pair['latent_aad'])} "
+        f"The seed's latent AAD (mean of patch latents) is {_fmt(pair['latent_aad'])}{corrected} "
         f"[95% CI {_fmt(ci[0])}, {_fmt(ci[1])}], {_fmt(pair.get('latent_aad_null_ratio'))}× its "
         f"null median, p = {fmt_p(p)}: {verdict}."
     )
