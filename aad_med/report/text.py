@@ -29,7 +29,8 @@ DEFINITIONS: dict[str, str] = {
     "aad2_unbiased": "Squared AAD minus the part expected from sampling noise alone "
     "(trace of each cohort's covariance over its size); about 0, possibly negative, when the "
     "means are equal. Equal to the unbiased linear-kernel MMD². aad2_unbiased_se is its "
-    "standard error (unbiased variance estimate, Chen & Qin 2010).",
+    "standard error (unbiased variance estimate, Chen & Qin 2010); aad2_moments holds the "
+    "variance pieces aad_ci95 is built from.",
     "aad_ci95": "95% confidence interval for the distance between the two population means "
     "(the AAD one would get with unlimited subjects). Built for the unbiased squared distance "
     "from its estimated variance and skew, not by bootstrap, and mapped to the distance scale; "
