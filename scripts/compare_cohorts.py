@@ -19,6 +19,7 @@ from aad_med.plots.latent import plot_latent_means
 from aad_med.plots.summaries import bootstrap_mean_bands
 from aad_med.report.document import write_report
 from aad_med.report.serialize import write_distances_json
+from aad_med.report.text import interpret_pair
 from aad_med.training.checkpoint import load_model_from_checkpoint
 
 
@@ -56,7 +57,7 @@ def main() -> None:
         n_bootstrap=args.bootstrap,
     )
     for pair in result["pairs"]:
-        print(pair["interpretation"])
+        print(interpret_pair(pair, result["alpha"], len(result["pairs"])))
     # 5. The mission's figure and a report.
     means = {n: e.latent_means.mean(axis=0) for n, e in embs.items()}
     bands = {n: bootstrap_mean_bands(e.latent_means) for n, e in embs.items()}

@@ -677,6 +677,7 @@ def _compare_into(
 
 LATENT_KEYS = (
     "latent_aad",
+    "latent_aad_unbiased",
     "latent_aad_p",
     "latent_aad_p_fdr",
     "latent_aad_ci95",
