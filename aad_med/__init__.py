@@ -10,3 +10,8 @@ __version__ = "0.1.0"
 
 CHANNELS: tuple[str, ...] = ("t1", "t1ce", "t2", "flair")
 """Canonical channel order used everywhere (images, checkpoints, reports)."""
+
+DEFAULT_FEATURES = "multiscale+texture"
+"""The feature set every API and command embeds with unless told otherwise (chosen by
+``scripts/sensitivity.py``: it sees acquisition shifts the plain ``latent`` mean misses). Defined
+here, not in :mod:`aad_med.embedding.features`, so commands can name it before importing torch."""

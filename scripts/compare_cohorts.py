@@ -4,7 +4,7 @@ one, for users who want the numbers in their own scripts or notebooks.
     python scripts/compare_cohorts.py CHECKPOINT NAME=DIR_OR_CSV NAME=DIR_OR_CSV [...] \\
         [--out OUT] [--permutations 10000] [--bootstrap 2000]
 
-(``aad_med.report.comparison.run_comparison`` does all of it, outputs included, in one call.)
+(``aad_med.pipelines.compare.run_comparison`` does all of it, outputs included, in one call.)
 """
 
 from __future__ import annotations

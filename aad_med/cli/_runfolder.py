@@ -89,6 +89,44 @@ def strip_verbose_flags(argv: Sequence[str]) -> list[str]:
     return [a for a in argv if a not in ("-v", "--verbose")]
 
 
+def hydra_command(
+    prog: str,
+    config_name: str,
+    job: Callable[[object, Path], object],
+    patterns: Sequence[str],
+    argv: Sequence[str],
+) -> None:
+    """Run ``job(cfg, run_dir)`` as the Hydra application ``prog`` over ``argv``.
+
+    The ``@hydra.main`` function is built here, per call, so the state it needs (the run folder
+    that existed before, which a failure must not remove) travels in a closure rather than in a
+    module-level global.
+    """
+    import hydra
+
+    from aad_med.resources import CONFIG_DIR
+    from aad_med.training.rundir import register_resolvers
+
+    register_resolvers()
+    preexisting = preexisting_run_dir(argv)
+
+    @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name=config_name)
+    def _hydra_main(cfg) -> None:
+        run_hydra_job(prog, cfg, job, patterns, preexisting)
+
+    sys.argv = [sys.argv[0], *argv]
+    _hydra_main()
+
+
+def print_version_if_asked(prog: str, argv: Sequence[str]) -> None:
+    """``--version`` anywhere on the command line: print ``PROG VERSION`` and exit 0."""
+    if "--version" in argv:
+        from aad_med import __version__
+
+        print(f"{prog} {__version__}")
+        sys.exit(0)
+
+
 def preexisting_run_dir(argv: Sequence[str]) -> Path | None:
     """The explicit ``hydra.run.dir`` when it already exists (a failed run must not remove it)."""
     run_dir = explicit_run_dir(argv)

@@ -18,7 +18,7 @@ import tempfile
 import warnings
 from pathlib import Path
 
-from aad_med import CHANNELS
+from aad_med import CHANNELS, __version__
 from aad_med.cli._errors import run_reporting_errors
 from aad_med.data.fingerprint import cohort_fingerprint
 from aad_med.data.validation import SkippedSubjectsWarning, load_cohort
@@ -35,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
             "or CSV manifests subject_id,t1,t1ce,t2,flair[,seg]) and print their fingerprints."
         ),
     )
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     p.add_argument("cohorts", nargs="+", metavar="COHORT", help="cohort folder or CSV manifest")
     p.add_argument("--json", metavar="PATH", help='write {"cohorts": [fingerprint, ...]} here')
     p.add_argument(

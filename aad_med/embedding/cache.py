@@ -9,36 +9,26 @@ time): change any of them and the entry is simply not found. Entries are ``.npz`
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
-import secrets
 from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from aad_med import DEFAULT_FEATURES
 from aad_med.data.preprocessing import PreprocessingConfig
 from aad_med.data.records import Cohort
 from aad_med.embedding.encode import DEFAULT_BATCH_SIZE, CohortEmbedding, embed_cohort
 from aad_med.embedding.features import FeatureSet, get_feature_set
 from aad_med.embedding.regional import RegionalLatents
+from aad_med.io_utils import atomic_path, cache_key, file_stats
 
 log = logging.getLogger(__name__)
 
 CACHE_VERSION = 1
 """Bumped whenever encoding changes what it produces (invalidates old entries)."""
-
-
-def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file's bytes, read in chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def cohort_cache_key(
@@ -49,16 +39,7 @@ def cohort_cache_key(
     keep_positions: bool,
 ) -> str:
     """Hex key of one cohort's embedding (see the module docstring for what it covers)."""
-    subjects = []
-    for rec in cohort.subjects:
-        files = []
-        for p in rec.files:
-            try:
-                st = os.stat(p)
-                files.append([str(Path(p).resolve()), st.st_size, st.st_mtime_ns])
-            except OSError:
-                files.append([str(p), None, None])
-        subjects.append([rec.subject_id, files, rec.as_dict()])
+    subjects = [[rec.subject_id, file_stats(rec.files), rec.as_dict()] for rec in cohort.subjects]
     payload = {
         "v": CACHE_VERSION,
         "checkpoint": checkpoint_hash,
@@ -67,8 +48,7 @@ def cohort_cache_key(
         "keep_positions": bool(keep_positions),
         "subjects": subjects,
     }
-    text = json.dumps(payload, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:40]
+    return cache_key(payload)
 
 
 def _to_arrays(e: CohortEmbedding) -> dict[str, np.ndarray]:
@@ -144,10 +124,8 @@ def cache_entry(
 def save_cached(path: str | Path, embedding: CohortEmbedding) -> Path:
     """Write one cohort's embedding as ``.npz`` (atomic rename)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}-{secrets.token_hex(4)}.tmp.npz")
-    np.savez(tmp, **_to_arrays(embedding))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, **_to_arrays(embedding))
     return path
 
 
@@ -176,7 +154,7 @@ def embed_cohorts(
     preprocessing: PreprocessingConfig,
     device: str | torch.device = "cpu",
     batch_size: int = DEFAULT_BATCH_SIZE,
-    features: str | FeatureSet = "latent",
+    features: str | FeatureSet = DEFAULT_FEATURES,
     keep_positions: bool = False,
     checkpoint_hash: str | None = None,
     cache_dir: str | Path | None = None,
@@ -190,7 +168,7 @@ def embed_cohorts(
         model, preprocessing, device, batch_size, features, keep_positions, num_workers,
             progress: as :func:`aad_med.embedding.encode.embed_cohort`.
         cohorts: ``{name: cohort}``, compared in this order.
-        checkpoint_hash: SHA-256 of the checkpoint file (:func:`file_sha256`); caching is off
+        checkpoint_hash: SHA-256 of the checkpoint file (:func:`aad_med.io_utils.file_sha256`); caching is off
             without it (a model in memory has no stable identity).
         cache_dir: cache folder; ``None`` turns caching off.
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -33,12 +32,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from aad_med import DEFAULT_FEATURES, __version__
 from aad_med.data.preprocessing import PreprocessingConfig
 from aad_med.data.records import Cohort
+from aad_med.device import resolve_device
 from aad_med.embedding.cache import (
     cache_entry,
     default_cache_dir,
-    file_sha256,
     finalize_vectors,
     load_cached,
     save_cached,
@@ -48,6 +48,7 @@ from aad_med.embedding.encode import DEFAULT_BATCH_SIZE, CohortEmbedding, embed_
 from aad_med.embedding.features import FeatureSet, get_feature_set
 from aad_med.embedding.regional import AFFINE_TOLERANCE, RegionalLatents
 from aad_med.errors import AADError, ConfigError
+from aad_med.io_utils import file_sha256
 
 __all__ = [
     "embed_cohorts_distributed",
@@ -168,19 +169,6 @@ def _world() -> tuple[int, int]:
     return 0, 1
 
 
-def _rank_device(device: str | torch.device | None) -> torch.device:
-    """``auto``/``cuda`` -> this rank's GPU (``cuda:LOCAL_RANK``) when CUDA is visible."""
-    pref = "auto" if device is None else str(device)
-    if pref == "auto":
-        pref = "cuda" if torch.cuda.is_available() else "cpu"
-    if pref == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError("device=cuda but no CUDA GPU is visible; use device=cpu or auto")
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        return torch.device("cuda", local % torch.cuda.device_count())
-    return torch.device(pref)
-
-
 def _from_main(value: Any) -> Any:
     """Rank 0's ``value`` on every rank (one pickled broadcast)."""
     box = [value]
@@ -227,7 +215,7 @@ def embed_cohorts_distributed(
     preprocessing: PreprocessingConfig,
     device: str | torch.device = "auto",
     batch_size: int = DEFAULT_BATCH_SIZE,
-    features: str | FeatureSet = "latent",
+    features: str | FeatureSet = DEFAULT_FEATURES,
     keep_positions: bool = False,
     checkpoint_hash: str | None = None,
     cache_dir: str | Path | None = None,
@@ -257,7 +245,7 @@ def embed_cohorts_distributed(
             model,
             cohorts,
             preprocessing,
-            device=_rank_device(device),
+            device=resolve_device(device),
             batch_size=batch_size,
             features=features,
             keep_positions=keep_positions,
@@ -267,7 +255,7 @@ def embed_cohorts_distributed(
             progress=progress,
         )
     feature_set = get_feature_set(features)
-    dev = _rank_device(device)
+    dev = resolve_device(device)
     cohorts = _from_main(dict(cohorts))
     names = list(cohorts)
 
@@ -346,6 +334,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Encode cohorts to per-subject vectors, sharded over torchrun processes; "
         "rank 0 writes OUT/embeddings.csv and OUT/embeddings.npz.",
     )
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     p.add_argument("--checkpoint", required=True, help="checkpoint written by aad-train")
     p.add_argument(
         "--cohort",
@@ -379,7 +368,7 @@ def _run(args: argparse.Namespace) -> int:
     paths = _parse_cohorts(args.cohort)
     info = setup_distributed("cpu" if str(args.device) == "cpu" else "auto", DEFAULT_TIMEOUT_S)
     try:
-        device = _on_every_rank(lambda: _rank_device(args.device))
+        device = _on_every_rank(lambda: resolve_device(args.device))
         model, preprocessing, _ = _on_every_rank(
             lambda: load_model_from_checkpoint(args.checkpoint, device)
         )

@@ -21,10 +21,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from aad_med import DEFAULT_FEATURES
 from aad_med.data.datasets import build_eval_dataset
 from aad_med.data.preprocessing import PreprocessingConfig
 from aad_med.data.records import Cohort, SubjectRecord
 from aad_med.data.transforms import eval_patch_positions, extract_patches
+from aad_med.device import resolve_device
 from aad_med.embedding.features import (
     FeatureSet,
     LatentMeanAccumulator,
@@ -96,13 +98,6 @@ class SubjectEncoding:
 def subject_folder(record: SubjectRecord) -> str:
     """The common parent folder of a subject's files."""
     return os.path.commonpath([str(Path(p).resolve().parent) for p in record.files])
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``"auto"``/``None`` -> CUDA when available, else CPU."""
-    if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def check_model_matches(model: torch.nn.Module, preprocessing: PreprocessingConfig) -> None:
@@ -228,7 +223,7 @@ def embed_cohort(
     preprocessing: PreprocessingConfig,
     device: str | torch.device = "cpu",
     batch_size: int = DEFAULT_BATCH_SIZE,
-    features: str | FeatureSet = "latent",
+    features: str | FeatureSet = DEFAULT_FEATURES,
     keep_positions: bool = False,
     name: str | None = None,
     num_workers: int = 0,

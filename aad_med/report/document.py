@@ -156,11 +156,8 @@ def build_blocks(result: Mapping, images: Mapping[str, str | Path] | None = None
                 caption = FEATURE_CAPTIONS[key].format(features=features)
             b.append(("img", caption, path))
     b.append(("h2", "What each number means"))
-    definitions = dict(DEFINITIONS)
-    extra = result.get("definitions") or {}
-    if isinstance(extra, Mapping):
-        definitions.update({str(k): str(v) for k, v in extra.items()})
-    b.append(("dl", list(definitions.items())))
+    # Only report/text.py explains statistics (never a copy carried in the result).
+    b.append(("dl", list(DEFINITIONS.items())))
     b.append(("h2", "What AAD cannot see"))
     b.append(("p", LIMITATIONS))
     return b

@@ -17,12 +17,15 @@ INTENSITY_EXPLANATION = (
 )
 
 DEFINITIONS: dict[str, str] = {
+    # The one place statistic prose lives: the report and distances.json ("definitions") read
+    # it; aad_med.distances returns numbers only.
     "aad": "Autoencoder Average Distance: Euclidean distance between the two cohorts' mean "
     "vectors of the chosen features (with `latent`, each subject's vector is the mean of its "
     "patch latents). Its scale depends on the encoder and the features, so compare it with the "
     "null median and the CI, not across encoders or feature sets.",
     "aad2_unbiased": "Squared AAD minus the part expected from sampling noise alone "
-    "(trace of each cohort's covariance over its size); about 0 when the means are equal. "
+    "(trace of each cohort's covariance over its size); about 0, possibly negative, when the "
+    "means are equal. "
     "Equal to the unbiased linear-kernel MMD².",
     "aad_ci95": "95% bootstrap interval of AAD, resampling subjects within each cohort. "
     "AAD is never negative, so with equal means the interval still sits above 0: judge it "
@@ -41,8 +44,11 @@ DEFINITIONS: dict[str, str] = {
     "It is not a Cohen's d: even with no shift at all it is about sqrt(D (1/n_a + 1/n_b)) for "
     "D dimensions (more with few subjects), so read it against the same-site pairs of the "
     "same run, not against fixed thresholds.",
-    "hotelling_t2": "Hotelling's T² for equal mean vectors with the shrinkage covariance; "
-    "hotelling_p is its p-value (by permutation when subjects are fewer than dimensions).",
+    "hotelling_t2": "Hotelling's two-sample T² for equal mean vectors. With more subjects than "
+    "dimensions (n_a + n_b − 2 > D) it is the textbook test: plain pooled covariance and "
+    "hotelling_p from the F distribution, exact under normality. Otherwise the Ledoit–Wolf "
+    "pooled covariance replaces it and hotelling_p comes from label permutations (of T² with a "
+    "label-free Ledoit–Wolf covariance, so the test stays exact).",
     "mmd2": "Squared maximum mean discrepancy with a Gaussian kernel (median bandwidth, "
     "unbiased): sensitive to any difference of distribution, not only of the mean. mmd_p is "
     "its permutation p-value.",
@@ -76,6 +82,7 @@ DEFINITIONS: dict[str, str] = {
     "made with the same encoder, the severity whose shifted copy of the reference gives, on "
     "average, the observed AAD at the nearest calibrated cohort size ('comparable to'), with a "
     "warning when the calibration's checkpoint or features differ.",
+    "null_aad_sample": "A random sample of AAD values under label shuffles (for plotting).",
     "train_overlap": "Number of a cohort's subjects that were used to train the encoder. The "
     "encoder has seen them, so they sit unusually well in latent space and the tests become "
     "over-sensitive.",

@@ -1,7 +1,7 @@
 """Stage 3, training: the run folder: unique names, and never overwriting results silently.
 
 Shared by ``aad-train`` and ``aad-compare``: each says which files count as its results
-(:data:`RESULT_PATTERNS` for training, ``aad_med.report.comparison.RESULT_PATTERNS`` for
+(:data:`RESULT_PATTERNS` for training, ``aad_med.pipelines.compare.RESULT_PATTERNS`` for
 comparisons) and :func:`check_run_dir` refuses a folder already holding any of them.
 
 ``register_resolvers()`` adds the OmegaConf resolvers the Hydra configs use for the run folder

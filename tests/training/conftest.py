@@ -8,7 +8,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-from aad_med.cli.train import CONFIG_DIR
+from aad_med.resources import CONFIG_DIR
 from aad_med.training.rundir import register_resolvers
 from tests.nifti_factory import write_brats_cohort
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from aad_med.cli.train import CONFIG_DIR
 from aad_med.errors import ConfigError
+from aad_med.resources import CONFIG_DIR
 from aad_med.training.config import (
     instantiate,
     missing_keys,
