@@ -10,20 +10,15 @@ batches), so the vectors do not depend on how subjects are sharded: with the sam
 thread settings, N processes write the same ``embeddings.csv`` as one. Regional sums are added in
 another order and agree to rounding only.
 
-Command line (rank 0 writes ``OUT/embeddings.csv`` and ``OUT/embeddings.npz``)::
-
-    torchrun --standalone --nproc_per_node=4 -m aad_med.embedding.distributed \\
-        --checkpoint runs/train/checkpoints/best.pt \\
-        --cohort site_a=data/site_a --cohort site_b=data/site_b --out outputs/embed
+The command line is ``aad-embed`` (:mod:`aad_med.cli.embed`, body in
+:mod:`aad_med.pipelines.embed`); this module holds only the sharding.
 
 Computes no statistics.
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
-import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -32,13 +27,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from aad_med import DEFAULT_FEATURES, __version__
+from aad_med import DEFAULT_FEATURES
 from aad_med.data.preprocessing import PreprocessingConfig
 from aad_med.data.records import Cohort
 from aad_med.device import resolve_device
 from aad_med.embedding.cache import (
     cache_entry,
-    default_cache_dir,
     finalize_vectors,
     load_cached,
     save_cached,
@@ -47,18 +41,15 @@ from aad_med.embedding.cache import embed_cohorts as embed_cohorts_single
 from aad_med.embedding.encode import DEFAULT_BATCH_SIZE, CohortEmbedding, embed_cohort
 from aad_med.embedding.features import FeatureSet, get_feature_set
 from aad_med.embedding.regional import AFFINE_TOLERANCE, RegionalLatents
-from aad_med.errors import AADError, ConfigError
-from aad_med.io_utils import file_sha256
+from aad_med.errors import AADError
 
 __all__ = [
     "embed_cohorts_distributed",
-    "main",
     "merge_regional",
     "merge_shards",
     "shard_indices",
 ]
 
-PROG = "aad-embed"
 #: Ranks wait at the gather for the slowest shard; a CPU cohort can take hours.
 DEFAULT_TIMEOUT_S = 6 * 3600.0
 
@@ -169,14 +160,14 @@ def _world() -> tuple[int, int]:
     return 0, 1
 
 
-def _from_main(value: Any) -> Any:
+def from_main(value: Any) -> Any:
     """Rank 0's ``value`` on every rank (one pickled broadcast)."""
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
 
 
-class _ReportedOnRankZero(AADError):
+class ReportedOnRankZero(AADError):
     """A failure gathered from another rank; rank 0 reports it, the others exit quietly."""
 
 
@@ -187,10 +178,10 @@ def _raise_first_error(outcomes: Sequence[tuple[str, Any]], rank: int) -> None:
         if kind == "error":
             if rank == 0:
                 raise value
-            raise _ReportedOnRankZero(str(value))
+            raise ReportedOnRankZero(str(value))
 
 
-def _on_every_rank(fn: Callable[[], Any]) -> Any:
+def on_every_rank(fn: Callable[[], Any]) -> Any:
     """``fn()`` on every rank; when it fails with an :class:`AADError` on any rank, every rank
     raises (see :func:`_raise_first_error`) instead of the others waiting in the next
     collective until the launcher kills them."""
@@ -256,7 +247,7 @@ def embed_cohorts_distributed(
         )
     feature_set = get_feature_set(features)
     dev = resolve_device(device)
-    cohorts = _from_main(dict(cohorts))
+    cohorts = from_main(dict(cohorts))
     names = list(cohorts)
 
     use_cache = cache_dir is not None and checkpoint_hash is not None
@@ -269,7 +260,7 @@ def embed_cohorts_distributed(
     cached = {}
     if rank == 0 and use_cache:
         cached = {n: e for n in names if (e := load_cached(entries[n])) is not None}
-    cached = _from_main(cached)
+    cached = from_main(cached)
 
     try:
         local: dict[str, CohortEmbedding | None] = {}
@@ -314,125 +305,3 @@ def embed_cohorts_distributed(
                 save_cached(entries[name], emb)
         out[name] = emb
     return finalize_vectors(feature_set, out)
-
-
-def _parse_cohorts(items: Sequence[str]) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for item in items:
-        name, sep, path = item.partition("=")
-        if not sep or not name or not path:
-            raise ConfigError(f"--cohort expects NAME=DIR_OR_CSV, got {item!r}")
-        if name in out:
-            raise ConfigError(f"cohort name {name!r} is given twice")
-        out[name] = path
-    return out
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog=PROG,
-        description="Encode cohorts to per-subject vectors, sharded over torchrun processes; "
-        "rank 0 writes OUT/embeddings.csv and OUT/embeddings.npz.",
-    )
-    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    p.add_argument("--checkpoint", required=True, help="checkpoint written by aad-train")
-    p.add_argument(
-        "--cohort",
-        action="append",
-        required=True,
-        metavar="NAME=DIR",
-        help="a cohort folder or CSV manifest (repeat for each cohort)",
-    )
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda (cuda:LOCAL_RANK)")
-    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="patches per pass")
-    p.add_argument("--num-workers", type=int, default=0, help="preprocessing workers per rank")
-    p.add_argument("--features", default="latent", help="feature set (default: latent)")
-    p.add_argument(
-        "--cache-dir",
-        default=None,
-        help="embedding cache folder ('default': $AAD_MED_CACHE/embeddings); off when omitted",
-    )
-    p.add_argument("--skip-invalid", action="store_true", help="leave invalid subjects out")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("-v", "--verbose", action="store_true", help="tracebacks on errors")
-    return p
-
-
-def _run(args: argparse.Namespace) -> int:
-    from aad_med.data.validation import load_cohort
-    from aad_med.embedding.io import write_embeddings_csv, write_embeddings_npz
-    from aad_med.training.checkpoint import load_model_from_checkpoint
-    from aad_med.training.distributed import cleanup_distributed, setup_distributed
-
-    paths = _parse_cohorts(args.cohort)
-    info = setup_distributed("cpu" if str(args.device) == "cpu" else "auto", DEFAULT_TIMEOUT_S)
-    try:
-        device = _on_every_rank(lambda: resolve_device(args.device))
-        model, preprocessing, _ = _on_every_rank(
-            lambda: load_model_from_checkpoint(args.checkpoint, device)
-        )
-        cohorts: dict[str, Cohort] = {}
-        if info.is_main:
-            try:
-                cohorts = {
-                    n: load_cohort(p, skip_invalid=args.skip_invalid) for n, p in paths.items()
-                }
-                found: tuple[str, Any] = ("ok", cohorts)
-            except AADError as e:
-                found = ("error", e)
-        else:
-            found = ("ok", None)
-        if info.distributed:
-            found = _from_main(found)
-        if found[0] == "error":
-            if info.is_main:
-                raise found[1]
-            raise _ReportedOnRankZero(str(found[1]))
-        cohorts = found[1]
-        cache_dir = None
-        if args.cache_dir:
-            cache_dir = default_cache_dir() if args.cache_dir == "default" else args.cache_dir
-        embs = embed_cohorts_distributed(
-            model,
-            cohorts,
-            preprocessing,
-            device=device,
-            batch_size=args.batch_size,
-            features=args.features,
-            checkpoint_hash=file_sha256(args.checkpoint) if cache_dir else None,
-            cache_dir=cache_dir,
-            num_workers=args.num_workers,
-            progress=not args.no_progress,
-        )
-        if info.is_main:
-            out = Path(args.out)
-            write_embeddings_csv(out / "embeddings.csv", embs)
-            write_embeddings_npz(out / "embeddings.npz", embs)
-            n = sum(len(e) for e in embs.values())
-            print(
-                f"{PROG}: {n} subjects of {len(embs)} cohorts encoded by {info.world_size} "
-                f"process(es); wrote {out / 'embeddings.csv'}"
-            )
-    finally:
-        cleanup_distributed()
-    return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point; returns the exit code (2 on input errors, one line each)."""
-    from aad_med.cli._errors import EXIT_INPUT_ERROR, run_reporting_errors
-
-    args = _parser().parse_args(argv)
-
-    def fn() -> int:
-        try:
-            return _run(args)
-        except _ReportedOnRankZero:
-            return EXIT_INPUT_ERROR
-
-    return run_reporting_errors(PROG, fn, verbose=args.verbose or None)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
