@@ -14,7 +14,6 @@ from typing import Any
 from aad_med.data.records import Cohort
 from aad_med.device import resolve_device
 from aad_med.embedding.cache import default_cache_dir
-from aad_med.embedding.encode import DEFAULT_BATCH_SIZE
 from aad_med.embedding.distributed import (
     DEFAULT_TIMEOUT_S,
     ReportedOnRankZero,
@@ -22,6 +21,7 @@ from aad_med.embedding.distributed import (
     from_main,
     on_every_rank,
 )
+from aad_med.embedding.encode import DEFAULT_BATCH_SIZE
 from aad_med.errors import AADError, ConfigError
 from aad_med.io_utils import file_sha256, write_json_atomic
 from aad_med.provenance import provenance

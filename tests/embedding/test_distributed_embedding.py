@@ -70,7 +70,7 @@ def test_merge_refuses_shards_that_do_not_add_up():
 
 
 def test_a_gathered_error_is_raised_by_rank_zero_only():
-    from aad_med.embedding.distributed import _raise_first_error, ReportedOnRankZero
+    from aad_med.embedding.distributed import ReportedOnRankZero, _raise_first_error
     from aad_med.errors import InputError
 
     bad = InputError("/data/s3/t1.nii.gz", "truncated gzip stream")
