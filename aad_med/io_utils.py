@@ -117,6 +117,28 @@ def write_json_atomic(path: str | Path, payload: Mapping) -> Path:
     return write_text_atomic(path, text + "\n")
 
 
+def write_nifti_atomic(path: str | Path, data: Any, affine: Any) -> Path:
+    """Write ``data`` as NIfTI (gzipped for ``.gz``) atomically; identical inputs give identical
+    bytes (no time stamp or file name in the gzip header), with scanner-space q/s-forms in mm."""
+    import gzip
+    import io
+
+    import nibabel as nib
+
+    path = Path(path)
+    img = nib.Nifti1Image(data, affine)
+    img.header.set_qform(affine, code=1)
+    img.header.set_sform(affine, code=1)
+    img.header.set_xyzt_units("mm", "sec")
+    raw = img.to_bytes()
+    if path.name.endswith(".gz"):
+        buf = io.BytesIO()
+        with gzip.GzipFile(filename="", mode="wb", fileobj=buf, compresslevel=1, mtime=0) as gz:
+            gz.write(raw)
+        raw = buf.getvalue()
+    return write_bytes_atomic(path, raw)
+
+
 def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
     """Hex SHA-256 of a file's bytes, read in chunks."""
     h = hashlib.sha256()

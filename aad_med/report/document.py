@@ -10,7 +10,7 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 
-from aad_med.report.serialize import _atomic_text
+from aad_med.io_utils import write_text_atomic
 from aad_med.report.text import (
     BENCHMARK_SOURCE,
     DEFINITIONS,
@@ -424,6 +424,6 @@ def write_report(
     """
     out_dir = Path(out_dir)
     blocks = build_blocks(result, images)
-    md = _atomic_text(out_dir / "report.md", render_markdown(blocks, out_dir))
-    page = _atomic_text(out_dir / "report.html", render_html(blocks, out_dir))
+    md = write_text_atomic(out_dir / "report.md", render_markdown(blocks, out_dir))
+    page = write_text_atomic(out_dir / "report.html", render_html(blocks, out_dir))
     return md, page

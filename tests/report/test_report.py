@@ -12,10 +12,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from aad_med.io_utils import to_jsonable
 from aad_med.plots.statistics import plot_pairwise_aad
 from aad_med.report.document import write_report
 from aad_med.report.serialize import (
-    to_jsonable,
     write_distances_json,
     write_matrix_csv,
     write_nifti,
