@@ -9,18 +9,23 @@ time): change any of them and the entry is simply not found. Entries are ``.npz`
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from aad_med import DEFAULT_FEATURES
 from aad_med.data.preprocessing import PreprocessingConfig
 from aad_med.data.records import Cohort
-from aad_med.embedding.encode import DEFAULT_BATCH_SIZE, CohortEmbedding, embed_cohort
+from aad_med.embedding.encode import (
+    CohortEmbedding,
+    EmbedSettings,
+    embed_cohort,
+)
 from aad_med.embedding.features import FeatureSet, get_feature_set
 from aad_med.embedding.regional import RegionalLatents
 from aad_med.io_utils import atomic_path, cache_key, file_stats
@@ -152,37 +157,38 @@ def embed_cohorts(
     model: torch.nn.Module,
     cohorts: Mapping[str, Cohort],
     preprocessing: PreprocessingConfig,
-    device: str | torch.device = "cpu",
-    batch_size: int = DEFAULT_BATCH_SIZE,
-    features: str | FeatureSet = DEFAULT_FEATURES,
-    keep_positions: bool = False,
-    checkpoint_hash: str | None = None,
-    cache_dir: str | Path | None = None,
-    num_workers: int = 0,
-    progress: bool = True,
+    settings: EmbedSettings | None = None,
+    **options: Any,
 ) -> dict[str, CohortEmbedding]:
     """Embed several cohorts, reusing cached entries, then apply the feature set's joint
     standardisation (fitted on all compared subjects).
 
     Args:
-        model, preprocessing, device, batch_size, features, keep_positions, num_workers,
-            progress: as :func:`aad_med.embedding.encode.embed_cohort`.
+        model, preprocessing: as :func:`aad_med.embedding.encode.embed_cohort`.
         cohorts: ``{name: cohort}``, compared in this order.
-        checkpoint_hash: SHA-256 of the checkpoint file (:func:`aad_med.io_utils.file_sha256`); caching is off
-            without it (a model in memory has no stable identity).
-        cache_dir: cache folder; ``None`` turns caching off.
+        settings: :class:`~aad_med.embedding.encode.EmbedSettings`; caching needs both its
+            ``checkpoint_hash`` and ``cache_dir``.
+        **options: :class:`~aad_med.embedding.encode.EmbedSettings` fields overriding
+            ``settings``.
 
     Returns:
         ``{name: CohortEmbedding}`` in the order of ``cohorts``; ``vectors`` are final.
     """
-    feature_set = get_feature_set(features)
-    use_cache = cache_dir is not None and checkpoint_hash is not None
+    s = EmbedSettings.resolve(settings, options)
+    feature_set = get_feature_set(s.features)
+    s = dataclasses.replace(s, features=feature_set)
+    use_cache = s.cache_dir is not None and s.checkpoint_hash is not None
     out: dict[str, CohortEmbedding] = {}
     for name, cohort in cohorts.items():
         entry = None
         if use_cache:
             entry = cache_entry(
-                cache_dir, cohort, checkpoint_hash, preprocessing, feature_set.name, keep_positions
+                s.cache_dir,
+                cohort,
+                s.checkpoint_hash,
+                preprocessing,
+                feature_set.name,
+                s.keep_positions,
             )
             cached = load_cached(entry)
             if cached is not None:
@@ -190,18 +196,7 @@ def embed_cohorts(
                 cached.name = name
                 out[name] = cached
                 continue
-        emb = embed_cohort(
-            model,
-            cohort,
-            preprocessing,
-            device=device,
-            batch_size=batch_size,
-            features=feature_set,
-            keep_positions=keep_positions,
-            name=name,
-            num_workers=num_workers,
-            progress=progress,
-        )
+        emb = embed_cohort(model, cohort, preprocessing, s, name=name)
         if entry is not None:
             save_cached(entry, emb)
         out[name] = emb

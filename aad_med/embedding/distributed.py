@@ -18,6 +18,7 @@ Computes no statistics.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -27,7 +28,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from aad_med import DEFAULT_FEATURES
 from aad_med.data.preprocessing import PreprocessingConfig
 from aad_med.data.records import Cohort
 from aad_med.device import resolve_device
@@ -38,8 +38,8 @@ from aad_med.embedding.cache import (
     save_cached,
 )
 from aad_med.embedding.cache import embed_cohorts as embed_cohorts_single
-from aad_med.embedding.encode import DEFAULT_BATCH_SIZE, CohortEmbedding, embed_cohort
-from aad_med.embedding.features import FeatureSet, get_feature_set
+from aad_med.embedding.encode import CohortEmbedding, EmbedSettings, embed_cohort
+from aad_med.embedding.features import get_feature_set
 from aad_med.embedding.regional import AFFINE_TOLERANCE, RegionalLatents
 from aad_med.errors import AADError
 
@@ -204,14 +204,8 @@ def embed_cohorts_distributed(
     model: torch.nn.Module,
     cohorts: Mapping[str, Cohort],
     preprocessing: PreprocessingConfig,
-    device: str | torch.device = "auto",
-    batch_size: int = DEFAULT_BATCH_SIZE,
-    features: str | FeatureSet = DEFAULT_FEATURES,
-    keep_positions: bool = False,
-    checkpoint_hash: str | None = None,
-    cache_dir: str | Path | None = None,
-    num_workers: int = 0,
-    progress: bool = True,
+    settings: EmbedSettings | None = None,
+    **options: Any,
 ) -> dict[str, CohortEmbedding]:
     """:func:`aad_med.embedding.cache.embed_cohorts` with the subjects split over the ranks of
     an initialised process group (plain ``embed_cohorts`` when there is none or only one rank).
@@ -222,31 +216,25 @@ def embed_cohorts_distributed(
     An input error on any rank is raised on every rank (rank 0 raises the error itself).
 
     Args:
-        model, cohorts, preprocessing, device, batch_size, features, keep_positions,
-            checkpoint_hash, cache_dir, num_workers, progress: as
-            :func:`aad_med.embedding.cache.embed_cohorts`.
+        model, cohorts, preprocessing, settings, options: as
+            :func:`aad_med.embedding.cache.embed_cohorts`, except that the device defaults to
+            ``"auto"`` (this rank's GPU when there is one).
 
     Returns:
         ``{name: CohortEmbedding}`` in the order of ``cohorts``, subjects in cohort order, the
         same on every rank; ``vectors`` are final (joint standardisation applied).
     """
+    if settings is None:
+        options = {"device": "auto", **options}
+    s = EmbedSettings.resolve(settings, options)
+    s = dataclasses.replace(s, device=resolve_device(s.device))
     rank, world = _world()
     if world == 1:
-        return embed_cohorts_single(
-            model,
-            cohorts,
-            preprocessing,
-            device=resolve_device(device),
-            batch_size=batch_size,
-            features=features,
-            keep_positions=keep_positions,
-            checkpoint_hash=checkpoint_hash,
-            cache_dir=cache_dir,
-            num_workers=num_workers,
-            progress=progress,
-        )
-    feature_set = get_feature_set(features)
-    dev = resolve_device(device)
+        return embed_cohorts_single(model, cohorts, preprocessing, s)
+    feature_set = get_feature_set(s.features)
+    # Rank 0 alone shows progress; every rank encodes its shard with these settings.
+    shard_settings = dataclasses.replace(s, features=feature_set, progress=s.progress and rank == 0)
+    checkpoint_hash, cache_dir = s.checkpoint_hash, s.cache_dir
     cohorts = from_main(dict(cohorts))
     names = list(cohorts)
 
@@ -255,7 +243,7 @@ def embed_cohorts_distributed(
     if use_cache:
         for name, cohort in cohorts.items():
             entries[name] = cache_entry(
-                cache_dir, cohort, checkpoint_hash, preprocessing, feature_set.name, keep_positions
+                cache_dir, cohort, checkpoint_hash, preprocessing, feature_set.name, s.keep_positions
             )
     cached = {}
     if rank == 0 and use_cache:
@@ -273,18 +261,7 @@ def embed_cohorts_distributed(
                 local[name] = None
                 continue
             shard = Cohort(cohort.path, cohort.layout, [cohort.subjects[i] for i in idx])
-            local[name] = embed_cohort(
-                model,
-                shard,
-                preprocessing,
-                device=dev,
-                batch_size=batch_size,
-                features=feature_set,
-                keep_positions=keep_positions,
-                name=name,
-                num_workers=num_workers,
-                progress=progress and rank == 0,
-            )
+            local[name] = embed_cohort(model, shard, preprocessing, shard_settings, name=name)
         outcome: tuple[str, Any] = ("ok", local)
     except AADError as e:
         outcome = ("error", e)

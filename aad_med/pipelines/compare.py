@@ -457,6 +457,7 @@ def _compare_into(
     from aad_med.distances import compare_embeddings
     from aad_med.embedding.cache import embed_cohorts
     from aad_med.embedding.decode import decode_mean_difference
+    from aad_med.embedding.encode import EmbedSettings
     from aad_med.embedding.features import get_feature_set
     from aad_med.embedding.io import write_embeddings_csv, write_embeddings_npz
     from aad_med.plots.images import plot_mean_difference
@@ -464,19 +465,17 @@ def _compare_into(
     feature_set = get_feature_set(s.features)
     overlaps = {name: train_overlap(c, ckpt) for name, c in cohorts.items()}
     cache_dir = _cache_dir(s)
-    embs: dict[str, CohortEmbedding] = embed_cohorts(
-        model,
-        cohorts,
-        preprocessing,
+    embed = EmbedSettings(
         device=device,
         batch_size=s.batch_size,
         features=feature_set,
         keep_positions=s.regional,
-        checkpoint_hash=file_sha256(ckpt_path) if cache_dir else None,
-        cache_dir=cache_dir,
         num_workers=s.num_workers,
         progress=s.progress,
+        checkpoint_hash=file_sha256(ckpt_path) if cache_dir else None,
+        cache_dir=cache_dir,
     )
+    embs: dict[str, CohortEmbedding] = embed_cohorts(model, cohorts, preprocessing, embed)
     names = list(embs)
     stats = compare_embeddings(
         {n: e.vectors for n, e in embs.items()},

@@ -21,7 +21,7 @@ from aad_med.embedding.distributed import (
     from_main,
     on_every_rank,
 )
-from aad_med.embedding.encode import DEFAULT_BATCH_SIZE
+from aad_med.embedding.encode import DEFAULT_BATCH_SIZE, EmbedSettings
 from aad_med.errors import AADError, ConfigError
 from aad_med.io_utils import file_sha256, write_json_atomic
 from aad_med.provenance import provenance
@@ -82,18 +82,16 @@ def run_embedding(args: argparse.Namespace) -> int:
         cache_dir = None
         if args.cache_dir:
             cache_dir = default_cache_dir() if args.cache_dir == "default" else args.cache_dir
-        embs = embed_cohorts_distributed(
-            model,
-            cohorts,
-            preprocessing,
+        settings = EmbedSettings(
             device=device,
             batch_size=args.batch_size or DEFAULT_BATCH_SIZE,
             features=args.features,
-            checkpoint_hash=file_sha256(args.checkpoint) if cache_dir else None,
-            cache_dir=cache_dir,
             num_workers=args.num_workers,
             progress=not args.no_progress,
+            checkpoint_hash=file_sha256(args.checkpoint) if cache_dir else None,
+            cache_dir=cache_dir,
         )
+        embs = embed_cohorts_distributed(model, cohorts, preprocessing, settings)
         if info.is_main:
             out = Path(args.out)
             write_embeddings_csv(out / "embeddings.csv", embs)

@@ -243,3 +243,21 @@ def test_a_model_that_cannot_encode_is_named(model, cohorts, preprocessing, monk
     folder = os.path.dirname(cohorts["siteA"].subjects[0].images["t1"].path)
     with pytest.raises(CheckpointError, match=f"{folder}: model cannot encode these patches"):
         embed_cohort(model, cohorts["siteA"], preprocessing, features="latent", progress=False)
+
+
+def test_embed_settings_are_the_one_option_list(model, cohorts, preprocessing):
+    from aad_med import DEFAULT_FEATURES
+    from aad_med.embedding import EmbedSettings
+
+    assert EmbedSettings().features == DEFAULT_FEATURES
+    base = EmbedSettings(batch_size=5, features="latent", progress=False)
+    assert EmbedSettings.resolve(base, {"batch_size": 7}).batch_size == 7
+    assert EmbedSettings.resolve(base, {}) is base
+    with pytest.raises(TypeError, match="unknown embedding option"):
+        EmbedSettings.resolve(None, {"batchsize": 7})
+    # A settings object and the same options as keywords give the same vectors.
+    by_object = embed_cohort(model, cohorts["siteA"], preprocessing, base)
+    by_keywords = embed_cohort(
+        model, cohorts["siteA"], preprocessing, batch_size=5, features="latent", progress=False
+    )
+    np.testing.assert_array_equal(by_object.vectors, by_keywords.vectors)
