@@ -1,19 +1,18 @@
-"""Run folders of the Hydra console scripts (``aad-train``, ``aad-compare``, ``aad-calibrate``)
-as seen from the command line: reading ``key=value`` overrides before Hydra starts (so a refused
-run leaves an existing folder untouched, ``.hydra/`` included), and removing the folder a failed
-run created when it holds no results."""
+"""The Hydra console scripts (``aad-train``, ``aad-compare``, ``aad-calibrate``) as seen from
+the command line: reading ``key=value`` overrides before Hydra starts (so a refused run leaves
+an existing folder untouched, ``.hydra/`` included), ``--version``, and the Hydra job body that
+reports errors in one line and removes the folder a failed run created
+(:func:`aad_med.pipelines.rundir.remove_failed_run`)."""
 
 from __future__ import annotations
 
-import logging
 import os
-import shutil
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from aad_med.cli._errors import run_reporting_errors, verbose_requested
-from aad_med.training.rundir import existing_results
+from aad_med.pipelines.rundir import remove_failed_run
 
 
 def override_value(argv: Sequence[str], key: str) -> str | None:
@@ -36,28 +35,6 @@ def explicit_run_dir(argv: Sequence[str]) -> Path | None:
 def flag(argv: Sequence[str], key: str) -> bool:
     """``key=true`` on the command line (any case, as Hydra reads booleans)."""
     return (override_value(argv, key) or "false").strip().lower() == "true"
-
-
-def remove_failed_run(
-    run_dir: str | Path, preexisting: Path | None, patterns: Sequence[str]
-) -> None:
-    """Remove the folder of a run that failed before producing results (``.hydra/``, its log).
-
-    A folder that existed before the run (``preexisting``) or holds results is never removed.
-    """
-    run_dir = Path(run_dir)
-    if preexisting is not None and run_dir.resolve() == preexisting.resolve():
-        return
-    if not run_dir.exists() or existing_results(run_dir, patterns):
-        return
-    root = logging.getLogger()
-    for h in list(root.handlers):
-        if isinstance(h, logging.FileHandler) and Path(h.baseFilename).is_relative_to(
-            run_dir.resolve()
-        ):
-            root.removeHandler(h)
-            h.close()
-    shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def run_hydra_job(
@@ -104,8 +81,8 @@ def hydra_command(
     """
     import hydra
 
+    from aad_med.pipelines.rundir import register_resolvers
     from aad_med.resources import CONFIG_DIR
-    from aad_med.training.rundir import register_resolvers
 
     register_resolvers()
     preexisting = preexisting_run_dir(argv)

@@ -21,7 +21,7 @@ from aad_med.cli._runfolder import (
     strip_verbose_flags,
 )
 from aad_med.errors import AADError, ConfigError
-from aad_med.training.rundir import RESULT_PATTERNS, check_run_dir, register_resolvers
+from aad_med.pipelines.rundir import RESULT_PATTERNS, check_run_dir, register_resolvers
 
 PROG = "aad-train"
 register_resolvers()

@@ -10,7 +10,6 @@ command line is :mod:`aad_med.cli.calibrate`; the stages are :mod:`aad_med.calib
 from __future__ import annotations
 
 import logging
-import os
 import secrets
 import shutil
 import time
@@ -233,7 +232,7 @@ def check_calibrate_dir(run_dir: str | Path, overwrite: bool) -> None:
     Raises:
         ConfigError: one line naming the folder and saying what to set.
     """
-    from aad_med.training.rundir import check_run_dir
+    from aad_med.pipelines.rundir import check_run_dir
 
     check_run_dir(run_dir, None, overwrite, delete=False, patterns=RESULT_FILES, resume_hint=False)
 
@@ -248,6 +247,8 @@ def write_outputs(result: dict, run_dir: str | Path, save_embeddings: bool = Tru
         The written paths.
     """
     from aad_med.calibration.table import calibration_csv_text
+    from aad_med.io_utils import write_text_atomic
+    from aad_med.pipelines.rundir import publish
     from aad_med.plots.calibration import plot_calibration_curves, plot_power
     from aad_med.report.serialize import write_json
 
@@ -257,7 +258,7 @@ def write_outputs(result: dict, run_dir: str | Path, save_embeddings: bool = Tru
     stage.mkdir()
     meta = result["meta"]
     try:
-        (stage / "calibration.csv").write_text(calibration_csv_text(result["rows"]), "utf-8")
+        write_text_atomic(stage / "calibration.csv", calibration_csv_text(result["rows"]))
         units = {a: d["severity_unit"] for a, d in meta["artefacts"].items()}
         alpha = float(meta["settings"]["alpha"])
         plot_calibration_curves(result["summary"], stage / "calibration_curves.png", units)
@@ -279,27 +280,20 @@ def write_outputs(result: dict, run_dir: str | Path, save_embeddings: bool = Tru
             "rows": result["rows"],
         }
         write_json(stage / "calibration.json", payload)
-        names = ["calibration.csv", "calibration.json", "calibration_curves.png", "power.png"]
         if save_embeddings:
             emb = result["embeddings"]
             np.savez(
-                stage / "calibration_embeddings.npz",
+                stage / "calibration_embeddings.npz",  # in the staging folder: no reader yet
                 subject_ids=np.asarray(emb.subject_ids, dtype=str),
                 artefact=np.asarray([a for a, _ in emb.conditions], dtype=str),
                 severity=np.asarray([s for _, s in emb.conditions], dtype=np.float64),
                 vectors=emb.vectors,
             )
-            names.append("calibration_embeddings.npz")
-        written = []
-        for name in names:
-            os.replace(stage / name, run_dir / name)
-            written.append(run_dir / name)
         # With overwrite=true, an earlier run's file this run does not write must not pass for
-        # one of its results (calibration_embeddings.npz after save_embeddings=false).
-        for name in RESULT_FILES:
-            if name not in names:
-                (run_dir / name).unlink(missing_ok=True)
-        return written
+        # one of its results (calibration_embeddings.npz after save_embeddings=false): publish
+        # moves every earlier result aside before the new ones go in.
+        aside = f".calibration-old-{secrets.token_hex(4)}"
+        return publish(stage, run_dir, RESULT_FILES, aside)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import logging
-import os
 import re
 import secrets
 import shutil
@@ -38,6 +37,7 @@ from aad_med.data.records import Cohort
 from aad_med.data.validation import load_cohort
 from aad_med.errors import CheckpointError, CohortError, ConfigError, InputError
 from aad_med.io_utils import file_sha256
+from aad_med.pipelines.rundir import check_run_dir, publish
 from aad_med.provenance import provenance
 from aad_med.report.document import write_report
 from aad_med.report.serialize import (
@@ -47,7 +47,6 @@ from aad_med.report.serialize import (
     write_table_csv,
 )
 from aad_med.report.text import DEFINITIONS, INTENSITY_EXPLANATION, overlap_warning
-from aad_med.training.rundir import check_run_dir, result_entries
 
 if TYPE_CHECKING:
     from aad_med.embedding.encode import CohortEmbedding
@@ -201,26 +200,6 @@ def _remove_stale_temp(run_dir: Path) -> None:
         shutil.rmtree(stale, ignore_errors=True)
 
 
-def _move_into(tmp: Path, run_dir: Path) -> None:
-    """Move the complete result set in ``tmp`` into ``run_dir`` and remove ``tmp``.
-
-    Earlier results (``overwrite=true``) are first moved aside into a hidden folder, so the run
-    folder never mixes old and new results and an interruption leaves them recoverable; they are
-    deleted once every new output is in place.
-    """
-    old = run_dir / f".aad-compare-old-{secrets.token_hex(4)}"
-    entries = result_entries(run_dir, RESULT_PATTERNS)
-    entries += [run_dir / e.name for e in tmp.iterdir() if (run_dir / e.name).exists()]
-    if entries:
-        old.mkdir()
-        for entry in sorted(set(entries)):
-            os.replace(entry, old / entry.name)
-    for entry in sorted(tmp.iterdir()):
-        os.replace(entry, run_dir / entry.name)
-    tmp.rmdir()
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def run_comparison(
     checkpoint: str | Path | Sequence[str | Path],
     cohort_paths: Mapping[str, str | Path],
@@ -334,7 +313,7 @@ def run_comparison(
         result["provenance"] = provenance(ckpt_paths)
         write_distances_json(tmp / "distances.json", result)
         write_report(result, tmp, images)
-        _move_into(tmp, run_dir)
+        publish(tmp, run_dir, RESULT_PATTERNS, f".aad-compare-old-{secrets.token_hex(4)}")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -18,6 +18,7 @@ import aad_med
 from aad_med.data.records import SubjectRecord
 from aad_med.errors import CohortError, ConfigError, InputError
 from aad_med.io_utils import write_json_atomic, write_text_atomic
+from aad_med.pipelines.rundir import check_run_dir
 from aad_med.provenance import provenance
 from aad_med.training.checkpoint import load_checkpoint
 from aad_med.training.config import (
@@ -38,7 +39,6 @@ from aad_med.training.distributed import (
 )
 from aad_med.training.loggers import NullLogger
 from aad_med.training.loop import FitResult, Trainer, seed_everything
-from aad_med.training.rundir import check_run_dir
 
 log = logging.getLogger("aad_med.train")
 

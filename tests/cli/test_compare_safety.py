@@ -19,7 +19,7 @@ import torch
 
 import aad_med
 from aad_med.pipelines.compare import RESULT_PATTERNS
-from aad_med.training.rundir import existing_results
+from aad_med.pipelines.rundir import existing_results
 from tests.cli.conftest import CLI_ENV, run_cli
 from tests.nifti_factory import write_brats_cohort
 

@@ -18,7 +18,7 @@ from aad_med.training.config import (
     settings_from_config,
     split_subjects,
 )
-from aad_med.training.rundir import run_id
+from aad_med.pipelines.rundir import run_id
 from tests.training.conftest import compose_train
 
 GROUPS = (
