@@ -1,7 +1,7 @@
 """Stage 7, calibration: shift calibration of an encoder's AAD.
 
 Owns shift calibration: artificially shifted copies of a reference cohort with MRI artefacts at
-graded severities (:mod:`~aad_med.calibration.artefacts`: bias field, Rician noise, Gibbs
+graded severities (:mod:`~aad_med.data.artefacts`: bias field, Rician noise, Gibbs
 ringing, blur, downsampling, global intensity scale, contrast gamma), encoded once per condition
 (:mod:`~aad_med.calibration.conditions`); AAD, standardised AAD and the permutation p-value for
 every (artefact, severity, subjects per cohort, repeat) on disjoint halves
@@ -14,12 +14,6 @@ model; statistics come from :mod:`aad_med.distances`. The whole run and its run 
 :mod:`aad_med.pipelines.calibrate` (``aad-calibrate``).
 """
 
-from aad_med.calibration.artefacts import (
-    ARTEFACTS,
-    DEFAULT_SEVERITIES,
-    apply_artefact,
-    artefact_seed,
-)
 from aad_med.calibration.curves import CALIBRATION_COLUMNS, calibration_summary
 from aad_med.calibration.equivalence import (
     annotate_pairs,
@@ -27,6 +21,12 @@ from aad_med.calibration.equivalence import (
     equivalent_severity,
 )
 from aad_med.calibration.table import read_calibration_table
+from aad_med.data.artefacts import (
+    ARTEFACTS,
+    DEFAULT_SEVERITIES,
+    apply_artefact,
+    artefact_seed,
+)
 
 __all__ = [
     "ARTEFACTS",

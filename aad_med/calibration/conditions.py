@@ -1,7 +1,7 @@
 """Stage 7, calibration: encoding a reference cohort under artificial shifts.
 
 Every reference subject is read once; for each (artefact, severity), including the clean
-severity 0, the artefact is applied to the RAW volume (:mod:`~aad_med.calibration.artefacts`),
+severity 0, the artefact is applied to the RAW volume (:mod:`~aad_med.data.artefacts`),
 the rest of the checkpoint's preprocessing follows, and the subject is encoded on the evaluation
 patch grid exactly as :func:`aad_med.embedding.embed_cohort` does. Each (subject, artefact,
 severity) is embedded exactly once and reused by every repeat and cohort size. Nothing is
@@ -21,8 +21,8 @@ import torch
 from tqdm.auto import tqdm
 
 from aad_med import DEFAULT_FEATURES
-from aad_med.calibration.artefacts import apply_artefact, artefact_seed
 from aad_med.calibration.curves import ConditionEmbeddings
+from aad_med.data.artefacts import apply_artefact, artefact_seed
 from aad_med.data.preprocessing import PreprocessingConfig
 from aad_med.data.records import SubjectRecord
 from aad_med.data.transforms import (

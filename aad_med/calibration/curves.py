@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from aad_med.calibration.artefacts import ARTEFACTS
+from aad_med.data.artefacts import ARTEFACTS
 from aad_med.distances.hotelling import aad_standardized
 from aad_med.distances.permutation import aad_permutation_test
 from aad_med.errors import ConfigError

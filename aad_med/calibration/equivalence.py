@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from aad_med.calibration.artefacts import ARTEFACTS
 from aad_med.calibration.table import read_calibration_table
+from aad_med.data.artefacts import ARTEFACTS
 from aad_med.errors import ConfigError, InputError
 
 log = logging.getLogger("aad_med.calibrate")

@@ -20,7 +20,6 @@ from pathlib import Path
 import numpy as np
 
 from aad_med import DEFAULT_FEATURES
-from aad_med.calibration.artefacts import ARTEFACTS, severity_ladders
 from aad_med.calibration.curves import (
     ConditionEmbeddings,
     calibration_rows,
@@ -29,6 +28,7 @@ from aad_med.calibration.curves import (
     minimum_detectable,
     smallest_attainable_p,
 )
+from aad_med.data.artefacts import ARTEFACTS, severity_ladders
 from aad_med.errors import ConfigError
 from aad_med.io_utils import file_sha256
 from aad_med.provenance import provenance
@@ -52,7 +52,7 @@ class CalibrationSettings:
     """What a calibration run needs besides the checkpoint and the reference cohort.
 
     Attributes:
-        artefacts: artefact names (see :data:`~aad_med.calibration.artefacts.ARTEFACTS`).
+        artefacts: artefact names (see :data:`~aad_med.data.artefacts.ARTEFACTS`).
         severities: per-artefact severity ladders; missing artefacts use the defaults.
         n_per_cohort: cohort sizes to compare; ``None`` picks up to three sizes up to half
             the reference.
