@@ -42,6 +42,7 @@ from aad_med.embedding.features import (
     get_feature_set,
     register_feature_set,
 )
+from aad_med.embedding.regional import add_to_cells
 
 POSITION_EXTENT = 256
 """Edge (voxels) of the RAS volume the position lattice covers; BraTS volumes are 240x240x155."""
@@ -272,13 +273,7 @@ class PositionAccumulator(SubjectAccumulator):
                 f"patch centre outside the {self.extent}-voxel position lattice; positions must "
                 "lie in the RAS volume"
             )
-        for c, v in zip(map(tuple, cells.tolist()), z, strict=True):
-            if c in self.sums:
-                self.sums[c] += v
-                self.counts[c] += 1
-            else:
-                self.sums[c] = v.copy()
-                self.counts[c] = 1
+        add_to_cells(self.sums, self.counts, cells, z)
 
     def vector(self) -> np.ndarray:
         """``[cells_per_axis, latent_dim, present (G³), latents (G³·D)]`` (dense lattice)."""

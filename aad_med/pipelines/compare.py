@@ -308,8 +308,6 @@ def run_comparison(
 
             add_equivalent_severity(result, s.calibration)
         _warn_overlap(result)
-        # The prose explaining each statistic comes from report/text.py alone.
-        result["definitions"] = dict(DEFINITIONS)
         result["provenance"] = provenance(ckpt_paths)
         write_distances_json(tmp / "distances.json", result)
         write_report(result, tmp, images)
@@ -483,6 +481,10 @@ def _compare_into(
         "preprocessing": preprocessing.to_dict(),
     }
     result.update(stats)
+    # The prose explaining each statistic comes from report/text.py alone; each encoder's
+    # distances.json records what made it.
+    result["definitions"] = dict(DEFINITIONS)
+    result["provenance"] = provenance(ckpt_path)
     if feature_set.name != "latent":
         add_latent_aad(result["pairs"], {n: e.latent_means for n, e in embs.items()}, s)
     for name in names:

@@ -23,6 +23,7 @@ from aad_med.report.text import (
     interpretation,
     latent_sentence,
     overlap_warning,
+    provenance_paragraph,
     sensitivity_table,
 )
 
@@ -76,6 +77,9 @@ def build_blocks(result: Mapping, images: Mapping[str, str | Path] | None = None
             ),
         )
     )
+    made = provenance_paragraph(result.get("provenance"))
+    if made:
+        b.append(("p", made))
     warning = overlap_warning(cohorts)
     if warning:
         b.append(("h2", "⚠ WARNING: training subjects among the compared cohorts"))

@@ -6,6 +6,7 @@ result dict."""
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 
 ALPHA = 0.05
 
@@ -343,3 +344,24 @@ def overlap_warning(cohorts: Mapping[str, Mapping]) -> str | None:
         "data and the tests are over-sensitive (p-values too small, AAD inflated). Compare "
         "cohorts held out from training, or train the encoder on a separate cohort."
     )
+
+
+def provenance_paragraph(prov: Mapping | None) -> str | None:
+    """One sentence saying what made the result (``provenance`` of distances.json), or ``None``
+    for a result without it."""
+    if not prov:
+        return None
+    versions = prov.get("versions") or {}
+    libs = ", ".join(
+        f"{label} {versions[key]}"
+        for key, label in (("torch", "torch"), ("monai", "MONAI"), ("numpy", "numpy"))
+        if versions.get(key)
+    )
+    ckpts = "; ".join(
+        f"`{Path(str(c.get('path', '?'))).name}` SHA-256 `{c.get('sha256') or '?'}`"
+        for c in prov.get("checkpoints") or []
+    )
+    text = f"Made with aad-med {prov.get('aad_med', '?')}" + (f" ({libs})" if libs else "")
+    if prov.get("command"):
+        text += f" by `{prov['command']}`"
+    return text + (f"; checkpoint {ckpts}." if ckpts else ".")
