@@ -1,9 +1,11 @@
 """aad-med: the Autoencoder Average Distance between cohorts of volumetric brain MRI.
 
 The package reads as the pipeline: ``data`` (cohort discovery, validation, MONAI transforms,
-synthetic cohorts) -> ``models`` (the autoencoder) -> ``training`` (loop, checkpoints) ->
-``embedding`` (cohort -> per-subject vectors) -> ``distances`` (AAD and its statistics) ->
-``plots`` / ``report`` -> ``cli`` (thin entry points).
+artefacts, synthetic cohorts) -> ``models`` (the autoencoder) -> ``training`` (loop,
+checkpoints) -> ``embedding`` (cohort -> per-subject vectors) -> ``distances`` (AAD and its
+statistics) -> ``calibration`` -> ``plots`` / ``report`` (figures, writers). ``pipelines`` holds
+the body of each command (train, compare, calibrate, embed) and ``cli`` the thin entry points;
+no stage imports from either.
 """
 
 __version__ = "0.1.0"

@@ -20,8 +20,26 @@ from collections.abc import Sequence
 
 from aad_med import DEFAULT_FEATURES, __version__
 from aad_med.cli._errors import EXIT_INPUT_ERROR, run_reporting_errors
+from aad_med.errors import ConfigError
 
 PROG = "aad-embed"
+
+
+def parse_cohorts(items: Sequence[str]) -> dict[str, str]:
+    """``NAME=DIR_OR_CSV`` items as ``{name: path}``.
+
+    Raises:
+        ConfigError: a malformed item or a name given twice.
+    """
+    out: dict[str, str] = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise ConfigError(f"--cohort expects NAME=DIR_OR_CSV, got {item!r}")
+        if name in out:
+            raise ConfigError(f"cohort name {name!r} is given twice")
+        out[name] = path
+    return out
 
 
 def parser() -> argparse.ArgumentParser:
@@ -64,13 +82,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
 
     def fn() -> int:
+        from aad_med.embedding.cache import default_cache_dir
         from aad_med.embedding.distributed import ReportedOnRankZero
+        from aad_med.embedding.encode import DEFAULT_BATCH_SIZE, EmbedSettings
         from aad_med.pipelines.embed import run_embedding
 
+        cohorts = parse_cohorts(args.cohort)
+        cache_dir = args.cache_dir
+        if cache_dir == "default":
+            cache_dir = default_cache_dir()
+        settings = EmbedSettings(
+            device=args.device,
+            batch_size=args.batch_size or DEFAULT_BATCH_SIZE,
+            features=args.features,
+            num_workers=args.num_workers,
+            progress=not args.no_progress,
+            cache_dir=cache_dir,
+        )
         try:
-            return run_embedding(args)
+            run_embedding(args.checkpoint, cohorts, args.out, settings, args.skip_invalid)
         except ReportedOnRankZero:
             return EXIT_INPUT_ERROR
+        return 0
 
     return run_reporting_errors(PROG, fn, verbose=args.verbose or None)
 

@@ -17,9 +17,16 @@ Reproducibility contract:
 * The acquisition noise and bias field of subject ``i`` come from a second stream of ``(seed, i)``;
   their *amplitude* is the site's, their random pattern is shared.
 * Files are byte-reproducible: gzip is written with ``mtime=0`` and no file name, and each file
-  is written atomically (temporary name, then :func:`aad_med.io_utils.atomic_path`).
+  is written atomically (:func:`aad_med.io_utils.atomic_path`).
 
-This module only generates and writes; it never reads cohorts (discovery does that).
+Its acquisition model (bias field as a log-range of smooth cosines, Rician noise relative to the
+white-matter signal) is its own, not :mod:`aad_med.data.artefacts`: the site presets, the
+benchmark figures and the tests are calibrated against these units, and re-expressing them would
+change every synthetic cohort.
+
+This module only generates and writes; it never reads cohorts (discovery does that). It is longer
+than ~450 lines because the site parameters, the phantom anatomy and the acquisition model are
+read together (each site's shift is documented against the code that applies it).
 """
 
 from __future__ import annotations
