@@ -31,10 +31,17 @@ def package_version(name: str) -> str | None:
 
 
 def command_line(argv: Sequence[str] | None = None) -> str:
-    """The command line as a shell would take it back (program name without its folder)."""
+    """The command line as a shell would take it back: the program without its folder, and
+    ``python -m aad_med.cli.X`` for a module of this package run with ``-m``."""
     argv = list(sys.argv if argv is None else argv)
     if argv:
-        argv[0] = Path(argv[0]).name
+        first = Path(argv[0])
+        package = Path(__file__).resolve().parent
+        if first.suffix == ".py" and first.resolve().is_relative_to(package):
+            module = first.resolve().relative_to(package.parent).with_suffix("").parts
+            argv = ["python", "-m", ".".join(module), *argv[1:]]
+        else:
+            argv[0] = first.name
     return shlex.join(argv)
 
 

@@ -4,6 +4,7 @@ checkpoints' SHA-256, as distances.json, calibration.json and the report record 
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 
 import aad_med
 from aad_med.provenance import command_line, package_version, provenance
@@ -24,6 +25,8 @@ def test_provenance_block(tmp_path):
     assert provenance(None, argv=["x"])["checkpoints"] == []
     assert package_version("surely-not-an-installed-distribution") is None
     assert command_line(["/a/b/prog"]) == "prog"
+    cli = Path(aad_med.__file__).parent / "cli" / "compare.py"
+    assert command_line([str(cli), "seed=0"]) == "python -m aad_med.cli.compare seed=0"
 
 
 def test_report_sentence_names_versions_command_and_hash(tmp_path):

@@ -16,6 +16,7 @@ import os
 import subprocess
 import sys
 import sysconfig
+from importlib import metadata
 from pathlib import Path
 
 import pytest
@@ -31,13 +32,23 @@ def _run(cmd, cwd, env, timeout=600):
     return proc
 
 
+def _has_build_backend() -> bool:
+    try:
+        major = int(metadata.version("setuptools").split(".")[0])
+    except (metadata.PackageNotFoundError, ValueError):
+        return False
+    return major >= 77
+
+
 @pytest.mark.slow
 def test_wheel_installed_without_editable_runs_every_command(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     env.update({"OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg", "AAD_MED_VERBOSE": "1"})
     env["AAD_MED_CACHE"] = str(tmp_path / "cache")
     wheels = tmp_path / "wheels"
-    # No build isolation: the build needs only setuptools, already here (works offline).
+    # Without build isolation when this environment has a recent enough setuptools (works
+    # offline); otherwise pip fetches the build backend as usual.
+    isolation = ["--no-build-isolation"] if _has_build_backend() else []
     _run(
         [
             sys.executable,
@@ -46,7 +57,7 @@ def test_wheel_installed_without_editable_runs_every_command(tmp_path):
             "wheel",
             str(ROOT),
             "--no-deps",
-            "--no-build-isolation",
+            *isolation,
             "-w",
             str(wheels),
             "-q",
@@ -56,7 +67,9 @@ def test_wheel_installed_without_editable_runs_every_command(tmp_path):
     )
     (wheel,) = wheels.glob("aad_med-*.whl")
     venv = tmp_path / "venv"
-    _run([sys.executable, "-m", "venv", str(venv)], tmp_path, env)
+    # No pip inside (ensurepip is missing from some system Pythons): this environment's pip
+    # installs into it with --python.
+    _run([sys.executable, "-m", "venv", "--without-pip", str(venv)], tmp_path, env)
     bin_dir = venv / ("Scripts" if os.name == "nt" else "bin")
     py = bin_dir / "python"
     site = _run(
@@ -65,7 +78,18 @@ def test_wheel_installed_without_editable_runs_every_command(tmp_path):
     deps = sysconfig.get_paths()["purelib"]
     Path(site, "test_dependencies.pth").write_text(deps + "\n")
     _run(
-        [str(py), "-m", "pip", "install", "--no-deps", "--no-index", "-q", str(wheel)],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "--python",
+            str(py),
+            "install",
+            "--no-deps",
+            "--no-index",
+            "-q",
+            str(wheel),
+        ],
         tmp_path,
         env,
     )
