@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from aad_med.data.intensity import intensity_fingerprint
 from aad_med.data.preprocessing import PreprocessingConfig
 from aad_med.data.synthetic import SITES, generate_cohort
 from aad_med.data.validation import load_cohort
@@ -38,7 +39,6 @@ from aad_med.embedding import embed_cohort, get_feature_set
 from aad_med.embedding.acquisition import (
     ConcatFeatureSet,
     PositionMatchedFeatures,
-    intensity_fingerprint,
     standardize_jointly,
 )
 from aad_med.plots.style import OKABE_ITO, new_figure, save_figure

@@ -35,7 +35,6 @@ This module reads files only through the transforms; it writes only the disk cac
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import pickle
@@ -66,6 +65,7 @@ from aad_med.data.transforms import (
     train_transforms,
 )
 from aad_med.errors import AADError, ConfigError, InputError
+from aad_med.io_utils import cache_key
 
 __all__ = [
     "CACHE_MODES",
@@ -118,8 +118,7 @@ def record_hash(item: dict, cfg_json: str, variant: str = "") -> str:
     fields = {"v": CACHE_VERSION, "item": item, "stats": stats, "cfg": cfg_json}
     if variant:
         fields["variant"] = variant
-    payload = json.dumps(fields, sort_keys=True, default=str)
-    return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:40]
+    return cache_key(fields)
 
 
 class WorkerInputError(InputError):

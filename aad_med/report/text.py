@@ -6,6 +6,7 @@ result dict."""
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 
 ALPHA = 0.05
 
@@ -17,6 +18,8 @@ INTENSITY_EXPLANATION = (
 )
 
 DEFINITIONS: dict[str, str] = {
+    # The one place statistic prose lives: the report and distances.json ("definitions") read
+    # it; aad_med.distances returns numbers only.
     "aad": "Autoencoder Average Distance: Euclidean distance between the two cohorts' mean "
     "vectors of the chosen features (with `latent`, each subject's vector is the mean of its "
     "patch latents). Its scale depends on the encoder and the features, so compare it with the "
@@ -97,6 +100,7 @@ DEFINITIONS: dict[str, str] = {
     "made with the same encoder, the severity whose shifted copy of the reference gives, on "
     "average, the observed AAD at the nearest calibrated cohort size ('comparable to'), with a "
     "warning when the calibration's checkpoint or features differ.",
+    "null_aad_sample": "A random sample of AAD values under label shuffles (for plotting).",
     "train_overlap": "Number of a cohort's subjects that were used to train the encoder. The "
     "encoder has seen them, so they sit unusually well in latent space and the tests become "
     "over-sensitive.",
@@ -436,3 +440,24 @@ def overlap_warning(cohorts: Mapping[str, Mapping]) -> str | None:
         "data and the tests are over-sensitive (p-values too small, AAD inflated). Compare "
         "cohorts held out from training, or train the encoder on a separate cohort."
     )
+
+
+def provenance_paragraph(prov: Mapping | None) -> str | None:
+    """One sentence saying what made the result (``provenance`` of distances.json), or ``None``
+    for a result without it."""
+    if not prov:
+        return None
+    versions = prov.get("versions") or {}
+    libs = ", ".join(
+        f"{label} {versions[key]}"
+        for key, label in (("torch", "torch"), ("monai", "MONAI"), ("numpy", "numpy"))
+        if versions.get(key)
+    )
+    ckpts = "; ".join(
+        f"`{Path(str(c.get('path', '?'))).name}` SHA-256 `{c.get('sha256') or '?'}`"
+        for c in prov.get("checkpoints") or []
+    )
+    text = f"Made with aad-med {prov.get('aad_med', '?')}" + (f" ({libs})" if libs else "")
+    if prov.get("command"):
+        text += f" by `{prov['command']}`"
+    return text + (f"; checkpoint {ckpts}." if ckpts else ".")

@@ -13,10 +13,9 @@ import os
 import pickle
 import random
 import re
-import secrets
 import shutil
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +24,7 @@ import torch
 
 from aad_med.data.preprocessing import PreprocessingConfig
 from aad_med.errors import CheckpointError, ConfigError
+from aad_med.io_utils import atomic_path
 
 CHECKPOINT_FORMAT = "aad-med-checkpoint"
 FORMAT_VERSION = 1
@@ -109,36 +109,6 @@ def restore_rng_state(state: Mapping) -> None:
         torch.cuda.set_rng_state_all(cuda)
 
 
-def _fsync_dir(folder: Path) -> None:
-    # Directory fsync makes the rename itself durable; not supported everywhere (e.g. Windows).
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-@contextlib.contextmanager
-def _replaced_atomically(path: Path) -> Iterator[Path]:
-    """Yield a temp path next to ``path`` to write; on success rename it over ``path`` and fsync
-    the folder, on any exception (KeyboardInterrupt included) remove it. A process killed
-    mid-write leaves the temp file, which :func:`remove_stale_temp_files` clears."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    _fsync_dir(path.parent)
-
-
 def save_checkpoint(path: str | Path, state: Mapping) -> Path:
     """Write ``state`` atomically: temp file in the same folder, flush + fsync, rename, fsync folder.
 
@@ -150,7 +120,7 @@ def save_checkpoint(path: str | Path, state: Mapping) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     clean = to_primitive(state)
-    with _replaced_atomically(path) as tmp, open(tmp, "wb") as f:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
         torch.save(clean, f)
         f.flush()
         os.fsync(f.fileno())
@@ -160,7 +130,7 @@ def save_checkpoint(path: str | Path, state: Mapping) -> Path:
 def copy_checkpoint(src: str | Path, dst: str | Path) -> Path:
     """Atomically make ``dst`` a copy of ``src`` (hard link when possible, else a byte copy)."""
     src, dst = Path(src), Path(dst)
-    with _replaced_atomically(dst) as tmp:
+    with atomic_path(dst) as tmp:
         try:
             os.link(src, tmp)
         except OSError:

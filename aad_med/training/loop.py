@@ -425,7 +425,7 @@ class Trainer:
         self.logger.close()
         if not self.info.is_main or (self.ckpt_dir / "last.pt").exists():
             return
-        from aad_med.training.rundir import remove_results
+        from aad_med.pipelines.rundir import remove_results
 
         remove_results(self.run_dir)
         with contextlib.suppress(OSError):

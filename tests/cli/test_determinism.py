@@ -14,8 +14,8 @@ from aad_med.data.synthetic import generate_cohort
 from tests.cli.conftest import run_cli
 
 SHAPE = (24, 28, 20)
-# Only the time of writing differs legitimately between two runs of one comparison: every path
-# recorded (checkpoint, cohorts) is the same input, and the run folder is not recorded.
+# Only the time of writing and the command line (it names the run folder) differ legitimately
+# between two runs of one comparison: every path recorded (checkpoint, cohorts) is the same input.
 VARYING = ("created",)
 
 pytestmark = pytest.mark.slow  # three aad-compare runs, each importing torch and MONAI
@@ -56,6 +56,10 @@ def _distances(out: Path) -> dict:
     for key in VARYING:
         assert key in doc
         doc.pop(key)
+    command = doc["provenance"].pop("command")
+    assert (
+        command.startswith("python -m aad_med.cli.compare ") and f"hydra.run.dir={out}" in command
+    )
     return doc
 
 

@@ -13,8 +13,8 @@ import torch
 from aad_med.data.datasets import CacheWarning, build_eval_dataset, build_train_dataset
 from aad_med.data.layouts import discover_cohort
 from aad_med.data.preprocessing import PreprocessingConfig
+from aad_med.pipelines.train import train_from_config
 from aad_med.training.checkpoint import load_checkpoint
-from aad_med.training.pipeline import train_from_config
 from tests.nifti_factory import write_brats_cohort
 from tests.training.conftest import compose_train, tiny_overrides
 

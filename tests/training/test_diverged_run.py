@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import pytest
 
+from aad_med.pipelines.rundir import existing_results
+from aad_med.pipelines.train import train_from_config
 from aad_med.training import loop as loop_mod
 from aad_med.training.loop import NonFiniteLossError
-from aad_med.training.pipeline import train_from_config
-from aad_med.training.rundir import existing_results
 from tests.training.conftest import compose_train, tiny_overrides
 
 

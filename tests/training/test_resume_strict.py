@@ -11,9 +11,9 @@ import torch
 
 from aad_med.data.validation import load_cohort
 from aad_med.errors import CheckpointError
-from aad_med.report.comparison import train_overlap
+from aad_med.pipelines.compare import train_overlap
+from aad_med.pipelines.train import train_from_config
 from aad_med.training.checkpoint import load_checkpoint, resume_config_differences
-from aad_med.training.pipeline import train_from_config
 from tests.nifti_factory import write_brats_cohort
 from tests.training.conftest import compose_train, tiny_overrides
 
