@@ -38,9 +38,7 @@ def resolve_device(
         return torch.device("cpu")
     if preference.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise ConfigError(
-                f"{key}=cuda but no CUDA GPU is visible; use {key}=cpu or auto"
-            )
+            raise ConfigError(f"{key}=cuda but no CUDA GPU is visible; use {key}=cpu or auto")
         if preference == "cuda":
             rank = int(os.environ.get("LOCAL_RANK", "0")) if local_rank is None else local_rank
             return torch.device("cuda", rank % torch.cuda.device_count())

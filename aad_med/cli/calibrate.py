@@ -41,7 +41,6 @@ PROG = "aad-calibrate"
 log = logging.getLogger("aad_med.calibrate")
 
 
-
 def settings_from_config(cfg: DictConfig):
     """:class:`~aad_med.calibration.CalibrationSettings` from the composed config.
 

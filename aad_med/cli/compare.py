@@ -133,7 +133,9 @@ def main() -> None:
         sys.exit(rc)
     from aad_med.pipelines.compare import RESULT_PATTERNS
 
-    hydra_command(PROG, "compare", compare_from_config, RESULT_PATTERNS, open_cohort_overrides(argv))
+    hydra_command(
+        PROG, "compare", compare_from_config, RESULT_PATTERNS, open_cohort_overrides(argv)
+    )
 
 
 if __name__ == "__main__":

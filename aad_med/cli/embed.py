@@ -59,9 +59,7 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (cuda:LOCAL_RANK)")
-    p.add_argument(
-        "--batch-size", type=int, default=None, help="patches per pass (default: 32)"
-    )
+    p.add_argument("--batch-size", type=int, default=None, help="patches per pass (default: 32)")
     p.add_argument("--num-workers", type=int, default=0, help="preprocessing workers per rank")
     p.add_argument(
         "--features", default=DEFAULT_FEATURES, help=f"feature set (default: {DEFAULT_FEATURES})"

@@ -27,7 +27,6 @@ PROG = "aad-train"
 register_resolvers()
 
 
-
 def _precheck_run_dir(argv: list[str]) -> None:
     """Refuse an explicit ``hydra.run.dir`` holding results before Hydra writes ``.hydra/`` there."""
     run_dir = explicit_run_dir(argv)

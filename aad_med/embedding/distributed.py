@@ -243,7 +243,12 @@ def embed_cohorts_distributed(
     if use_cache:
         for name, cohort in cohorts.items():
             entries[name] = cache_entry(
-                cache_dir, cohort, checkpoint_hash, preprocessing, feature_set.name, s.keep_positions
+                cache_dir,
+                cohort,
+                checkpoint_hash,
+                preprocessing,
+                feature_set.name,
+                s.keep_positions,
             )
     cached = {}
     if rank == 0 and use_cache:
