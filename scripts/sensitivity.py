@@ -76,21 +76,26 @@ BASE_PARTS = (
     "position_matched",
     "intensity_shape",
     "intensity_variation",
+    "input_texture",
 )
 DEFAULT_FEATURES = (
     "latent",
     "multiscale",
     "texture",
+    "input_texture",
     "intensity_shape",
     "intensity_variation",
     "multiscale+texture",
     "multiscale+texture+intensity_shape",
-    "multiscale+texture+intensity_variation",
     "multiscale+texture+intensity_shape+intensity_variation",
     "texture+intensity_shape",
-    "texture+intensity_shape+intensity_variation",
+    "intensity_shape+intensity_variation",
+    "input_texture+intensity_shape",
+    "input_texture+intensity_shape+intensity_variation",
+    "multiscale+input_texture+intensity_shape",
     "omnibus:multiscale+texture",
-    "omnibus:multiscale+texture+intensity_shape+intensity_variation",
+    "omnibus:multiscale+texture+intensity_shape",
+    "omnibus:input_texture+intensity_shape",
 )
 FINGERPRINT = "intensity_fingerprint"
 OMNIBUS = "omnibus:"

@@ -117,3 +117,24 @@ def test_blocks_are_registered_and_combine_with_the_encoder_blocks(model, cohort
     assert pooled.shape[0] == 5
     np.testing.assert_allclose(pooled.mean(axis=0), 0.0, atol=1e-9)
     assert np.isfinite(pooled).all()
+
+
+def test_input_texture_is_a_normalised_variogram_inside_the_brain(model):
+    from scipy import ndimage
+
+    rng = np.random.default_rng(5)
+    p = model.patch_size
+    white = rng.standard_normal((8, 4, p, p, p)) + 2.0
+    v = _vector("input_texture", _stream(model, white, _cells(8))).reshape(4, 3)
+    np.testing.assert_allclose(v, 1.0, atol=0.05)  # white noise: 1 at every lag
+    smooth = ndimage.gaussian_filter(white, sigma=(0, 0, 1.5, 1.5, 1.5))
+    vs = _vector("input_texture", _stream(model, smooth, _cells(8))).reshape(4, 3)
+    assert np.all(vs[:, 0] < 0.5) and np.all(vs[:, 0] < vs[:, 1]) and np.all(vs[:, 1] < vs[:, 2])
+    # Background pairs do not count: a brain outline against zeros changes nothing.
+    cut = white.copy()
+    cut[:, :, : p // 2] = 0.0
+    vc = _vector("input_texture", _stream(model, cut, _cells(8))).reshape(4, 3)
+    np.testing.assert_allclose(vc, 1.0, atol=0.08)
+    # Gain-free.
+    v3 = _vector("input_texture", _stream(model, 3.0 * white, _cells(8))).reshape(4, 3)
+    np.testing.assert_allclose(v3, v, rtol=1e-6)
