@@ -208,7 +208,7 @@ def run(args: argparse.Namespace) -> dict:
     ref = pool("reference", REFERENCE, args.seed, 2 * n_max)
     rng = np.random.default_rng(args.seed)
     rows, nulls = [], []
-    print(f"pools encoded ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
+    print(f"reference pool encoded ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
     for n in args.subjects:
         # The same splits for every feature set, so their rates compare like with like.
         splits = [rng.choice(2 * n_max, 2 * n, replace=False) for _ in range(args.null_repeats)]
