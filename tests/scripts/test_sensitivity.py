@@ -66,6 +66,15 @@ def test_quick_mode_writes_every_output(sensitivity, tmp_path):
     for r in omni:
         assert set(r["drivers"]) <= {"aad", "mmd", "energy", "fingerprint"}
         assert sum(r["drivers"].values()) == round(r["detection_rate"] * r["repeats"])
+    # Per-block effect sizes for each shift: every raw block but the position lattice.
+    assert set(result["block_effects"]) == {"noise 12%", "brain 0.88, tumour 1.5"}
+    for blocks in result["block_effects"].values():
+        names = [b["block"] for b in blocks]
+        assert "intensity_shape" in names and sensitivity.FINGERPRINT in names
+        assert "position_matched" not in names
+        for b in blocks:
+            assert 0 <= b["columns_abs_d_over_1"] <= b["columns"] and b["max_abs_d"] >= 0
+    assert "### Where the signal is: noise 12%" in md
     assert not result["best"]["5"] or not result["best"]["5"].startswith(sensitivity.OMNIBUS)
 
 
