@@ -44,7 +44,8 @@ from aad_med.data.synthetic import SITES, generate_cohort
 from aad_med.data.validation import load_cohort
 from aad_med.distances import aad_permutation_test
 from aad_med.distances.omnibus import default_components, omnibus_permutation_test
-from aad_med.embedding import embed_cohort, file_sha256, get_feature_set
+from aad_med.embedding import embed_cohort, file_sha256, get_feature_set, input_texture
+from aad_med.embedding import intensity_shape as intensity_blocks
 from aad_med.embedding.acquisition import (
     ConcatFeatureSet,
     PositionMatchedFeatures,
@@ -99,6 +100,19 @@ DEFAULT_FEATURES = (
 )
 FINGERPRINT = "intensity_fingerprint"
 OMNIBUS = "omnibus:"
+# Blocks measured here before they are registered for users (the report describes every
+# registered set with its rates), so they are resolved locally, not through the registry.
+NEW_BLOCKS = {**intensity_blocks.FEATURE_SETS, **input_texture.FEATURE_SETS}
+
+
+def feature_set(name: str):
+    """The feature set called ``name`` (``A+B`` combines blocks), new blocks included."""
+    parts = name.split("+")
+
+    def part(p: str):
+        return NEW_BLOCKS[p]() if p in NEW_BLOCKS else get_feature_set(p)
+
+    return part(name) if len(parts) == 1 else ConcatFeatureSet([part(p) for p in parts], name)
 
 
 def quick_model(patch: int = 8) -> torch.nn.Module:
@@ -125,8 +139,10 @@ def encode_pool(
             if set(f.files) == {*BASE_PARTS, FINGERPRINT}:
                 return {k: f[k] for k in f.files}
     cohort = load_cohort(folder)
-    parts = [p if p != "position_matched" else PositionMatchedFeatures(extent) for p in BASE_PARTS]
-    bundle = ConcatFeatureSet(parts)
+    bundle = ConcatFeatureSet(
+        [PositionMatchedFeatures(extent) if p == "position_matched" else feature_set(p)
+         for p in BASE_PARTS]
+    )  # fmt: skip
     emb = embed_cohort(model, cohort, prep, features=bundle, progress=False)
     blocks = dict(zip(BASE_PARTS, bundle.split(emb.vectors), strict=True))
     blocks[FINGERPRINT] = intensity_fingerprint(cohort.subjects)
@@ -139,7 +155,7 @@ def raw_vectors(name: str, blocks: dict[str, np.ndarray], idx: np.ndarray):
     """``(feature_set_or_None, raw rows idx)`` for a feature set or the fingerprint."""
     if name == FINGERPRINT:
         return None, blocks[FINGERPRINT][idx]
-    fs = get_feature_set(name)
+    fs = feature_set(name)
     if isinstance(fs, ConcatFeatureSet):
         return fs, fs.assemble({p.name: blocks[p.name][idx] for p in fs.parts})
     return fs, blocks[name][idx]

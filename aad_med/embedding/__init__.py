@@ -6,8 +6,6 @@ feature set's joint standardisation; ``write_embeddings_csv``/``_npz`` write the
 """
 
 import aad_med.embedding.acquisition  # noqa: F401  (registers the acquisition feature sets)
-import aad_med.embedding.input_texture  # noqa: F401  (registers input_texture)
-import aad_med.embedding.intensity_shape  # noqa: F401  (registers the intensity blocks)
 from aad_med.embedding.cache import embed_cohorts, file_sha256
 from aad_med.embedding.encode import CohortEmbedding, embed_cohort
 from aad_med.embedding.features import (

@@ -87,8 +87,19 @@ COMBINATIONS: tuple[tuple[str, ...], ...] = (
     ("multiscale", "texture", "input_texture", "intensity_shape"),
 )
 
-register_feature_set("input_texture", InputTextureFeatures)
-for _parts in COMBINATIONS:
-    register_feature_set("+".join(_parts), lambda parts=_parts: ConcatFeatureSet(parts))
+FEATURE_SETS = {"input_texture": InputTextureFeatures}
 
-__all__ = ["COMBINATIONS", "LAGS", "InputTextureFeatures"]
+
+def register() -> None:
+    """Make the block and :data:`COMBINATIONS` selectable by name (``embedding.features=``).
+
+    Not done at import, for the reason given in :func:`aad_med.embedding.intensity_shape.register`;
+    the combinations need that module's blocks registered too.
+    """
+    for name, factory in FEATURE_SETS.items():
+        register_feature_set(name, factory)
+    for parts in COMBINATIONS:
+        register_feature_set("+".join(parts), lambda parts=parts: ConcatFeatureSet(parts))
+
+
+__all__ = ["COMBINATIONS", "FEATURE_SETS", "LAGS", "InputTextureFeatures", "register"]

@@ -16,8 +16,9 @@ encoder sees (no extra file reads):
   A multiplicative bias field moves the same tissue up in one region and down in another.
 
 Each block is standardised jointly over all compared subjects (label-free, so permutation
-p-values stay exact), like the other acquisition blocks, and combines with them by name
-(e.g. ``multiscale+texture+intensity_shape``). No statistics and no file writing here.
+p-values stay exact), like the other acquisition blocks, and combines with them
+(e.g. ``multiscale+texture+intensity_shape``); :func:`register` makes them selectable by name.
+No statistics and no file writing here.
 """
 
 from __future__ import annotations
@@ -169,13 +170,28 @@ COMBINATIONS: tuple[tuple[str, ...], ...] = (
     ("intensity_shape", "intensity_variation"),
 )
 
-register_feature_set("intensity_shape", IntensityShapeFeatures)
-register_feature_set("intensity_variation", IntensityVariationFeatures)
-for _parts in COMBINATIONS:
-    register_feature_set("+".join(_parts), lambda parts=_parts: ConcatFeatureSet(parts))
+FEATURE_SETS = {
+    "intensity_shape": IntensityShapeFeatures,
+    "intensity_variation": IntensityVariationFeatures,
+}
+
+
+def register() -> None:
+    """Make the blocks and :data:`COMBINATIONS` selectable by name (``embedding.features=``).
+
+    Not done at import: the report describes every registered feature set with its measured
+    detection rates, so a set becomes selectable together with that text.
+    """
+    for name, factory in FEATURE_SETS.items():
+        register_feature_set(name, factory)
+    for parts in COMBINATIONS:
+        register_feature_set("+".join(parts), lambda parts=parts: ConcatFeatureSet(parts))
+
 
 __all__ = [
     "COMBINATIONS",
+    "FEATURE_SETS",
     "IntensityShapeFeatures",
     "IntensityVariationFeatures",
+    "register",
 ]

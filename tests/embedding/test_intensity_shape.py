@@ -7,7 +7,9 @@ import pytest
 import torch
 from scipy import stats
 
-from aad_med.embedding import available_feature_sets, embed_cohorts, get_feature_set
+from aad_med.embedding import available_feature_sets, embed_cohorts, features, input_texture
+from aad_med.embedding import intensity_shape as blocks
+from aad_med.embedding.acquisition import ConcatFeatureSet
 from aad_med.embedding.features import PatchBatch
 from aad_med.embedding.intensity_shape import SHAPE_QUANTILES, VARIATION_QUANTILES
 
@@ -26,7 +28,7 @@ def _stream(model, values, cells, batch_size=4):
 
 
 def _vector(name, batches):
-    acc = get_feature_set(name).accumulator()
+    acc = {**blocks.FEATURE_SETS, **input_texture.FEATURE_SETS}[name]().accumulator()
     for b in batches:
         acc.add(b)
     return acc.vector()
@@ -104,19 +106,28 @@ def test_variation_block_skips_patches_with_little_brain_and_needs_five(model):
     assert np.all(v.reshape(4, -1)[:, :3] < 1.0)
 
 
-def test_blocks_are_registered_and_combine_with_the_encoder_blocks(model, cohorts, preprocessing):
-    names = available_feature_sets()
-    for name in ("intensity_shape", "intensity_variation", "multiscale+texture+intensity_shape"):
-        assert name in names
-    res = embed_cohorts(
-        model, cohorts, preprocessing, features="multiscale+texture+intensity_shape", progress=False
-    )
-    a, b = res["siteA"], res["siteB"]
+def test_blocks_combine_with_the_encoder_blocks(model, cohorts, preprocessing):
+    fs = ConcatFeatureSet(["multiscale", "texture", blocks.IntensityShapeFeatures()])
+    assert fs.name == "multiscale+texture+intensity_shape"
+    res = embed_cohorts(model, cohorts, preprocessing, features=fs, progress=False)
+    pooled = np.vstack([res["siteA"].vectors, res["siteB"].vectors])
+    assert pooled.shape[0] == 5 and np.isfinite(pooled).all()
     # Jointly standardised blocks, each weighted to unit total variance over all subjects.
-    pooled = np.vstack([a.vectors, b.vectors])
-    assert pooled.shape[0] == 5
     np.testing.assert_allclose(pooled.mean(axis=0), 0.0, atol=1e-9)
-    assert np.isfinite(pooled).all()
+    shape_cols = pooled[:, -4 * (NQ + 2) :]
+    assert np.sum(shape_cols.var(axis=0)) == pytest.approx(1.0, rel=1e-6)
+
+
+def test_register_makes_the_blocks_selectable_only_when_asked(monkeypatch):
+    monkeypatch.setattr(features, "_REGISTRY", dict(features._REGISTRY))
+    assert "intensity_shape" not in available_feature_sets()  # importing registers nothing
+    blocks.register()
+    input_texture.register()
+    names = available_feature_sets()
+    for combo in (*blocks.COMBINATIONS, *input_texture.COMBINATIONS):
+        assert "+".join(combo) in names
+    fs = features.get_feature_set("multiscale+input_texture+intensity_shape")
+    assert [p.name for p in fs.parts] == ["multiscale", "input_texture", "intensity_shape"]
 
 
 def test_input_texture_is_a_normalised_variogram_inside_the_brain(model):
