@@ -37,6 +37,7 @@ demo: setup
 
 test: setup
 	$(BIN)/ruff check aad_med tests scripts
+	$(BIN)/ruff format --check aad_med tests scripts
 	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/python -m pytest -n 2 --durations=15 $(PYTEST_ARGS)
 
 lint: setup

@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from aad_med.data.intensity import intensity_fingerprint
 from aad_med.data.preprocessing import PreprocessingConfig
 from aad_med.data.synthetic import SITES, generate_cohort
 from aad_med.data.validation import load_cohort
@@ -49,7 +50,6 @@ from aad_med.embedding import intensity_shape as intensity_blocks
 from aad_med.embedding.acquisition import (
     ConcatFeatureSet,
     PositionMatchedFeatures,
-    intensity_fingerprint,
     standardize_jointly,
 )
 from aad_med.plots.style import OKABE_ITO, new_figure, save_figure

@@ -1,19 +1,18 @@
-"""Run folders of the Hydra console scripts (``aad-train``, ``aad-compare``, ``aad-calibrate``)
-as seen from the command line: reading ``key=value`` overrides before Hydra starts (so a refused
-run leaves an existing folder untouched, ``.hydra/`` included), and removing the folder a failed
-run created when it holds no results."""
+"""The Hydra console scripts (``aad-train``, ``aad-compare``, ``aad-calibrate``) as seen from
+the command line: reading ``key=value`` overrides before Hydra starts (so a refused run leaves
+an existing folder untouched, ``.hydra/`` included), ``--version``, and the Hydra job body that
+reports errors in one line and removes the folder a failed run created
+(:func:`aad_med.pipelines.rundir.remove_failed_run`)."""
 
 from __future__ import annotations
 
-import logging
 import os
-import shutil
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from aad_med.cli._errors import run_reporting_errors, verbose_requested
-from aad_med.training.rundir import existing_results
+from aad_med.pipelines.rundir import remove_failed_run
 
 
 def override_value(argv: Sequence[str], key: str) -> str | None:
@@ -36,28 +35,6 @@ def explicit_run_dir(argv: Sequence[str]) -> Path | None:
 def flag(argv: Sequence[str], key: str) -> bool:
     """``key=true`` on the command line (any case, as Hydra reads booleans)."""
     return (override_value(argv, key) or "false").strip().lower() == "true"
-
-
-def remove_failed_run(
-    run_dir: str | Path, preexisting: Path | None, patterns: Sequence[str]
-) -> None:
-    """Remove the folder of a run that failed before producing results (``.hydra/``, its log).
-
-    A folder that existed before the run (``preexisting``) or holds results is never removed.
-    """
-    run_dir = Path(run_dir)
-    if preexisting is not None and run_dir.resolve() == preexisting.resolve():
-        return
-    if not run_dir.exists() or existing_results(run_dir, patterns):
-        return
-    root = logging.getLogger()
-    for h in list(root.handlers):
-        if isinstance(h, logging.FileHandler) and Path(h.baseFilename).is_relative_to(
-            run_dir.resolve()
-        ):
-            root.removeHandler(h)
-            h.close()
-    shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def run_hydra_job(
@@ -87,6 +64,44 @@ def strip_verbose_flags(argv: Sequence[str]) -> list[str]:
         os.environ["AAD_MED_VERBOSE"] = "1"
         os.environ.setdefault("HYDRA_FULL_ERROR", "1")
     return [a for a in argv if a not in ("-v", "--verbose")]
+
+
+def hydra_command(
+    prog: str,
+    config_name: str,
+    job: Callable[[object, Path], object],
+    patterns: Sequence[str],
+    argv: Sequence[str],
+) -> None:
+    """Run ``job(cfg, run_dir)`` as the Hydra application ``prog`` over ``argv``.
+
+    The ``@hydra.main`` function is built here, per call, so the state it needs (the run folder
+    that existed before, which a failure must not remove) travels in a closure rather than in a
+    module-level global.
+    """
+    import hydra
+
+    from aad_med.pipelines.rundir import register_resolvers
+    from aad_med.resources import CONFIG_DIR
+
+    register_resolvers()
+    preexisting = preexisting_run_dir(argv)
+
+    @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name=config_name)
+    def _hydra_main(cfg) -> None:
+        run_hydra_job(prog, cfg, job, patterns, preexisting)
+
+    sys.argv = [sys.argv[0], *argv]
+    _hydra_main()
+
+
+def print_version_if_asked(prog: str, argv: Sequence[str]) -> None:
+    """``--version`` anywhere on the command line: print ``PROG VERSION`` and exit 0."""
+    if "--version" in argv:
+        from aad_med import __version__
+
+        print(f"{prog} {__version__}")
+        sys.exit(0)
 
 
 def preexisting_run_dir(argv: Sequence[str]) -> Path | None:

@@ -1,5 +1,5 @@
 """``aad-compare``: the AAD between cohorts with calibrated statistics, figures and a report
-(thin Hydra entry point over :func:`aad_med.report.comparison.run_comparison`).
+(thin Hydra entry point over :func:`aad_med.pipelines.compare.run_comparison`).
 
 Example::
 
@@ -12,9 +12,7 @@ their combined interval and rank stability.
 
 ``calibration=PATH`` (a ``calibration.json`` or ``.csv`` from ``aad-calibrate`` with the same
 checkpoint and features) adds to every pair the artefact severities its AAD is comparable to.
-The config key is ``calibration_file``: ``calibration`` is the name of aad-calibrate's config
-group in the shared ``configs/`` folder, so Hydra would take ``calibration=PATH`` for a group
-choice; :func:`open_cohort_overrides` rewrites it before Hydra sees it.
+aad-calibrate's config group is called ``shifts``, so no group collides with this key.
 
 ``cohorts.NAME=DIR_OR_CSV`` needs no leading ``+``: Hydra refuses new keys at compose time, so
 :func:`open_cohort_overrides` rewrites them to ``++cohorts.NAME=...`` before Hydra sees them.
@@ -32,46 +30,33 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from aad_med.cli._errors import run_reporting_errors, verbose_requested
 from aad_med.cli._runfolder import (
     explicit_run_dir,
     flag,
-    preexisting_run_dir,
-    run_hydra_job,
+    hydra_command,
+    print_version_if_asked,
     strip_verbose_flags,
 )
 from aad_med.errors import ConfigError
 
 PROG = "aad-compare"
-CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs")
 _COHORT_OVERRIDE = re.compile(r"^cohorts\.[^=]+=")
 
 log = logging.getLogger("aad_med.compare")
 
-_preexisting_run_dir: Path | None = None
-"""An explicit ``hydra.run.dir`` that existed before this run (never removed on failure)."""
-
 
 def open_cohort_overrides(args: Sequence[str]) -> list[str]:
-    """Turn ``cohorts.NAME=VALUE`` into ``++cohorts.NAME=VALUE`` (add or override) and
-    ``calibration=PATH`` into ``calibration_file=PATH``, leaving every other argument (and
-    already prefixed ones) as is."""
-    out = []
-    for a in args:
-        if _COHORT_OVERRIDE.match(a):
-            a = f"++{a}"
-        elif a.startswith("calibration="):
-            a = "calibration_file=" + a[len("calibration=") :]
-        out.append(a)
-    return out
+    """Turn ``cohorts.NAME=VALUE`` into ``++cohorts.NAME=VALUE`` (add or override), leaving every
+    other argument (and already prefixed ones) as is."""
+    return [f"++{a}" if _COHORT_OVERRIDE.match(a) else a for a in args]
 
 
 def settings_from_config(cfg: DictConfig):
-    """:class:`~aad_med.report.comparison.CompareSettings` from the composed config."""
-    from aad_med.report.comparison import CompareSettings
+    """:class:`~aad_med.pipelines.compare.CompareSettings` from the composed config."""
+    from aad_med.pipelines.compare import CompareSettings
 
     stats, emb = cfg.stats, cfg.embedding
     tests = stats.get("tests")
@@ -93,7 +78,7 @@ def settings_from_config(cfg: DictConfig):
         intensity=bool(stats.get("intensity", True)),
         progress=bool(emb.progress),
         overwrite=bool(cfg.get("overwrite", False)),
-        calibration=None if cfg.get("calibration_file") is None else str(cfg.calibration_file),
+        calibration=None if cfg.get("calibration") is None else str(cfg.calibration),
     )
 
 
@@ -103,7 +88,7 @@ def compare_from_config(cfg: DictConfig, run_dir: str | Path) -> dict:
     Raises:
         ConfigError: no checkpoint or fewer than two cohorts given.
     """
-    from aad_med.report.comparison import run_comparison
+    from aad_med.pipelines.compare import run_comparison
 
     if OmegaConf.is_missing(cfg, "checkpoint") or not cfg.checkpoint:
         raise ConfigError("checkpoint=PATH is required (a checkpoint written by aad-train)")
@@ -128,16 +113,9 @@ def compare_from_config(cfg: DictConfig, run_dir: str | Path) -> dict:
     return result
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="compare")
-def _hydra_main(cfg: DictConfig) -> None:
-    from aad_med.report.comparison import RESULT_PATTERNS
-
-    run_hydra_job(PROG, cfg, compare_from_config, RESULT_PATTERNS, _preexisting_run_dir)
-
-
 def _precheck_run_dir(argv: list[str]) -> None:
     """Refuse an explicit ``hydra.run.dir`` holding results before Hydra writes ``.hydra/`` there."""
-    from aad_med.report.comparison import check_compare_dir
+    from aad_med.pipelines.compare import check_compare_dir
 
     run_dir = explicit_run_dir(argv)
     if run_dir is not None:
@@ -146,19 +124,18 @@ def _precheck_run_dir(argv: list[str]) -> None:
 
 def main() -> None:
     """Console script entry point (``aad-compare``)."""
-    from aad_med.training.rundir import register_resolvers
-
-    global _preexisting_run_dir
-    register_resolvers()
     argv = strip_verbose_flags(sys.argv[1:])
-    _preexisting_run_dir = preexisting_run_dir(argv)
+    print_version_if_asked(PROG, argv)
     rc = run_reporting_errors(
         PROG, lambda: _precheck_run_dir(argv), verbose=verbose_requested(argv)
     )
     if rc:
         sys.exit(rc)
-    sys.argv = [sys.argv[0], *open_cohort_overrides(argv)]
-    _hydra_main()
+    from aad_med.pipelines.compare import RESULT_PATTERNS
+
+    hydra_command(
+        PROG, "compare", compare_from_config, RESULT_PATTERNS, open_cohort_overrides(argv)
+    )
 
 
 if __name__ == "__main__":

@@ -10,19 +10,17 @@ an error never leaves a half-written file. Thin on purpose: the work is in
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import os
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 
-from aad_med import CHANNELS
+from aad_med import CHANNELS, __version__
 from aad_med.cli._errors import run_reporting_errors
 from aad_med.data.fingerprint import cohort_fingerprint
 from aad_med.data.validation import SkippedSubjectsWarning, load_cohort
 from aad_med.errors import AADError, CohortError, InputError
+from aad_med.io_utils import write_json_atomic
 
 PROG = "aad-inspect"
 
@@ -35,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
             "or CSV manifests subject_id,t1,t1ce,t2,flair[,seg]) and print their fingerprints."
         ),
     )
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     p.add_argument("cohorts", nargs="+", metavar="COHORT", help="cohort folder or CSV manifest")
     p.add_argument("--json", metavar="PATH", help='write {"cohorts": [fingerprint, ...]} here')
     p.add_argument(
@@ -158,32 +157,6 @@ def _range_text(rows: list[list[float]], sep: str, fmt: str) -> str:
 
 def _num(v: float | None) -> str:
     return f"{'-':>11}" if v is None else f"{v:>11.4g}"
-
-
-def write_json_atomic(path: Path, obj: dict) -> None:
-    """Write JSON to a temporary file in the target folder, then rename it into place.
-
-    Raises:
-        InputError: the folder cannot be created or written.
-    """
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as e:
-        raise InputError(path, f"cannot write JSON ({e.strerror or e})") from None
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(obj, fh, indent=2, allow_nan=False)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(e, OSError):
-            raise InputError(path, f"cannot write JSON ({e.strerror or e})") from None
-        raise
 
 
 if __name__ == "__main__":

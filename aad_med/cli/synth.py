@@ -17,7 +17,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from aad_med import CHANNELS
+from aad_med import CHANNELS, __version__
 from aad_med.cli._errors import run_reporting_errors
 from aad_med.data.synthetic import (
     BRATS_SHAPE,
@@ -109,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=f"Sites: {', '.join(SITES)}. Site parameters for --set: "
         + ", ".join(f.name for f in dataclasses.fields(SiteParams)),
     )
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     p.add_argument("out_dir", metavar="OUT_DIR", help="cohort folder to write (created)")
     p.add_argument("--n-subjects", type=int, default=8, help="subjects per cohort (default 8)")
     p.add_argument("--site", default="reference", help="named site (default reference)")

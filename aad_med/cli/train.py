@@ -1,6 +1,7 @@
 """``aad-train``: train the autoencoder from the Hydra config ``configs/train.yaml``.
 
-Thin entry point: compose the config, hand it to :func:`aad_med.training.pipeline.train_from_config`.
+Thin entry point: compose the config, hand it to
+:func:`aad_med.pipelines.train.train_from_config`.
 Also runs as ``python -m aad_med.cli.train`` and under ``torchrun`` (same arguments). Expected
 failures print ``aad-train: error: <line>`` and exit with code 2 (tracebacks with
 ``verbose=true``, ``--verbose`` or ``AAD_MED_VERBOSE=1``).
@@ -9,41 +10,21 @@ failures print ``aad-train: error: <line>`` and exit with code 2 (tracebacks wit
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-import hydra
-from omegaconf import DictConfig
-
-import aad_med
 from aad_med.cli._errors import EXIT_INPUT_ERROR, run_reporting_errors, verbose_requested
 from aad_med.cli._runfolder import (
     explicit_run_dir,
     flag,
+    hydra_command,
     override_value,
-    preexisting_run_dir,
-    run_hydra_job,
+    print_version_if_asked,
     strip_verbose_flags,
 )
 from aad_med.errors import AADError, ConfigError
-from aad_med.training.rundir import RESULT_PATTERNS, check_run_dir, register_resolvers
+from aad_med.pipelines.rundir import RESULT_PATTERNS, check_run_dir, register_resolvers
 
 PROG = "aad-train"
-CONFIG_DIR = Path(aad_med.__file__).resolve().parents[1] / "configs"
-"""The repository's ``configs/`` (the package is installed editable, next to it)."""
-
 register_resolvers()
-
-_preexisting_run_dir: Path | None = None
-"""An explicit ``hydra.run.dir`` that existed before this run (never removed on failure)."""
-
-
-def _config_problem() -> str | None:
-    if not (CONFIG_DIR / "train.yaml").is_file():
-        return (
-            f"{CONFIG_DIR / 'train.yaml'}: training config not found; aad-train reads the configs/ "
-            "folder next to the aad_med package (install the repository with `pip install -e .`)"
-        )
-    return None
 
 
 def _precheck_run_dir(argv: list[str]) -> None:
@@ -68,34 +49,24 @@ def _check_launcher(argv: list[str]) -> None:
             ) from None
 
 
-@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
-def _hydra_main(cfg: DictConfig) -> None:
-    from aad_med.training.pipeline import train_from_config
-
-    run_hydra_job(PROG, cfg, train_from_config, RESULT_PATTERNS, _preexisting_run_dir)
-
-
 def main() -> int:
     """Console entry point of ``aad-train``."""
     argv = sys.argv[1:]
     verbose = verbose_requested(argv)
-    sys.argv = [sys.argv[0], *strip_verbose_flags(argv)]
-    problem = _config_problem()
-    if problem:
-        print(f"{PROG}: error: {problem}", file=sys.stderr)
-        return EXIT_INPUT_ERROR
+    argv = strip_verbose_flags(argv)
+    print_version_if_asked(PROG, argv)
 
     def prechecks() -> None:
         _check_launcher(argv)
         _precheck_run_dir(argv)
 
-    global _preexisting_run_dir
-    _preexisting_run_dir = preexisting_run_dir(argv)
     rc = run_reporting_errors(PROG, prechecks, verbose=verbose)
     if rc:
         return rc
     try:
-        _hydra_main()
+        from aad_med.pipelines.train import train_from_config
+
+        hydra_command(PROG, "train", train_from_config, RESULT_PATTERNS, argv)
     except AADError as e:
         # Hydra re-raises task errors when HYDRA_FULL_ERROR is set (verbose mode).
         if verbose:

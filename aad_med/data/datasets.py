@@ -12,7 +12,9 @@ Which cache to use:
   keyed by a hash of the record dict, the files' size and modification time, and the
   :class:`~aad_med.data.preprocessing.PreprocessingConfig`. Use it for cohorts that do not fit
   in RAM or when several runs (training, then embedding) reuse the same preprocessing.
-  Changing a file or the config gives a new key; stale entries are never read.
+  Changing a file or the config gives a new key; stale entries are never read. An entry that
+  is unreadable or malformed is a :class:`CacheWarning`, deleted and recomputed; an unusable
+  cache folder (read-only, a file) means running uncached with a warning.
 - ``"none"`` (:class:`monai.data.Dataset`): preprocess on every access. Use it for a single
   pass (embedding a cohort once) where a cache would only cost memory.
 
@@ -32,11 +34,17 @@ This module reads files only through the transforms; it writes only the disk cac
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
 import json
 import os
+import pickle
+import secrets
+import tempfile
+import warnings
+import zipfile
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from copy import deepcopy
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +57,7 @@ from aad_med.data.records import SubjectRecord
 from aad_med.data.transforms import (
     PATCH_KEYS,
     PREPROCESSED_KEYS,
+    SAMPLING_KEYS,
     AddSamplingIndexd,
     SafeCompose,
     deterministic_transforms,
@@ -56,9 +65,11 @@ from aad_med.data.transforms import (
     train_transforms,
 )
 from aad_med.errors import AADError, ConfigError, InputError
+from aad_med.io_utils import cache_key
 
 __all__ = [
     "CACHE_MODES",
+    "CacheWarning",
     "PATCH_KEYS",
     "PREPROCESSED_KEYS",
     "PatchDataset",
@@ -107,8 +118,7 @@ def record_hash(item: dict, cfg_json: str, variant: str = "") -> str:
     fields = {"v": CACHE_VERSION, "item": item, "stats": stats, "cfg": cfg_json}
     if variant:
         fields["variant"] = variant
-    payload = json.dumps(fields, sort_keys=True, default=str)
-    return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:40]
+    return cache_key(fields)
 
 
 class WorkerInputError(InputError):
@@ -203,8 +213,130 @@ class CachedSubjectDataset(_ProjectErrors, CacheDataset):
                 raise
 
 
+class CacheWarning(UserWarning):
+    """A disk-cache entry was unreadable and recomputed, or the cache folder is unusable."""
+
+
+_UNREADABLE = (
+    pickle.UnpicklingError,
+    RuntimeError,
+    EOFError,
+    OSError,
+    ValueError,
+    KeyError,
+    AttributeError,
+    TypeError,
+    IndexError,
+    zipfile.BadZipFile,
+)
+
+
+def _cache_entry_problem(entry: object, sampling_index: bool) -> str | None:
+    """Why a loaded cache entry cannot be a preprocessed subject (``None`` when it can)."""
+    if not isinstance(entry, dict):
+        return f"holds a {type(entry).__name__}, not a subject dict"
+    keys = (*PREPROCESSED_KEYS, *(SAMPLING_KEYS if sampling_index else ()))
+    missing = [k for k in keys if k not in entry]
+    if missing:
+        return f"lacks {', '.join(missing)}"
+    image, seg, brain = entry["image"], entry["seg"], entry["brain"]
+    if not all(isinstance(t, torch.Tensor) for t in (image, seg, brain)):
+        return "image, seg or brain is not a tensor"
+    if image.ndim != 4 or image.shape[0] != len(PreprocessingConfig().channels):
+        return f"image has shape {tuple(image.shape)}, expected (4, X, Y, Z)"
+    if image.dtype != torch.float32 or seg.dtype != torch.int16 or brain.dtype != torch.uint8:
+        return "unexpected tensor dtypes"
+    grid = (1, *image.shape[1:])
+    if tuple(seg.shape) != grid or tuple(brain.shape) != grid:
+        return f"seg {tuple(seg.shape)} or brain {tuple(brain.shape)} do not match the image"
+    return None
+
+
 class PersistentSubjectDataset(_ProjectErrors, PersistentDataset):
-    """:class:`monai.data.PersistentDataset` (disk cache) that raises the project's errors unwrapped."""
+    """:class:`monai.data.PersistentDataset` (disk cache) that raises the project's errors
+    unwrapped and heals its cache.
+
+    An entry that cannot be read (truncated, emptied, flipped bytes, a pickle payload refused by
+    ``weights_only`` loading) or does not hold a preprocessed subject of the expected form is a
+    :class:`CacheWarning`, is deleted and recomputed: never a failure. Entries are written to a
+    temporary file in the cache folder and renamed into place, so readers never see a partial
+    one; a write that fails (read-only folder, disk full) is a warning and the item is used
+    uncached.
+    """
+
+    def __init__(self, *args, sampling_index: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.sampling_index = sampling_index
+        self._write_warned = False
+
+    def _cachecheck(self, item_transformed):
+        key = self.hash_func(item_transformed).decode("utf-8") + self.transform_hash
+        hashfile = Path(self.cache_dir) / f"{key}.pt"
+        if hashfile.is_file():
+            entry = self._read_entry(hashfile)
+            if entry is not None:
+                return entry
+        item = self._pre_transform(deepcopy(item_transformed))
+        self._write_entry(hashfile, item)
+        return item
+
+    def _read_entry(self, hashfile: Path) -> dict | None:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                entry = torch.load(hashfile, map_location="cpu", weights_only=True)
+            problem = _cache_entry_problem(entry, self.sampling_index)
+        except PermissionError as e:
+            problem = f"not readable ({e.strerror or e})"
+        except _UNREADABLE as e:
+            text = str(e).strip().splitlines()
+            problem = f"unreadable ({type(e).__name__}: {text[0][:120] if text else ''})"
+        if problem is None:
+            return entry
+        warnings.warn(
+            f"{hashfile}: corrupt disk-cache entry ({problem}); deleting and recomputing it",
+            CacheWarning,
+            stacklevel=2,
+        )
+        with contextlib.suppress(OSError):
+            hashfile.unlink()
+        return None
+
+    def _write_entry(self, hashfile: Path, item: dict) -> None:
+        tmp = hashfile.with_name(f".{hashfile.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(item, f)
+            os.replace(tmp, hashfile)
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            if not self._write_warned:
+                self._write_warned = True
+                warnings.warn(
+                    f"{hashfile.parent}: cannot write the disk cache ({e.strerror or e}); "
+                    "continuing without caching",
+                    CacheWarning,
+                    stacklevel=2,
+                )
+
+
+def _usable_cache_dir(cache_dir: Path) -> str | None:
+    """Why ``cache_dir`` cannot hold the disk cache (``None`` when it can); creates it."""
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        return "exists and is not a folder"
+    except OSError as e:
+        return f"cannot be created ({e.strerror or e})"
+    if not cache_dir.is_dir():
+        return "exists and is not a folder"
+    try:
+        with tempfile.NamedTemporaryFile(dir=cache_dir, prefix=".probe-"):
+            pass
+    except OSError as e:
+        return f"is not writable ({e.strerror or e})"
+    return None
 
 
 def _record_dicts(records: Sequence[SubjectRecord | dict]) -> list[dict]:
@@ -265,13 +397,21 @@ def build_subject_dataset(
                 "cache='disk' needs cache_dir (a folder for the preprocessed subjects)"
             )
         cache_dir = Path(cache_dir)
-        cache_dir.mkdir(parents=True, exist_ok=True)
+        problem = _usable_cache_dir(cache_dir)
+        if problem:
+            warnings.warn(
+                f"{cache_dir}: disk cache folder {problem}; running without the disk cache",
+                CacheWarning,
+                stacklevel=2,
+            )
+            return SubjectDataset(data, transform)
         return PersistentSubjectDataset(
             data,
             transform,
             cache_dir=cache_dir,
             hash_func=RecordHasher(cfg, variant),
             weights_only=True,
+            sampling_index=sampling_index,
         )
     if cache == "none":
         return SubjectDataset(data, transform)

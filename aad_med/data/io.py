@@ -1,14 +1,32 @@
 """Reading NIfTI images safely: every failure becomes an :class:`~aad_med.errors.InputError`
 naming the file and the problem. Headers are checked before any voxel is allocated.
 
+Memory stays bounded whatever a header claims. Three limits, all checked from headers before
+anything large is read:
+
+- per volume: :data:`MAX_VOXELS` voxels (``max_voxels`` arguments);
+- per header: header extensions may declare at most :data:`MAX_EXTENSION_BYTES` bytes in total
+  (environment variable ``AAD_MAX_HEADER_EXTENSION_BYTES``). nibabel reads extensions eagerly
+  when it opens a file, so :func:`read_header` walks the raw extension records itself first,
+  streaming only the first bytes of the (possibly gzipped) file;
+- per subject: the voxels decoded across all of a subject's files (four channels and the
+  segmentation), and their count after resampling to the target spacing, at most
+  :data:`MAX_SUBJECT_VOXELS` (environment variable ``AAD_MAX_SUBJECT_VOXELS``, or the
+  ``max_subject_voxels`` arguments); see :func:`check_subject_budget`.
+
 This module owns file reading for the whole package; transforms and validation call it.
 """
 
 from __future__ import annotations
 
+import errno
 import gzip
+import math
 import os
+import stat
+import struct
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,10 +35,21 @@ import numpy as np
 
 from aad_med import CHANNELS
 from aad_med.data.records import ImageSource, SubjectRecord
-from aad_med.errors import InputError
+from aad_med.errors import ConfigError, InputError
 
 MAX_VOXELS = 512 * 1024 * 1024
 """Refuse images whose header claims more voxels than this (2 GiB as float32) before reading."""
+
+MAX_SUBJECT_VOXELS = 512 * 1024 * 1024
+"""Default per-subject budget: voxels decoded across all of one subject's files, and after
+resampling to the target spacing (2 GiB as float32; a BraTS subject needs about 45 M)."""
+
+MAX_EXTENSION_BYTES = 64 * 1024 * 1024
+"""Default limit on the bytes all header extensions of one file may declare (DICOM or AFNI
+extensions of real scans are kilobytes to a few megabytes)."""
+
+SUBJECT_BUDGET_ENV = "AAD_MAX_SUBJECT_VOXELS"
+EXTENSION_LIMIT_ENV = "AAD_MAX_HEADER_EXTENSION_BYTES"
 
 AFFINE_TOLERANCE = 1e-3
 """Largest absolute difference allowed between the affines of one subject's modalities (mm)."""
@@ -63,21 +92,153 @@ def is_nifti_path(path: str | Path) -> bool:
     return name.endswith(NIFTI_SUFFIXES)
 
 
+def _limit(value: int | None, env: str, default: int) -> int:
+    if value is None:
+        raw = os.environ.get(env, "").strip()
+        if not raw:
+            return default
+        try:
+            value = int(float(raw)) if "e" in raw.lower() else int(raw.replace("_", ""))
+        except ValueError:
+            raise ConfigError(f"{env}={raw!r} is not a whole number") from None
+        if value < 1:
+            raise ConfigError(f"{env}={raw!r} must be at least 1")
+        return value
+    value = int(value)
+    if value < 1:
+        raise ConfigError(f"limit must be at least 1, got {value}")
+    return value
+
+
+def subject_voxel_budget(value: int | None = None) -> int:
+    """The per-subject voxel budget: ``value``, else ``$AAD_MAX_SUBJECT_VOXELS``, else
+    :data:`MAX_SUBJECT_VOXELS`.
+
+    Raises:
+        ConfigError: a budget below 1 or an environment value that is not a number.
+    """
+    return _limit(value, SUBJECT_BUDGET_ENV, MAX_SUBJECT_VOXELS)
+
+
+def extension_byte_limit(value: int | None = None) -> int:
+    """The header-extension limit: ``value``, else ``$AAD_MAX_HEADER_EXTENSION_BYTES``, else
+    :data:`MAX_EXTENSION_BYTES`."""
+    return _limit(value, EXTENSION_LIMIT_ENV, MAX_EXTENSION_BYTES)
+
+
+def check_header_extensions(path: str | Path, max_bytes: int | None = None) -> None:
+    """Refuse a NIfTI file whose header extensions declare more than ``max_bytes`` in total.
+
+    Reads the raw header fields (streaming a gzip file from its start, never more than the
+    declared headers of the extensions plus what is skipped between them, which the limit
+    bounds) the way nibabel will: extensions are read when the byte after the header is
+    non-zero, from the end of the header up to ``vox_offset``, each ``esize`` bytes long. A file
+    that is not a NIfTI-1/2 header at all is left to nibabel's own error.
+
+    Raises:
+        InputError: extensions larger than the limit, or an extension size nibabel would turn
+            into "read the rest of the file".
+    """
+    limit = extension_byte_limit(max_bytes)
+    path = Path(path)
+    try:
+        with open(path, "rb") as raw:
+            gzipped = raw.read(2) == b"\x1f\x8b"
+        opener = gzip.open if gzipped else open
+        with opener(path, "rb") as f:
+            head = f.read(544)
+            layout = _nifti_layout(head)
+            if layout is None:
+                return
+            endian, hdr_size, vox_offset = layout
+            flag = head[hdr_size : hdr_size + 4]
+            if len(flag) < 4 or flag[:1] == b"\x00":
+                return
+            f.seek(hdr_size + 4)
+            remaining = vox_offset - (hdr_size + 4)
+            total = 0
+            while remaining >= 16:
+                ext = f.read(8)
+                if len(ext) < 8:
+                    return
+                esize = struct.unpack(endian + "i", ext[:4])[0]
+                if esize < 8:
+                    raise InputError(
+                        path, f"header extension declares an invalid size {esize} (at least 8)"
+                    )
+                total += esize
+                if total > limit:
+                    raise InputError(
+                        path,
+                        f"header extensions declare at least {total:,} bytes, more than the limit "
+                        f"{limit:,} ({EXTENSION_LIMIT_ENV}); refusing to read them",
+                    )
+                f.seek(esize - 8, os.SEEK_CUR)
+                remaining -= esize
+    except (OSError, EOFError, zlib.error, struct.error):
+        # Unreadable or truncated: nibabel reports it with its own words below.
+        return
+
+
+def _nifti_layout(head: bytes) -> tuple[str, int, int] | None:
+    """``(endianness, header size, vox_offset)`` of a raw NIfTI-1/2 header, or ``None``."""
+    if len(head) < 352:
+        return None
+    for endian in ("<", ">"):
+        sizeof_hdr = struct.unpack(endian + "i", head[:4])[0]
+        if sizeof_hdr == 348:
+            offset = struct.unpack(endian + "f", head[108:112])[0]
+            if not math.isfinite(offset):
+                return None
+            return endian, 348, int(offset)
+        if sizeof_hdr == 540 and len(head) >= 544:
+            return endian, 540, int(struct.unpack(endian + "q", head[168:176])[0])
+    return None
+
+
+def file_problem(path: str | Path) -> str | None:
+    """Why ``path`` is not a regular file to read, in a few words, or ``None`` when it is.
+
+    Tells apart a missing file, a symbolic link loop, a broken link, a folder, and a device,
+    FIFO or socket (which a reader would block on or read forever).
+    """
+    path = Path(path)
+    try:
+        st = path.stat()
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return "symbolic link loop (the link resolves to itself)"
+        if path.is_symlink():
+            return f"broken symbolic link (points to {os.readlink(path)}, which does not exist)"
+        if e.errno == errno.ENOENT:
+            return "file does not exist"
+        return f"cannot be read ({e.strerror or e})"
+    if stat.S_ISDIR(st.st_mode):
+        return "is a folder, expected a NIfTI file"
+    if not stat.S_ISREG(st.st_mode):
+        return "not a regular file (a device, FIFO or socket)"
+    return None
+
+
 def read_header(path: str | Path, max_voxels: int = MAX_VOXELS) -> nib.Nifti1Image:
     """Open a NIfTI file lazily and check its header; no voxel data is read.
 
+    Header extensions are checked against :func:`extension_byte_limit` before nibabel opens the
+    file (it reads them eagerly).
+
     Raises:
-        InputError: missing, unreadable, not NIfTI, non-positive or absurd dimensions.
+        InputError: missing, unreadable, not NIfTI, non-positive or absurd dimensions, header
+            extensions larger than the limit.
     """
     path = Path(path)
-    if not path.exists():
-        raise InputError(path, "file does not exist")
-    if path.is_dir():
-        raise InputError(path, "is a folder, expected a NIfTI file")
+    problem = file_problem(path)
+    if problem:
+        raise InputError(path, problem)
     if not os.access(path, os.R_OK):
         raise InputError(path, "permission denied (file is not readable)")
     if path.stat().st_size == 0:
         raise InputError(path, "file is empty")
+    check_header_extensions(path)
     try:
         # Garbage header fields make nibabel's affine arithmetic warn; the checks below decide.
         with np.errstate(all="ignore"):
@@ -218,32 +379,135 @@ def read_voxels(img: nib.Nifti1Image, path: str | Path, volume: int | None) -> n
         ) from None
 
 
+def header_spacing(affine: np.ndarray) -> tuple[float, float, float]:
+    """Voxel spacing in mm (column norms of the affine's 3x3 part)."""
+    a = np.asarray(affine, dtype=np.float64)
+    return tuple(float(s) for s in np.sqrt((a[:3, :3] ** 2).sum(axis=0)))
+
+
+def check_subject_budget(
+    subject_id: str,
+    headers: Sequence[tuple[ImageSource, nib.Nifti1Image, np.ndarray]],
+    max_subject_voxels: int | None = None,
+    target_spacing: Sequence[float] | None = None,
+    patch_size: int | None = None,
+) -> None:
+    """Refuse a subject whose files would decode, or resample, to more than the budget.
+
+    Counts what loading allocates: every 3D source's voxels, a 4D file's voxels once, and, when
+    ``target_spacing`` is given, each source's voxel count after resampling to it (each axis's
+    extent over the target spacing, at least ``patch_size`` since volumes are padded to it).
+    Only headers are used.
+
+    Args:
+        subject_id: named in the message.
+        headers: ``(source, header, affine)`` of each channel (and the seg), as read by
+            :func:`read_header` and :func:`check_affine`.
+        max_subject_voxels: the budget; ``None`` uses :func:`subject_voxel_budget`.
+        target_spacing: the preprocessing spacing in mm, or ``None`` (no resampling).
+        patch_size: edge every axis is padded to after resampling, or ``None``.
+
+    Raises:
+        InputError: naming the subject's largest file, the count and the budget.
+        ConfigError: a non-positive budget or target spacing.
+    """
+    budget = subject_voxel_budget(max_subject_voxels)
+    if not headers:
+        return
+    decoded = 0
+    seen_4d: set[Path] = set()
+    for src, img, _ in headers:
+        shape = tuple(int(v) for v in img.shape)
+        if src.volume is not None:
+            if src.path in seen_4d:
+                continue
+            seen_4d.add(src.path)
+        decoded += math.prod(shape) if src.volume is not None else math.prod(shape[:3])
+    largest_src, largest_img, _ = max(headers, key=lambda h: math.prod(h[1].shape[:3]))
+    where = f"{largest_src.path}"
+    hint = f"; refusing to read (raise the limit with {SUBJECT_BUDGET_ENV})"
+    if decoded > budget:
+        raise InputError(
+            where,
+            f"subject {subject_id} would decode to {decoded:,} voxels across its "
+            f"{len(headers)} images (this one {tuple(largest_img.shape)}), more than the "
+            f"per-subject budget of {budget:,}{hint}",
+        )
+    if target_spacing is None:
+        return
+    target = [float(t) for t in target_spacing]
+    if len(target) != 3 or not all(math.isfinite(t) and t > 0 for t in target):
+        raise ConfigError(f"target spacing must be 3 positive numbers, got {target_spacing}")
+    pad = max(1, int(patch_size or 1))
+    resampled = 0.0
+    for _, img, affine in headers:
+        # Reorientation may permute axes; with an anisotropic target this is an estimate.
+        sizes = [
+            max(pad, n * s / t)
+            for n, s, t in zip(img.shape[:3], header_spacing(affine), target, strict=True)
+        ]
+        resampled += math.prod(sizes)
+    if resampled > budget:
+        spacing = "x".join(f"{v:.3g}" for v in header_spacing(headers[0][2]))
+        raise InputError(
+            where,
+            f"subject {subject_id} resampled from {spacing} mm to "
+            f"{'x'.join(f'{t:g}' for t in target)} mm spacing would hold {resampled:,.0f} voxels "
+            f"across its {len(headers)} images, more than the per-subject budget of {budget:,}"
+            f"{hint}",
+        )
+
+
 def load_subject(
     record: SubjectRecord,
     max_voxels: int = MAX_VOXELS,
     affine_tolerance: float = AFFINE_TOLERANCE,
     load_seg: bool = True,
+    max_subject_voxels: int | None = None,
+    target_spacing: Sequence[float] | None = None,
+    patch_size: int | None = None,
 ) -> LoadedSubject:
     """Read all modalities of a subject, checking that they share one grid.
 
-    A 4D file (Decathlon layout) is decompressed once, not once per channel.
+    Every header is read and checked first, then the subject's decoded (and, with
+    ``target_spacing``, resampled) size against the per-subject budget
+    (:func:`check_subject_budget`), before any voxel is read. A 4D file (Decathlon layout) is
+    decompressed once, not once per channel.
+
+    Args:
+        record: the subject's files.
+        max_voxels: per-volume header limit.
+        affine_tolerance: largest affine difference between the subject's files (mm).
+        load_seg: also read the segmentation when there is one.
+        max_subject_voxels: per-subject budget; ``None`` uses :func:`subject_voxel_budget`.
+        target_spacing: spacing the caller will resample to (counted in the budget).
+        patch_size: edge the caller pads every axis to after resampling (counted too).
 
     Raises:
         InputError: the first problem found (file named). Use
             :func:`aad_med.data.validation.validate_cohort` to collect all problems.
     """
+    sources = [(ch, record.images[ch]) for ch in CHANNELS]
+    if load_seg and record.seg is not None:
+        sources.append(("seg", record.seg))
+    headers: dict[str, tuple[ImageSource, nib.Nifti1Image, np.ndarray]] = {}
+    for name, src in sources:
+        img = read_header(src.path, max_voxels)
+        check_dimensions(img, src)
+        headers[name] = (src, img, check_affine(img, src.path))
+    check_subject_budget(
+        record.subject_id, list(headers.values()), max_subject_voxels, target_spacing, patch_size
+    )
     # Filled channel by channel: peak memory is the subject plus one volume, not twice it.
     image: np.ndarray | None = None
     ref_path, ref_shape, ref_affine = None, None, None
     four_d: dict[Path, np.ndarray] = {}
     for c, ch in enumerate(CHANNELS):
-        src = record.images[ch]
+        src, img, affine = headers[ch]
         if src.volume is None:
-            data, affine = load_volume(src, max_voxels)
+            data = read_voxels(img, src.path, None)
+            check_values(data, src.path)
         else:
-            img = read_header(src.path, max_voxels)
-            check_dimensions(img, src)
-            affine = check_affine(img, src.path)
             if src.path not in four_d:
                 four_d[src.path] = read_voxels(img, src.path, -1)
             data = four_d[src.path][..., src.volume]
@@ -260,18 +524,14 @@ def load_subject(
         del data
     four_d.clear()
     seg = None
-    if load_seg and record.seg is not None:
-        seg_data, seg_affine = load_volume(record.seg, max_voxels, allow_empty=True)
+    if "seg" in headers:
+        src, img, seg_affine = headers["seg"]
+        seg_data = read_voxels(img, src.path, src.volume)
+        check_values(seg_data, src.path, allow_empty=True)
         _check_same_grid(
-            record.seg.path,
-            seg_data.shape,
-            seg_affine,
-            ref_path,
-            ref_shape,
-            ref_affine,
-            affine_tolerance,
+            src.path, seg_data.shape, seg_affine, ref_path, ref_shape, ref_affine, affine_tolerance
         )
-        seg = check_seg_labels(seg_data, record.seg.path)
+        seg = check_seg_labels(seg_data, src.path)
     return LoadedSubject(record.subject_id, image, seg, ref_affine)
 
 

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from aad_med import CHANNELS
-from aad_med.data.io import is_nifti_path
+from aad_med.data.io import file_problem, is_nifti_path
 from aad_med.data.records import Cohort, ImageSource, SubjectRecord
 from aad_med.errors import CohortError
 
@@ -248,16 +248,25 @@ def _scan_brats(root: Path, entries: list[Path]) -> list[_Found]:
         if folder.name in ("imagesTr", "labelsTr", "imagesTs", "labelsTs"):
             continue
         try:
-            files = [f for f in _listdir(folder) if f.is_file() and is_nifti_path(f)]
+            named = [f for f in _listdir(folder) if is_nifti_path(f)]
         except OSError as e:
             misc_problems.append(f"{folder}: cannot list subject folder ({e.strerror or e})")
             continue
+        # Links that loop or dangle, and devices, are named as such, not as missing modalities.
+        unusable = {
+            f: why for f in named if (why := file_problem(f)) and not why.startswith("is a folder")
+        }
+        files = [f for f in named if f in unusable or f.is_file()]
         if not files:
             continue
         layout, channels, problems = _match_subject_files(folder, files)
         if layout is None:
             unmatched.append(folder)
             continue
+        for key, src in list(channels.items()):
+            if src.path in unusable:
+                problems.append(f"{src.path}: {unusable[src.path]}")
+                del channels[key]
         found = by_layout.setdefault(layout, _Found(layout))
         if problems:
             found.subject_problems[folder.name] = problems
@@ -359,10 +368,15 @@ def _scan_msd(root: Path) -> _Found | None:
         found.problems.append(problem)
         return found
     try:
-        files = [f for f in _listdir(images) if f.is_file()]
+        entries = _listdir(images)
     except OSError as e:
         found.problems.append(f"{images}: cannot list folder ({e.strerror or e})")
         return found
+    for f in entries:
+        why = file_problem(f) if is_nifti_path(f) else None
+        if why and not why.startswith("is a folder"):
+            found.problems.append(f"{f}: {why}")
+    files = [f for f in entries if f.is_file()]
     nifti = [f for f in files if is_nifti_path(f)]
     labels = _msd_labels(root / "labelsTr", found)
     split = [f for f in nifti if _NNUNET_CHANNEL.match(f.name)]
@@ -520,8 +534,12 @@ def _read_csv(csv_path: Path) -> _Found:
                 continue
             p = Path(cell).expanduser()
             p = p if p.is_absolute() else base / p
-            if not p.is_file():
-                what = "is a folder" if p.is_dir() else "does not exist"
+            why = file_problem(p)
+            if why:
+                what = {
+                    "file does not exist": "does not exist",
+                    "is a folder, expected a NIfTI file": "is a folder",
+                }.get(why, why)
                 problems.append(f"{where} ({sid}): {ch} file {p} {what}")
             else:
                 srcs[ch] = ImageSource(p)

@@ -38,8 +38,9 @@ import numpy as np
 from scipy import ndimage
 
 from aad_med import CHANNELS
-from aad_med.data.synthetic import brats_affine, write_bytes_atomic, write_nifti_atomic
+from aad_med.data.synthetic import brats_affine
 from aad_med.errors import ConfigError, InputError
+from aad_med.io_utils import write_bytes_atomic, write_nifti_atomic
 
 _MNI_T1 = "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
 _MNI_GM = "mni_icbm152_gm_tal_nlin_sym_09a_converted.nii.gz"

@@ -17,29 +17,34 @@ Reproducibility contract:
 * The acquisition noise and bias field of subject ``i`` come from a second stream of ``(seed, i)``;
   their *amplitude* is the site's, their random pattern is shared.
 * Files are byte-reproducible: gzip is written with ``mtime=0`` and no file name, and each file
-  is written atomically (temporary name, then :func:`os.replace`).
+  is written atomically (:func:`aad_med.io_utils.atomic_path`).
 
-This module only generates and writes; it never reads cohorts (discovery does that).
+Its acquisition model (bias field as a log-range of smooth cosines, Rician noise relative to the
+white-matter signal) is its own, not :mod:`aad_med.data.artefacts`: the site presets, the
+benchmark figures and the tests are calibrated against these units, and re-expressing them would
+change every synthetic cohort.
+
+This module only generates and writes; it never reads cohorts (discovery does that). It is longer
+than ~450 lines because the site parameters, the phantom anatomy and the acquisition model are
+read together (each site's shift is documented against the code that applies it).
 """
 
 from __future__ import annotations
 
 import csv
 import dataclasses
-import gzip
 import io
 import json
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
 from aad_med import CHANNELS
 from aad_med.errors import ConfigError, InputError
+from aad_med.io_utils import write_bytes_atomic, write_nifti_atomic
 
 DEFAULT_SHAPE: tuple[int, int, int] = (64, 72, 60)
 """Small default volume (about 0.1 s per subject): tests, demo and notebooks."""
@@ -627,40 +632,6 @@ def brats_affine(shape: Sequence[int]) -> np.ndarray:
     aff = np.diag([-1.0, -1.0, 1.0, 1.0])
     aff[1, 3] = float(shape[1] - 1)
     return aff
-
-
-def _nifti_bytes(data: np.ndarray, affine: np.ndarray, compress: bool) -> bytes:
-    img = nib.Nifti1Image(data, affine)
-    img.header.set_qform(affine, code=1)
-    img.header.set_sform(affine, code=1)
-    img.header.set_xyzt_units("mm", "sec")
-    raw = img.to_bytes()
-    if not compress:
-        return raw
-    # mtime=0 and no file name in the gzip header: identical inputs give identical bytes.
-    buf = io.BytesIO()
-    with gzip.GzipFile(filename="", mode="wb", fileobj=buf, compresslevel=1, mtime=0) as gz:
-        gz.write(raw)
-    return buf.getvalue()
-
-
-def write_bytes_atomic(path: Path, payload: bytes) -> None:
-    """Write ``payload`` to ``path`` through a temp file and a rename (a reader never sees a
-    torn file); ``InputError`` naming ``path`` when it cannot be written."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        tmp.write_bytes(payload)
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise InputError(path, f"cannot write ({e.strerror or e})") from None
-
-
-def write_nifti_atomic(path: Path, data: np.ndarray, affine: np.ndarray) -> None:
-    """Write ``data`` as NIfTI (gzipped for ``.gz``, byte-reproducible) with
-    :func:`write_bytes_atomic`."""
-    write_bytes_atomic(path, _nifti_bytes(data, affine, compress=path.name.endswith(".gz")))
 
 
 _ID_FORMATS: dict[str, tuple[str, str, int]] = {

@@ -144,21 +144,38 @@ class LoadSubjectd(MapTransform):
 
     Output keys: ``image`` MetaTensor ``(4, X, Y, Z)`` float32 carrying the affine, ``seg``
     MetaTensor ``(1, X, Y, Z)`` (zeros when there is no seg), ``has_seg`` bool, ``subject_id``.
-    The file-path keys of the record are dropped.
+    The file-path keys of the record are dropped. With ``target_spacing`` (and ``patch_size``,
+    the edge volumes are padded to), a subject whose resampled size exceeds the per-subject
+    budget is refused from its headers (:func:`aad_med.data.io.check_subject_budget`).
 
     Raises:
         InputError: any problem with one of the subject's files (named).
     """
 
-    def __init__(self, image_key: str = "image", seg_key: str = "seg", load_seg: bool = True):
+    def __init__(
+        self,
+        image_key: str = "image",
+        seg_key: str = "seg",
+        load_seg: bool = True,
+        target_spacing: Sequence[float] | None = None,
+        patch_size: int | None = None,
+    ):
         super().__init__(keys=[image_key, seg_key])
         self.image_key = image_key
         self.seg_key = seg_key
         self.load_seg = load_seg
+        # The resampled size counts in the per-subject memory budget, checked from headers.
+        self.target_spacing = None if target_spacing is None else tuple(target_spacing)
+        self.patch_size = patch_size
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
         record = SubjectRecord.from_dict(dict(data))
-        loaded = load_subject(record, load_seg=self.load_seg)
+        loaded = load_subject(
+            record,
+            load_seg=self.load_seg,
+            target_spacing=self.target_spacing,
+            patch_size=self.patch_size,
+        )
         affine = torch.as_tensor(loaded.affine, dtype=torch.float64)
         image = MetaTensor(torch.from_numpy(loaded.image), affine=affine)
         if loaded.seg is None:
@@ -279,7 +296,7 @@ def deterministic_transforms(cfg: PreprocessingConfig) -> Compose:
     """
     spatial = ["image", "seg", "brain"]
     steps = [
-        LoadSubjectd(),
+        LoadSubjectd(target_spacing=cfg.spacing, patch_size=cfg.patch_size),
         AddBrainMaskd(),
         Orientationd(keys=spatial, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
         ResampleToSpacingd(spatial, cfg.spacing, ("bilinear", "nearest", "nearest")),

@@ -2,10 +2,11 @@
 training or embedding touches it, and reports every problem of the cohort at once, one line
 ``file: problem`` each.
 
-Order per subject: headers first (readable NIfTI, dimensionality, size limit, affine), then one
-grid for all modalities (shape and affine within tolerance), then voxels (NaN/Inf, all-zero,
-segmentation labels). Voxels are read one file at a time, so memory stays flat whatever the
-cohort size. File reading itself lives in :mod:`aad_med.data.io`.
+Order per subject: headers first (readable NIfTI, header extensions, dimensionality, size limit,
+affine; each header read once), then the per-subject budget on the voxels all its files decode to
+(:func:`aad_med.data.io.check_subject_budget`), then one grid for all modalities (shape and affine
+within tolerance), then voxels (NaN/Inf, all-zero, segmentation labels). Voxels are read one file
+at a time, so memory stays flat whatever the cohort size, and never for a subject over budget. File reading itself lives in :mod:`aad_med.data.io`.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 
 from aad_med import CHANNELS
@@ -24,6 +26,7 @@ from aad_med.data.io import (
     check_affine,
     check_dimensions,
     check_seg_labels,
+    check_subject_budget,
     check_values,
     read_header,
     read_voxels,
@@ -43,6 +46,7 @@ class SkippedSubjectsWarning(UserWarning):
 class _Header:
     shape: tuple[int, int, int]
     affine: np.ndarray
+    img: nib.Nifti1Image
 
 
 def validate_cohort(
@@ -51,6 +55,7 @@ def validate_cohort(
     max_voxels: int = MAX_VOXELS,
     check_voxels: bool = True,
     affine_tolerance: float = AFFINE_TOLERANCE,
+    max_subject_voxels: int | None = None,
 ) -> Cohort:
     """Check every file of every subject and report all problems at once.
 
@@ -63,6 +68,9 @@ def validate_cohort(
         check_voxels: also read voxels (NaN/Inf, all-zero, segmentation labels); ``False``
             checks headers and grids only, which is much faster on large cohorts.
         affine_tolerance: largest difference allowed between the affines of one subject's files.
+        max_subject_voxels: per-subject budget on decoded voxels across all its files;
+            ``None`` uses ``$AAD_MAX_SUBJECT_VOXELS`` or
+            :data:`aad_med.data.io.MAX_SUBJECT_VOXELS`.
 
     Returns:
         A new cohort holding the valid subjects (the input is not modified).
@@ -75,7 +83,9 @@ def validate_cohort(
     problems: list[str] = []
     skipped = list(cohort.skipped)
     for i, subject in enumerate(cohort.subjects, start=1):
-        lines = subject_problems(subject, max_voxels, check_voxels, affine_tolerance)
+        lines = subject_problems(
+            subject, max_voxels, check_voxels, affine_tolerance, max_subject_voxels
+        )
         if not lines:
             good.append(subject)
         elif skip_invalid:
@@ -105,6 +115,7 @@ def load_cohort(
     skip_invalid: bool = False,
     check_voxels: bool = True,
     max_voxels: int = MAX_VOXELS,
+    max_subject_voxels: int | None = None,
 ) -> Cohort:
     """Discover a cohort folder or CSV manifest and validate it (see :func:`validate_cohort`).
 
@@ -113,7 +124,11 @@ def load_cohort(
     """
     cohort = discover_cohort(path, skip_invalid=skip_invalid)
     return validate_cohort(
-        cohort, skip_invalid=skip_invalid, max_voxels=max_voxels, check_voxels=check_voxels
+        cohort,
+        skip_invalid=skip_invalid,
+        max_voxels=max_voxels,
+        check_voxels=check_voxels,
+        max_subject_voxels=max_subject_voxels,
     )
 
 
@@ -122,6 +137,7 @@ def subject_problems(
     max_voxels: int = MAX_VOXELS,
     check_voxels: bool = True,
     affine_tolerance: float = AFFINE_TOLERANCE,
+    max_subject_voxels: int | None = None,
 ) -> list[str]:
     """All problems of one subject, one line ``file: problem`` each (empty when valid)."""
     problems: list[str] = []
@@ -133,14 +149,21 @@ def subject_problems(
         try:
             img = read_header(src.path, max_voxels)
             shape = check_dimensions(img, src)
-            headers[name] = _Header(shape, check_affine(img, src.path))
+            headers[name] = _Header(shape, check_affine(img, src.path), img)
         except InputError as e:
             # A 4D file stands for four channels: report its header problem once.
             if str(e) not in problems:
                 problems.append(str(e))
+    if not problems:
+        try:
+            budgeted = [(src, headers[n].img, headers[n].affine) for n, src in sources]
+            check_subject_budget(subject.subject_id, budgeted, max_subject_voxels)
+        except InputError as e:
+            # Over budget: reading its voxels is exactly what must not happen.
+            return [str(e)]
     problems.extend(_grid_problems(sources, headers, affine_tolerance))
     if check_voxels:
-        problems.extend(_voxel_problems(sources, headers, max_voxels))
+        problems.extend(_voxel_problems(sources, headers))
     return problems
 
 
@@ -173,7 +196,7 @@ def _grid_problems(
 
 
 def _voxel_problems(
-    sources: list[tuple[str, ImageSource]], headers: dict[str, _Header], max_voxels: int
+    sources: list[tuple[str, ImageSource]], headers: dict[str, _Header]
 ) -> list[str]:
     out: list[str] = []
     four_d: dict[Path, np.ndarray | None] = {}
@@ -188,7 +211,7 @@ def _voxel_problems(
                 continue
             checked.add(key)
         try:
-            img = read_header(src.path, max_voxels)
+            img = headers[name].img
             if src.volume is None:
                 data = read_voxels(img, src.path, None)
                 where: str | Path = src.path

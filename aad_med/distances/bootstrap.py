@@ -1,4 +1,5 @@
-"""Stage 5, distances: subject bootstrap of cohort means and AAD, vectorised.
+"""Stage 5, distances: subject bootstrap of cohort means, vectorised (the per-dimension bands of
+each cohort's mean; the AAD interval is analytic, :mod:`aad_med.distances.interval`).
 
 Each resample draws subjects with replacement *within* a cohort, so cohort sizes stay fixed; a
 resample's mean is a row of ``counts @ x / n``, one matrix product for all resamples. Pure
@@ -10,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 from numpy.typing import ArrayLike
 
-from aad_med.distances._common import as_cohort_array, check_pair
+from aad_med.distances._common import as_cohort_array
 from aad_med.errors import ConfigError
 
 #: Largest count matrix built at once, in elements.
@@ -51,27 +52,3 @@ def percentile_interval(samples: ArrayLike, level: float = 0.95) -> tuple[float,
     s = np.asarray(samples, dtype=np.float64)
     lo, hi = np.quantile(s, [(1 - level) / 2, (1 + level) / 2], axis=0)
     return lo, hi
-
-
-def bootstrap_aad(
-    x_a: ArrayLike,
-    x_b: ArrayLike,
-    n_bootstrap: int = 2000,
-    seed: int | np.random.Generator = 0,
-) -> np.ndarray:
-    """AAD of ``n_bootstrap`` paired resamples (subjects resampled within each cohort).
-
-    Args:
-        x_a: embeddings of cohort A, ``(n_a, dim)``.
-        x_b: embeddings of cohort B, ``(n_b, dim)``.
-        n_bootstrap: number of resamples.
-        seed: seed or generator.
-
-    Returns:
-        ``(n_bootstrap,)`` AAD values; their 2.5/97.5 percentiles are the 95% interval.
-    """
-    a, b = check_pair(x_a, x_b)
-    rng = np.random.default_rng(seed)
-    ma = bootstrap_means(a, n_bootstrap, rng, "a")
-    mb = bootstrap_means(b, n_bootstrap, rng, "b")
-    return np.linalg.norm(ma - mb, axis=1)

@@ -14,31 +14,22 @@ import numpy as np
 from scipy import stats
 
 from aad_med.distances._common import to_jsonable
+from aad_med.distances.interval import DistanceMoments, interval_from_moments
 from aad_med.errors import ConfigError
 
 #: How the combined interval is built, by method name (also written to the output).
 INTERVAL_METHODS = {
-    "pooled_bootstrap": "Percentiles of the bootstrap AAD values of all encoders pooled with "
-    "equal weight per encoder: the spread of the AAD one would get from another encoder of the "
-    "same recipe on another sample of subjects (variance = mean within-encoder bootstrap "
-    "variance + between-encoder variance).",
-    "t_total_variance": "mean ± t(0.975, E-1) × sqrt(mean within-encoder bootstrap variance + "
-    "between-encoder variance), clipped at 0, the within variance taken from each encoder's 95% interval "
-    "((hi - lo) / 3.92)² because its bootstrap values were not kept.",
+    "unbiased_total_variance": "The single-run interval (aad_ci95, test inversion for the "
+    "unbiased squared distance) applied to the encoders' mean aad2_unbiased, with variance = "
+    "mean within-encoder variance + between-encoder variance of aad2_unbiased, widened by "
+    "(t/z)² with Welch–Satterthwaite degrees of freedom (E - 1 for the between part): the "
+    "spread of the distance one would get from another encoder of the same recipe on another "
+    "sample of subjects.",
+    "t_total_variance": "For results written before aad2_moments existed: mean AAD ± "
+    "t(0.975, E-1) × sqrt(mean within-encoder variance + between-encoder variance), clipped at "
+    "0, the within variance taken from each encoder's 95% interval ((hi - lo) / 3.92)². "
+    "Inherits the upward bias of AAD.",
 }
-
-
-def _weighted_quantiles(groups: Sequence[np.ndarray], qs: Sequence[float]) -> list[float]:
-    """Quantiles of the equal-weight mixture of ``groups`` (numpy's default method when the
-    groups have equal sizes, else the midpoint rule on weighted ranks)."""
-    values = np.concatenate(groups)
-    if len({len(g) for g in groups}) == 1:
-        return [float(v) for v in np.quantile(values, qs)]
-    weights = np.concatenate([np.full(len(g), 1.0 / (len(g) * len(groups))) for g in groups])
-    order = np.argsort(values, kind="stable")
-    values, cum = values[order], np.cumsum(weights[order])
-    cum -= weights[order] / 2  # midpoint rule, as the usual linear quantile for equal weights
-    return [float(np.interp(q, cum, values)) for q in qs]
 
 
 def combine_encoder_runs(
@@ -49,17 +40,18 @@ def combine_encoder_runs(
     """Combines ``compare_embeddings`` results obtained with different encoders.
 
     Args:
-        results: one ``compare_embeddings`` output per encoder, over the same cohorts. For the
-            pooled-bootstrap interval, call it with ``return_samples=True``; without the samples
-            the interval falls back to a t interval of the total variance (see
+        results: one ``compare_embeddings`` output per encoder, over the same cohorts (pairs
+            without ``aad2_moments``, from older runs, get the fallback interval of
             :data:`INTERVAL_METHODS`).
         names: encoder labels (default: each result's ``checkpoint`` key, else ``encoder{i}``).
         level: coverage of the combined interval.
 
     Returns:
         JSON-safe dict: ``encoders``, ``n_encoders``, ``pairs`` (per cohort pair: ``a``, ``b``,
-        ``aad_per_encoder``, ``aad_mean``, ``aad_interval`` [lo, hi], ``aad_interval_method``,
-        ``within_encoder_var``, ``between_encoder_var``, ``aad_null_ratio_per_encoder``,
+        ``aad_per_encoder``, ``aad_mean``, ``aad_unbiased_mean`` (sqrt of the mean
+        aad2_unbiased), ``aad_interval`` [lo, hi] for the distance between the population
+        means, ``aad_interval_method``, ``within_encoder_var`` and ``between_encoder_var`` (of
+        aad2_unbiased, or of AAD for the fallback), ``aad_null_ratio_per_encoder``,
         ``aad_null_ratio_mean``, ``aad_p_per_encoder``, ``n_encoders_significant`` at each
         result's ``alpha`` on ``aad_p_fdr``), ``rank_stability`` (``spearman_mean`` over encoder
         pairs of the Spearman correlation of the pairwise-AAD ordering, ``None`` with fewer than
@@ -85,18 +77,43 @@ def combine_encoder_runs(
             )
         by_key.append(pairs)
     n_enc = len(results)
-    q_lo, q_hi = (1 - level) / 2, (1 + level) / 2
+    q_hi = (1 + level) / 2
 
     out_pairs = []
     for key in keys:
         runs = [pairs[key] for pairs in by_key]
         aads = np.array([r["aad"] for r in runs], dtype=np.float64)
-        samples = [r.get("aad_bootstrap_sample") for r in runs]
-        if all(s is not None and len(s) > 1 for s in samples):
-            arrays = [np.asarray(s, dtype=np.float64) for s in samples]
-            within = float(np.mean([a.var(ddof=1) for a in arrays]))
-            interval = _weighted_quantiles(arrays, [q_lo, q_hi])
-            method = "pooled_bootstrap"
+        u_mean = None
+        if all(r.get("aad2_moments") is not None for r in runs):
+            u = np.array([r["aad2_unbiased"] for r in runs], dtype=np.float64)
+            # JSON writes an infinite df (no linear variance) as null.
+            m = {
+                k: np.array([np.inf if r["aad2_moments"][k] is None else r["aad2_moments"][k]
+                             for r in runs], dtype=np.float64)
+                for k in ("var_null", "var_linear", "trace", "df_linear")
+            }  # fmt: skip
+            within = float(np.mean(m["var_null"] + m["var_linear"]))
+            between = float(u.var(ddof=1))
+            # Satterthwaite: the between-encoder variance has only E - 1 df, so the whole
+            # variance is widened by the squared ratio of t to normal quantiles.
+            total = within + between
+            widen = 1.0
+            if between > 0:
+                df = total**2 / (between**2 / (n_enc - 1))
+                widen = float(stats.t.ppf(q_hi, df) / stats.norm.ppf(q_hi)) ** 2
+            u_mean = float(u.mean())
+            lo, hi = interval_from_moments(
+                DistanceMoments(
+                    u=u_mean,
+                    var_null=widen * (float(m["var_null"].mean()) + between),
+                    var_linear=widen * float(m["var_linear"].mean()),
+                    trace=float(m["trace"].mean()),
+                    df_linear=float(m["df_linear"].min()),
+                ),
+                level,
+            )
+            interval = [float(lo[0]), float(hi[0])]
+            method = "unbiased_total_variance"
         else:
             within = float(
                 np.mean([((r["aad_ci95"][1] - r["aad_ci95"][0]) / 3.92) ** 2 for r in runs])
@@ -115,10 +132,11 @@ def combine_encoder_runs(
                 "b": key[1],
                 "aad_per_encoder": aads,
                 "aad_mean": float(aads.mean()),
+                "aad_unbiased_mean": None if u_mean is None else float(np.sqrt(max(u_mean, 0.0))),
                 "aad_interval": interval,
                 "aad_interval_method": method,
                 "within_encoder_var": within,
-                "between_encoder_var": float(aads.var(ddof=1)),
+                "between_encoder_var": between,
                 "aad_null_ratio_per_encoder": ratios,
                 "aad_null_ratio_mean": float(np.mean(finite_ratios)) if finite_ratios else None,
                 "aad_p_per_encoder": [r.get("aad_p") for r in runs],

@@ -1,8 +1,9 @@
-"""Stage 5, distances: the scale-free AAD (Mahalanobis distance between the cohort means) and
-Hotelling's T².  Pure numpy/scipy; never touches files.
+"""Stage 5, distances: the scale-free AAD (the bias-corrected standardised distance reported as
+``aad_standardized``, and the Mahalanobis distance between the sample means) and Hotelling's T².
+Pure numpy/scipy; never touches files.
 
-Plain AAD depends on the scale of each latent dimension; the standardised version measures the
-mean shift in units of the within-cohort spread, so it is comparable across encoders.
+Plain AAD depends on the scale of each latent dimension; the standardised versions measure the
+mean shift in units of the within-cohort spread, so they are comparable across encoders.
 """
 
 from __future__ import annotations
@@ -55,8 +56,45 @@ def pooled_within_covariance(x_a: ArrayLike, x_b: ArrayLike) -> np.ndarray:
     return out
 
 
+def standardized_distance(x_a: ArrayLike, x_b: ArrayLike) -> float | None:
+    """Bias-corrected standardised distance between the population means (``aad_standardized``).
+
+    Estimates ``sqrt(Σ_j δ_j² / σ_j²)``: the mean shift in units of each dimension's pooled
+    within-cohort standard deviation ``σ_j``, i.e. the root of the sum of squared Cohen's d over
+    dimensions (the Mahalanobis distance when dimensions are uncorrelated). The squared value
+    ``Σ_j [(n-4)/(n-2) Δ_j²/s_j² - (1/n_A + 1/n_B)]`` (``s_j²`` the pooled variance, ``n = n_A +
+    n_B``) is unbiased for Gaussian cohorts of equal variances: ``(n-4)/(n-2)`` undoes the
+    upward bias of ``1/s_j²`` and the second term the sampling noise of ``Δ``. So with no shift
+    its expectation is 0 whatever D and n (about half of such data sets give exactly 0), unlike
+    the plain sample distance, whose no-difference level is ``sqrt(D (1/n_A + 1/n_B))``.
+
+    Returns:
+        ``sqrt(max(0, ·))``; ``inf`` if the cohorts differ along a dimension without
+        within-cohort variance; ``None`` with 4 subjects or fewer in all (no unbiased form).
+    """
+    a, b = check_pair(x_a, x_b)
+    na, nb = a.shape[0], b.shape[0]
+    n = na + nb
+    if n <= 4:
+        return None
+    delta = a.mean(axis=0) - b.mean(axis=0)
+    pooled = (
+        np.sum((a - a.mean(axis=0)) ** 2, axis=0) + np.sum((b - b.mean(axis=0)) ** 2, axis=0)
+    ) / (n - 2)
+    scale = float(np.max(np.abs(delta)))
+    keep = pooled > pooled.max(initial=0.0) * 1e-24
+    if np.any(np.abs(delta[~keep]) > 1e-12 * scale):
+        return float("inf")
+    d2 = (n - 4) / (n - 2) * delta[keep] ** 2 / pooled[keep] - (1.0 / na + 1.0 / nb)
+    return float(np.sqrt(max(float(np.sum(d2)), 0.0)))
+
+
 def aad_standardized(x_a: ArrayLike, x_b: ArrayLike) -> float:
-    """Mahalanobis distance between the cohort means, ``sqrt(Δᵀ Σ⁻¹ Δ)``.
+    """Mahalanobis distance between the sample means, ``sqrt(Δᵀ Σ⁻¹ Δ)`` (not bias-corrected).
+
+    Descriptive: with no shift at all it is about ``sqrt(D (1/n_A + 1/n_B))``. The calibration
+    tables and the Ledoit–Wolf T² use it; ``compare_embeddings`` reports
+    :func:`standardized_distance` as ``aad_standardized`` instead.
 
     ``Σ`` is the pooled within-cohort covariance with Ledoit–Wolf shrinkage of its correlation
     (see :func:`pooled_within_covariance`), so the value does not change when a dimension is
@@ -88,7 +126,8 @@ class HotellingResult:
             direction without within-cohort variance).
         pvalue: from the F distribution, or ``None`` when it does not exist (then use a
             permutation test, as ``compare_embeddings`` does).
-        covariance: ``"pooled"`` (plain pooled within-cohort covariance) or ``"ledoit_wolf"``.
+        covariance: ``"pooled"`` (plain pooled within-cohort covariance) or
+            ``"ledoit_wolf_label_free"`` (Ledoit–Wolf, pooled subjects, labels ignored).
         df: the F degrees of freedom ``(p, n - p - 1)``, ``p`` the rank used; ``None`` without F.
     """
 
@@ -107,15 +146,22 @@ def hotelling_test(x_a: ArrayLike, x_b: ArrayLike) -> HotellingResult:
     The Ledoit–Wolf covariance is not used there on purpose: shrinkage shrinks T² and leaves
     the F reference far too conservative (false-positive rate 0.017 instead of 0.05 at 10 vs 10
     subjects in 4 dimensions). Otherwise the pooled covariance is singular, T² uses the
-    Ledoit–Wolf pooled covariance and the p-value is left to a permutation test.
+    Ledoit–Wolf covariance of the pooled subjects estimated without the labels (the statistic
+    whose permutation p-value ``compare_embeddings`` reports) and the p-value is left to a
+    permutation test.
     """
     a, b = check_pair(x_a, x_b)
     na, nb, dim = a.shape[0], b.shape[0], a.shape[1]
     n = na + nb
     delta = a.mean(axis=0) - b.mean(axis=0)
     if n - 2 <= dim:
-        std = aad_standardized(a, b)
-        return HotellingResult(na * nb / n * std**2, None, "ledoit_wolf", None)
+        # The T² a permutation test can use: the covariance is estimated without the labels,
+        # so it is the same under every relabelling (see label_free_whitened).
+        white = label_free_whitened(np.vstack([a, b]))
+        shift = white[:na].mean(axis=0) - white[na:].mean(axis=0)
+        return HotellingResult(
+            na * nb / n * float(shift @ shift), None, "ledoit_wolf_label_free", None
+        )
     centred = np.vstack([a - a.mean(axis=0), b - b.mean(axis=0)])
     vecs, vals = _spectrum(centred, n - 2)
     keep = vals > vals.max(initial=0.0) * 1e-12

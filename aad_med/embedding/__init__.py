@@ -6,8 +6,8 @@ feature set's joint standardisation; ``write_embeddings_csv``/``_npz`` write the
 """
 
 import aad_med.embedding.acquisition  # noqa: F401  (registers the acquisition feature sets)
-from aad_med.embedding.cache import embed_cohorts, file_sha256
-from aad_med.embedding.encode import CohortEmbedding, embed_cohort
+from aad_med.embedding.cache import embed_cohorts
+from aad_med.embedding.encode import CohortEmbedding, EmbedSettings, embed_cohort
 from aad_med.embedding.features import (
     FeatureSet,
     available_feature_sets,
@@ -20,9 +20,11 @@ from aad_med.embedding.io import (
     write_embeddings_csv,
     write_embeddings_npz,
 )
+from aad_med.io_utils import file_sha256
 
 __all__ = [
     "CohortEmbedding",
+    "EmbedSettings",
     "FeatureSet",
     "available_feature_sets",
     "embed_cohort",

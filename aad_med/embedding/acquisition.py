@@ -20,8 +20,8 @@ The feature sets here look at what the encoder computes but the mean latent aver
 Every standardisation is fitted once, in :meth:`FeatureSet.finalize`, on all compared subjects
 together: the transform is symmetric in the subjects, so permutation p-values stay exact.
 
-:func:`intensity_fingerprint` is not an encoder feature set: it reads the raw images and gives
-per-channel foreground percentiles *before* normalisation, to be reported as its own statistic.
+:func:`aad_med.data.intensity.intensity_fingerprint` is not an encoder feature set: it reads the
+raw images (stage 1, data) and is reported as its own statistic.
 
 No statistics and no file writing here.
 """
@@ -34,8 +34,6 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 
-from aad_med.data.io import load_subject
-from aad_med.data.records import SubjectRecord
 from aad_med.embedding.features import (
     FeatureSet,
     LatentFeatures,
@@ -44,14 +42,13 @@ from aad_med.embedding.features import (
     get_feature_set,
     register_feature_set,
 )
+from aad_med.embedding.regional import add_to_cells
 
 POSITION_EXTENT = 256
 """Edge (voxels) of the RAS volume the position lattice covers; BraTS volumes are 240x240x155."""
 
 POSITION_MIN_FRACTION = 0.5
 """A grid cell is used when at least this fraction of the compared subjects has a patch there."""
-
-FINGERPRINT_PERCENTILES: tuple[float, ...] = (1.0, 5.0, 25.0, 50.0, 75.0, 95.0, 99.0)
 
 
 def standardize_jointly(vectors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -276,13 +273,7 @@ class PositionAccumulator(SubjectAccumulator):
                 f"patch centre outside the {self.extent}-voxel position lattice; positions must "
                 "lie in the RAS volume"
             )
-        for c, v in zip(map(tuple, cells.tolist()), z, strict=True):
-            if c in self.sums:
-                self.sums[c] += v
-                self.counts[c] += 1
-            else:
-                self.sums[c] = v.copy()
-                self.counts[c] = 1
+        add_to_cells(self.sums, self.counts, cells, z)
 
     def vector(self) -> np.ndarray:
         """``[cells_per_axis, latent_dim, present (G³), latents (G³·D)]`` (dense lattice)."""
@@ -436,41 +427,6 @@ class ConcatFeatureSet(FeatureSet):
         return {k: np.concatenate([f[k] for f in finals], axis=1) for k in names}
 
 
-# --------------------------------------------------------------------------------------------
-# intensity fingerprint (its own statistic, not an encoder feature)
-
-
-def intensity_fingerprint(
-    records: Sequence[SubjectRecord],
-    percentiles: Sequence[float] = FINGERPRINT_PERCENTILES,
-) -> np.ndarray:
-    """Per-channel foreground (non-zero) intensity percentiles of the raw images.
-
-    Normalisation removes global intensity and contrast before the encoder sees anything; this
-    statistic looks at exactly that, so report it separately from the AAD.
-
-    Args:
-        records: the subjects (their files are read with :func:`aad_med.data.io.load_subject`).
-        percentiles: percentiles in [0, 100].
-
-    Returns:
-        ``(n_subjects, 4 * len(percentiles))`` float64, channel-major (t1, t1ce, t2, flair).
-
-    Raises:
-        InputError: a file cannot be read (named).
-    """
-    q = np.asarray(percentiles, dtype=np.float64)
-    rows = []
-    for rec in records:
-        image = load_subject(rec, load_seg=False).image
-        row = []
-        for ch in image:
-            fg = ch[ch != 0]
-            row.append(np.percentile(fg, q) if fg.size else np.zeros(q.size))
-        rows.append(np.concatenate(row))
-    return np.asarray(rows, dtype=np.float64).reshape(len(rows), 4 * q.size)
-
-
 COMBINATIONS: tuple[tuple[str, ...], ...] = (
     ("latent", "multiscale"),
     ("latent", "multiscale", "dispersion"),
@@ -494,6 +450,5 @@ __all__ = [
     "MultiscaleFeatures",
     "PositionMatchedFeatures",
     "TextureFeatures",
-    "intensity_fingerprint",
     "standardize_jointly",
 ]

@@ -9,36 +9,31 @@ time): change any of them and the entry is simply not found. Entries are ``.npz`
 
 from __future__ import annotations
 
-import hashlib
-import json
+import dataclasses
 import logging
 import os
-import secrets
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from aad_med.data.preprocessing import PreprocessingConfig
 from aad_med.data.records import Cohort
-from aad_med.embedding.encode import DEFAULT_BATCH_SIZE, CohortEmbedding, embed_cohort
+from aad_med.embedding.encode import (
+    CohortEmbedding,
+    EmbedSettings,
+    embed_cohort,
+)
 from aad_med.embedding.features import FeatureSet, get_feature_set
 from aad_med.embedding.regional import RegionalLatents
+from aad_med.io_utils import atomic_path, cache_key, file_stats
 
 log = logging.getLogger(__name__)
 
 CACHE_VERSION = 1
 """Bumped whenever encoding changes what it produces (invalidates old entries)."""
-
-
-def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file's bytes, read in chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def cohort_cache_key(
@@ -49,16 +44,7 @@ def cohort_cache_key(
     keep_positions: bool,
 ) -> str:
     """Hex key of one cohort's embedding (see the module docstring for what it covers)."""
-    subjects = []
-    for rec in cohort.subjects:
-        files = []
-        for p in rec.files:
-            try:
-                st = os.stat(p)
-                files.append([str(Path(p).resolve()), st.st_size, st.st_mtime_ns])
-            except OSError:
-                files.append([str(p), None, None])
-        subjects.append([rec.subject_id, files, rec.as_dict()])
+    subjects = [[rec.subject_id, file_stats(rec.files), rec.as_dict()] for rec in cohort.subjects]
     payload = {
         "v": CACHE_VERSION,
         "checkpoint": checkpoint_hash,
@@ -67,8 +53,7 @@ def cohort_cache_key(
         "keep_positions": bool(keep_positions),
         "subjects": subjects,
     }
-    text = json.dumps(payload, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:40]
+    return cache_key(payload)
 
 
 def _to_arrays(e: CohortEmbedding) -> dict[str, np.ndarray]:
@@ -144,10 +129,8 @@ def cache_entry(
 def save_cached(path: str | Path, embedding: CohortEmbedding) -> Path:
     """Write one cohort's embedding as ``.npz`` (atomic rename)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}-{secrets.token_hex(4)}.tmp.npz")
-    np.savez(tmp, **_to_arrays(embedding))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, **_to_arrays(embedding))
     return path
 
 
@@ -174,37 +157,38 @@ def embed_cohorts(
     model: torch.nn.Module,
     cohorts: Mapping[str, Cohort],
     preprocessing: PreprocessingConfig,
-    device: str | torch.device = "cpu",
-    batch_size: int = DEFAULT_BATCH_SIZE,
-    features: str | FeatureSet = "latent",
-    keep_positions: bool = False,
-    checkpoint_hash: str | None = None,
-    cache_dir: str | Path | None = None,
-    num_workers: int = 0,
-    progress: bool = True,
+    settings: EmbedSettings | None = None,
+    **options: Any,
 ) -> dict[str, CohortEmbedding]:
     """Embed several cohorts, reusing cached entries, then apply the feature set's joint
     standardisation (fitted on all compared subjects).
 
     Args:
-        model, preprocessing, device, batch_size, features, keep_positions, num_workers,
-            progress: as :func:`aad_med.embedding.encode.embed_cohort`.
+        model, preprocessing: as :func:`aad_med.embedding.encode.embed_cohort`.
         cohorts: ``{name: cohort}``, compared in this order.
-        checkpoint_hash: SHA-256 of the checkpoint file (:func:`file_sha256`); caching is off
-            without it (a model in memory has no stable identity).
-        cache_dir: cache folder; ``None`` turns caching off.
+        settings: :class:`~aad_med.embedding.encode.EmbedSettings`; caching needs both its
+            ``checkpoint_hash`` and ``cache_dir``.
+        **options: :class:`~aad_med.embedding.encode.EmbedSettings` fields overriding
+            ``settings``.
 
     Returns:
         ``{name: CohortEmbedding}`` in the order of ``cohorts``; ``vectors`` are final.
     """
-    feature_set = get_feature_set(features)
-    use_cache = cache_dir is not None and checkpoint_hash is not None
+    s = EmbedSettings.resolve(settings, options)
+    feature_set = get_feature_set(s.features)
+    s = dataclasses.replace(s, features=feature_set)
+    use_cache = s.cache_dir is not None and s.checkpoint_hash is not None
     out: dict[str, CohortEmbedding] = {}
     for name, cohort in cohorts.items():
         entry = None
         if use_cache:
             entry = cache_entry(
-                cache_dir, cohort, checkpoint_hash, preprocessing, feature_set.name, keep_positions
+                s.cache_dir,
+                cohort,
+                s.checkpoint_hash,
+                preprocessing,
+                feature_set.name,
+                s.keep_positions,
             )
             cached = load_cached(entry)
             if cached is not None:
@@ -212,18 +196,7 @@ def embed_cohorts(
                 cached.name = name
                 out[name] = cached
                 continue
-        emb = embed_cohort(
-            model,
-            cohort,
-            preprocessing,
-            device=device,
-            batch_size=batch_size,
-            features=feature_set,
-            keep_positions=keep_positions,
-            name=name,
-            num_workers=num_workers,
-            progress=progress,
-        )
+        emb = embed_cohort(model, cohort, preprocessing, s, name=name)
         if entry is not None:
             save_cached(entry, emb)
         out[name] = emb

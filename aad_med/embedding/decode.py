@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from aad_med.embedding.encode import resolve_device
+from aad_med.device import resolve_device
 
 
 def decode_mean_difference(

@@ -10,21 +10,16 @@ batches), so the vectors do not depend on how subjects are sharded: with the sam
 thread settings, N processes write the same ``embeddings.csv`` as one. Regional sums are added in
 another order and agree to rounding only.
 
-Command line (rank 0 writes ``OUT/embeddings.csv`` and ``OUT/embeddings.npz``)::
-
-    torchrun --standalone --nproc_per_node=4 -m aad_med.embedding.distributed \\
-        --checkpoint runs/train/checkpoints/best.pt \\
-        --cohort site_a=data/site_a --cohort site_b=data/site_b --out outputs/embed
+The command line is ``aad-embed`` (:mod:`aad_med.cli.embed`, body in
+:mod:`aad_med.pipelines.embed`); this module holds only the sharding.
 
 Computes no statistics.
 """
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import logging
-import os
-import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -35,29 +30,26 @@ import torch.distributed as dist
 
 from aad_med.data.preprocessing import PreprocessingConfig
 from aad_med.data.records import Cohort
+from aad_med.device import resolve_device
 from aad_med.embedding.cache import (
     cache_entry,
-    default_cache_dir,
-    file_sha256,
     finalize_vectors,
     load_cached,
     save_cached,
 )
 from aad_med.embedding.cache import embed_cohorts as embed_cohorts_single
-from aad_med.embedding.encode import DEFAULT_BATCH_SIZE, CohortEmbedding, embed_cohort
-from aad_med.embedding.features import FeatureSet, get_feature_set
+from aad_med.embedding.encode import CohortEmbedding, EmbedSettings, embed_cohort
+from aad_med.embedding.features import get_feature_set
 from aad_med.embedding.regional import AFFINE_TOLERANCE, RegionalLatents
-from aad_med.errors import AADError, ConfigError
+from aad_med.errors import AADError
 
 __all__ = [
     "embed_cohorts_distributed",
-    "main",
     "merge_regional",
     "merge_shards",
     "shard_indices",
 ]
 
-PROG = "aad-embed"
 #: Ranks wait at the gather for the slowest shard; a CPU cohort can take hours.
 DEFAULT_TIMEOUT_S = 6 * 3600.0
 
@@ -168,27 +160,14 @@ def _world() -> tuple[int, int]:
     return 0, 1
 
 
-def _rank_device(device: str | torch.device | None) -> torch.device:
-    """``auto``/``cuda`` -> this rank's GPU (``cuda:LOCAL_RANK``) when CUDA is visible."""
-    pref = "auto" if device is None else str(device)
-    if pref == "auto":
-        pref = "cuda" if torch.cuda.is_available() else "cpu"
-    if pref == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError("device=cuda but no CUDA GPU is visible; use device=cpu or auto")
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        return torch.device("cuda", local % torch.cuda.device_count())
-    return torch.device(pref)
-
-
-def _from_main(value: Any) -> Any:
+def from_main(value: Any) -> Any:
     """Rank 0's ``value`` on every rank (one pickled broadcast)."""
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
 
 
-class _ReportedOnRankZero(AADError):
+class ReportedOnRankZero(AADError):
     """A failure gathered from another rank; rank 0 reports it, the others exit quietly."""
 
 
@@ -199,10 +178,10 @@ def _raise_first_error(outcomes: Sequence[tuple[str, Any]], rank: int) -> None:
         if kind == "error":
             if rank == 0:
                 raise value
-            raise _ReportedOnRankZero(str(value))
+            raise ReportedOnRankZero(str(value))
 
 
-def _on_every_rank(fn: Callable[[], Any]) -> Any:
+def on_every_rank(fn: Callable[[], Any]) -> Any:
     """``fn()`` on every rank; when it fails with an :class:`AADError` on any rank, every rank
     raises (see :func:`_raise_first_error`) instead of the others waiting in the next
     collective until the launcher kills them."""
@@ -225,14 +204,8 @@ def embed_cohorts_distributed(
     model: torch.nn.Module,
     cohorts: Mapping[str, Cohort],
     preprocessing: PreprocessingConfig,
-    device: str | torch.device = "auto",
-    batch_size: int = DEFAULT_BATCH_SIZE,
-    features: str | FeatureSet = "latent",
-    keep_positions: bool = False,
-    checkpoint_hash: str | None = None,
-    cache_dir: str | Path | None = None,
-    num_workers: int = 0,
-    progress: bool = True,
+    settings: EmbedSettings | None = None,
+    **options: Any,
 ) -> dict[str, CohortEmbedding]:
     """:func:`aad_med.embedding.cache.embed_cohorts` with the subjects split over the ranks of
     an initialised process group (plain ``embed_cohorts`` when there is none or only one rank).
@@ -243,32 +216,26 @@ def embed_cohorts_distributed(
     An input error on any rank is raised on every rank (rank 0 raises the error itself).
 
     Args:
-        model, cohorts, preprocessing, device, batch_size, features, keep_positions,
-            checkpoint_hash, cache_dir, num_workers, progress: as
-            :func:`aad_med.embedding.cache.embed_cohorts`.
+        model, cohorts, preprocessing, settings, options: as
+            :func:`aad_med.embedding.cache.embed_cohorts`, except that the device defaults to
+            ``"auto"`` (this rank's GPU when there is one).
 
     Returns:
         ``{name: CohortEmbedding}`` in the order of ``cohorts``, subjects in cohort order, the
         same on every rank; ``vectors`` are final (joint standardisation applied).
     """
+    if settings is None:
+        options = {"device": "auto", **options}
+    s = EmbedSettings.resolve(settings, options)
+    s = dataclasses.replace(s, device=resolve_device(s.device))
     rank, world = _world()
     if world == 1:
-        return embed_cohorts_single(
-            model,
-            cohorts,
-            preprocessing,
-            device=_rank_device(device),
-            batch_size=batch_size,
-            features=features,
-            keep_positions=keep_positions,
-            checkpoint_hash=checkpoint_hash,
-            cache_dir=cache_dir,
-            num_workers=num_workers,
-            progress=progress,
-        )
-    feature_set = get_feature_set(features)
-    dev = _rank_device(device)
-    cohorts = _from_main(dict(cohorts))
+        return embed_cohorts_single(model, cohorts, preprocessing, s)
+    feature_set = get_feature_set(s.features)
+    # Rank 0 alone shows progress; every rank encodes its shard with these settings.
+    shard_settings = dataclasses.replace(s, features=feature_set, progress=s.progress and rank == 0)
+    checkpoint_hash, cache_dir = s.checkpoint_hash, s.cache_dir
+    cohorts = from_main(dict(cohorts))
     names = list(cohorts)
 
     use_cache = cache_dir is not None and checkpoint_hash is not None
@@ -276,12 +243,17 @@ def embed_cohorts_distributed(
     if use_cache:
         for name, cohort in cohorts.items():
             entries[name] = cache_entry(
-                cache_dir, cohort, checkpoint_hash, preprocessing, feature_set.name, keep_positions
+                cache_dir,
+                cohort,
+                checkpoint_hash,
+                preprocessing,
+                feature_set.name,
+                s.keep_positions,
             )
     cached = {}
     if rank == 0 and use_cache:
         cached = {n: e for n in names if (e := load_cached(entries[n])) is not None}
-    cached = _from_main(cached)
+    cached = from_main(cached)
 
     try:
         local: dict[str, CohortEmbedding | None] = {}
@@ -294,18 +266,7 @@ def embed_cohorts_distributed(
                 local[name] = None
                 continue
             shard = Cohort(cohort.path, cohort.layout, [cohort.subjects[i] for i in idx])
-            local[name] = embed_cohort(
-                model,
-                shard,
-                preprocessing,
-                device=dev,
-                batch_size=batch_size,
-                features=feature_set,
-                keep_positions=keep_positions,
-                name=name,
-                num_workers=num_workers,
-                progress=progress and rank == 0,
-            )
+            local[name] = embed_cohort(model, shard, preprocessing, shard_settings, name=name)
         outcome: tuple[str, Any] = ("ok", local)
     except AADError as e:
         outcome = ("error", e)
@@ -326,124 +287,3 @@ def embed_cohorts_distributed(
                 save_cached(entries[name], emb)
         out[name] = emb
     return finalize_vectors(feature_set, out)
-
-
-def _parse_cohorts(items: Sequence[str]) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for item in items:
-        name, sep, path = item.partition("=")
-        if not sep or not name or not path:
-            raise ConfigError(f"--cohort expects NAME=DIR_OR_CSV, got {item!r}")
-        if name in out:
-            raise ConfigError(f"cohort name {name!r} is given twice")
-        out[name] = path
-    return out
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog=PROG,
-        description="Encode cohorts to per-subject vectors, sharded over torchrun processes; "
-        "rank 0 writes OUT/embeddings.csv and OUT/embeddings.npz.",
-    )
-    p.add_argument("--checkpoint", required=True, help="checkpoint written by aad-train")
-    p.add_argument(
-        "--cohort",
-        action="append",
-        required=True,
-        metavar="NAME=DIR",
-        help="a cohort folder or CSV manifest (repeat for each cohort)",
-    )
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda (cuda:LOCAL_RANK)")
-    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="patches per pass")
-    p.add_argument("--num-workers", type=int, default=0, help="preprocessing workers per rank")
-    p.add_argument("--features", default="latent", help="feature set (default: latent)")
-    p.add_argument(
-        "--cache-dir",
-        default=None,
-        help="embedding cache folder ('default': $AAD_MED_CACHE/embeddings); off when omitted",
-    )
-    p.add_argument("--skip-invalid", action="store_true", help="leave invalid subjects out")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("-v", "--verbose", action="store_true", help="tracebacks on errors")
-    return p
-
-
-def _run(args: argparse.Namespace) -> int:
-    from aad_med.data.validation import load_cohort
-    from aad_med.embedding.io import write_embeddings_csv, write_embeddings_npz
-    from aad_med.training.checkpoint import load_model_from_checkpoint
-    from aad_med.training.distributed import cleanup_distributed, setup_distributed
-
-    paths = _parse_cohorts(args.cohort)
-    info = setup_distributed("cpu" if str(args.device) == "cpu" else "auto", DEFAULT_TIMEOUT_S)
-    try:
-        device = _on_every_rank(lambda: _rank_device(args.device))
-        model, preprocessing, _ = _on_every_rank(
-            lambda: load_model_from_checkpoint(args.checkpoint, device)
-        )
-        cohorts: dict[str, Cohort] = {}
-        if info.is_main:
-            try:
-                cohorts = {
-                    n: load_cohort(p, skip_invalid=args.skip_invalid) for n, p in paths.items()
-                }
-                found: tuple[str, Any] = ("ok", cohorts)
-            except AADError as e:
-                found = ("error", e)
-        else:
-            found = ("ok", None)
-        if info.distributed:
-            found = _from_main(found)
-        if found[0] == "error":
-            if info.is_main:
-                raise found[1]
-            raise _ReportedOnRankZero(str(found[1]))
-        cohorts = found[1]
-        cache_dir = None
-        if args.cache_dir:
-            cache_dir = default_cache_dir() if args.cache_dir == "default" else args.cache_dir
-        embs = embed_cohorts_distributed(
-            model,
-            cohorts,
-            preprocessing,
-            device=device,
-            batch_size=args.batch_size,
-            features=args.features,
-            checkpoint_hash=file_sha256(args.checkpoint) if cache_dir else None,
-            cache_dir=cache_dir,
-            num_workers=args.num_workers,
-            progress=not args.no_progress,
-        )
-        if info.is_main:
-            out = Path(args.out)
-            write_embeddings_csv(out / "embeddings.csv", embs)
-            write_embeddings_npz(out / "embeddings.npz", embs)
-            n = sum(len(e) for e in embs.values())
-            print(
-                f"{PROG}: {n} subjects of {len(embs)} cohorts encoded by {info.world_size} "
-                f"process(es); wrote {out / 'embeddings.csv'}"
-            )
-    finally:
-        cleanup_distributed()
-    return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point; returns the exit code (2 on input errors, one line each)."""
-    from aad_med.cli._errors import EXIT_INPUT_ERROR, run_reporting_errors
-
-    args = _parser().parse_args(argv)
-
-    def fn() -> int:
-        try:
-            return _run(args)
-        except _ReportedOnRankZero:
-            return EXIT_INPUT_ERROR
-
-    return run_reporting_errors(PROG, fn, verbose=args.verbose or None)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -9,6 +9,7 @@ cohort, and the calibration stage over artefact-shifted copies of subjects."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import time
@@ -21,10 +22,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from aad_med import DEFAULT_FEATURES
 from aad_med.data.datasets import build_eval_dataset
 from aad_med.data.preprocessing import PreprocessingConfig
 from aad_med.data.records import Cohort, SubjectRecord
 from aad_med.data.transforms import eval_patch_positions, extract_patches
+from aad_med.device import resolve_device
 from aad_med.embedding.features import (
     FeatureSet,
     LatentMeanAccumulator,
@@ -37,6 +40,48 @@ from aad_med.errors import CheckpointError
 log = logging.getLogger(__name__)
 
 DEFAULT_BATCH_SIZE = 32
+
+
+@dataclass(frozen=True)
+class EmbedSettings:
+    """How cohorts are embedded: the options :func:`embed_cohort`,
+    :func:`aad_med.embedding.cache.embed_cohorts` and
+    :func:`aad_med.embedding.distributed.embed_cohorts_distributed` share.
+
+    Attributes:
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:1"`` or ``"auto"`` (:func:`aad_med.device.resolve_device`).
+        batch_size: patches per forward pass.
+        features: feature set name or instance (default :data:`aad_med.DEFAULT_FEATURES`;
+            ``"latent"`` is the seed's mean of patch latents).
+        keep_positions: also accumulate latents by grid position for the regional map.
+        num_workers: DataLoader workers preprocessing the next subjects in the background.
+        progress: show a tqdm bar (subjects/s).
+        checkpoint_hash: SHA-256 of the checkpoint file (:func:`aad_med.io_utils.file_sha256`);
+            caching is off without it (a model in memory has no stable identity).
+        cache_dir: embedding cache folder; ``None`` turns caching off.
+    """
+
+    device: str | torch.device = "cpu"
+    batch_size: int = DEFAULT_BATCH_SIZE
+    features: str | FeatureSet = DEFAULT_FEATURES
+    keep_positions: bool = False
+    num_workers: int = 0
+    progress: bool = True
+    checkpoint_hash: str | None = None
+    cache_dir: str | Path | None = None
+
+    @classmethod
+    def resolve(cls, settings: EmbedSettings | None, options: Mapping[str, Any]) -> EmbedSettings:
+        """``settings`` (default: all defaults) with ``options`` (field names) replaced.
+
+        Raises:
+            TypeError: an option that is not a field.
+        """
+        base = settings if settings is not None else cls()
+        unknown = sorted(set(options) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise TypeError(f"unknown embedding option(s): {', '.join(unknown)}")
+        return dataclasses.replace(base, **options) if options else base
 
 
 @dataclass
@@ -96,13 +141,6 @@ class SubjectEncoding:
 def subject_folder(record: SubjectRecord) -> str:
     """The common parent folder of a subject's files."""
     return os.path.commonpath([str(Path(p).resolve().parent) for p in record.files])
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``"auto"``/``None`` -> CUDA when available, else CPU."""
-    if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def check_model_matches(model: torch.nn.Module, preprocessing: PreprocessingConfig) -> None:
@@ -226,13 +264,9 @@ def embed_cohort(
     model: torch.nn.Module,
     cohort: Cohort,
     preprocessing: PreprocessingConfig,
-    device: str | torch.device = "cpu",
-    batch_size: int = DEFAULT_BATCH_SIZE,
-    features: str | FeatureSet = "latent",
-    keep_positions: bool = False,
+    settings: EmbedSettings | None = None,
     name: str | None = None,
-    num_workers: int = 0,
-    progress: bool = True,
+    **options: Any,
 ) -> CohortEmbedding:
     """Encode every subject of ``cohort`` to one vector.
 
@@ -240,13 +274,10 @@ def embed_cohort(
         model: the autoencoder (``encode(x) -> (B, latent_dim)``); put in eval mode here.
         cohort: the validated cohort.
         preprocessing: the preprocessing the model was trained with (from its checkpoint).
-        device: ``"cpu"``, ``"cuda"``, ``"cuda:1"`` or ``"auto"``.
-        batch_size: patches per forward pass.
-        features: feature set name (``"latent"``: mean of patch latents) or instance.
-        keep_positions: also accumulate latents by grid position for the regional map.
+        settings: device, batch size, features, positions, workers, progress
+            (:class:`EmbedSettings`; the cache fields are not used here).
         name: cohort name (default: the cohort folder's name).
-        num_workers: DataLoader workers preprocessing the next subjects in the background.
-        progress: show a tqdm bar (subjects/s).
+        **options: :class:`EmbedSettings` fields overriding ``settings`` (``features="latent"``).
 
     Returns:
         The cohort's :class:`CohortEmbedding` (raw feature vectors; joint standardisation, if
@@ -256,14 +287,16 @@ def embed_cohort(
         CheckpointError: the model does not fit the preprocessing or the data.
         InputError: a subject's file cannot be read (named).
     """
-    device = resolve_device(device)
-    feature_set = get_feature_set(features)
+    s = EmbedSettings.resolve(settings, options)
+    device = resolve_device(s.device)
+    feature_set = get_feature_set(s.features)
+    batch_size, num_workers, progress = s.batch_size, s.num_workers, s.progress
     check_model_matches(model, preprocessing)
     model = model.to(device).eval()
     name = name or Path(cohort.path).name
     regional = (
         RegionalAccumulator(preprocessing.stride, preprocessing.patch_size)
-        if keep_positions
+        if s.keep_positions
         else None
     )
     ids, paths, n_patches, vectors, latent_means = [], [], [], [], []

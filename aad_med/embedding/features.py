@@ -1,9 +1,10 @@
 """Feature sets: how a subject's patch batches become the vector the statistics compare.
 
-``latent`` is the seed's definition and the default: the mean of the subject's patch latents,
-every patch weighted equally within a subject (subjects are weighted equally in the statistics).
-Other feature sets (multi-scale encoder statistics, latent dispersion, position-matched pooling,
-...) plug in with :func:`register_feature_set`: a class whose instances accumulate one subject
+``latent`` is the seed's definition: the mean of the subject's patch latents, every patch
+weighted equally within a subject (subjects are weighted equally in the statistics). The default
+of every API and command is :data:`aad_med.DEFAULT_FEATURES` (``multiscale+texture``, from
+:mod:`aad_med.embedding.acquisition`). Other feature sets (multi-scale encoder statistics, latent
+dispersion, position-matched pooling, ...) plug in with :func:`register_feature_set`: a class whose instances accumulate one subject
 streamed in batches, plus an optional joint standardisation fitted once on all compared
 subjects (so permutation p-values stay exact).
 """

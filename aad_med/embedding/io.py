@@ -5,7 +5,6 @@ the plain latent means), and reading them back so every statistic can be recompu
 from __future__ import annotations
 
 import csv
-import os
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import numpy as np
 
 from aad_med.embedding.encode import CohortEmbedding
 from aad_med.errors import InputError
+from aad_med.io_utils import atomic_path
 
 CSV_FIXED = ("subject_id", "cohort", "path", "n_patches")
 
@@ -21,9 +21,7 @@ def write_embeddings_csv(path: str | Path, embeddings: Mapping[str, CohortEmbedd
     """Write the vectors the statistics use, one row per subject, full float precision."""
     path = Path(path)
     dim = next(iter(embeddings.values())).dim if embeddings else 0
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
         w.writerow([*CSV_FIXED, *(f"z{j}" for j in range(dim))])
         for name, e in embeddings.items():
@@ -37,7 +35,6 @@ def write_embeddings_csv(path: str | Path, embeddings: Mapping[str, CohortEmbedd
                         *(repr(float(v)) for v in e.vectors[i]),
                     ]
                 )
-    os.replace(tmp, path)
     return path
 
 
@@ -62,10 +59,8 @@ def write_embeddings_npz(path: str | Path, embeddings: Mapping[str, CohortEmbedd
         ),
         "features": np.array(items[0][1].features if items else "latent"),
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.npz")
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, **arrays)
     return path
 
 

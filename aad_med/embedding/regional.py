@@ -14,6 +14,21 @@ BACKGROUND_CHANNEL = 3
 """FLAIR (canonical channel order t1, t1ce, t2, flair): the map is drawn on the mean FLAIR."""
 
 
+def add_to_cells(
+    sums: dict[tuple, np.ndarray], counts: dict[tuple, int], cells: np.ndarray, values
+) -> None:
+    """Add each row of ``values`` to the running sum of its grid cell (a row of ``cells``) and
+    count it: the per-position accumulation of the regional map and of position-matched
+    features."""
+    for c, v in zip(map(tuple, np.asarray(cells).tolist()), values, strict=True):
+        if c in sums:
+            sums[c] += v
+            counts[c] += 1
+        else:
+            sums[c] = v.copy()
+            counts[c] = 1
+
+
 @dataclass
 class RegionalLatents:
     """One cohort's latents by grid cell.
@@ -101,13 +116,7 @@ class RegionalAccumulator:
         per_cell = np.zeros((len(uniq), z.shape[1]))
         np.add.at(per_cell, inverse.ravel(), z)
         per_cell /= np.bincount(inverse.ravel(), minlength=len(uniq))[:, None]
-        for c, v in zip(map(tuple, uniq.tolist()), per_cell, strict=True):
-            if c in self.sums:
-                self.sums[c] += v
-                self.counts[c] += 1
-            else:
-                self.sums[c] = v.copy()
-                self.counts[c] = 1
+        add_to_cells(self.sums, self.counts, uniq, per_cell)
         # Padding may run past the RAS volume; only the overlapping part is added.
         start = np.asarray(crop_start, dtype=np.int64)
         vol = np.asarray(image[BACKGROUND_CHANNEL], dtype=np.float64)

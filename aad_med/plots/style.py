@@ -17,6 +17,8 @@ if "MPLBACKEND" not in os.environ:
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
+from aad_med.io_utils import atomic_path  # noqa: E402
+
 OKABE_ITO: tuple[str, ...] = (
     "#0072B2",  # blue
     "#E69F00",  # orange
@@ -43,11 +45,11 @@ def save_figure(fig: Figure, path: str | Path) -> Path:
     Written under a temporary name first and renamed, so a crash never leaves half a PNG.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, dpi=DPI, bbox_inches="tight", format="png")
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=DPI, bbox_inches="tight", format="png")
+    finally:
+        plt.close(fig)
     return path
 
 

@@ -10,7 +10,7 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 
-from aad_med.report.serialize import _atomic_text
+from aad_med.io_utils import write_text_atomic
 from aad_med.report.text import (
     BENCHMARK_SOURCE,
     DEFINITIONS,
@@ -23,6 +23,7 @@ from aad_med.report.text import (
     interpretation,
     latent_sentence,
     overlap_warning,
+    provenance_paragraph,
     sensitivity_table,
 )
 
@@ -76,6 +77,9 @@ def build_blocks(result: Mapping, images: Mapping[str, str | Path] | None = None
             ),
         )
     )
+    made = provenance_paragraph(result.get("provenance"))
+    if made:
+        b.append(("p", made))
     warning = overlap_warning(cohorts)
     if warning:
         b.append(("h2", "⚠ WARNING: training subjects among the compared cohorts"))
@@ -156,11 +160,8 @@ def build_blocks(result: Mapping, images: Mapping[str, str | Path] | None = None
                 caption = FEATURE_CAPTIONS[key].format(features=features)
             b.append(("img", caption, path))
     b.append(("h2", "What each number means"))
-    definitions = dict(DEFINITIONS)
-    extra = result.get("definitions") or {}
-    if isinstance(extra, Mapping):
-        definitions.update({str(k): str(v) for k, v in extra.items()})
-    b.append(("dl", list(definitions.items())))
+    # Only report/text.py explains statistics (never a copy carried in the result).
+    b.append(("dl", list(DEFINITIONS.items())))
     b.append(("h2", "What AAD cannot see"))
     b.append(("p", LIMITATIONS))
     return b
@@ -427,6 +428,6 @@ def write_report(
     """
     out_dir = Path(out_dir)
     blocks = build_blocks(result, images)
-    md = _atomic_text(out_dir / "report.md", render_markdown(blocks, out_dir))
-    page = _atomic_text(out_dir / "report.html", render_html(blocks, out_dir))
+    md = write_text_atomic(out_dir / "report.md", render_markdown(blocks, out_dir))
+    page = write_text_atomic(out_dir / "report.html", render_html(blocks, out_dir))
     return md, page

@@ -5,53 +5,18 @@ temporary name and renamed, so readers never see half a file."""
 from __future__ import annotations
 
 import csv
-import json
-import math
-import os
+import io
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 
-
-def to_jsonable(obj):
-    """Recursively convert numpy types, tuples and paths to JSON primitives; non-finite floats
-    become ``None`` (strict JSON has no NaN)."""
-    if isinstance(obj, Mapping):
-        return {str(k): to_jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, np.ndarray):
-        return to_jsonable(obj.tolist())
-    if isinstance(obj, list | tuple):
-        return [to_jsonable(v) for v in obj]
-    if isinstance(obj, np.bool_ | bool):
-        return bool(obj)
-    if isinstance(obj, np.integer):
-        return int(obj)
-    if isinstance(obj, np.floating | float):
-        f = float(obj)
-        return f if math.isfinite(f) else None
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj
-
-
-def _atomic_text(path: Path, text: str) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8", newline="") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return path
+from aad_med.io_utils import write_json_atomic, write_nifti_atomic, write_text_atomic
 
 
 def write_json(path: str | Path, payload: Mapping) -> Path:
     """Write ``payload`` as indented strict JSON (``allow_nan=False``)."""
-    text = json.dumps(to_jsonable(payload), indent=2, allow_nan=False)
-    return _atomic_text(Path(path), text + "\n")
+    return write_json_atomic(path, payload)
 
 
 def write_distances_json(path: str | Path, result: Mapping) -> Path:
@@ -62,31 +27,17 @@ def write_distances_json(path: str | Path, result: Mapping) -> Path:
 
 def write_matrix_csv(path: str | Path, names: Sequence[str], matrix: np.ndarray) -> Path:
     """A square matrix as CSV with cohort names as header row and first column."""
-    path = Path(path)
     m = np.asarray(matrix, dtype=np.float64)
     rows = [["cohort", *names]]
     rows += [[names[i], *(repr(float(v)) for v in m[i])] for i in range(len(names))]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
-        csv.writer(f).writerows(rows)
-    os.replace(tmp, path)
-    return path
+    return _write_csv(Path(path), rows)
 
 
 def write_table_csv(
     path: str | Path, header: Sequence[str], rows: Sequence[Sequence[object]]
 ) -> Path:
     """A table as CSV (header row first), written under a temporary name and renamed."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(list(header))
-        writer.writerows([list(map(str, r)) for r in rows])
-    os.replace(tmp, path)
-    return path
+    return _write_csv(Path(path), [list(header), *([str(v) for v in r] for r in rows)])
 
 
 def write_nifti(path: str | Path, data: np.ndarray, affine: np.ndarray | None = None) -> Path:
@@ -96,8 +47,10 @@ def write_nifti(path: str | Path, data: np.ndarray, affine: np.ndarray | None = 
     arr = np.asarray(data, dtype=np.float32)
     if arr.ndim == 4:
         arr = np.moveaxis(arr, 0, -1)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp.{path.name}")
-    nib.save(nib.Nifti1Image(arr, np.eye(4) if affine is None else np.asarray(affine)), str(tmp))
-    os.replace(tmp, path)
-    return path
+    return write_nifti_atomic(path, arr, np.eye(4) if affine is None else np.asarray(affine))
+
+
+def _write_csv(path: Path, rows: Sequence[Sequence[object]]) -> Path:
+    buf = io.StringIO()
+    csv.writer(buf).writerows(rows)
+    return write_text_atomic(path, buf.getvalue())

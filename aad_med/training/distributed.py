@@ -15,7 +15,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from aad_med.errors import ConfigError
+from aad_med.device import resolve_device
 
 
 @dataclass(frozen=True)
@@ -47,28 +47,6 @@ def env_rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
-def resolve_device(preference: str, local_rank: int = 0) -> torch.device:
-    """``auto`` -> ``cuda:LOCAL_RANK`` when a GPU is visible, else ``cpu``.
-
-    Raises:
-        ConfigError: ``cuda`` requested where no GPU is visible, or an unknown value.
-    """
-    preference = str(preference).lower()
-    if preference == "auto":
-        preference = "cuda" if torch.cuda.is_available() else "cpu"
-    if preference == "cpu":
-        return torch.device("cpu")
-    if preference.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ConfigError(
-                "trainer.device=cuda but no CUDA GPU is visible; use trainer.device=cpu or auto"
-            )
-        if preference == "cuda":
-            return torch.device("cuda", local_rank % torch.cuda.device_count())
-        return torch.device(preference)
-    raise ConfigError(f"trainer.device must be auto, cpu or cuda, got {preference!r}")
-
-
 def setup_distributed(device: str = "auto", timeout_s: float = 1800.0) -> DistInfo:
     """Join the process group when launched by torchrun; otherwise describe a single process.
 
@@ -76,11 +54,11 @@ def setup_distributed(device: str = "auto", timeout_s: float = 1800.0) -> DistIn
         ConfigError: an invalid device choice.
     """
     if not launched_by_torchrun() or int(os.environ["WORLD_SIZE"]) <= 1:
-        return DistInfo(0, 1, 0, resolve_device(device))
+        return DistInfo(0, 1, 0, resolve_device(device, 0, key="trainer.device"))
     rank = int(os.environ["RANK"])
     world = int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    dev = resolve_device(device, local_rank)
+    dev = resolve_device(device, local_rank, key="trainer.device")
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     backend = "nccl" if dev.type == "cuda" else "gloo"

@@ -18,6 +18,7 @@ datasets); this module reads no config files and no images itself.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import random
@@ -37,9 +38,12 @@ from aad_med.errors import AADError, CheckpointError, ConfigError
 from aad_med.training.checkpoint import (
     CHECKPOINT_FORMAT,
     FORMAT_VERSION,
+    RESUME_ALLOW_KEY,
     capture_rng_state,
+    check_resume_compatible,
     copy_checkpoint,
     load_checkpoint,
+    merged_training_record,
     remove_stale_temp_files,
     restore_rng_state,
     save_checkpoint,
@@ -366,6 +370,20 @@ class Trainer:
             CheckpointError: unsafe/unreadable file, or a model that differs from the config.
         """
         ckpt = load_checkpoint(path)
+        config = self.metadata.get("config")
+        if config is not None:
+            changes = check_resume_compatible(path, ckpt, config, self.metadata)
+            if changes:
+                log.warning(
+                    "resuming %s despite changes (%s=true): %s; the checkpoint records them "
+                    "and every subject trained on",
+                    path,
+                    RESUME_ALLOW_KEY,
+                    "; ".join(changes),
+                )
+                self.metadata = merged_training_record(ckpt, self.metadata, changes)
+            elif "resume_history" in ckpt:
+                self.metadata = merged_training_record(ckpt, self.metadata, [])
         if ckpt["model_config"] != self.model_config:
             raise CheckpointError(
                 f"{path}: checkpoint model {ckpt['model_config']} differs from the configured "
@@ -400,6 +418,19 @@ class Trainer:
         if improved or not (self.ckpt_dir / "best.pt").exists():
             copy_checkpoint(last, self.ckpt_dir / "best.pt")
 
+    def _discard_unresumable_run(self) -> None:
+        """After a divergence before any checkpoint exists, remove what the run wrote (its
+        config.yaml, empty ``checkpoints/``, TensorBoard events): left behind, they would make
+        the folder look like results that ``trainer.resume=.../last.pt`` could continue."""
+        self.logger.close()
+        if not self.info.is_main or (self.ckpt_dir / "last.pt").exists():
+            return
+        from aad_med.pipelines.rundir import remove_results
+
+        remove_results(self.run_dir)
+        with contextlib.suppress(OSError):
+            self.ckpt_dir.rmdir()
+
     # -- one epoch ---------------------------------------------------------------------------
 
     def _forward(self, x: torch.Tensor, brain: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -425,7 +456,8 @@ class Trainer:
         kept = (
             f"the last good checkpoint is {last} (epoch {self.epoch})"
             if last.exists()
-            else "no checkpoint was written yet"
+            else "no epoch finished, so no checkpoint was written and there is nothing to "
+            "resume (the files this run wrote in its folder are removed)"
         )
         raise NonFiniteLossError(
             f"training loss became {value} at epoch {self.epoch + 1}, step {self.step + 1}; "
@@ -573,7 +605,11 @@ class Trainer:
             stop_at = min(s.max_epochs, self.epoch + int(s.epochs_per_run))
         while self.epoch < stop_at:
             t0 = time.perf_counter()
-            train_loss, rate = self.train_epoch()
+            try:
+                train_loss, rate = self.train_epoch()
+            except NonFiniteLossError:
+                self._discard_unresumable_run()
+                raise
             val_loss = self.validate()
             monitored = val_loss if val_loss is not None else train_loss
             improved = monitored < self.best_loss - s.min_delta

@@ -20,6 +20,7 @@ import pytest
 from aad_med.calibration import CALIBRATION_COLUMNS, equivalent_severity
 from aad_med.cli import calibrate as calibrate_cli
 from aad_med.data.synthetic import generate_cohort
+from aad_med.resources import CONFIG_DIR
 from tests.calibration.conftest import SHAPE
 
 
@@ -204,7 +205,7 @@ def test_config_errors_name_the_setting(tmp_path, args, message):
 
     from aad_med.errors import ConfigError
 
-    with initialize_config_dir(config_dir=calibrate_cli.CONFIG_DIR, version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = compose("calibrate", overrides=args)
     with pytest.raises(ConfigError) as err:
         calibrate_cli.calibrate_from_config(cfg, tmp_path / "run")
@@ -254,7 +255,7 @@ def test_bad_reference_and_checkpoint_name_the_file(tmp_path, calib_data):
 def test_config_composes_to_settings():
     from hydra import compose, initialize_config_dir
 
-    with initialize_config_dir(config_dir=calibrate_cli.CONFIG_DIR, version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = compose("calibrate", overrides=["checkpoint=c.pt", "reference=r", *QUICK])
         s = calibrate_cli.settings_from_config(cfg)
         assert s.artefacts == ["noise", "blur"] and s.n_per_cohort is None
@@ -279,7 +280,7 @@ def test_config_composes_to_settings():
                 overrides=[
                     "checkpoint=c.pt",
                     "reference=r",
-                    "calibration=quick",
+                    "shifts=quick",
                     "n_per_cohort=[5,10]",
                 ],
             )
@@ -362,7 +363,7 @@ def _fake_pairs(result: dict) -> dict:
 
 @pytest.mark.slow
 def test_equivalence_warns_about_another_checkpoint_or_feature_set(compared, calibrated, tmp_path):
-    from aad_med.report.comparison import add_equivalent_severity
+    from aad_med.calibration.equivalence import add_equivalent_severity
 
     calibration = calibrated["out"] / "calibration.json"
     other = _fake_pairs(compared["result"])
@@ -397,7 +398,7 @@ def test_equivalence_warns_about_another_checkpoint_or_feature_set(compared, cal
 
 def test_compare_refuses_a_missing_or_bad_calibration_before_encoding(tmp_path):
     from aad_med.errors import InputError
-    from aad_med.report.comparison import CompareSettings, run_comparison
+    from aad_med.pipelines.compare import CompareSettings, run_comparison
     from tests.nifti_factory import write_brats_cohort
 
     a = write_brats_cohort(tmp_path / "a", n=2)

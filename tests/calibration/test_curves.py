@@ -11,23 +11,24 @@ import json
 import numpy as np
 import pytest
 
+from aad_med.calibration.conditions import embed_conditions
 from aad_med.calibration.curves import (
     CALIBRATION_COLUMNS,
-    CalibrationSettings,
     ConditionEmbeddings,
-    _isotonic,
-    calibration_csv_text,
     calibration_rows,
     calibration_summary,
     check_sizes,
+    minimum_detectable,
+)
+from aad_med.calibration.equivalence import (
+    _isotonic,
     describe_equivalent_severity,
-    embed_conditions,
     equivalent_severity,
     equivalent_severity_details,
-    minimum_detectable,
-    read_calibration_table,
 )
+from aad_med.calibration.table import calibration_csv_text, read_calibration_table
 from aad_med.errors import ConfigError, InputError
+from aad_med.pipelines.calibrate import CalibrationSettings
 
 N_SUBJECTS = 24
 DIM = 6
@@ -301,12 +302,17 @@ def test_clean_condition_matches_embed_cohort(calib_data):
     cohort = load_cohort(calib_data["reference"])
     subjects = cohort.subjects[:3]
     emb = embed_conditions(
-        model, subjects, pre, {"noise": [0.0, 0.1], "blur": [0.0, 2.0]}, progress=False
+        model,
+        subjects,
+        pre,
+        {"noise": [0.0, 0.1], "blur": [0.0, 2.0]},
+        features="latent",
+        progress=False,
     )
     assert emb.conditions == [("none", 0.0), ("noise", 0.1), ("blur", 2.0)]
     assert emb.vectors.shape == (3, 3, 8) and emb.subject_ids == cohort.subject_ids[:3]
     cohort.subjects = subjects
-    ref = embed_cohort(model, cohort, pre, progress=False)
+    ref = embed_cohort(model, cohort, pre, features="latent", progress=False)
     np.testing.assert_allclose(emb.vectors[0], ref.vectors, rtol=1e-5, atol=1e-6)
     for i in (1, 2):
         assert np.abs(emb.vectors[i] - emb.vectors[0]).max() > 1e-4
@@ -314,13 +320,15 @@ def test_clean_condition_matches_embed_cohort(calib_data):
     with pytest.raises(KeyError):
         emb.index("noise", 0.2)
     # Deterministic: the same subjects give the same shifted vectors.
-    again = embed_conditions(model, subjects[:1], pre, {"noise": [0.1]}, progress=False)
+    again = embed_conditions(
+        model, subjects[:1], pre, {"noise": [0.1]}, features="latent", progress=False
+    )
     np.testing.assert_allclose(again.vectors[1, 0], emb.vectors[1, 0], rtol=1e-6)
 
 
 def test_annotate_pairs_for_the_report(tmp_path):
     from aad_med.calibration import annotate_pairs
-    from aad_med.calibration.curves import equivalent_n
+    from aad_med.calibration.equivalence import equivalent_n
 
     assert equivalent_n(10, 10) == 10 and equivalent_n(5, 20) == pytest.approx(8.0)
     pairs = [{"a": "site_a", "b": "site_b", "aad": 0.7, "n_a": 12, "n_b": 9}]

@@ -30,9 +30,9 @@ import torch
 from checkpoint_factory import write_tiny_checkpoint
 
 from aad_med.data import io
-from aad_med.report.comparison import RESULT_PATTERNS as COMPARE_RESULTS
-from aad_med.training.rundir import RESULT_PATTERNS as TRAIN_RESULTS
-from aad_med.training.rundir import existing_results
+from aad_med.pipelines.compare import RESULT_PATTERNS as COMPARE_RESULTS
+from aad_med.pipelines.rundir import RESULT_PATTERNS as TRAIN_RESULTS
+from aad_med.pipelines.rundir import existing_results
 from tests.cli.conftest import CLI_ENV, run_cli
 from tests.nifti_factory import (
     brain_like,

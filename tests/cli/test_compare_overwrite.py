@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from aad_med.errors import ConfigError
-from aad_med.report import comparison
-from aad_med.report.comparison import CompareSettings, run_comparison
+from aad_med.pipelines import compare as comparison
+from aad_med.pipelines.compare import CompareSettings, run_comparison
 from tests.cli.conftest import run_cli
 from tests.nifti_factory import write_brats_cohort
 

@@ -18,8 +18,8 @@ import pytest
 import torch
 
 import aad_med
-from aad_med.report.comparison import RESULT_PATTERNS
-from aad_med.training.rundir import existing_results
+from aad_med.pipelines.compare import RESULT_PATTERNS
+from aad_med.pipelines.rundir import existing_results
 from tests.cli.conftest import CLI_ENV, run_cli
 from tests.nifti_factory import write_brats_cohort
 
@@ -87,7 +87,7 @@ KILLER = textwrap.dedent(
     # aad-compare that SIGKILLs itself once distances.json, the embeddings and the figures are
     # written to its temporary folder, before the report and the move into the run folder.
     import os, signal, sys
-    import aad_med.report.comparison as comparison
+    import aad_med.pipelines.compare as comparison
 
     def write_report(result, out_dir, images=None):
         os.kill(os.getpid(), signal.SIGKILL)

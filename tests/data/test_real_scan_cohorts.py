@@ -169,8 +169,12 @@ def test_real_scans_halves_alike_sources_differ(real_encoder):
     from aad_med.embedding import embed_cohort
 
     model, pre, root = real_encoder["model"], real_encoder["preprocessing"], real_encoder["root"]
-    mni = embed_cohort(model, load_cohort(root / "mni"), pre, progress=False).vectors
-    anat = embed_cohort(model, load_cohort(root / "anat"), pre, progress=False).vectors
+    mni = embed_cohort(
+        model, load_cohort(root / "mni"), pre, features="latent", progress=False
+    ).vectors
+    anat = embed_cohort(
+        model, load_cohort(root / "anat"), pre, features="latent", progress=False
+    ).vectors
     halves = aad_permutation_test(mni[:6], mni[6:], n_permutations=999, seed=0)
     sources = aad_permutation_test(mni[:6], anat, n_permutations=999, seed=0)
     assert halves.pvalue > 0.05, halves.pvalue
@@ -181,7 +185,8 @@ def test_real_scans_halves_alike_sources_differ(real_encoder):
 @needs_sources
 @pytest.mark.slow
 def test_real_scan_noise_ladder_gives_increasing_aad(real_encoder):
-    from aad_med.calibration.curves import calibration_rows, calibration_summary, embed_conditions
+    from aad_med.calibration.conditions import embed_conditions
+    from aad_med.calibration.curves import calibration_rows, calibration_summary
 
     model, pre, root = real_encoder["model"], real_encoder["preprocessing"], real_encoder["root"]
     ladder = [0.0, 0.05, 0.1, 0.2, 0.4]

@@ -7,7 +7,7 @@ import pytest
 import torch
 from monai.metrics import MMDMetric
 
-from aad_med.distances import aad, aad2_unbiased, dimension_shares
+from aad_med.distances import aad, aad2_unbiased, aad_unbiased, dimension_shares
 from aad_med.errors import ConfigError
 
 
@@ -60,3 +60,15 @@ def test_one_dimensional_and_one_subject_inputs():
         aad(np.ones((2, 4)), np.ones((3, 5)))
     with pytest.raises(ConfigError, match="NaN"):
         aad(np.array([[np.nan, 1.0], [0.0, 1.0]]), np.ones((3, 2)))
+
+
+def test_aad_unbiased_is_the_root_of_the_positive_part():
+    rng = np.random.default_rng(11)
+    same = [aad_unbiased(rng.normal(size=(10, 32)), rng.normal(size=(10, 32))) for _ in range(200)]
+    # equal means: 0 about half of the time, while plain AAD sits near sqrt(32 * 2 / 10) = 2.5
+    assert 0.3 <= np.mean(np.array(same) == 0.0) <= 0.7 and np.median(same) < 1.0
+    a, b = rng.normal(size=(400, 32)), rng.normal(size=(400, 32))
+    a[:, :4] += 1.0  # true distance 2
+    assert aad_unbiased(a, b) == pytest.approx(2.0, abs=0.1)
+    assert aad_unbiased(a, b) == pytest.approx(np.sqrt(aad2_unbiased(a, b)))
+    assert aad(a, b) > aad_unbiased(a, b)

@@ -9,15 +9,22 @@ import pytest
 
 from aad_med.distances import ALL_TESTS, compare_embeddings
 from aad_med.distances import compare as compare_module
+from aad_med.distances.hotelling import label_free_whitened
 from aad_med.distances.univariate import bh_fdr
 from aad_med.errors import ConfigError
+from aad_med.report.text import interpret_pair
 
 PAIR_KEYS = {
     "a", "b", "n_a", "n_b", "aad", "aad2_unbiased", "aad_ci95", "aad_p", "aad_p_fdr",
     "n_permutations", "aad_null_median", "aad_null_ratio", "aad_standardized", "hotelling_t2",
     "hotelling_p", "hotelling_p_method", "mmd2", "mmd_p", "energy", "energy_p", "frechet",
-    "akld", "ks_dims_fdr", "ks_q", "top_dims", "null_aad_sample", "interpretation",
+    "akld", "ks_dims_fdr", "ks_q", "top_dims", "null_aad_sample", "aad_unbiased",
+    "aad2_unbiased_se", "aad2_moments", "hotelling_covariance",
 }  # fmt: skip
+
+
+def _sentence(res, pair):
+    return interpret_pair(pair, res["alpha"], len(res["pairs"]))
 
 
 def _cohorts(seed=0, n=12, dim=6, shifts=(0.0, 0.0, 1.2)):
@@ -49,9 +56,12 @@ def test_structure_is_complete_and_json_safe():
         assert len(pair["ks_q"]) == 6 and len(pair["null_aad_sample"]) == 499
         assert pair["hotelling_p_method"] == "F"
         assert pair["aad_null_ratio"] == pytest.approx(pair["aad"] / pair["aad_null_median"])
-        assert isinstance(pair["interpretation"], str) and pair["a"] in pair["interpretation"]
+        assert pair["aad_unbiased"] == pytest.approx(np.sqrt(max(pair["aad2_unbiased"], 0.0)))
+        assert pair["aad_ci95"][0] <= pair["aad_unbiased"] <= pair["aad_ci95"][1]
+        # distances returns numbers only; the words live in aad_med.report.text
+        assert "interpretation" not in pair and pair["a"] in _sentence(res, pair)
     assert res["tests"] == list(ALL_TESTS)
-    assert res["seed"] == 1 and set(res["definitions"]) >= {"aad", "aad_p", "energy", "akld"}
+    assert res["seed"] == 1 and "definitions" not in res
 
 
 def test_shifted_site_is_significant_and_same_site_is_not():
@@ -64,8 +74,10 @@ def test_shifted_site_is_significant_and_same_site_is_not():
         assert shifted["aad_p_fdr"] < 0.01
         assert shifted["aad_null_ratio"] > 2
         assert shifted["energy_p"] < 0.01 and shifted["mmd_p"] < 0.01
-        assert shifted["aad_ci95"][0] <= shifted["aad"] <= shifted["aad_ci95"][1]
-        assert "the cohort means differ" in shifted["interpretation"]
+        assert 0 < shifted["aad_ci95"][0] <= shifted["aad_unbiased"] <= shifted["aad_ci95"][1]
+        assert shifted["aad_unbiased"] < shifted["aad"]
+        assert "the cohort means differ" in _sentence(res, shifted)
+    assert same["aad_ci95"][0] == 0.0  # equal means cannot be ruled out
 
 
 def test_k_cohort_views_fdr_matrix_mds_dendrogram():
@@ -97,7 +109,7 @@ def test_tests_selection_skips_the_kernel_statistics(monkeypatch):
                     "hotelling_t2", "hotelling_p", "aad_standardized"):  # fmt: skip
             assert pair[key] is None
         assert pair["aad_p"] is not None and pair["top_dims"]
-        assert "run the energy or MMD tests" in pair["interpretation"]
+        assert "run the energy or MMD tests" in _sentence(res, pair)
     monkeypatch.undo()
     partial = compare_embeddings(_cohorts(), 99, 50, tests=("energy", "ks"))
     assert partial["tests"] == ["aad", "energy", "ks"]
@@ -119,10 +131,11 @@ def test_deterministic_for_a_seed():
 def test_spread_difference_is_seen_by_energy_not_by_aad():
     rng = np.random.default_rng(5)
     emb = {"narrow": rng.normal(0, 1, size=(40, 3)), "wide": rng.normal(0, 3.5, size=(40, 3))}
-    pair = compare_embeddings(emb, 999, 200, tests=("energy", "mmd"))["pairs"][0]
+    res = compare_embeddings(emb, 999, 200, tests=("energy", "mmd"))
+    pair = res["pairs"][0]
     assert pair["aad_p"] > 0.05
     assert pair["energy_p"] < 0.01
-    assert "look beyond the means" in pair["interpretation"]
+    assert "look beyond the means" in _sentence(res, pair)
 
 
 def test_identical_cohorts_one_dimension_and_constant_dimensions():
@@ -154,7 +167,12 @@ def test_more_dimensions_than_subjects_uses_permutation_hotelling():
     emb = {"a": rng.normal(size=(6, 30)), "b": rng.normal(1.0, 1.0, size=(7, 30))}
     pair = compare_embeddings(emb, 499, 100)["pairs"][0]
     assert pair["hotelling_p_method"] == "permutation"
+    assert pair["hotelling_covariance"] == "ledoit_wolf_label_free"
     assert pair["hotelling_p"] < 0.05 and pair["aad_p"] < 0.05
+    # The reported T² is the statistic the permutation p-value belongs to.
+    white = label_free_whitened(np.vstack([emb["a"], emb["b"]]))
+    shift = white[:6].mean(axis=0) - white[6:].mean(axis=0)
+    assert pair["hotelling_t2"] == pytest.approx(6 * 7 / 13 * shift @ shift, rel=1e-12)
     assert np.isfinite(pair["frechet"]) and pair["frechet"] > 0
 
 
@@ -176,8 +194,8 @@ def test_return_samples_keeps_the_bootstrap_values():
     res = compare_embeddings(_cohorts(shifts=(0, 1)), 99, 250, return_samples=True)
     pair = res["pairs"][0]
     assert len(pair["aad_bootstrap_sample"]) == 250
-    lo, hi = np.quantile(pair["aad_bootstrap_sample"], [0.025, 0.975])
-    assert pair["aad_ci95"] == pytest.approx([lo, hi])
+    # Bootstrap AADs scatter around the biased AAD, not around the bias-corrected one.
+    assert np.median(pair["aad_bootstrap_sample"]) > pair["aad_unbiased"]
     assert (
         "aad_bootstrap_sample"
         not in compare_embeddings(_cohorts(shifts=(0, 1)), 99, 50)["pairs"][0]

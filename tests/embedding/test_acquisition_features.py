@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from aad_med.data.datasets import build_eval_dataset
+from aad_med.data.intensity import intensity_fingerprint
 from aad_med.data.preprocessing import PreprocessingConfig
 from aad_med.data.transforms import eval_patch_positions, extract_patches
 from aad_med.data.validation import load_cohort
@@ -18,7 +19,6 @@ from aad_med.embedding import available_feature_sets, embed_cohorts, get_feature
 from aad_med.embedding.acquisition import (
     ConcatFeatureSet,
     PositionMatchedFeatures,
-    intensity_fingerprint,
     standardize_jointly,
 )
 from aad_med.embedding.features import PatchBatch

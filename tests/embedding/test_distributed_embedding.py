@@ -70,7 +70,7 @@ def test_merge_refuses_shards_that_do_not_add_up():
 
 
 def test_a_gathered_error_is_raised_by_rank_zero_only():
-    from aad_med.embedding.distributed import _raise_first_error, _ReportedOnRankZero
+    from aad_med.embedding.distributed import ReportedOnRankZero, _raise_first_error
     from aad_med.errors import InputError
 
     bad = InputError("/data/s3/t1.nii.gz", "truncated gzip stream")
@@ -79,7 +79,7 @@ def test_a_gathered_error_is_raised_by_rank_zero_only():
         _raise_first_error(outcomes, rank=0)
     assert raised.value is bad
     for rank in (1, 2):
-        with pytest.raises(_ReportedOnRankZero, match="truncated gzip stream"):
+        with pytest.raises(ReportedOnRankZero, match="truncated gzip stream"):
             _raise_first_error(outcomes, rank=rank)
     _raise_first_error([("ok", {}), ("ok", {})], rank=1)
 
@@ -131,9 +131,9 @@ def _run(args: list[str], nproc: int | None) -> subprocess.CompletedProcess:
     cmd = [sys.executable]
     if nproc:
         cmd += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-        cmd += ["-m", "aad_med.embedding.distributed"]
+        cmd += ["-m", "aad_med.cli.embed"]
     else:
-        cmd += ["-m", "aad_med.embedding.distributed"]
+        cmd += ["-m", "aad_med.cli.embed"]
     return subprocess.run(
         cmd + args + ["--no-progress"],
         capture_output=True,

@@ -42,7 +42,9 @@ def count_encode_calls(model, monkeypatch) -> list[int]:
 
 
 def test_shapes_and_vector_is_mean_of_patch_latents(model, cohorts, preprocessing):
-    emb = embed_cohort(model, cohorts["siteA"], preprocessing, batch_size=5, progress=False)
+    emb = embed_cohort(
+        model, cohorts["siteA"], preprocessing, batch_size=5, features="latent", progress=False
+    )
     assert emb.subject_ids == cohorts["siteA"].subject_ids
     assert emb.vectors.shape == (3, 6) and emb.latent_means.shape == (3, 6)
     assert emb.vectors.dtype == np.float64 and emb.features == "latent"
@@ -59,8 +61,12 @@ def test_shapes_and_vector_is_mean_of_patch_latents(model, cohorts, preprocessin
 
 
 def test_batch_size_does_not_change_vectors(model, cohorts, preprocessing):
-    a = embed_cohort(model, cohorts["siteA"], preprocessing, batch_size=1, progress=False)
-    b = embed_cohort(model, cohorts["siteA"], preprocessing, batch_size=64, progress=False)
+    a = embed_cohort(
+        model, cohorts["siteA"], preprocessing, batch_size=1, features="latent", progress=False
+    )
+    b = embed_cohort(
+        model, cohorts["siteA"], preprocessing, batch_size=64, features="latent", progress=False
+    )
     np.testing.assert_allclose(a.vectors, b.vectors, rtol=1e-5, atol=1e-6)
 
 
@@ -84,7 +90,9 @@ def test_streaming_encodes_each_subject_before_loading_the_next(
     monkeypatch.setattr(encode_mod, "build_eval_dataset", lambda *a, **k: Spy(real_build(*a, **k)))
     original = model.encode
     monkeypatch.setattr(model, "encode", lambda x: (events.append("encode"), original(x))[1])
-    embed_cohort(model, cohorts["siteA"], preprocessing, batch_size=1000, progress=False)
+    embed_cohort(
+        model, cohorts["siteA"], preprocessing, batch_size=1000, features="latent", progress=False
+    )
     assert events[0] == "load0"
     # One subject loaded, encoded, then the next: never two subjects held at once.
     loads = [i for i, e in enumerate(events) if e.startswith("load")]
@@ -97,7 +105,9 @@ def test_cache_hit_does_not_reencode_and_file_change_does(
     model, cohorts, preprocessing, tmp_path, monkeypatch
 ):
     calls = count_encode_calls(model, monkeypatch)
-    kw = dict(checkpoint_hash="abc", cache_dir=tmp_path / "cache", progress=False)
+    kw = dict(
+        checkpoint_hash="abc", cache_dir=tmp_path / "cache", features="latent", progress=False
+    )
     first = embed_cohorts(model, cohorts, preprocessing, **kw)
     n_first = len(calls)
     assert n_first > 0 and len(list((tmp_path / "cache").glob("*.npz"))) == 2
@@ -120,12 +130,14 @@ def test_cache_hit_does_not_reencode_and_file_change_does(
 
 
 def test_no_cache_without_checkpoint_hash(model, cohorts, preprocessing, tmp_path):
-    embed_cohorts(model, cohorts, preprocessing, cache_dir=tmp_path / "c", progress=False)
+    embed_cohorts(
+        model, cohorts, preprocessing, cache_dir=tmp_path / "c", features="latent", progress=False
+    )
     assert not (tmp_path / "c").exists()
 
 
 def test_outputs_roundtrip(model, cohorts, preprocessing, tmp_path):
-    embs = embed_cohorts(model, cohorts, preprocessing, progress=False)
+    embs = embed_cohorts(model, cohorts, preprocessing, features="latent", progress=False)
     csv_path = write_embeddings_csv(tmp_path / "embeddings.csv", embs)
     npz_path = write_embeddings_npz(tmp_path / "embeddings.npz", embs)
     header = next(csv.reader(csv_path.open()))
@@ -143,7 +155,13 @@ def test_outputs_roundtrip(model, cohorts, preprocessing, tmp_path):
 
 def test_mismatch_and_unknown_feature_errors(model, cohorts):
     with pytest.raises(CheckpointError, match="16-voxel patches"):
-        embed_cohort(model, cohorts["siteA"], PreprocessingConfig(patch_size=16), progress=False)
+        embed_cohort(
+            model,
+            cohorts["siteA"],
+            PreprocessingConfig(patch_size=16),
+            features="latent",
+            progress=False,
+        )
     with pytest.raises(ConfigError, match="unknown embedding.features 'nope'"):
         get_feature_set("nope")
 
@@ -155,6 +173,7 @@ def test_regional_latents_and_map(model, cohorts, preprocessing, tmp_path):
         preprocessing,
         keep_positions=True,
         progress=False,
+        features="latent",
         checkpoint_hash="h",
         cache_dir=tmp_path / "cache",
     )
@@ -173,6 +192,7 @@ def test_regional_latents_and_map(model, cohorts, preprocessing, tmp_path):
         preprocessing,
         keep_positions=True,
         progress=False,
+        features="latent",
         checkpoint_hash="h",
         cache_dir=tmp_path / "cache",
     )
@@ -222,4 +242,22 @@ def test_a_model_that_cannot_encode_is_named(model, cohorts, preprocessing, monk
         encode_subject(model, item, preprocessing, torch.device("cpu"), 4, fs)
     folder = os.path.dirname(cohorts["siteA"].subjects[0].images["t1"].path)
     with pytest.raises(CheckpointError, match=f"{folder}: model cannot encode these patches"):
-        embed_cohort(model, cohorts["siteA"], preprocessing, progress=False)
+        embed_cohort(model, cohorts["siteA"], preprocessing, features="latent", progress=False)
+
+
+def test_embed_settings_are_the_one_option_list(model, cohorts, preprocessing):
+    from aad_med import DEFAULT_FEATURES
+    from aad_med.embedding import EmbedSettings
+
+    assert EmbedSettings().features == DEFAULT_FEATURES
+    base = EmbedSettings(batch_size=5, features="latent", progress=False)
+    assert EmbedSettings.resolve(base, {"batch_size": 7}).batch_size == 7
+    assert EmbedSettings.resolve(base, {}) is base
+    with pytest.raises(TypeError, match="unknown embedding option"):
+        EmbedSettings.resolve(None, {"batchsize": 7})
+    # A settings object and the same options as keywords give the same vectors.
+    by_object = embed_cohort(model, cohorts["siteA"], preprocessing, base)
+    by_keywords = embed_cohort(
+        model, cohorts["siteA"], preprocessing, batch_size=5, features="latent", progress=False
+    )
+    np.testing.assert_array_equal(by_object.vectors, by_keywords.vectors)

@@ -8,8 +8,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-from aad_med.cli.train import CONFIG_DIR
-from aad_med.training.rundir import register_resolvers
+from aad_med.pipelines.rundir import register_resolvers
+from aad_med.resources import CONFIG_DIR
 from tests.nifti_factory import write_brats_cohort
 
 AUGMENT = "{flip_prob:0.5,intensity_prob:0.5,intensity_scale:0.1,intensity_shift:0.1}"

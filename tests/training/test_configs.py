@@ -9,8 +9,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from aad_med.cli.train import CONFIG_DIR
 from aad_med.errors import ConfigError
+from aad_med.pipelines.rundir import run_id
+from aad_med.resources import CONFIG_DIR
 from aad_med.training.config import (
     instantiate,
     missing_keys,
@@ -18,7 +19,6 @@ from aad_med.training.config import (
     settings_from_config,
     split_subjects,
 )
-from aad_med.training.rundir import run_id
 from tests.training.conftest import compose_train
 
 GROUPS = (

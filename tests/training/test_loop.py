@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from aad_med.errors import CheckpointError, ConfigError
+from aad_med.pipelines.train import train_from_config
 from aad_med.training import loop as loop_mod
 from aad_med.training.checkpoint import load_checkpoint
 from aad_med.training.loop import (
@@ -18,7 +19,6 @@ from aad_med.training.loop import (
     lr_lambda_factory,
     reconstruction_loss,
 )
-from aad_med.training.pipeline import train_from_config
 from tests.training.conftest import AUGMENT, compose_train, tiny_overrides
 
 # Every source of randomness on: VAE sampling, dropout, augmentation, tumour-centred patches.

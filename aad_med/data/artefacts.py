@@ -1,4 +1,4 @@
-"""Stage 7, calibration: MRI artefacts at graded severities, applied to a subject's RAW volume
+"""Stage 1, data: MRI artefacts at graded severities, applied to a subject's RAW volume
 (before reorientation, resampling, cropping and z-scoring), as a scanner or reconstruction would.
 
 Every artefact is deterministic given ``(severity, seed)``, severity ``0`` is the identity, and the
@@ -26,6 +26,13 @@ Severity units (:data:`ARTEFACTS` holds the same text):
 - ``scale``: global intensity gain ``1 + severity`` (per-subject z-scoring removes it entirely:
   its curve is the null, a check of the pipeline's invariance).
 - ``gamma``: MONAI ``AdjustContrast`` with gamma ``1 + severity`` per channel.
+
+Shift calibration (:mod:`aad_med.calibration`) applies these artefacts to reference subjects.
+The subject generators keep their own acquisition models, on purpose: the real-scan cohorts
+(:mod:`aad_med.data.real_scans`, a smoothed-noise bias field and Rician noise in these units)
+and the synthetic sites (:mod:`aad_med.data.synthetic`). Drawing real-scan subjects with the
+Legendre bias field here was tried and made the two real sources indistinguishable to a small
+encoder (latent AAD permutation p 0.001 -> 0.43 in ``tests/data/test_real_scan_cohorts.py``).
 
 Pure tensor code; never touches files.
 """

@@ -1,5 +1,12 @@
-"""The whole comparison as one call: load a checkpoint and cohorts, embed (cached), compute the
-statistics, and write every output of ``aad-compare`` into a run folder.
+"""The body of ``aad-compare`` as one call (:func:`run_comparison`): load a checkpoint and
+cohorts, embed (cached), compute the statistics, and write every output into a run folder.
+
+The stages do the work: :mod:`aad_med.embedding` (vectors), :mod:`aad_med.distances` (numbers),
+:mod:`aad_med.data.intensity` (the raw-image fingerprint), :mod:`aad_med.calibration`
+(equivalent severities), :mod:`aad_med.plots.comparison` (figures) and :mod:`aad_med.report`
+(writers). This module only orders them and stages the run folder; the command line is
+:mod:`aad_med.cli.compare`. It is longer than ~450 lines because the regional map and the
+intensity statistic are orchestration steps of this command only (each a short function).
 
 All outputs are first written into a hidden temporary folder inside the run folder and moved into
 place only when everything succeeded, so a run folder never holds a half-written result set. A
@@ -13,10 +20,7 @@ in about a second rather than after the heavy imports.
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
-import json
 import logging
-import os
 import re
 import secrets
 import shutil
@@ -28,9 +32,13 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from aad_med import DEFAULT_FEATURES
 from aad_med.data.records import Cohort
 from aad_med.data.validation import load_cohort
 from aad_med.errors import CheckpointError, CohortError, ConfigError, InputError
+from aad_med.io_utils import file_sha256
+from aad_med.pipelines.rundir import check_run_dir, publish
+from aad_med.provenance import provenance
 from aad_med.report.document import write_report
 from aad_med.report.serialize import (
     write_distances_json,
@@ -38,8 +46,7 @@ from aad_med.report.serialize import (
     write_nifti,
     write_table_csv,
 )
-from aad_med.report.text import INTENSITY_EXPLANATION, overlap_warning
-from aad_med.training.rundir import check_run_dir, result_entries
+from aad_med.report.text import DEFINITIONS, INTENSITY_EXPLANATION, overlap_warning
 
 if TYPE_CHECKING:
     from aad_med.embedding.encode import CohortEmbedding
@@ -47,15 +54,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("aad_med.compare")
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-PLOT_KEYS = (
-    "latent_means",
-    "latent_pca",
-    "null_distribution",
-    "pairwise_aad",
-    "mds",
-    "dendrogram",
-    "attribution",
-)
 RESULT_PATTERNS = (
     "distances.json",
     "report.md",
@@ -82,8 +80,7 @@ class CompareSettings:
     tests: Sequence[str] | None = None
     seed: int = 0
     device: str = "auto"
-    # The default of configs/embedding/default.yaml (chosen by the sensitivity benchmark).
-    features: str = "multiscale+texture"
+    features: str = DEFAULT_FEATURES
     batch_size: int = 32
     num_workers: int = 0
     cache: bool = True
@@ -203,26 +200,6 @@ def _remove_stale_temp(run_dir: Path) -> None:
         shutil.rmtree(stale, ignore_errors=True)
 
 
-def _move_into(tmp: Path, run_dir: Path) -> None:
-    """Move the complete result set in ``tmp`` into ``run_dir`` and remove ``tmp``.
-
-    Earlier results (``overwrite=true``) are first moved aside into a hidden folder, so the run
-    folder never mixes old and new results and an interruption leaves them recoverable; they are
-    deleted once every new output is in place.
-    """
-    old = run_dir / f".aad-compare-old-{secrets.token_hex(4)}"
-    entries = result_entries(run_dir, RESULT_PATTERNS)
-    entries += [run_dir / e.name for e in tmp.iterdir() if (run_dir / e.name).exists()]
-    if entries:
-        old.mkdir()
-        for entry in sorted(set(entries)):
-            os.replace(entry, old / entry.name)
-    for entry in sorted(tmp.iterdir()):
-        os.replace(entry, run_dir / entry.name)
-    tmp.rmdir()
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def run_comparison(
     checkpoint: str | Path | Sequence[str | Path],
     cohort_paths: Mapping[str, str | Path],
@@ -273,14 +250,14 @@ def run_comparison(
         )
     cohorts = load_cohorts(cohort_paths, s.skip_invalid)
     if s.calibration:
-        from aad_med.calibration.curves import read_calibration_table
+        from aad_med.calibration.table import read_calibration_table
 
         # A file that is not a calibration is refused before anything is encoded.
         read_calibration_table(Path(s.calibration))
 
     # Heavy imports only once the inputs are known to be valid.
+    from aad_med.device import resolve_device
     from aad_med.distances import combine_encoder_runs
-    from aad_med.embedding.encode import resolve_device
     from aad_med.training.checkpoint import load_model_from_checkpoint
 
     device = resolve_device(s.device)
@@ -327,11 +304,14 @@ def run_comparison(
         if s.intensity:
             _add_intensity(result, cohorts, s, tmp)
         if s.calibration:
+            from aad_med.calibration.equivalence import add_equivalent_severity
+
             add_equivalent_severity(result, s.calibration)
         _warn_overlap(result)
+        result["provenance"] = provenance(ckpt_paths)
         write_distances_json(tmp / "distances.json", result)
         write_report(result, tmp, images)
-        _move_into(tmp, run_dir)
+        publish(tmp, run_dir, RESULT_PATTERNS, f".aad-compare-old-{secrets.token_hex(4)}")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -348,17 +328,18 @@ def intensity_statistics(
     """The intensity fingerprint statistic of every pair of cohorts.
 
     Each subject's raw volumes are read once more for their per-channel foreground percentiles
-    before any normalisation (:func:`aad_med.embedding.acquisition.intensity_fingerprint`); the
+    before any normalisation (:func:`aad_med.data.intensity.intensity_fingerprint`); the
     columns are z-scored over all compared subjects together (a transform symmetric in the
     subjects, so permutation p-values stay exact) and compared with the AAD permutation test
     (same permutation count and seed as the main statistics).
 
     With ``s.cache`` the fingerprints are kept in the embedding cache folder, so a rerun does
-    not read the volumes again (:func:`cached_fingerprint`).
+    not read the volumes again (:func:`aad_med.data.intensity.cached_fingerprint`).
 
     Returns:
         ``(raw fingerprints per cohort, {(a, b): INTENSITY_KEYS values}, seconds spent reading)``.
     """
+    from aad_med.data.intensity import cached_fingerprint
     from aad_med.distances import compare_embeddings
     from aad_med.embedding.acquisition import standardize_jointly
 
@@ -394,46 +375,10 @@ def _cache_dir(s: CompareSettings) -> Path | None:
     return Path(s.cache_dir) if s.cache_dir else default_cache_dir()
 
 
-def cached_fingerprint(cohort: Cohort, cache_dir: str | Path | None) -> np.ndarray:
-    """:func:`~aad_med.embedding.acquisition.intensity_fingerprint` of a cohort, kept in
-    ``cache_dir`` under a key of every subject's files (path, size, modification time) and the
-    percentiles; ``None`` reads the volumes every time."""
-    from aad_med.embedding.acquisition import FINGERPRINT_PERCENTILES, intensity_fingerprint
-
-    if cache_dir is None:
-        return intensity_fingerprint(cohort.subjects)
-    subjects = []
-    for rec in cohort.subjects:
-        files = []
-        for f in rec.files:
-            try:
-                st = os.stat(f)
-                files.append([str(Path(f).resolve()), st.st_size, st.st_mtime_ns])
-            except OSError:
-                files.append([str(f), None, None])
-        subjects.append([rec.subject_id, files, rec.as_dict()])
-    payload = {"v": 1, "percentiles": list(FINGERPRINT_PERCENTILES), "subjects": subjects}
-    text = json.dumps(payload, sort_keys=True, default=str)
-    entry = Path(cache_dir) / f"intensity-{hashlib.sha256(text.encode()).hexdigest()[:40]}.npy"
-    if entry.is_file():
-        try:
-            with open(entry, "rb") as f:
-                return np.load(f, allow_pickle=False)
-        except (OSError, ValueError) as e:
-            log.warning("ignoring unreadable intensity cache entry %s (%s)", entry, e)
-    raw = intensity_fingerprint(cohort.subjects)
-    entry.parent.mkdir(parents=True, exist_ok=True)
-    tmp = entry.with_name(f".{entry.stem}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
-    with open(tmp, "wb") as f:
-        np.save(f, raw, allow_pickle=False)
-    os.replace(tmp, entry)
-    return raw
-
-
 def _add_intensity(result: dict, cohorts: Mapping[str, Cohort], s: CompareSettings, tmp: Path):
     """Intensity fingerprint statistic into ``result`` and ``intensity_fingerprint.csv``."""
     from aad_med import CHANNELS
-    from aad_med.embedding.acquisition import FINGERPRINT_PERCENTILES
+    from aad_med.data.intensity import FINGERPRINT_PERCENTILES, fingerprint_columns
 
     raw, pairs, seconds = intensity_statistics(cohorts, s)
     n = sum(len(c.subjects) for c in cohorts.values())
@@ -441,7 +386,7 @@ def _add_intensity(result: dict, cohorts: Mapping[str, Cohort], s: CompareSettin
     log.info("intensity fingerprint of %d subjects in %.2f s", n, seconds)
     for pair in result["pairs"]:
         pair.update(pairs[(pair["a"], pair["b"])])
-    columns = [f"{ch}_p{q:g}" for ch in CHANNELS for q in FINGERPRINT_PERCENTILES]
+    columns = fingerprint_columns()
     rows = [
         [sid, name, *(repr(float(v)) for v in raw[name][i])]
         for name, c in cohorts.items()
@@ -458,99 +403,6 @@ def _add_intensity(result: dict, cohorts: Mapping[str, Cohort], s: CompareSettin
             for name, v in raw.items()
         },
         "file": "intensity_fingerprint.csv",
-    }
-
-
-def _calibration_record(path: Path) -> dict:
-    """What a ``calibration.json`` says it was made with (``features``, ``checkpoint_sha256``);
-    empty for a ``calibration.csv``, which records neither."""
-    if path.suffix.lower() != ".json":
-        return {}
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise InputError(path, f"cannot read calibration ({e})") from None
-    settings = doc.get("settings") if isinstance(doc, Mapping) else None
-    return {
-        "features": (settings or {}).get("features"),
-        "checkpoint_sha256": doc.get("checkpoint_sha256"),
-    }
-
-
-def add_equivalent_severity(result: dict, calibration: str | Path) -> None:
-    """Translate every pair's AAD into equivalent artefact severities of a calibration.
-
-    Uses :func:`aad_med.calibration.annotate_pairs` on the AAD of the features the calibration
-    was made with: the comparison's own AAD, or the seed's latent AAD when the calibration was
-    made with ``latent`` and the comparison with other features. Adds ``equivalent_severity`` to
-    each pair (``statistic``, ``features``, ``value``, ``n_per_cohort``, ``severity`` per
-    artefact, ``statements``, ``warnings``) and ``calibration`` to ``result``.
-
-    Warnings (one line each): another checkpoint (from ``annotate_pairs``), another feature set,
-    a ``calibration.csv`` that records neither, and standardised features, whose AAD is scaled
-    by the subjects standardised together (the compared cohorts here, every subject under every
-    artefact in the calibration), so the equivalence is approximate.
-
-    Raises:
-        InputError: the file is not a calibration table.
-    """
-    from aad_med.calibration import annotate_pairs
-
-    path = Path(calibration)
-    made = _calibration_record(path)
-    features = str(result["features"])
-    cal_features = made.get("features")
-    pairs = result["pairs"]
-    use_latent = (
-        cal_features == "latent"
-        and features != "latent"
-        and all(p.get("latent_aad") is not None for p in pairs)
-    )
-    statistic = "latent_aad" if use_latent else "aad"
-    measured = "latent" if use_latent else features
-    notes = annotate_pairs(
-        path,
-        [
-            {"a": p["a"], "b": p["b"], "n_a": p["n_a"], "n_b": p["n_b"], "aad": p[statistic]}
-            for p in pairs
-        ],
-        checkpoint_sha256=result.get("checkpoint_sha256"),
-    )
-    extra = []
-    if cal_features is None:
-        extra.append(
-            f"{path}: this calibration records neither the checkpoint nor the features it was "
-            f"made with; the equivalences hold only for this checkpoint with "
-            f"embedding.features={measured}"
-        )
-    elif cal_features != measured:
-        extra.append(
-            f"{path}: calibration was made with features {cal_features}, this comparison uses "
-            f"{features}; AAD scales of different feature sets are not comparable"
-        )
-    if measured != "latent" and cal_features in (None, measured):
-        extra.append(
-            f"{measured} features are standardised over the subjects compared together (here "
-            "the compared cohorts, in the calibration every reference subject under every "
-            "artefact), so the two AAD scales differ: read the equivalence as approximate"
-        )
-    by_pair = {(n["a"], n["b"]): n for n in notes}
-    for pair in pairs:
-        note = by_pair[(pair["a"], pair["b"])]
-        pair["equivalent_severity"] = {
-            "statistic": statistic,
-            "features": measured,
-            "value": note["aad"],
-            "n_per_cohort": note["n_per_cohort"],
-            "severity": note["equivalent_severity"],
-            "statements": note["statements"],
-            "warnings": [w for w in (note["warning"], *extra) if w],
-        }
-    result["calibration"] = {
-        "path": str(path.resolve()),
-        "features": cal_features,
-        "checkpoint_sha256": made.get("checkpoint_sha256"),
-        "statistic": statistic,
     }
 
 
@@ -580,8 +432,9 @@ def _compare_into(
     decoded means and the regional map) into ``tmp``. The caller writes ``distances.json`` and
     the report."""
     from aad_med.distances import compare_embeddings
-    from aad_med.embedding.cache import embed_cohorts, file_sha256
+    from aad_med.embedding.cache import embed_cohorts
     from aad_med.embedding.decode import decode_mean_difference
+    from aad_med.embedding.encode import EmbedSettings
     from aad_med.embedding.features import get_feature_set
     from aad_med.embedding.io import write_embeddings_csv, write_embeddings_npz
     from aad_med.plots.images import plot_mean_difference
@@ -589,19 +442,17 @@ def _compare_into(
     feature_set = get_feature_set(s.features)
     overlaps = {name: train_overlap(c, ckpt) for name, c in cohorts.items()}
     cache_dir = _cache_dir(s)
-    embs: dict[str, CohortEmbedding] = embed_cohorts(
-        model,
-        cohorts,
-        preprocessing,
+    embed = EmbedSettings(
         device=device,
         batch_size=s.batch_size,
         features=feature_set,
         keep_positions=s.regional,
-        checkpoint_hash=file_sha256(ckpt_path) if cache_dir else None,
-        cache_dir=cache_dir,
         num_workers=s.num_workers,
         progress=s.progress,
+        checkpoint_hash=file_sha256(ckpt_path) if cache_dir else None,
+        cache_dir=cache_dir,
     )
+    embs: dict[str, CohortEmbedding] = embed_cohorts(model, cohorts, preprocessing, embed)
     names = list(embs)
     stats = compare_embeddings(
         {n: e.vectors for n, e in embs.items()},
@@ -630,6 +481,10 @@ def _compare_into(
         "preprocessing": preprocessing.to_dict(),
     }
     result.update(stats)
+    # The prose explaining each statistic comes from report/text.py alone; each encoder's
+    # distances.json records what made it.
+    result["definitions"] = dict(DEFINITIONS)
+    result["provenance"] = provenance(ckpt_path)
     if feature_set.name != "latent":
         add_latent_aad(result["pairs"], {n: e.latent_means for n, e in embs.items()}, s)
     for name in names:
@@ -655,7 +510,9 @@ def _compare_into(
 
     if not full:
         return result
-    result["_images"] = _figures(tmp, embs, result, s)
+    from aad_med.plots.comparison import comparison_figures
+
+    result["_images"] = comparison_figures(tmp, embs, result, s.bands_bootstrap, s.seed)
     if s.decode_means:
         for pair in result["pairs"]:
             a, b = pair["a"], pair["b"]
@@ -677,6 +534,7 @@ def _compare_into(
 
 LATENT_KEYS = (
     "latent_aad",
+    "latent_aad_unbiased",
     "latent_aad_p",
     "latent_aad_p_fdr",
     "latent_aad_ci95",
@@ -704,66 +562,6 @@ def add_latent_aad(
     for pair in pairs:
         lp = by_pair[(pair["a"], pair["b"])]
         pair.update({key: lp[key.removeprefix("latent_")] for key in LATENT_KEYS})
-
-
-def _figures(tmp: Path, embs: Mapping[str, CohortEmbedding], result: Mapping, s) -> dict:
-    from aad_med.plots.latent import plot_attribution, plot_latent_means, plot_latent_pca
-    from aad_med.plots.statistics import (
-        plot_dendrogram,
-        plot_mds,
-        plot_null_distribution,
-        plot_pairwise_aad,
-    )
-    from aad_med.plots.summaries import bootstrap_mean_bands
-
-    plots = tmp / "plots"
-    names = list(embs)
-    pairs = result["pairs"]
-    means = {n: e.latent_means.mean(axis=0) for n, e in embs.items()}
-    bands = {
-        n: bootstrap_mean_bands(e.latent_means, s.bands_bootstrap, s.seed) for n, e in embs.items()
-    }
-    # Order dimensions by the pair that differs most beyond chance: with several cohorts the
-    # first pair is often a same-site one, whose shares are noise.
-    ratio = "latent_aad_null_ratio" if "latent_aad_null_ratio" in pairs[0] else "aad_null_ratio"
-    first = max(pairs, key=lambda p: p.get(ratio) or 0.0)
-    delta = means[first["b"]] - means[first["a"]]
-    total = float(delta @ delta)
-    shares = delta**2 / total if total > 0 else np.zeros_like(delta)
-    vectors = {n: e.vectors for n, e in embs.items()}
-    space = "latent" if result["features"] == "latent" else f"{result['features']} feature"
-    out = {
-        "latent_means": plot_latent_means(
-            means,
-            bands,
-            plots / "latent_means.png",
-            shares,
-            shares_label=f"share of latent AAD²\n({first['a']} vs {first['b']})",
-        ),
-        "latent_pca": plot_latent_pca(
-            vectors,
-            plots / "latent_pca.png",
-            title=f"Subjects' {space} vectors (PCA); × = cohort mean, ellipse = 95%",
-        ),
-        "null_distribution": plot_null_distribution(pairs, plots / "null_distribution.png"),
-        "pairwise_aad": plot_pairwise_aad(
-            names, np.asarray(result["pairwise_aad"]["matrix"]), plots / "pairwise_aad.png"
-        ),
-        "mds": plot_mds(
-            result["mds"]["names"], np.asarray(result["mds"]["coords"]), plots / "mds.png"
-        ),
-        "dendrogram": plot_dendrogram(
-            np.asarray(result["dendrogram"]["linkage"]),
-            result["dendrogram"]["names"],
-            plots / "dendrogram.png",
-        ),
-        "attribution": plot_attribution(
-            pairs,
-            plots / "attribution.png",
-            title=f"Which dimensions of the {space} vectors carry the AAD",
-        ),
-    }
-    return {k: Path(v).relative_to(tmp) for k, v in out.items()}
 
 
 def _regional(tmp: Path, embs: Mapping[str, CohortEmbedding], result: Mapping, s) -> dict:

@@ -11,7 +11,7 @@ import torch
 from monai.data import MetaTensor
 from scipy import ndimage
 
-from aad_med.calibration.artefacts import (
+from aad_med.data.artefacts import (
     ARTEFACTS,
     DEFAULT_SEVERITIES,
     apply_artefact,

@@ -1,18 +1,22 @@
-"""Stage 3, training: the run folder: unique names, and never overwriting results silently.
+"""The run folder of every command: unique names, never overwriting results silently, results
+published all at once, and no folder left behind by a failed run.
 
-Shared by ``aad-train`` and ``aad-compare``: each says which files count as its results
-(:data:`RESULT_PATTERNS` for training, ``aad_med.report.comparison.RESULT_PATTERNS`` for
-comparisons) and :func:`check_run_dir` refuses a folder already holding any of them.
+Shared by ``aad-train``, ``aad-compare`` and ``aad-calibrate``: each says which files count as
+its results (:data:`RESULT_PATTERNS` for training, ``aad_med.pipelines.compare.RESULT_PATTERNS``,
+``aad_med.pipelines.calibrate.RESULT_FILES``); :func:`check_run_dir` refuses a folder already
+holding any of them, :func:`publish` moves a complete staged result set into place and
+:func:`remove_failed_run` removes the folder of a run that failed before producing results.
 
 ``register_resolvers()`` adds the OmegaConf resolvers the Hydra configs use for the run folder
 (``${aad_run_id:}``: a timestamp with microseconds plus a random suffix, shared by all processes
 of one torchrun launch; ``${aad_output_subdir:}``: ``.hydra`` on rank 0 only). Nothing here
-trains.
+computes anything.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import secrets
 import shutil
@@ -143,3 +147,52 @@ def check_run_dir(
     if resume_hint:
         how = f"continue it with trainer.resume={run_dir / 'checkpoints' / 'last.pt'}, " + how
     raise ConfigError(f"{run_dir}: run folder already holds results ({shown}); {how}")
+
+
+def publish(stage: Path, run_dir: Path, patterns: Sequence[str], aside: str) -> list[Path]:
+    """Move the complete result set in ``stage`` into ``run_dir`` and remove ``stage``.
+
+    Earlier results (``patterns``, after ``overwrite=true``) and entries of the same names are
+    first moved into the hidden folder ``run_dir / aside``, so the run folder never mixes old and
+    new results (an earlier file this run does not write cannot pass for one of its results) and
+    an interruption leaves them recoverable; they are deleted once every new output is in place.
+
+    Returns:
+        The new entries of ``run_dir``.
+    """
+    old = run_dir / aside
+    entries = result_entries(run_dir, patterns)
+    entries += [run_dir / e.name for e in stage.iterdir() if (run_dir / e.name).exists()]
+    if entries:
+        old.mkdir()
+        for entry in sorted(set(entries)):
+            os.replace(entry, old / entry.name)
+    published = []
+    for entry in sorted(stage.iterdir()):
+        os.replace(entry, run_dir / entry.name)
+        published.append(run_dir / entry.name)
+    stage.rmdir()
+    shutil.rmtree(old, ignore_errors=True)
+    return published
+
+
+def remove_failed_run(
+    run_dir: str | Path, preexisting: Path | None, patterns: Sequence[str]
+) -> None:
+    """Remove the folder of a run that failed before producing results (``.hydra/``, its log).
+
+    A folder that existed before the run (``preexisting``) or holds results is never removed.
+    """
+    run_dir = Path(run_dir)
+    if preexisting is not None and run_dir.resolve() == preexisting.resolve():
+        return
+    if not run_dir.exists() or existing_results(run_dir, patterns):
+        return
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        if isinstance(h, logging.FileHandler) and Path(h.baseFilename).is_relative_to(
+            run_dir.resolve()
+        ):
+            root.removeHandler(h)
+            h.close()
+    shutil.rmtree(run_dir, ignore_errors=True)

@@ -1,4 +1,4 @@
-"""Stage 3, training: one training run from a composed config to a finished run folder.
+"""The body of ``aad-train``: one training run from a composed config to a finished run folder.
 
 Order matters for safety: the run folder is checked for earlier results before anything is
 written; cohorts are validated before training starts; the resolved config, checkpoints and
@@ -17,7 +17,10 @@ from omegaconf import DictConfig, OmegaConf
 import aad_med
 from aad_med.data.records import SubjectRecord
 from aad_med.errors import CohortError, ConfigError, InputError
-from aad_med.training.checkpoint import load_checkpoint
+from aad_med.io_utils import write_json_atomic, write_text_atomic
+from aad_med.pipelines.rundir import check_run_dir
+from aad_med.provenance import provenance
+from aad_med.training.checkpoint import check_resume_compatible, load_checkpoint
 from aad_med.training.config import (
     as_list,
     instantiate,
@@ -36,7 +39,6 @@ from aad_med.training.distributed import (
 )
 from aad_med.training.loggers import NullLogger
 from aad_med.training.loop import FitResult, Trainer, seed_everything
-from aad_med.training.rundir import check_run_dir
 
 log = logging.getLogger("aad_med.train")
 
@@ -179,8 +181,13 @@ def train_from_config(cfg: DictConfig, run_dir: str | Path) -> FitResult:
         run_dir, settings.resume, bool(cfg.get("overwrite", False)), delete=env_rank() == 0
     )
     if settings.resume:
-        # Fail before minutes of data loading when the checkpoint is unusable or unsafe.
-        load_checkpoint(settings.resume)
+        # Fail before minutes of data loading (and before config.yaml is rewritten) when the
+        # checkpoint is unusable, unsafe, or from a run with other data or settings.
+        check_resume_compatible(
+            settings.resume,
+            load_checkpoint(settings.resume),
+            OmegaConf.to_container(cfg, resolve=True),
+        )
     prep = preprocessing_from_config(cfg.data)
     model_patch = cfg.model.get("patch_size")
     if model_patch is not None and int(model_patch) != prep.patch_size:
@@ -263,10 +270,9 @@ def _run(cfg, run_dir, settings, prep, samples, info: DistInfo) -> FitResult:
         },
     }
     if info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        tmp = run_dir / ".config.yaml.tmp"
-        tmp.write_text(OmegaConf.to_yaml(container))
-        tmp.replace(run_dir / "config.yaml")
+        write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(container))
+        # What made this run (versions, command line, the checkpoint resumed from).
+        write_json_atomic(run_dir / "provenance.json", provenance(settings.resume))
 
     trainer = Trainer(
         settings,

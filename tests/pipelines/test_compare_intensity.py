@@ -6,10 +6,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from aad_med.data.intensity import intensity_fingerprint
 from aad_med.data.validation import load_cohort
 from aad_med.distances import aad_permutation_test
-from aad_med.embedding.acquisition import intensity_fingerprint, standardize_jointly
-from aad_med.report.comparison import INTENSITY_KEYS, CompareSettings, intensity_statistics
+from aad_med.embedding.acquisition import standardize_jointly
+from aad_med.pipelines.compare import INTENSITY_KEYS, CompareSettings, intensity_statistics
 from tests.nifti_factory import write_brats_cohort
 
 
@@ -52,7 +53,7 @@ def test_is_the_aad_permutation_test_on_jointly_standardised_fingerprints(cohort
 
 
 def test_fingerprints_are_cached_by_file(cohorts, tmp_path):
-    from aad_med.report.comparison import cached_fingerprint
+    from aad_med.data.intensity import cached_fingerprint
 
     cache = tmp_path / "cache"
     first = cached_fingerprint(cohorts["a"], cache)

@@ -1,0 +1,82 @@
+"""Stage 1, data: the intensity fingerprint, a raw-image statistic of every subject.
+
+Per-channel foreground (non-zero) intensity percentiles of the raw images, *before* any
+normalisation: what z-scoring removes before the encoder sees anything (a global gain, a smooth
+bias field). ``aad-compare`` reports it as its own statistic beside the AAD
+(:func:`aad_med.pipelines.compare.intensity_statistics`); it is never an encoder feature.
+
+:func:`cached_fingerprint` keeps a cohort's fingerprints in the embedding cache folder under a key
+of every subject's files, so a rerun does not read the volumes again. No statistics here.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from aad_med import CHANNELS
+from aad_med.data.io import load_subject
+from aad_med.data.records import Cohort, SubjectRecord
+from aad_med.io_utils import atomic_path, cache_key, file_stats
+
+log = logging.getLogger("aad_med.compare")
+
+FINGERPRINT_PERCENTILES: tuple[float, ...] = (1.0, 5.0, 25.0, 50.0, 75.0, 95.0, 99.0)
+"""Percentiles (per channel) of the fingerprint."""
+
+
+def fingerprint_columns(percentiles: Sequence[float] = FINGERPRINT_PERCENTILES) -> list[str]:
+    """Column names of the fingerprint, channel-major (``t1_p1``, ``t1_p5``, ...)."""
+    return [f"{ch}_p{q:g}" for ch in CHANNELS for q in percentiles]
+
+
+def intensity_fingerprint(
+    records: Sequence[SubjectRecord],
+    percentiles: Sequence[float] = FINGERPRINT_PERCENTILES,
+) -> np.ndarray:
+    """Per-channel foreground (non-zero) intensity percentiles of the raw images.
+
+    Args:
+        records: the subjects (their files are read with :func:`aad_med.data.io.load_subject`).
+        percentiles: percentiles in [0, 100].
+
+    Returns:
+        ``(n_subjects, 4 * len(percentiles))`` float64, channel-major (t1, t1ce, t2, flair).
+
+    Raises:
+        InputError: a file cannot be read (named).
+    """
+    q = np.asarray(percentiles, dtype=np.float64)
+    rows = []
+    for rec in records:
+        image = load_subject(rec, load_seg=False).image
+        row = []
+        for ch in image:
+            fg = ch[ch != 0]
+            row.append(np.percentile(fg, q) if fg.size else np.zeros(q.size))
+        rows.append(np.concatenate(row))
+    return np.asarray(rows, dtype=np.float64).reshape(len(rows), 4 * q.size)
+
+
+def cached_fingerprint(cohort: Cohort, cache_dir: str | Path | None) -> np.ndarray:
+    """:func:`intensity_fingerprint` of a cohort, kept in ``cache_dir`` under a key of every
+    subject's files (path, size, modification time) and the percentiles; ``None`` reads the
+    volumes every time."""
+    if cache_dir is None:
+        return intensity_fingerprint(cohort.subjects)
+    subjects = [[rec.subject_id, file_stats(rec.files), rec.as_dict()] for rec in cohort.subjects]
+    payload = {"v": 1, "percentiles": list(FINGERPRINT_PERCENTILES), "subjects": subjects}
+    entry = Path(cache_dir) / f"intensity-{cache_key(payload)}.npy"
+    if entry.is_file():
+        try:
+            with open(entry, "rb") as f:
+                return np.load(f, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            log.warning("ignoring unreadable intensity cache entry %s (%s)", entry, e)
+    raw = intensity_fingerprint(cohort.subjects)
+    with atomic_path(entry) as tmp, open(tmp, "wb") as f:
+        np.save(f, raw, allow_pickle=False)
+    return raw

@@ -1,0 +1,139 @@
+"""MRIQC-style image-quality metrics: hand-computed values on a constructed volume, and the
+direction each metric moves under noise, blur and a bias field."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from aad_med import CHANNELS
+from aad_med.data.quality import (
+    METRICS,
+    cohort_quality,
+    image_quality,
+    subject_quality,
+    tissue_classes,
+)
+
+SHAPE = (40, 40, 40)
+
+
+def _phantom(noise: float = 2.0, seed: int = 0):
+    """A sphere 'brain': WM core (T1 100), GM shell (60), CSF rim (20); zero outside."""
+    idx = np.indices(SHAPE) - (np.array(SHAPE)[:, None, None, None] - 1) / 2
+    r = np.sqrt((idx**2).sum(0))
+    truth = np.zeros(SHAPE, np.uint8)
+    truth[r < 18] = 1
+    truth[r < 15] = 2
+    truth[r < 10] = 3
+    mask = truth > 0
+    img = np.choose(truth, [0.0, 20.0, 60.0, 100.0])
+    rng = np.random.default_rng(seed)
+    img = np.where(mask, img + noise * rng.standard_normal(SHAPE), 0.0)
+    return img, mask, truth
+
+
+def test_tissue_classes_recover_the_phantom_and_skip_tumour():
+    img, mask, truth = _phantom()
+    lab = tissue_classes(img, mask)
+    assert np.array_equal(lab, truth)
+    seg = np.zeros(SHAPE, np.int16)
+    seg[18:22, 18:22, 18:22] = 4
+    lab = tissue_classes(img, mask, seg)
+    assert np.all(lab[seg > 0] == 0) and np.array_equal(lab[seg == 0], truth[seg == 0])
+
+
+def test_values_on_a_constructed_volume_match_hand_calculation():
+    # Classes of 8 voxels each, values mu +- a alternating: mean mu, population std a.
+    img = np.zeros((4, 4, 4))
+    tissues = np.zeros((4, 4, 4), np.uint8)
+    tissues[0], tissues[1], tissues[2] = 1, 2, 3  # 16 voxels each
+    signs = np.where(np.indices((4, 4)).sum(0) % 2 == 0, 1.0, -1.0)
+    for c, (mu, a) in {1: (20.0, 2.0), 2: (60.0, 3.0), 3: (100.0, 4.0)}.items():
+        img[c - 1] = mu + a * signs
+    mask = tissues > 0
+    m, notes = image_quality(img, mask, tissues)
+    corr = math.sqrt(16 / 15)
+    assert m["snr_csf"] == pytest.approx(20 / (2 * corr))
+    assert m["snr_gm"] == pytest.approx(60 / (3 * corr))
+    assert m["snr_wm"] == pytest.approx(100 / (4 * corr))
+    assert m["snr_total"] == pytest.approx((10 + 20 + 25) / 3 / corr)
+    assert m["cnr"] == pytest.approx(40 / 5)  # |60 - 100| / sqrt(9 + 16)
+    assert m["cjv"] == pytest.approx(7 / 40)
+    x = img[mask]
+    b = np.sqrt((x**2).sum())
+    efc = (x / b * np.log(x / b)).sum() / (np.sqrt(48) * np.log(1 / np.sqrt(48)))
+    assert m["efc"] == pytest.approx(efc)
+    assert m["wm2max"] == pytest.approx(100 / np.percentile(x, 99.95))
+    assert m["inu_range"] == pytest.approx(0.0, abs=0.06)  # +-4 checkerboard smoothed flat
+    assert math.isnan(m["fber"]) and "skull-stripped" in notes["fber"]
+    assert set(m) == set(METRICS)
+
+
+def test_fber_is_computed_when_the_background_is_not_zero():
+    img, mask, truth = _phantom()
+    bg = np.where(mask, 0.0, 2.0)
+    m, notes = image_quality(img + bg, mask, truth)
+    assert m["fber"] == pytest.approx(np.mean(img[mask] ** 2) / 4.0)
+    assert "fber" not in notes
+
+
+def test_noise_lowers_snr_and_cnr_and_raises_cjv():
+    low, mask, truth = _phantom(noise=2.0)
+    high, _, _ = _phantom(noise=10.0)
+    m_low, _ = image_quality(low, mask, truth)
+    m_high, _ = image_quality(high, mask, truth)
+    for key in ("snr_wm", "snr_gm", "snr_total", "cnr"):
+        assert m_high[key] < 0.5 * m_low[key], key
+    assert m_high["cjv"] > 2 * m_low["cjv"]
+
+
+def test_blur_raises_efc():
+    img, mask, truth = _phantom(noise=5.0)
+    blurred = np.where(mask, ndimage.gaussian_filter(img, 2.0), 0.0)
+    m, _ = image_quality(img, mask, truth)
+    m_blur, _ = image_quality(blurred, mask, truth)
+    # Smoothing spreads energy evenly over the brain: entropy up, closer to uniform (1).
+    assert m["efc"] < m_blur["efc"] < 1.0
+
+
+def test_bias_field_raises_inu_range():
+    img, mask, truth = _phantom(noise=2.0)
+    x = np.linspace(-1, 1, SHAPE[0])[:, None, None]
+    biased = img * (1 + 0.3 * x)
+    m, _ = image_quality(img, mask, truth)
+    m_bias, _ = image_quality(biased, mask, truth)
+    assert m["inu_range"] < 0.05
+    # The true field spans about 0.25 over the WM core; the smoothing attenuates it somewhat.
+    assert m_bias["inu_range"] > 0.1
+    assert m_bias["cjv"] > m["cjv"]
+
+
+def test_bad_shapes_raise():
+    img, mask, truth = _phantom()
+    with pytest.raises(ValueError, match="one 3-D grid"):
+        image_quality(img[:-1], mask, truth)
+    with pytest.raises(ValueError, match="empty"):
+        image_quality(img, np.zeros(SHAPE, bool), truth)
+    with pytest.raises(ValueError, match="distinct"):
+        tissue_classes(np.ones(SHAPE), mask)
+
+
+def test_subject_quality_reads_a_synthetic_subject(tmp_path):
+    from aad_med.data.synthetic import generate_cohort
+    from aad_med.data.validation import load_cohort
+
+    generate_cohort(tmp_path / "c", n_subjects=2, shape=(40, 44, 36), seed=3)
+    records = load_cohort(tmp_path / "c").subjects
+    m, notes = subject_quality(records[0])
+    columns, values, all_notes = cohort_quality(records)
+    assert values.shape == (2, len(columns)) and all_notes[0] == notes
+    np.testing.assert_array_equal(values[0], [m[c] for c in columns])
+    assert set(m) == {f"{ch}_{k}" for ch in CHANNELS for k in METRICS}
+    assert math.isnan(m["t1_fber"]) and "t1_fber" in notes
+    # T1 tissue order: CSF < GM < WM, so the T1 WM/GM contrast is finite and positive.
+    assert m["t1_cnr"] > 0.5 and 0 < m["t1_wm2max"] <= 1
+    assert all(math.isfinite(v) for k, v in m.items() if not k.endswith("fber"))

@@ -1,0 +1,67 @@
+"""The shared file helpers: the atomic writer leaves the old file or the new one and never a
+temporary file; JSON is strict; the cache key follows file contents' stats; hashes are SHA-256."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import numpy as np
+import pytest
+
+from aad_med.errors import InputError
+from aad_med.io_utils import (
+    atomic_path,
+    cache_key,
+    file_sha256,
+    file_stats,
+    to_jsonable,
+    write_json_atomic,
+    write_nifti_atomic,
+    write_text_atomic,
+)
+
+
+def test_atomic_path_keeps_the_old_file_when_writing_fails(tmp_path):
+    target = tmp_path / "a.txt"
+    write_text_atomic(target, "old\n")
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("killed mid-write")
+    assert target.read_text() == "old\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt"]
+
+
+def test_write_errors_name_the_file(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(InputError, match="cannot write") as err:
+        write_text_atomic(blocker / "inside.txt", "y")
+    assert str(blocker / "inside.txt") in str(err.value)
+
+
+def test_json_is_strict_and_numpy_free(tmp_path):
+    payload = {"a": np.float32(1.5), "b": np.array([1, 2]), "c": float("nan"), 3: (np.bool_(True),)}
+    assert to_jsonable(payload) == {"a": 1.5, "b": [1, 2], "c": None, "3": [True]}
+    path = write_json_atomic(tmp_path / "x.json", payload)
+    assert json.loads(path.read_text()) == {"a": 1.5, "b": [1, 2], "c": None, "3": [True]}
+
+
+def test_nifti_bytes_are_reproducible(tmp_path):
+    data = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
+    a = write_nifti_atomic(tmp_path / "a.nii.gz", data, np.eye(4)).read_bytes()
+    b = write_nifti_atomic(tmp_path / "b.nii.gz", data, np.eye(4)).read_bytes()
+    assert a == b
+
+
+def test_cache_key_follows_file_stats_and_hash_is_sha256(tmp_path):
+    f = tmp_path / "v.bin"
+    f.write_bytes(b"abc")
+    key = cache_key({"files": file_stats([f])})
+    assert len(key) == 40 and key == cache_key({"files": file_stats([f])})
+    st = f.stat()
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert cache_key({"files": file_stats([f])}) != key
+    assert file_stats([tmp_path / "missing"])[0][1:] == [None, None]
+    assert file_sha256(f) == hashlib.sha256(b"abc").hexdigest()
