@@ -1,8 +1,11 @@
 """The Hydra console scripts (``aad-train``, ``aad-compare``, ``aad-calibrate``) as seen from
 the command line: reading ``key=value`` overrides before Hydra starts (so a refused run leaves
-an existing folder untouched, ``.hydra/`` included), ``--version``, and the Hydra job body that
-reports errors in one line and removes the folder a failed run created
-(:func:`aad_med.pipelines.rundir.remove_failed_run`)."""
+an existing folder untouched, ``.hydra/`` included: a run folder that is a file, is not
+writable or lies inside an input cohort is refused here), ``--version``, and the Hydra job body
+that holds the run folder's lock (:func:`aad_med.pipelines.rundir.run_lock`), reports errors in
+one line (exit 2, 130 for Ctrl-C), publishes Hydra's staged ``.hydra/`` only with results
+(:func:`aad_med.pipelines.rundir.finish_hydra_subdir`) and removes the folder a failed run
+created (:func:`aad_med.pipelines.rundir.remove_failed_run`)."""
 
 from __future__ import annotations
 
@@ -11,8 +14,17 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from aad_med.cli._errors import run_reporting_errors, verbose_requested
-from aad_med.pipelines.rundir import remove_failed_run
+from aad_med.cli._errors import EXIT_INTERRUPTED, run_reporting_errors, verbose_requested
+from aad_med.pipelines.rundir import (
+    check_output_folder,
+    finish_hydra_subdir,
+    remove_failed_run,
+    results_state,
+    run_lock,
+)
+
+_INPUT_KEYS = ("cohorts.", "reference", "data.cohorts")
+"""Overrides naming input cohorts: no run folder may lie inside one."""
 
 
 def override_value(argv: Sequence[str], key: str) -> str | None:
@@ -32,6 +44,28 @@ def explicit_run_dir(argv: Sequence[str]) -> Path | None:
     return Path(run_dir)
 
 
+def input_paths(argv: Sequence[str]) -> list[str]:
+    """Input cohorts named on the command line (``cohorts.NAME=``, ``reference=``,
+    ``data.cohorts=[A,B]``), quotes and brackets removed."""
+    out = []
+    for arg in argv:
+        key, eq, value = arg.lstrip("+").partition("=")
+        if not eq or not any(key == k or key.startswith(k) for k in _INPUT_KEYS):
+            continue
+        value = value.strip()
+        parts = value[1:-1].split(",") if value.startswith("[") and value.endswith("]") else [value]
+        out.extend(p.strip().strip("'\"") for p in parts if p.strip())
+    return out
+
+
+def precheck_output(argv: Sequence[str]) -> None:
+    """Refuse an explicit ``hydra.run.dir`` that cannot hold results (a file, not writable,
+    inside an input cohort) before Hydra writes anything (:func:`check_output_folder`)."""
+    run_dir = explicit_run_dir(argv)
+    if run_dir is not None:
+        check_output_folder(run_dir, input_paths(argv))
+
+
 def flag(argv: Sequence[str], key: str) -> bool:
     """``key=true`` on the command line (any case, as Hydra reads booleans)."""
     return (override_value(argv, key) or "false").strip().lower() == "true"
@@ -44,13 +78,28 @@ def run_hydra_job(
     patterns: Sequence[str],
     preexisting: Path | None,
 ) -> None:
-    """Body of every ``@hydra.main`` entry point: run ``job(cfg, run_dir)`` with one-line errors,
-    and on failure remove the run folder Hydra made (unless it existed or holds results)."""
+    """Body of every ``@hydra.main`` entry point: run ``job(cfg, run_dir)`` holding the run
+    folder's lock, with one-line errors; make Hydra's staged config folder ``.hydra/`` only if
+    the run wrote results; on failure remove the run folder Hydra made (unless it existed or
+    holds results)."""
     from hydra.core.hydra_config import HydraConfig
 
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    staged = run_dir / hydra_cfg.output_subdir if hydra_cfg.output_subdir else None
     verbose = verbose_requested() or bool(cfg.get("verbose", False))
-    rc = run_reporting_errors(prog, lambda: job(cfg, run_dir) and 0, verbose=verbose)
+    before = results_state(run_dir, patterns)
+
+    def body() -> int:
+        with run_lock(run_dir):
+            return job(cfg, run_dir) and 0
+
+    rc = 1
+    try:
+        rc = run_reporting_errors(prog, body, verbose=verbose)
+    finally:
+        wrote = rc == 0 or results_state(run_dir, patterns) != before
+        finish_hydra_subdir(run_dir, staged, wrote)
     if rc:
         remove_failed_run(run_dir, preexisting, patterns)
         # SystemExit passes through Hydra's own error handler, keeping the one-line message.
@@ -85,6 +134,9 @@ def hydra_command(
     from aad_med.resources import CONFIG_DIR
 
     register_resolvers()
+    rc = run_reporting_errors(prog, lambda: precheck_output(argv), verbose=verbose_requested(argv))
+    if rc:
+        sys.exit(rc)
     preexisting = preexisting_run_dir(argv)
 
     @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name=config_name)
@@ -92,7 +144,14 @@ def hydra_command(
         run_hydra_job(prog, cfg, job, patterns, preexisting)
 
     sys.argv = [sys.argv[0], *argv]
-    _hydra_main()
+    try:
+        _hydra_main()
+    except KeyboardInterrupt:
+        # Ctrl-C outside the job (while Hydra composes or imports): the same one line.
+        if verbose_requested(argv):
+            raise
+        print(f"{prog}: interrupted", file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)
 
 
 def print_version_if_asked(prog: str, argv: Sequence[str]) -> None:

@@ -37,7 +37,7 @@ from aad_med.data.records import Cohort
 from aad_med.data.validation import load_cohort
 from aad_med.errors import CheckpointError, CohortError, ConfigError, InputError
 from aad_med.io_utils import file_sha256
-from aad_med.pipelines.rundir import check_run_dir, publish
+from aad_med.pipelines.rundir import acquire_run_lock, check_run_dir, publish
 from aad_med.provenance import provenance
 from aad_med.report.document import write_report
 from aad_med.report.serialize import (
@@ -262,6 +262,8 @@ def run_comparison(
 
     device = resolve_device(s.device)
     run_dir.mkdir(parents=True, exist_ok=True)
+    # Only the run holding the folder may call other runs' temporary folders stale.
+    release_lock = acquire_run_lock(run_dir)
     _remove_stale_temp(run_dir)
     tmp = run_dir / f".aad-compare-{secrets.token_hex(4)}.tmp"
     tmp.mkdir()
@@ -315,6 +317,8 @@ def run_comparison(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        release_lock()
     return result
 
 
