@@ -148,6 +148,26 @@ def write_nifti_atomic(path: str | Path, data: Any, affine: Any) -> Path:
     return write_bytes_atomic(path, raw)
 
 
+def checkpoint_path_problem(path: str | Path) -> str | None:
+    """Why ``path`` cannot be a checkpoint file (one line naming it), or ``None`` when it can.
+
+    Distinguishes a missing file, a broken symbolic link, a folder, and something that is not a
+    regular file (a device or FIFO, which ``torch.load`` would read forever). Here, torch-free,
+    so commands check their checkpoints before importing torch (re-exported by
+    :mod:`aad_med.training.checkpoint`).
+    """
+    path = Path(path)
+    if path.is_symlink() and not path.exists():
+        return f"{path}: checkpoint is a broken symbolic link (to {os.readlink(path)})"
+    if not path.exists():
+        return f"{path}: checkpoint does not exist"
+    if path.is_dir():
+        return f"{path}: is a folder, expected a checkpoint file (.pt)"
+    if not path.is_file():
+        return f"{path}: checkpoint is not a regular file (a device, FIFO or socket)"
+    return None
+
+
 def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
     """Hex SHA-256 of a file's bytes, read in chunks."""
     h = hashlib.sha256()

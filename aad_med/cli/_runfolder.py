@@ -10,6 +10,7 @@ created (:func:`aad_med.pipelines.rundir.remove_failed_run`)."""
 from __future__ import annotations
 
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -32,7 +33,10 @@ def override_value(argv: Sequence[str], key: str) -> str | None:
     for arg in argv:
         for prefix in (f"{key}=", f"+{key}=", f"++{key}="):
             if arg.startswith(prefix):
-                return arg[len(prefix) :]
+                value = arg[len(prefix) :]
+                if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+                    value = value[1:-1]  # quoted for Hydra: the path is inside
+                return value
     return None
 
 
@@ -58,12 +62,98 @@ def input_paths(argv: Sequence[str]) -> list[str]:
     return out
 
 
-def precheck_output(argv: Sequence[str]) -> None:
+def check_cohort_name_overrides(argv: Sequence[str]) -> None:
+    """Refuse ``cohorts.NAME=`` whose NAME cannot be a cohort name (Hydra would nest ``a.b``
+    into ``{'a': {'b': ...}}``).
+
+    Raises:
+        ConfigError: names the override and the characters allowed.
+    """
+    from aad_med.errors import ConfigError
+
+    for arg in argv:
+        key, eq, _ = arg.lstrip("+").partition("=")
+        if eq and key.startswith("cohorts."):
+            from aad_med.pipelines.compare import NAME_PATTERN
+
+            name = key[len("cohorts.") :]
+            if not NAME_PATTERN.match(name):
+                raise ConfigError(
+                    f"{arg.lstrip('+')}: cohort name {name!r} may contain only letters, digits, '_' and '-' "
+                    "(starting with a letter or digit)"
+                )
+
+
+def check_device_override(prog: str, config_name: str, argv: Sequence[str]) -> None:
+    """``trainer.device=`` given to a command whose device key is ``device`` (Hydra would say
+    only that ``trainer`` is not in its config).
+
+    Raises:
+        ConfigError: names the key to use instead.
+    """
+    from aad_med.errors import ConfigError
+
+    if config_name == "train":
+        return
+    value = override_value(argv, "trainer.device")
+    if value is not None:
+        raise ConfigError(
+            f"trainer.device={value}: {prog} has no trainer; its device key is "
+            f"device=auto|cpu|cuda (e.g. device={value})"
+        )
+
+
+def precheck_output(argv: Sequence[str], prog: str = "", config_name: str = "") -> None:
     """Refuse an explicit ``hydra.run.dir`` that cannot hold results (a file, not writable,
-    inside an input cohort) before Hydra writes anything (:func:`check_output_folder`)."""
+    inside an input cohort) before Hydra writes anything (:func:`check_output_folder`), cohort
+    names Hydra would misread and another command's device key."""
+    check_cohort_name_overrides(argv)
+    check_device_override(prog, config_name, argv)
     run_dir = explicit_run_dir(argv)
     if run_dir is not None:
         check_output_folder(run_dir, input_paths(argv))
+
+
+_PATH_KEYS = ("cohorts.", "reference", "checkpoint", "hydra.run.dir", "hydra.sweep.dir")
+"""Overrides whose value is a path, quoted for Hydra when needed (:func:`quote_path_values`)."""
+_NEEDS_QUOTES = re.compile(r"[\s,=\[\]{}()'\"\\]|[^\x00-\x7f]")
+
+
+def hydra_quote(value: str) -> str:
+    """``value`` as a single-quoted Hydra string (backslashes before a quote or the end doubled,
+    quotes escaped), so Hydra's lexer takes it literally."""
+    value = re.sub(r"(\\+)(?='|$)", lambda m: m.group(1) * 2, value)
+    return "'" + value.replace("'", "\\'") + "'"
+
+
+def quote_path_values(argv: Sequence[str]) -> list[str]:
+    """Quote path values holding characters Hydra's override grammar would misread (non-ASCII,
+    spaces, ``= , [ ] ( ) { }``, quotes), so ``cohorts.a=/data/site,2`` means that folder, not a
+    sweep or a lexer error about a ``++cohorts...`` the user never typed.
+
+    Values already quoted, lists (``checkpoint=[A,B]``) and interpolations (``${...}``) are left
+    as they are, and under ``--multirun`` so are values with commas (a sweep).
+    """
+    multirun = "--multirun" in argv or "-m" in argv
+    out = []
+    for arg in argv:
+        key, eq, value = arg.partition("=")
+        bare = key.lstrip("+")
+        is_path = bare in _PATH_KEYS or any(
+            k.endswith(".") and bare.startswith(k) for k in _PATH_KEYS
+        )
+        if (
+            not eq
+            or not is_path
+            or value[:1] in ("'", '"', "[")
+            or "${" in value
+            or not _NEEDS_QUOTES.search(value)
+            or (multirun and "," in value)
+        ):
+            out.append(arg)
+            continue
+        out.append(f"{key}={hydra_quote(value)}")
+    return out
 
 
 def flag(argv: Sequence[str], key: str) -> bool:
@@ -134,7 +224,9 @@ def hydra_command(
     from aad_med.resources import CONFIG_DIR
 
     register_resolvers()
-    rc = run_reporting_errors(prog, lambda: precheck_output(argv), verbose=verbose_requested(argv))
+    rc = run_reporting_errors(
+        prog, lambda: precheck_output(argv, prog, config_name), verbose=verbose_requested(argv)
+    )
     if rc:
         sys.exit(rc)
     preexisting = preexisting_run_dir(argv)
@@ -143,7 +235,7 @@ def hydra_command(
     def _hydra_main(cfg) -> None:
         run_hydra_job(prog, cfg, job, patterns, preexisting)
 
-    sys.argv = [sys.argv[0], *argv]
+    sys.argv = [sys.argv[0], *quote_path_values(argv)]
     try:
         _hydra_main()
     except KeyboardInterrupt:

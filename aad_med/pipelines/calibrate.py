@@ -29,8 +29,8 @@ from aad_med.calibration.curves import (
     smallest_attainable_p,
 )
 from aad_med.data.artefacts import ARTEFACTS, severity_ladders
-from aad_med.errors import ConfigError
-from aad_med.io_utils import file_sha256
+from aad_med.errors import CheckpointError, ConfigError
+from aad_med.io_utils import checkpoint_path_problem, file_sha256
 from aad_med.provenance import provenance
 
 PROG = "aad-calibrate"
@@ -314,6 +314,8 @@ def calibrate(
     """
     run_dir = Path(run_dir)
     check_calibrate_dir(run_dir, overwrite)
+    if problem := checkpoint_path_problem(checkpoint):
+        raise CheckpointError(problem)
     result = run_calibration(str(checkpoint), str(reference), settings)
     result["meta"]["provenance"] = provenance(checkpoint)
     write_outputs(result, run_dir, save_embeddings)
