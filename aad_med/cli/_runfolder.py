@@ -19,6 +19,7 @@ from aad_med.cli._errors import EXIT_INTERRUPTED, run_reporting_errors, verbose_
 from aad_med.pipelines.rundir import (
     check_output_folder,
     finish_hydra_subdir,
+    folder_entries,
     remove_failed_run,
     results_state,
     run_lock,
@@ -166,17 +167,26 @@ def run_hydra_job(
     cfg,
     job: Callable[[object, Path], object],
     patterns: Sequence[str],
-    preexisting: Path | None,
+    existing: dict[Path, set[str]] | Path | None,
 ) -> None:
     """Body of every ``@hydra.main`` entry point: run ``job(cfg, run_dir)`` holding the run
     folder's lock, with one-line errors; make Hydra's staged config folder ``.hydra/`` only if
     the run wrote results; on failure remove the run folder Hydra made (unless it existed or
-    holds results)."""
+    holds results), or in a folder that existed, the log file Hydra made.
+
+    Args:
+        existing: run folders that existed before Hydra started, with the names they held
+            (:func:`existing_folders`; a plain path for one folder whose entries are unknown).
+    """
     from hydra.core.hydra_config import HydraConfig
 
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     staged = run_dir / hydra_cfg.output_subdir if hydra_cfg.output_subdir else None
+    if isinstance(existing, Path):
+        existing = {existing.resolve(): None}
+    before_entries = (existing or {}).get(run_dir.resolve())
+    preexisting = run_dir if run_dir.resolve() in (existing or {}) else None
     verbose = verbose_requested() or bool(cfg.get("verbose", False))
     before = results_state(run_dir, patterns)
 
@@ -191,7 +201,7 @@ def run_hydra_job(
         wrote = rc == 0 or results_state(run_dir, patterns) != before
         finish_hydra_subdir(run_dir, staged, wrote)
     if rc:
-        remove_failed_run(run_dir, preexisting, patterns)
+        remove_failed_run(run_dir, preexisting, patterns, before_entries)
         # SystemExit passes through Hydra's own error handler, keeping the one-line message.
         sys.exit(rc)
 
@@ -229,11 +239,11 @@ def hydra_command(
     )
     if rc:
         sys.exit(rc)
-    preexisting = preexisting_run_dir(argv)
+    existing = existing_folders(argv)
 
     @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name=config_name)
     def _hydra_main(cfg) -> None:
-        run_hydra_job(prog, cfg, job, patterns, preexisting)
+        run_hydra_job(prog, cfg, job, patterns, existing)
 
     sys.argv = [sys.argv[0], *quote_path_values(argv)]
     try:
@@ -253,6 +263,22 @@ def print_version_if_asked(prog: str, argv: Sequence[str]) -> None:
 
         print(f"{prog} {__version__}")
         sys.exit(0)
+
+
+def existing_folders(argv: Sequence[str]) -> dict[Path, set[str] | None]:
+    """The run folders of this command line that exist before Hydra starts, with their entries:
+    the explicit ``hydra.run.dir``, or under ``--multirun`` every folder of an existing
+    ``hydra.sweep.dir`` (a job there must leave no new file either)."""
+    out: dict[Path, set[str] | None] = {}
+    single = preexisting_run_dir(argv)
+    if single is not None:
+        out[single] = folder_entries(single)
+    sweep = override_value(argv, "hydra.sweep.dir")
+    if sweep and ("--multirun" in argv or "-m" in argv) and Path(sweep).is_dir():
+        for sub in Path(sweep).iterdir():
+            if sub.is_dir() and not sub.is_symlink():
+                out[sub.resolve()] = folder_entries(sub)
+    return out
 
 
 def preexisting_run_dir(argv: Sequence[str]) -> Path | None:

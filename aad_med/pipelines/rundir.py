@@ -196,25 +196,61 @@ def publish(stage: Path, run_dir: Path, patterns: Sequence[str], aside: str) -> 
 
 
 def remove_failed_run(
-    run_dir: str | Path, preexisting: Path | None, patterns: Sequence[str]
+    run_dir: str | Path,
+    preexisting: Path | None,
+    patterns: Sequence[str],
+    before: set[str] | None = None,
 ) -> None:
     """Remove the folder of a run that failed before producing results (``.hydra/``, its log).
 
-    A folder that existed before the run (``preexisting``) or holds results is never removed.
+    A folder that existed before the run (``preexisting``) or holds results is never removed;
+    in one that existed, a log file the run created (not among ``before``, the names there
+    before the run) is removed.
     """
     run_dir = Path(run_dir)
     if preexisting is not None and run_dir.resolve() == preexisting.resolve():
+        remove_new_logs(run_dir, before)
         return
     if not run_dir.exists() or existing_results(run_dir, patterns):
         return
+    _close_log_files(run_dir)
+    shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def _close_log_files(folder: Path) -> list[Path]:
+    """Detach and close the root logger's file handlers writing inside ``folder``."""
     root = logging.getLogger()
+    closed = []
     for h in list(root.handlers):
         if isinstance(h, logging.FileHandler) and Path(h.baseFilename).is_relative_to(
-            run_dir.resolve()
+            folder.resolve()
         ):
             root.removeHandler(h)
             h.close()
-    shutil.rmtree(run_dir, ignore_errors=True)
+            closed.append(Path(h.baseFilename))
+    return closed
+
+
+def remove_new_logs(run_dir: Path, before: set[str] | None) -> None:
+    """In a folder that existed before a failed run, remove the log files this run created
+    (Hydra opens ``JOB.log`` before the job starts), so the folder holds no new files."""
+    if before is None:
+        return
+    for log_file in run_dir.glob("*.log"):
+        if log_file.name not in before:
+            _close_log_files(log_file)
+            with contextlib.suppress(OSError):
+                log_file.unlink()
+
+
+def folder_entries(run_dir: str | Path | None) -> set[str] | None:
+    """Names in ``run_dir`` before a run (``None`` when it does not exist)."""
+    if run_dir is None:
+        return None
+    try:
+        return set(os.listdir(run_dir))
+    except OSError:
+        return None
 
 
 def results_state(run_dir: str | Path, patterns: Sequence[str]) -> dict[str, int]:
