@@ -285,13 +285,13 @@ def read_cache_entry(path: str | Path, read: Callable[[Path], T], what: str) -> 
     return None
 
 
-_UNWRITABLE_WARNED: set[str] = set()
+_UNWRITABLE_WARNED: set[tuple[str, str]] = set()
 
 
 def write_cache_entry(path: str | Path, write: Callable[[IO[bytes]], None], what: str) -> bool:
     """Write one cache entry atomically with ``write(file)``; a cache folder that cannot take it
-    (read-only, a file in its place, disk full) is a :class:`CacheWarning` (once per folder and
-    process) and the run goes on uncached.
+    (read-only, a file in its place, disk full) is a :class:`CacheWarning` (once per folder, cache
+    and process) and the run goes on uncached.
 
     Returns:
         Whether the entry was written.
@@ -303,8 +303,8 @@ def write_cache_entry(path: str | Path, write: Callable[[IO[bytes]], None], what
             f.flush()
     except OSError as e:
         folder = str(path.parent)
-        if folder not in _UNWRITABLE_WARNED:
-            _UNWRITABLE_WARNED.add(folder)
+        if (folder, what) not in _UNWRITABLE_WARNED:
+            _UNWRITABLE_WARNED.add((folder, what))
             warnings.warn(
                 f"{folder}: cannot write the {what} ({e.strerror or e}); continuing without it",
                 CacheWarning,

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from collections.abc import Callable
 
 from aad_med.errors import AADError
+from aad_med.io_utils import CacheWarning
 
 EXIT_INPUT_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -43,6 +45,23 @@ def verbose_requested(argv: list[str] | None = None) -> bool:
     return any(a in ("-v", "--verbose", "verbose=true", "verbose=True") for a in argv)
 
 
+def one_line_cache_warnings(prog: str) -> None:
+    """Show :class:`~aad_med.io_utils.CacheWarning` as ``prog: warning: <line>`` (the file and
+    source line Python adds say nothing to a user); other warnings as before."""
+    original = warnings.showwarning
+    if getattr(original, "_aad_prog", None) == prog:
+        return
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, CacheWarning):
+            print(f"{prog}: warning: {message}", file=sys.stderr if file is None else file)
+        else:
+            original(message, category, filename, lineno, file, line)
+
+    show._aad_prog = prog
+    warnings.showwarning = show
+
+
 def run_reporting_errors(
     prog: str, fn: Callable[[], int | None], verbose: bool | None = None
 ) -> int:
@@ -50,6 +69,8 @@ def run_reporting_errors(
     lines and exit code 2, Ctrl-C into ``prog: interrupted`` and 130, a broken output pipe into
     a quiet exit 2."""
     verbose = verbose_requested() if verbose is None else verbose
+    if not verbose:
+        one_line_cache_warnings(prog)
     try:
         rc = fn()
     except AADError as e:

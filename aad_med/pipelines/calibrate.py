@@ -316,6 +316,9 @@ def calibrate(
     check_calibrate_dir(run_dir, overwrite)
     if problem := checkpoint_path_problem(checkpoint):
         raise CheckpointError(problem)
+    from aad_med.pipelines.rundir import check_output_folder
+
+    check_output_folder(run_dir, [reference])
     result = run_calibration(str(checkpoint), str(reference), settings)
     result["meta"]["provenance"] = provenance(checkpoint)
     write_outputs(result, run_dir, save_embeddings)

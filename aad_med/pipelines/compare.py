@@ -38,7 +38,12 @@ from aad_med.data.validation import load_cohort
 from aad_med.errors import CheckpointError, CohortError, ConfigError, InputError
 from aad_med.io_utils import checkpoint_path_problem, file_sha256
 from aad_med.pipelines.caveats import input_caveats
-from aad_med.pipelines.rundir import acquire_run_lock, check_run_dir, publish
+from aad_med.pipelines.rundir import (
+    acquire_run_lock,
+    check_output_folder,
+    check_run_dir,
+    publish,
+)
 from aad_med.provenance import provenance
 from aad_med.report.document import write_report
 from aad_med.report.serialize import (
@@ -251,6 +256,7 @@ def run_comparison(
             "written by aad-calibrate)",
         )
     cohorts = load_cohorts(cohort_paths, s.skip_invalid)
+    check_output_folder(run_dir, cohort_paths.values())
     caveats = input_caveats(cohort_paths, cohorts, ckpt_paths, s.n_permutations)
     for caveat in caveats:
         log.warning("caveat: %s", caveat)

@@ -238,6 +238,22 @@ def test_broken_pipe_exits_quietly(cohorts):
     assert proc.stderr == ""
 
 
+def test_unwritable_cache_folder_runs_uncached(tiny_checkpoint, cohorts, tmp_path):
+    blocker = tmp_path / "cache"
+    blocker.write_text("a file where the cache folder should be\n")
+    run = tmp_path / "run"
+    args = [a for a in _args(tiny_checkpoint, cohorts, run) if not a.startswith("embedding.cache")]
+    args += [f"embedding.cache_dir={blocker / 'sub'}", "stats.intensity=true"]
+    proc = run_cli("compare", args)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    warned = [ln for ln in proc.stderr.splitlines() if ln.startswith("aad-compare: warning: ")]
+    assert len(warned) == 2, proc.stderr[-2000:]
+    assert "cannot write the embedding cache" in warned[0]
+    assert "cannot write the intensity cache" in warned[1]
+    assert (run / "distances.json").is_file() and "Traceback" not in proc.stderr
+    assert blocker.read_text() == "a file where the cache folder should be\n"
+
+
 # -- devices -----------------------------------------------------------------------------------
 
 
