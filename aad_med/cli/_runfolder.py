@@ -117,7 +117,8 @@ def precheck_output(argv: Sequence[str], prog: str = "", config_name: str = "") 
 
 _PATH_KEYS = ("cohorts.", "reference", "checkpoint", "hydra.run.dir", "hydra.sweep.dir")
 """Overrides whose value is a path, quoted for Hydra when needed (:func:`quote_path_values`)."""
-_NEEDS_QUOTES = re.compile(r"[\s,=\[\]{}()'\"\\]|[^\x00-\x7f]")
+_NEEDS_QUOTES = re.compile(r"[^A-Za-z0-9_\-+./:~@%$]")
+"""Anything but the characters every Hydra version reads literally in an unquoted value."""
 
 
 def hydra_quote(value: str) -> str:

@@ -125,7 +125,18 @@ def test_input_paths_from_the_command_line():
 
 @pytest.mark.parametrize(
     "value",
-    ["/plain", "/site é/ü", "/x,y=[1]", "/a b", "it's", "/tail\\", "a\\'b", "(x){y}", '/"q"'],
+    [
+        "/plain",
+        "/site é/ü",
+        "/x,y=[1]",
+        "/a b",
+        "it's",
+        "/tail\\",
+        "a\\'b",
+        "(x){y}",
+        '/"q"',
+        "a#b&c;d|e*?!^<>",
+    ],
 )
 def test_hydra_quoting_round_trips(value):
     from hydra.core.override_parser.overrides_parser import OverridesParser
