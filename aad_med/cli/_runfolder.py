@@ -168,7 +168,7 @@ def run_hydra_job(
     cfg,
     job: Callable[[object, Path], object],
     patterns: Sequence[str],
-    existing: dict[Path, set[str]] | Path | None,
+    existing: dict[Path, set[str] | None] | Path | None,
 ) -> None:
     """Body of every ``@hydra.main`` entry point: run ``job(cfg, run_dir)`` holding the run
     folder's lock, with one-line errors; make Hydra's staged config folder ``.hydra/`` only if

@@ -156,6 +156,9 @@ def run_calibration(
             settings.alpha,
             ", ".join(f"{floor[n]:.3g}" for n in blind),
         )
+    # Before torch loads: a folder or device is named as such, not as a missing file.
+    if problem := checkpoint_path_problem(checkpoint):
+        raise CheckpointError(problem)
     from aad_med.calibration.conditions import embed_conditions
     from aad_med.device import resolve_device
 
@@ -314,8 +317,6 @@ def calibrate(
     """
     run_dir = Path(run_dir)
     check_calibrate_dir(run_dir, overwrite)
-    if problem := checkpoint_path_problem(checkpoint):
-        raise CheckpointError(problem)
     from aad_med.pipelines.rundir import check_output_folder
 
     check_output_folder(run_dir, [reference])

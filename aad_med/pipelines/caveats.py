@@ -23,7 +23,8 @@ def smallest_p(n_a: int, n_b: int, n_permutations: int) -> float:
     """The smallest p-value a permutation test with subject-level shuffles can give for cohorts
     of ``n_a`` and ``n_b`` subjects and ``n_permutations`` random shuffles: the larger of
     ``1/(B+1)`` and the exact bound (a symmetric statistic takes each value at least twice
-    among the ``C(n_a+n_b, n_a)`` labellings when ``n_a == n_b``)."""
+    among the ``C(n_a+n_b, n_a)`` labellings when ``n_a == n_b``; then it equals
+    :func:`aad_med.calibration.curves.smallest_attainable_p`, which covers equal sizes only)."""
     labellings = math.comb(n_a + n_b, n_a)
     exact = (2 if n_a == n_b else 1) / labellings
     return max(1.0 / (n_permutations + 1), exact)

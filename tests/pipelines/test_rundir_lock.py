@@ -154,6 +154,9 @@ def test_quoting_leaves_lists_interpolations_and_sweeps():
 
 
 def test_smallest_attainable_p():
+    from aad_med.calibration.curves import smallest_attainable_p
+
+    assert all(smallest_p(n, n, 10**9) == smallest_attainable_p(n) for n in range(2, 12))
     assert smallest_p(2, 2, 999) == pytest.approx(2 / 6)
     assert smallest_p(5, 5, 199) == pytest.approx(2 / math.comb(10, 5))
     assert smallest_p(3, 4, 999) == pytest.approx(1 / 35)
