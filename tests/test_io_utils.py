@@ -62,6 +62,12 @@ def test_cache_key_follows_file_stats_and_hash_is_sha256(tmp_path):
     assert len(key) == 40 and key == cache_key({"files": file_stats([f])})
     st = f.stat()
     os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
-    assert cache_key({"files": file_stats([f])}) != key
-    assert file_stats([tmp_path / "missing"])[0][1:] == [None, None]
+    moved = cache_key({"files": file_stats([f])})
+    assert moved != key
+    assert file_stats([tmp_path / "missing"])[0][1:] == [None, None, None]
     assert file_sha256(f) == hashlib.sha256(b"abc").hexdigest()
+    # Other bytes of the same size with the mtime restored (cp -p, rsync -t): another key.
+    f.write_bytes(b"abd")
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert f.stat().st_size == 3 and cache_key({"files": file_stats([f])}) != moved
+    assert file_stats([f])[0][3] == hashlib.sha256(b"abd").hexdigest()

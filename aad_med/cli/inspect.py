@@ -10,7 +10,9 @@ an error never leaves a half-written file. Thin on purpose: the work is in
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -36,6 +38,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     p.add_argument("cohorts", nargs="+", metavar="COHORT", help="cohort folder or CSV manifest")
     p.add_argument("--json", metavar="PATH", help='write {"cohorts": [fingerprint, ...]} here')
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="let --json replace an existing file that aad-inspect did not write",
+    )
     p.add_argument(
         "--skip-invalid",
         action="store_true",
@@ -68,8 +75,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.max_subjects is not None and args.max_subjects < 1:
         raise InputError("--max-subjects", f"must be at least 1, got {args.max_subjects}")
     json_path = Path(args.json) if args.json else None
-    if json_path is not None and json_path.is_dir():
-        raise InputError(json_path, "is a folder; --json needs a file path")
+    if json_path is not None:
+        check_json_target(json_path, args.cohorts, args.force)
 
     cohorts, problems = [], []
     for path in args.cohorts:
@@ -105,9 +112,46 @@ def _run(args: argparse.Namespace) -> int:
         fingerprints.append(fp)
         print(format_table(fp))
     if json_path is not None:
-        write_json_atomic(json_path, {"cohorts": fingerprints})
+        write_json_atomic(json_path, {"written_by": PROG, "cohorts": fingerprints})
         print(f"fingerprint written to {json_path}")
     return 0
+
+
+def written_by_us(path: Path) -> bool:
+    """Whether ``path`` is a fingerprint JSON of aad-inspect (``"written_by": "aad-inspect"``)."""
+    try:
+        if path.stat().st_size > 64 << 20:
+            return False
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(doc, dict) and doc.get("written_by") == PROG
+
+
+def check_json_target(path: Path, cohorts: list[str], force: bool) -> None:
+    """Refuse a ``--json`` path that would clobber something: a folder, a path inside an input
+    cohort or one of its files (always), an existing file aad-inspect did not write (unless
+    ``--force``).
+
+    Raises:
+        InputError: names the path and what to do.
+    """
+    if path.is_dir():
+        raise InputError(path, "is a folder; --json needs a file path")
+    for cohort in map(Path, cohorts):
+        if not cohort.exists():
+            continue
+        inside = cohort.is_dir() and path.resolve().is_relative_to(cohort.resolve())
+        if inside or (path.exists() and path.resolve() == cohort.resolve()):
+            raise InputError(
+                path, f"is inside the input cohort {cohort}; --json never writes into a cohort"
+            )
+    if os.path.lexists(path) and not force and not written_by_us(path):
+        raise InputError(
+            path,
+            "exists and was not written by aad-inspect; choose another --json path, or pass "
+            "--force to replace it",
+        )
 
 
 def format_table(fp: dict) -> str:

@@ -25,10 +25,11 @@ from aad_med.data.synthetic import (
     LAYOUTS,
     SITES,
     SiteParams,
+    check_output_folder,
     generate_cohort,
     get_site,
 )
-from aad_med.errors import ConfigError
+from aad_med.errors import ConfigError, InputError
 
 PROG = "aad-synth"
 
@@ -132,6 +133,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", choices=("demo",), default=None,
                    help="demo: train/ (mixed sites, seed+1), site_a/ and site_a2/ (reference, different "
                    "subjects), site_b/ (shifted scanner and population, same anatomy as site_a)")  # fmt: skip
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="write into a folder holding files aad-synth did not write, another site's cohort, "
+        "or files of the same names (replaced)",
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="show tracebacks")
     return p
 
@@ -173,9 +180,24 @@ def _run(args: argparse.Namespace) -> int:
     if args.preset == "demo":
         if args.settings or args.site != "reference":
             raise ConfigError("--preset demo uses its own sites; drop --site/--set")
+        if not args.force and out_dir.is_dir() and any(out_dir.iterdir()):
+            raise InputError(
+                out_dir, "is not empty; the demo writes a fresh folder (or pass --force)"
+            )
         write_demo(out_dir, args.n_subjects, args.seed, shape, args.layout, not args.no_seg)
         return 0
     site = apply_settings(get_site(args.site), args.settings)
+    if not args.force:
+        # Nothing is written before the whole cohort is known not to clobber or mix.
+        first = args.start_index
+        check_output_folder(
+            out_dir,
+            site,
+            args.layout,
+            range(first, first + max(args.n_subjects, 0)),
+            args.id_prefix,
+            not args.no_seg,
+        )
     path = generate_cohort(
         out_dir,
         n_subjects=args.n_subjects,

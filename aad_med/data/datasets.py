@@ -65,7 +65,7 @@ from aad_med.data.transforms import (
     train_transforms,
 )
 from aad_med.errors import AADError, ConfigError, InputError
-from aad_med.io_utils import cache_key
+from aad_med.io_utils import CacheWarning, cache_key, file_digest
 
 __all__ = [
     "CACHE_MODES",
@@ -87,7 +87,7 @@ CACHE_VERSION = 1
 
 
 class RecordHasher:
-    """Disk-cache key of a record dict: its content, its files' size and mtime, the config and
+    """Disk-cache key of a record dict: its content, its files' size, mtime and content digest, the config and
     the variant of the cached output.
 
     A class rather than a closure so the dataset stays picklable for DataLoader workers.
@@ -112,7 +112,7 @@ def record_hash(item: dict, cfg_json: str, variant: str = "") -> str:
         if isinstance(value, str) and value and key != "subject_id":
             try:
                 st = os.stat(value)
-                stats[key] = [st.st_size, st.st_mtime_ns]
+                stats[key] = [st.st_size, st.st_mtime_ns, file_digest(value)]
             except OSError:
                 stats[key] = None
     fields = {"v": CACHE_VERSION, "item": item, "stats": stats, "cfg": cfg_json}
@@ -211,10 +211,6 @@ class CachedSubjectDataset(_ProjectErrors, CacheDataset):
                 for f in futures:
                     f.cancel()
                 raise
-
-
-class CacheWarning(UserWarning):
-    """A disk-cache entry was unreadable and recomputed, or the cache folder is unusable."""
 
 
 _UNREADABLE = (

@@ -20,7 +20,7 @@ import numpy as np
 from aad_med import CHANNELS
 from aad_med.data.io import load_subject
 from aad_med.data.records import Cohort, SubjectRecord
-from aad_med.io_utils import atomic_path, cache_key, file_stats
+from aad_med.io_utils import cache_key, file_stats, read_cache_entry, write_cache_entry
 
 log = logging.getLogger("aad_med.compare")
 
@@ -63,20 +63,34 @@ def intensity_fingerprint(
 
 def cached_fingerprint(cohort: Cohort, cache_dir: str | Path | None) -> np.ndarray:
     """:func:`intensity_fingerprint` of a cohort, kept in ``cache_dir`` under a key of every
-    subject's files (path, size, modification time) and the percentiles; ``None`` reads the
-    volumes every time."""
+    subject's files (path, size, modification time, content digest) and the percentiles;
+    ``None`` reads the volumes every time.
+
+    The cache heals: an entry (``.npz``) that is unreadable or not a finite ``(n_subjects, columns)``
+    float64 array is a :class:`~aad_med.io_utils.CacheWarning`, deleted and recomputed (never
+    blamed on the cohort); a folder that cannot be written means running uncached.
+    """
     if cache_dir is None:
         return intensity_fingerprint(cohort.subjects)
     subjects = [[rec.subject_id, file_stats(rec.files), rec.as_dict()] for rec in cohort.subjects]
-    payload = {"v": 1, "percentiles": list(FINGERPRINT_PERCENTILES), "subjects": subjects}
-    entry = Path(cache_dir) / f"intensity-{cache_key(payload)}.npy"
-    if entry.is_file():
-        try:
-            with open(entry, "rb") as f:
-                return np.load(f, allow_pickle=False)
-        except (OSError, ValueError) as e:
-            log.warning("ignoring unreadable intensity cache entry %s (%s)", entry, e)
+    payload = {"v": 2, "percentiles": list(FINGERPRINT_PERCENTILES), "subjects": subjects}
+    # .npz, not .npy: its zip members carry a CRC-32, so flipped bytes are seen, not read as
+    # other intensities.
+    entry = Path(cache_dir) / f"intensity-{cache_key(payload)}.npz"
+    expected = (len(cohort.subjects), len(fingerprint_columns()))
+
+    def read(path: Path) -> np.ndarray:
+        with np.load(path, allow_pickle=False) as d:
+            arr = d["fingerprint"]
+        if arr.shape != expected:
+            raise ValueError(f"shape {getattr(arr, 'shape', None)}, expected {expected}")
+        if arr.dtype != np.float64 or not np.isfinite(arr).all():
+            raise ValueError(f"dtype {arr.dtype} or non-finite values")
+        return arr
+
+    cached = read_cache_entry(entry, read, "intensity cache")
+    if cached is not None:
+        return cached
     raw = intensity_fingerprint(cohort.subjects)
-    with atomic_path(entry) as tmp, open(tmp, "wb") as f:
-        np.save(f, raw, allow_pickle=False)
+    write_cache_entry(entry, lambda f: np.savez(f, fingerprint=raw), "intensity cache")
     return raw

@@ -35,6 +35,7 @@ import csv
 import dataclasses
 import io
 import json
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -653,17 +654,13 @@ def subject_id_for(layout: str, index: int, id_prefix: str | None = None) -> str
     return (prefix if id_prefix is None else id_prefix) + fmt.format(index + first)
 
 
-def _write_subject(root: Path, layout: str, sid: str, vols: dict, affine, with_seg: bool) -> list:
-    """Write one subject's files; returns the manifest row (paths relative to ``root``)."""
+def _subject_files(layout: str, sid: str, with_seg: bool) -> dict[str, str]:
+    """``{channel or "seg" or "image": path relative to the cohort root}`` of one subject."""
     if layout == "msd":
-        stack = np.stack([vols[ch] for ch in _MSD_ORDER], axis=-1)
-        write_nifti_atomic(root / "imagesTr" / f"{sid}.nii.gz", stack, affine)
+        out = {"image": f"imagesTr/{sid}.nii.gz"}
         if with_seg:
-            seg = np.zeros_like(vols["seg"])
-            for src, dst in _MSD_LABELS.items():
-                seg[vols["seg"] == src] = dst
-            write_nifti_atomic(root / "labelsTr" / f"{sid}.nii.gz", seg, affine)
-        return []
+            out["seg"] = f"labelsTr/{sid}.nii.gz"
+        return out
     if layout == "csv":
         # Flat files next to the manifest: a sub-folder would look like a BraTS subject folder.
         rel = {ch: f"{sid}_{ch}.nii.gz" for ch in (*CHANNELS, "seg")}
@@ -673,11 +670,91 @@ def _write_subject(root: Path, layout: str, sid: str, vols: dict, affine, with_s
         names = _BRATS2023_SUFFIX if layout == "brats2023" else {ch: ch for ch in CHANNELS}
         names = {**names, "seg": "seg"}
         rel = {ch: f"{sid}/{sid}{sep}{names[ch]}{ext}" for ch in (*CHANNELS, "seg")}
+    if not with_seg:
+        rel.pop("seg")
+    return rel
+
+
+def _write_subject(root: Path, layout: str, sid: str, vols: dict, affine, with_seg: bool) -> list:
+    """Write one subject's files; returns the manifest row (paths relative to ``root``)."""
+    rel = _subject_files(layout, sid, with_seg)
+    if layout == "msd":
+        stack = np.stack([vols[ch] for ch in _MSD_ORDER], axis=-1)
+        write_nifti_atomic(root / rel["image"], stack, affine)
+        if with_seg:
+            seg = np.zeros_like(vols["seg"])
+            for src, dst in _MSD_LABELS.items():
+                seg[vols["seg"] == src] = dst
+            write_nifti_atomic(root / rel["seg"], seg, affine)
+        return []
     for ch in CHANNELS:
         write_nifti_atomic(root / rel[ch], vols[ch], affine)
     if with_seg:
         write_nifti_atomic(root / rel["seg"], vols["seg"], affine)
-    return [sid, *(rel[ch] for ch in CHANNELS), rel["seg"] if with_seg else ""]
+    return [sid, *(rel[ch] for ch in CHANNELS), rel.get("seg", "")]
+
+
+PROVENANCE_FILE = "synthetic.json"
+GENERATOR = "aad_med.data.synthetic"
+
+
+def synthetic_batches(root: str | Path) -> list[dict] | None:
+    """The batches recorded in ``root/synthetic.json`` when this generator wrote the folder,
+    else ``None`` (no such file, or not ours)."""
+    path = Path(root) / PROVENANCE_FILE
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(doc, dict) or doc.get("generator") != GENERATOR:
+        return None
+    return [b for b in doc.get("batches", []) if isinstance(b, dict)]
+
+
+def check_output_folder(
+    out_dir: str | Path,
+    site: SiteParams,
+    layout: str,
+    indices: Sequence[int],
+    id_prefix: str | None = None,
+    with_seg: bool = True,
+) -> None:
+    """Refuse to write a cohort where it would clobber or mix: a folder holding files this
+    generator did not write (real scans, another tool's output), a folder holding another
+    site's or layout's synthetic cohort, or files of the same names already there.
+
+    ``aad-synth`` calls this unless ``--force``; :func:`generate_cohort` itself stays a plain
+    writer (the demo's ``train/`` mixes sites on purpose).
+
+    Raises:
+        InputError: names the folder (or the first existing file) and says to pass ``--force``.
+    """
+    root = Path(out_dir)
+    if not root.is_dir() or not any(root.iterdir()):
+        return
+    force = "choose another folder, or pass --force to write there anyway"
+    batches = synthetic_batches(root)
+    if batches is None:
+        shown = ", ".join(sorted(p.name for p in root.iterdir())[:3])
+        raise InputError(root, f"holds files aad-synth did not write ({shown}, ...); {force}")
+    others = [b for b in batches if b.get("site") != site.to_dict() or b.get("layout") != layout]
+    if others:
+        theirs = others[0].get("site", {}).get("name", "?")
+        raise InputError(
+            root,
+            f"holds a synthetic cohort of another site or layout ({theirs}, "
+            f"{others[0].get('layout')}); writing site {site.name} ({layout}) there would mix "
+            "them in one cohort; " + force,
+        )
+    for i in indices:
+        sid = subject_id_for(layout, int(i), id_prefix)
+        for rel in _subject_files(layout, sid, with_seg).values():
+            if os.path.lexists(root / rel):
+                raise InputError(
+                    root / rel,
+                    f"already exists (subject {sid}); use --start-index to add other subjects, "
+                    + force,
+                )
 
 
 def _write_msd_dataset_json(root: Path) -> None:
@@ -736,7 +813,7 @@ def _merge_provenance(path: Path, entry: dict) -> None:
             batches = []
     if entry not in batches:
         batches.append(entry)
-    text = json.dumps({"generator": "aad_med.data.synthetic", "batches": batches}, indent=2)
+    text = json.dumps({"generator": GENERATOR, "batches": batches}, indent=2)
     write_bytes_atomic(path, (text + "\n").encode())
 
 
@@ -816,7 +893,7 @@ def generate_cohort(
     elif layout == "csv":
         _merge_csv(root / "manifest.csv", ["subject_id", *CHANNELS, "seg"], rows)
     _merge_provenance(
-        root / "synthetic.json",
+        root / PROVENANCE_FILE,
         {
             "site": site.to_dict(),
             "seed": int(seed),

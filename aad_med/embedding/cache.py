@@ -3,8 +3,12 @@ permutation counts, other pairs) never re-encodes.
 
 A cohort's cache entry is keyed by the checkpoint file's SHA-256, the preprocessing config, the
 feature set, whether positions were kept, and every subject's files (path, size, modification
-time): change any of them and the entry is simply not found. Entries are ``.npz`` files read with
-``allow_pickle=False``, written atomically.
+time and content digest, :func:`aad_med.io_utils.file_stats`): change any of them and the entry is
+simply not found. Entries are ``.npz`` files read with ``allow_pickle=False``, written atomically.
+The cache heals: an entry that cannot be read or does not hold this cohort's embedding (truncated,
+emptied, flipped bytes, wrong shapes, other subjects) is a
+:class:`~aad_med.io_utils.CacheWarning`, deleted and recomputed; a cache folder that cannot be
+written means running uncached with a warning. A cache entry never fails a run.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from aad_med.embedding.encode import (
 )
 from aad_med.embedding.features import FeatureSet, get_feature_set
 from aad_med.embedding.regional import RegionalLatents
-from aad_med.io_utils import atomic_path, cache_key, file_stats
+from aad_med.io_utils import cache_key, file_stats, read_cache_entry, write_cache_entry
 
 log = logging.getLogger(__name__)
 
@@ -126,25 +130,56 @@ def cache_entry(
     return Path(cache_dir) / f"{key}.npz"
 
 
-def save_cached(path: str | Path, embedding: CohortEmbedding) -> Path:
-    """Write one cohort's embedding as ``.npz`` (atomic rename)."""
-    path = Path(path)
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        np.savez(f, **_to_arrays(embedding))
-    return path
+def save_cached(path: str | Path, embedding: CohortEmbedding) -> bool:
+    """Write one cohort's embedding as ``.npz`` (atomic rename); a folder that cannot take it is
+    a warning (:func:`aad_med.io_utils.write_cache_entry`). Returns whether it was written."""
+    arrays = _to_arrays(embedding)
+    return write_cache_entry(path, lambda f: np.savez(f, **arrays), "embedding cache")
 
 
-def load_cached(path: str | Path) -> CohortEmbedding | None:
-    """Read an entry written by :func:`save_cached`; ``None`` when missing or unreadable."""
-    path = Path(path)
-    if not path.is_file():
-        return None
-    try:
-        with np.load(path, allow_pickle=False) as d:
-            return _from_arrays({k: d[k] for k in d.files})
-    except (OSError, ValueError, KeyError) as e:
-        log.warning("ignoring unreadable embedding cache entry %s (%s)", path, e)
-        return None
+def _check_embedding(e: CohortEmbedding, cohort: Cohort | None, features: str | None) -> None:
+    """Raise ``ValueError`` unless ``e`` is a well-formed embedding (of ``cohort``'s subjects
+    with ``features`` when given)."""
+    n = len(e.subject_ids)
+    if e.vectors.ndim != 2 or e.latent_means.ndim != 2 or e.n_patches.shape != (n,):
+        raise ValueError("arrays of the wrong rank")
+    if e.vectors.shape[0] != n or e.latent_means.shape[0] != n or len(e.paths) != n:
+        raise ValueError(f"{n} subject ids but {e.vectors.shape[0]} vectors")
+    if n == 0 or e.vectors.shape[1] == 0 or e.latent_means.shape[1] == 0:
+        raise ValueError("empty embedding")
+    if not (np.isfinite(e.vectors).all() and np.isfinite(e.latent_means).all()):
+        raise ValueError("non-finite values")
+    if features is not None and e.features != features:
+        raise ValueError(f"feature set {e.features!r}, expected {features!r}")
+    if cohort is not None and e.subject_ids != [r.subject_id for r in cohort.subjects]:
+        raise ValueError("subjects differ from the cohort's")
+    r = e.regional
+    if r is not None:
+        if r.sums.shape[0] != r.counts.shape[0] or r.cells.shape[0] != r.counts.shape[0]:
+            raise ValueError("regional arrays of mismatched lengths")
+        if len(r.ras_shape) != 3 or r.ras_affine.shape != (4, 4):
+            raise ValueError("regional grid of the wrong shape")
+
+
+def load_cached(
+    path: str | Path, cohort: Cohort | None = None, features: str | None = None
+) -> CohortEmbedding | None:
+    """Read an entry written by :func:`save_cached`; ``None`` when missing, and when unreadable
+    or malformed (then it is deleted with a warning, :func:`aad_med.io_utils.read_cache_entry`).
+
+    Args:
+        path: the entry.
+        cohort: when given, the entry must hold exactly its subjects, in order.
+        features: when given, the entry's feature set must be this one.
+    """
+
+    def read(p: Path) -> CohortEmbedding:
+        with np.load(p, allow_pickle=False) as d:
+            emb = _from_arrays({k: d[k] for k in d.files})
+        _check_embedding(emb, cohort, features)
+        return emb
+
+    return read_cache_entry(path, read, "embedding cache")
 
 
 def default_cache_dir() -> Path:
@@ -190,7 +225,7 @@ def embed_cohorts(
                 feature_set.name,
                 s.keep_positions,
             )
-            cached = load_cached(entry)
+            cached = load_cached(entry, cohort, feature_set.name)
             if cached is not None:
                 log.info("cohort %s: embeddings read from cache %s", name, entry)
                 cached.name = name

@@ -29,8 +29,8 @@ from aad_med.calibration.curves import (
     smallest_attainable_p,
 )
 from aad_med.data.artefacts import ARTEFACTS, severity_ladders
-from aad_med.errors import ConfigError
-from aad_med.io_utils import file_sha256
+from aad_med.errors import CheckpointError, ConfigError
+from aad_med.io_utils import checkpoint_path_problem, file_sha256
 from aad_med.provenance import provenance
 
 PROG = "aad-calibrate"
@@ -156,6 +156,9 @@ def run_calibration(
             settings.alpha,
             ", ".join(f"{floor[n]:.3g}" for n in blind),
         )
+    # Before torch loads: a folder or device is named as such, not as a missing file.
+    if problem := checkpoint_path_problem(checkpoint):
+        raise CheckpointError(problem)
     from aad_med.calibration.conditions import embed_conditions
     from aad_med.device import resolve_device
 
@@ -314,6 +317,9 @@ def calibrate(
     """
     run_dir = Path(run_dir)
     check_calibrate_dir(run_dir, overwrite)
+    from aad_med.pipelines.rundir import check_output_folder
+
+    check_output_folder(run_dir, [reference])
     result = run_calibration(str(checkpoint), str(reference), settings)
     result["meta"]["provenance"] = provenance(checkpoint)
     write_outputs(result, run_dir, save_embeddings)

@@ -36,8 +36,14 @@ from aad_med import DEFAULT_FEATURES
 from aad_med.data.records import Cohort
 from aad_med.data.validation import load_cohort
 from aad_med.errors import CheckpointError, CohortError, ConfigError, InputError
-from aad_med.io_utils import file_sha256
-from aad_med.pipelines.rundir import check_run_dir, publish
+from aad_med.io_utils import checkpoint_path_problem, file_sha256
+from aad_med.pipelines.caveats import input_caveats
+from aad_med.pipelines.rundir import (
+    acquire_run_lock,
+    check_output_folder,
+    check_run_dir,
+    publish,
+)
 from aad_med.provenance import provenance
 from aad_med.report.document import write_report
 from aad_med.report.serialize import (
@@ -53,7 +59,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("aad_med.compare")
 
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 RESULT_PATTERNS = (
     "distances.json",
     "report.md",
@@ -97,7 +103,8 @@ class CompareSettings:
 
 
 def check_cohort_names(names: Sequence[str]) -> None:
-    """Cohort names end up in file names: letters, digits, ``_ . -``; at least two cohorts.
+    """Cohort names end up in file names and Hydra keys: letters, digits, ``_ -`` (a ``.``
+    would make Hydra nest the name); at least two cohorts.
 
     Raises:
         ConfigError: fewer than two cohorts or a name that cannot be a file name.
@@ -111,7 +118,7 @@ def check_cohort_names(names: Sequence[str]) -> None:
         if not NAME_PATTERN.match(str(name)):
             raise ConfigError(
                 f"cohort name {name!r} must start with a letter or digit and contain only "
-                "letters, digits, '_', '.' and '-'"
+                "letters, digits, '_' and '-'"
             )
 
 
@@ -239,8 +246,8 @@ def run_comparison(
     if not ckpt_paths:
         raise ConfigError("checkpoint=PATH (or a list [PATH1,PATH2,...]) is required")
     for path in ckpt_paths:
-        if not path.is_file():
-            raise CheckpointError(f"{path}: checkpoint does not exist")
+        if problem := checkpoint_path_problem(path):
+            raise CheckpointError(problem)
     multi = len(ckpt_paths) > 1
     if s.calibration and not Path(s.calibration).is_file():
         raise InputError(
@@ -249,6 +256,10 @@ def run_comparison(
             "written by aad-calibrate)",
         )
     cohorts = load_cohorts(cohort_paths, s.skip_invalid)
+    check_output_folder(run_dir, cohort_paths.values())
+    caveats = input_caveats(cohort_paths, cohorts, ckpt_paths, s.n_permutations)
+    for caveat in caveats:
+        log.warning("caveat: %s", caveat)
     if s.calibration:
         from aad_med.calibration.table import read_calibration_table
 
@@ -262,6 +273,8 @@ def run_comparison(
 
     device = resolve_device(s.device)
     run_dir.mkdir(parents=True, exist_ok=True)
+    # Only the run holding the folder may call other runs' temporary folders stale.
+    release_lock = acquire_run_lock(run_dir)
     _remove_stale_temp(run_dir)
     tmp = run_dir / f".aad-compare-{secrets.token_hex(4)}.tmp"
     tmp.mkdir()
@@ -308,6 +321,7 @@ def run_comparison(
 
             add_equivalent_severity(result, s.calibration)
         _warn_overlap(result)
+        result["caveats"] = caveats
         result["provenance"] = provenance(ckpt_paths)
         write_distances_json(tmp / "distances.json", result)
         write_report(result, tmp, images)
@@ -315,6 +329,8 @@ def run_comparison(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        release_lock()
     return result
 
 

@@ -84,6 +84,7 @@ def build_blocks(result: Mapping, images: Mapping[str, str | Path] | None = None
     if warning:
         b.append(("h2", "⚠ WARNING: training subjects among the compared cohorts"))
         b.append(("warn", warning))
+    b.extend(("warn", f"Caveat: {c}") for c in result.get("caveats") or [])
     b.append(("h2", "Cohorts"))
     b.append(
         (

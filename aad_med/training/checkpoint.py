@@ -24,7 +24,7 @@ import torch
 
 from aad_med.data.preprocessing import PreprocessingConfig
 from aad_med.errors import CheckpointError, ConfigError
-from aad_med.io_utils import atomic_path
+from aad_med.io_utils import atomic_path, checkpoint_path_problem  # re-exported here
 
 CHECKPOINT_FORMAT = "aad-med-checkpoint"
 FORMAT_VERSION = 1
@@ -184,24 +184,6 @@ def _torch_reason(e: BaseException) -> str:
     ]
     reason = "; ".join(kept) if kept else type(e).__name__
     return reason[:200]
-
-
-def checkpoint_path_problem(path: str | Path) -> str | None:
-    """Why ``path`` cannot be a checkpoint file (one line naming it), or ``None`` when it can.
-
-    Distinguishes a missing file, a broken symbolic link, a folder, and something that is not a
-    regular file (a device or FIFO, which ``torch.load`` would read forever).
-    """
-    path = Path(path)
-    if path.is_symlink() and not path.exists():
-        return f"{path}: checkpoint is a broken symbolic link (to {os.readlink(path)})"
-    if not path.exists():
-        return f"{path}: checkpoint does not exist"
-    if path.is_dir():
-        return f"{path}: is a folder, expected a checkpoint file (.pt)"
-    if not path.is_file():
-        return f"{path}: checkpoint is not a regular file (a device, FIFO or socket)"
-    return None
 
 
 def _non_finite_weights(state: Mapping) -> tuple[int, list[str]]:

@@ -182,8 +182,9 @@ def test_failed_run_leaves_no_folder_it_created(tmp_path):
         "compare",
         [
             f"checkpoint={tmp_path / 'missing.pt'}",
-            f"cohorts.a={tmp_path}",
-            f"cohorts.b={tmp_path}",
+            # Not tmp_path itself: a run folder inside an input cohort is refused first.
+            f"cohorts.a={tmp_path / 'a'}",
+            f"cohorts.b={tmp_path / 'b'}",
             f"hydra.run.dir={run}",
         ],
     )

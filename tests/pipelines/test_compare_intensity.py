@@ -57,13 +57,14 @@ def test_fingerprints_are_cached_by_file(cohorts, tmp_path):
 
     cache = tmp_path / "cache"
     first = cached_fingerprint(cohorts["a"], cache)
-    entries = list(cache.glob("intensity-*.npy"))
+    entries = list(cache.glob("intensity-*.npz"))
     assert len(entries) == 1 and not list(cache.glob(".*tmp"))
     np.testing.assert_array_equal(first, intensity_fingerprint(cohorts["a"].subjects))
     # A second call reads the entry, not the volumes: a planted entry is what comes back.
-    np.save(entries[0], first + 1.0)
+    with open(entries[0], "wb") as f:
+        np.savez(f, fingerprint=first + 1.0)
     np.testing.assert_array_equal(cached_fingerprint(cohorts["a"], cache), first + 1.0)
     # Other files, other key.
     cached_fingerprint(cohorts["bright"], cache)
-    assert len(list(cache.glob("intensity-*.npy"))) == 2
+    assert len(list(cache.glob("intensity-*.npz"))) == 2
     np.testing.assert_array_equal(cached_fingerprint(cohorts["a"], None), first)

@@ -140,7 +140,8 @@ def test_only_rank_zero_writes_hydra_subdir(monkeypatch):
     assert cfg.hydra.output_subdir is None
     monkeypatch.setenv("RANK", "0")
     cfg = compose_train(["data.cohorts=[/x]"], return_hydra_config=True)
-    assert cfg.hydra.output_subdir == ".hydra"
+    # Staged per process; made .hydra/ only with results (rundir.finish_hydra_subdir).
+    assert cfg.hydra.output_subdir == f".hydra.pending-{os.getpid()}"
     assert os.environ["RANK"] == "0"
 
 
