@@ -180,7 +180,9 @@ def load_reference(ref: str | Path) -> Reference:
     try:
         meta = json.loads(json_path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InputError(json_path, f"not a readable reference file (truncated or not JSON: {e})")
+        raise InputError(
+            json_path, f"not a readable reference file (truncated or not JSON: {e})"
+        ) from None
     if not isinstance(meta, dict) or meta.get("format") != REFERENCE_FORMAT:
         raise InputError(
             json_path, f"not an aad-med reference file (format is not {REFERENCE_FORMAT!r})"
@@ -258,8 +260,8 @@ def fit_reference(
     from aad_med import __version__
     from aad_med.io_utils import file_sha256, write_bytes_atomic, write_json_atomic
     from aad_med.pipelines.compare import (
-        _cache_dir,
         CompareSettings,
+        _cache_dir,
         check_cohort_names,
         load_cohorts,
         train_overlap,
