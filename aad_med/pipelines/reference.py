@@ -157,6 +157,14 @@ class Reference:
             )
 
 
+def meta_sha256(meta: Mapping) -> str:
+    """SHA-256 of the JSON content (sorted keys, without ``meta_sha256`` itself): an edited
+    ``REF.json`` (another checkpoint hash, preprocessing, subject list) is detected."""
+    body = {k: v for k, v in meta.items() if k != "meta_sha256"}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
 def _major(version: str) -> str:
     return str(version).split(".")[0]
 
@@ -203,6 +211,12 @@ def load_reference(ref: str | Path) -> Reference:
     missing = [k for k in (*needed, "arrays_sha256", "cohort", "name") if k not in meta]
     if missing:
         raise InputError(json_path, f"reference file lacks {', '.join(missing)}")
+    if meta.get("meta_sha256") != meta_sha256(meta):
+        raise InputError(
+            json_path,
+            "content differs from its recorded SHA-256 (edited after aad-reference fit); fit "
+            "the reference again",
+        )
     if not npz_path.is_file():
         raise InputError(npz_path, f"reference arrays missing (written next to {json_path.name})")
     payload = npz_path.read_bytes()
@@ -258,7 +272,7 @@ def fit_reference(
         CohortError, CheckpointError, InputError: one line per problem; nothing is written.
     """
     from aad_med import __version__
-    from aad_med.io_utils import file_sha256, write_bytes_atomic, write_json_atomic
+    from aad_med.io_utils import file_sha256, to_jsonable, write_bytes_atomic, write_json_atomic
     from aad_med.pipelines.compare import (
         CompareSettings,
         _cache_dir,
@@ -341,6 +355,8 @@ def fit_reference(
         "npz_sha256": hashlib.sha256(payload).hexdigest(),
         "arrays_sha256": {k: _sha(a) for k, a in arrays.items()},
     }
+    meta = json.loads(json.dumps(to_jsonable(meta), allow_nan=False))
+    meta["meta_sha256"] = meta_sha256(meta)
     write_bytes_atomic(npz_path, payload)
     try:
         write_json_atomic(json_path, meta)
