@@ -167,3 +167,28 @@ def test_quality_columns_report_and_figures(planted):
     assert "## Which subjects are different" in report and "T_00002" in report
     assert "### Image quality per cohort" in report and "atypicality_p_tail" in report
     assert "drift" not in result  # no stored reference: no drift section
+
+
+def test_inspect_prints_quality_medians(tmp_path, capsys):
+    from aad_med.cli.inspect import main as inspect_main
+
+    generate_cohort(tmp_path / "c", 3, "reference", seed=1, shape=SHAPE, id_prefix="I_")
+    assert inspect_main([str(tmp_path / "c")]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.strip().startswith("quality"))
+    assert "over 3 subjects" in lines[start]
+    assert lines[start + 1].split() == [
+        "channel",
+        "snr_total",
+        "cnr",
+        "cjv",
+        "efc",
+        "inu_range",
+        "wm2max",
+    ]
+    t1 = lines[start + 2].split()
+    assert t1[0] == "t1" and all(float(v) > 0 for v in t1[1:])
+    # --headers-only reads no voxel: no quality table.
+    assert inspect_main([str(tmp_path / "c"), "--headers-only"]) == 0
+    assert "image-quality metrics" not in capsys.readouterr().out
