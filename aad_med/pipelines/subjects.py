@@ -325,7 +325,7 @@ def add_subjects(
     plots = tmp / "plots"
     plots.mkdir(exist_ok=True)
     listed = most_atypical(rows)
-    from aad_med.report.text import subject_reason
+    from aad_med.report.text import SUBJECT_DEFINITIONS, subject_reason
 
     top = []
     thumbs = 0
@@ -375,6 +375,7 @@ def add_subjects(
         "columns": columns,
         "counts": counts,
         "most_atypical": top,
+        "definitions": dict(SUBJECT_DEFINITIONS),
     }
     if quality is not None:
         summary["quality"] = quality_summary(*quality)

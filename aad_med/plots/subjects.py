@@ -24,51 +24,49 @@ def plot_quality(
     path: str | Path,
     metrics: Sequence[str] = QUALITY_METRICS,
 ) -> Path:
-    """Each cohort's distribution of each IQM, cohorts side by side (box plus subjects).
+    """Each cohort's distribution of each IQM, cohorts side by side within each channel (box
+    plus subjects); one panel per metric.
 
     Args:
         columns: IQM column names ``{channel}_{metric}``.
         values: ``{cohort: (n, len(columns))}`` (NaN where undefined).
         path: output PNG.
-        metrics: metrics to show, one row each; channels are columns.
+        metrics: metrics to show, one panel each (those without columns are left out).
     """
     names = list(values)
     colors = cohort_colors(names)
-    fig = new_figure(2.4 * len(CHANNELS), 1.7 * len(metrics) + 0.6)
-    axes = fig.subplots(len(metrics), len(CHANNELS), squeeze=False)
+    shown = [m for m in metrics if any(f"{ch}_{m}" in columns for ch in CHANNELS)]
+    width = len(names) + 1  # one gap between channels
+    fig = new_figure(max(6.0, 0.35 * width * len(CHANNELS) + 1.5), 1.9 * len(shown) + 0.6)
+    axes = fig.subplots(len(shown), 1, squeeze=False)[:, 0]
     rng = np.random.default_rng(0)
-    for i, metric in enumerate(metrics):
-        for j, ch in enumerate(CHANNELS):
-            ax = axes[i, j]
+    for ax, metric in zip(axes, shown, strict=True):
+        data, pos, dots = [], [], []
+        for c, ch in enumerate(CHANNELS):
             col = f"{ch}_{metric}"
             if col not in columns:
-                ax.set_visible(False)
                 continue
-            c = list(columns).index(col)
-            data = []
-            for name in names:
-                v = np.asarray(values[name], dtype=np.float64)[:, c]
-                data.append(v[np.isfinite(v)])
-            pos = np.arange(len(names))
-            nonempty = [k for k, d in enumerate(data) if d.size]
-            if nonempty:
-                ax.boxplot(
-                    [data[k] for k in nonempty],
-                    positions=pos[nonempty],
-                    widths=0.5,
-                    showfliers=False,
-                )
-            for k, d in enumerate(data):
-                jitter = rng.uniform(-0.15, 0.15, d.size)
-                ax.scatter(k + jitter, d, s=6, color=colors[names[k]], alpha=0.7, zorder=3)
-            ax.set_xticks(pos, names if i == len(metrics) - 1 else [""] * len(names))
-            ax.tick_params(axis="x", labelrotation=30, labelsize=7)
-            ax.tick_params(axis="y", labelsize=7)
-            if i == 0:
-                ax.set_title(ch, fontsize=9)
-            if j == 0:
-                ax.set_ylabel(metric, fontsize=8)
-    fig.suptitle("Image-quality metrics per cohort")
+            j = list(columns).index(col)
+            for k, name in enumerate(names):
+                v = np.asarray(values[name], dtype=np.float64)[:, j]
+                v = v[np.isfinite(v)]
+                x = c * width + k
+                if v.size:
+                    data.append(v)
+                    pos.append(x)
+                    dots.append((x + rng.uniform(-0.15, 0.15, v.size), v, colors[name]))
+        if data:
+            ax.boxplot(data, positions=pos, widths=0.6, showfliers=False)
+        for x, v, color in dots:
+            ax.scatter(x, v, s=6, color=color, alpha=0.7, zorder=3)
+        centres = [c * width + (len(names) - 1) / 2 for c in range(len(CHANNELS))]
+        ax.set_xticks(centres, list(CHANNELS))
+        ax.set_xlim(-1, len(CHANNELS) * width - 1)
+        ax.set_ylabel(metric, fontsize=8)
+        ax.tick_params(labelsize=7)
+    handles = [axes[0].scatter([], [], s=12, color=colors[n], label=n) for n in names]
+    axes[0].legend(handles=handles, fontsize=7, loc="upper right", ncols=min(4, len(names)))
+    fig.suptitle("Image-quality metrics per cohort and channel")
     return save_figure(fig, path)
 
 
