@@ -3,8 +3,9 @@ cohorts, embed (cached), compute the statistics, and write every output into a r
 
 The stages do the work: :mod:`aad_med.embedding` (vectors), :mod:`aad_med.distances` (numbers),
 :mod:`aad_med.data.intensity` (the raw-image fingerprint), :mod:`aad_med.calibration`
-(equivalent severities), :mod:`aad_med.plots.comparison` (figures) and :mod:`aad_med.report`
-(writers). This module only orders them and stages the run folder; the command line is
+(equivalent severities), :mod:`aad_med.pipelines.subjects` (``subjects.csv``: which subjects
+are different), :mod:`aad_med.pipelines.reference` (a stored reference, ``reference=REF``),
+:mod:`aad_med.plots.comparison` (figures) and :mod:`aad_med.report` (writers). This module only orders them and stages the run folder; the command line is
 :mod:`aad_med.cli.compare`. It is longer than ~450 lines because the regional map and the
 intensity statistic are orchestration steps of this command only (each a short function).
 
