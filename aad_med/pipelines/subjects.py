@@ -47,6 +47,9 @@ SUBJECT_COLUMNS = (
 )
 """Columns of ``subjects.csv`` before the image-quality columns (``{channel}_{metric}``)."""
 
+MIN_REFERENCE = 3
+"""Fewest reference subjects the atypicality scores are computed with (leave-one-out needs 3)."""
+
 N_LISTED = 8
 """Subjects listed in the report's "Which subjects are different" table."""
 
@@ -168,17 +171,19 @@ def subject_rows(
             f"reference_cohort={reference!r} is not one of the compared cohorts {names}"
         )
     n_ref = len(vectors[reference])
-    if n_ref < 2:
-        raise ConfigError(f"reference cohort {reference!r} needs at least 2 subjects")
+    # Leave-one-out scores need at least 3 reference subjects; a smaller reference still gets
+    # its rows (IQMs), with empty atypicality cells.
+    scored = n_ref >= MIN_REFERENCE
     k = max(1, min(int(s.k), n_ref - 1))
     tests = {n: v for n, v in vectors.items() if n != reference}
-    res = _per_cohort(
-        _tail_or_none(vectors[reference], tests, s.method, k, s.tail), names, reference
-    )
+    res = fp_res = None
+    if scored:
+        res = _per_cohort(
+            _tail_or_none(vectors[reference], tests, s.method, k, s.tail), names, reference
+        )
     block_names = [b for b, _ in blocks]
     dim_names = [f"{b}[{j}]" for b, w in blocks for j in range(w)]
-    fp_res = None
-    if fingerprints is not None:
+    if fingerprints is not None and scored:
         fp = standardize_jointly({n: fingerprints[n] for n in names})
         fp_tests = {n: v for n, v in fp.items() if n != reference}
         fp_res = _per_cohort(
@@ -189,33 +194,40 @@ def subject_rows(
     q_columns = list(quality[0]) if quality is not None else []
     rows: list[dict] = []
     for name in names:
-        r = res[name]
-        by_block = block_contributions(r["contributions"], blocks)
-        block_matrix = np.stack([by_block[b] for b in block_names], axis=1)
-        tops = top_drivers(r["contributions"], 3)
+        if res is not None:
+            r = res[name]
+            by_block = block_contributions(r["contributions"], blocks)
+            block_matrix = np.stack([by_block[b] for b in block_names], axis=1)
+            tops = top_drivers(r["contributions"], 3)
         if fp_res is not None:
             by_channel = block_contributions(fp_res[name]["contributions"], channel_blocks)
             channel_matrix = np.stack([by_channel[ch] for ch in CHANNELS], axis=1)
         for i, sid in enumerate(subject_ids[name]):
-            score = float(r["score"][i])
-            top = int(np.argmax(block_matrix[i]))
-            row = {
-                "cohort": name,
-                "subject_id": str(sid),
-                "role": "reference" if name == reference else "test",
-                "atypicality": score,
-                "atypicality_p": float(r["p"][i]),
-                "atypicality_q": float(r["q"][i]),
-                "atypicality_p_tail": float(r["p_tail"][i]) if "p_tail" in r else math.nan,
-                "atypicality_q_tail": float(r["q_tail"][i]) if "q_tail" in r else math.nan,
-                "intensity_atypicality": math.nan,
-                "intensity_p": math.nan,
-                "intensity_q": math.nan,
-                "top_block": block_names[top],
-                "top_block_share": float(block_matrix[i, top] / score) if score > 0 else math.nan,
-                "top_channel": "",
-                "top_dims": ";".join(dim_names[j] for j in tops[i]),
-            }
+            row = {c: math.nan for c in SUBJECT_COLUMNS}
+            row.update(
+                cohort=name,
+                subject_id=str(sid),
+                role="reference" if name == reference else "test",
+                top_block="",
+                top_channel="",
+                top_dims="",
+            )
+            if res is not None:
+                score = float(r["score"][i])
+                top = int(np.argmax(block_matrix[i]))
+                row.update(
+                    atypicality=score,
+                    atypicality_p=float(r["p"][i]),
+                    atypicality_q=float(r["q"][i]),
+                    top_block=block_names[top],
+                    top_block_share=float(block_matrix[i, top] / score) if score > 0 else math.nan,
+                    top_dims=";".join(dim_names[j] for j in tops[i]),
+                )
+                if "p_tail" in r:
+                    row.update(
+                        atypicality_p_tail=float(r["p_tail"][i]),
+                        atypicality_q_tail=float(r["q_tail"][i]),
+                    )
             if fp_res is not None:
                 f = fp_res[name]
                 row.update(
@@ -229,6 +241,11 @@ def subject_rows(
             rows.append(row)
     info = {"method": s.method, "k": k if s.method == "knn" else None, "tail": s.tail}
     info["n_reference"] = n_ref
+    if not scored:
+        info["note"] = (
+            f"the reference cohort {reference!r} has {n_ref} subjects; per-subject atypicality "
+            f"needs at least {MIN_REFERENCE} (leave-one-out), so its columns are empty"
+        )
     return [*SUBJECT_COLUMNS, *q_columns], rows, info
 
 
@@ -253,7 +270,7 @@ def most_atypical(rows: Sequence[Mapping], n: int = N_LISTED) -> list[Mapping]:
         p = r["atypicality_p_tail"]
         return (r["atypicality_p"] if not math.isfinite(p) else p, -r["atypicality"])
 
-    return sorted(rows, key=key)[:n]
+    return sorted((r for r in rows if math.isfinite(r["atypicality"])), key=key)[:n]
 
 
 def quality_summary(

@@ -210,6 +210,8 @@ def _subject_blocks(subjects: Mapping | None) -> list[Block]:
             SUBJECTS_INTRO.format(reference=ref, n_reference=subjects.get("n_reference", "?")),
         )
     )
+    if subjects.get("note"):
+        b.append(("warn", str(subjects["note"])))
     counts = subjects.get("counts") or {}
     b.append(
         (

@@ -94,6 +94,12 @@ def test_rows_reference_by_name_small_reference_and_errors():
     assert info["k"] == 2 and info["n_reference"] == 3  # k reduced to n_ref - 1
     assert {r["role"] for r in rows if r["cohort"] == "clean"} == {"reference"}
     assert all(math.isnan(r["intensity_p"]) for r in rows)
+    # Two reference subjects: rows (and IQMs) still written, atypicality cells empty, a note.
+    tiny = {"ref": vectors["ref"][:2], "clean": vectors["clean"]}
+    tiny_ids = {"ref": ids["ref"][:2], "clean": ids["clean"]}
+    _, rows, info = subject_rows(tiny, tiny_ids, "ref", [("all", 6)])
+    assert len(rows) == 22 and all(math.isnan(r["atypicality_p"]) for r in rows)
+    assert "needs at least 3" in info["note"] and most_atypical(rows) == []
     with pytest.raises(ConfigError, match="reference_cohort='nope'"):
         subject_rows(vectors, ids, "nope", [("all", 6)])
     with pytest.raises(ValueError, match="do not add up"):
