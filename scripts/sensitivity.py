@@ -6,10 +6,19 @@ encoder). For every shift kind x severity a pool of shifted subjects is written 
 independent of the reference pool (another seed); each repeat draws ``n`` subjects from each
 pool, fits the feature set's standardisation on those ``2n`` subjects and runs the AAD
 permutation test. Same-site false-positive rates come from random halves of ``2n`` reference
-subjects. All feature sets share one encoding pass (their raw blocks are computed together).
+subjects. All feature sets share one encoding pass (their raw blocks are computed together,
+and cached per pool next to its NIfTI files, keyed by the checkpoint's SHA-256).
+
+``omnibus:FEATURES`` rows run :func:`aad_med.distances.omnibus.omnibus_permutation_test`: the AAD,
+MMD and energy on FEATURES plus the intensity fingerprint, all on the same label shuffles, one
+exact combined p-value (min-p); the rows record which component drove each detection.
+
+The default ``--shape`` is the synthetic data config's (``configs/data/synthetic.yaml``); patch
+size and model come from the checkpoint, so a checkpoint of the default ``aad-train`` config
+measures the defaults users get. Its validation loss is recorded.
 
     python scripts/sensitivity.py --checkpoint runs/train/checkpoints/best.pt --out bench/ \\
-        [--shape 64 72 60] [--subjects 8 16 32] [--repeats 20] [--null-repeats 200]
+        [--shape 96 104 88] [--subjects 16 32] [--repeats 20] [--null-repeats 200]
     python scripts/sensitivity.py --quick --out /tmp/sens     # tiny, untrained encoder, seconds
 
 Writes ``sensitivity.json``, ``sensitivity.csv``, ``sensitivity.png`` and ``sensitivity.md``
@@ -35,7 +44,9 @@ from aad_med.data.preprocessing import PreprocessingConfig
 from aad_med.data.synthetic import SITES, generate_cohort
 from aad_med.data.validation import load_cohort
 from aad_med.distances import aad_permutation_test
-from aad_med.embedding import embed_cohort, get_feature_set
+from aad_med.distances.omnibus import default_components, omnibus_permutation_test
+from aad_med.embedding import embed_cohort, file_sha256, get_feature_set, input_texture
+from aad_med.embedding import intensity_shape as intensity_blocks
 from aad_med.embedding.acquisition import (
     ConcatFeatureSet,
     PositionMatchedFeatures,
@@ -58,20 +69,50 @@ SHIFTS: dict[str, list[tuple[str, dict]]] = {
     ],
 }
 SINGLE_ACQUISITION = ("noise", "blur", "gamma", "bias")
-BASE_PARTS = ("latent", "multiscale", "texture", "dispersion", "position_matched")
+BASE_PARTS = (
+    "latent",
+    "multiscale",
+    "texture",
+    "dispersion",
+    "position_matched",
+    "intensity_shape",
+    "intensity_variation",
+    "input_texture",
+)
 DEFAULT_FEATURES = (
     "latent",
     "multiscale",
-    "dispersion",
-    "position_matched",
     "texture",
-    "latent+multiscale",
-    "latent+multiscale+dispersion",
+    "input_texture",
+    "intensity_shape",
+    "intensity_variation",
     "multiscale+texture",
-    "latent+multiscale+texture",
-    "latent+multiscale+texture+dispersion",
+    "multiscale+texture+intensity_shape",
+    "multiscale+texture+intensity_shape+intensity_variation",
+    "texture+intensity_shape",
+    "intensity_shape+intensity_variation",
+    "input_texture+intensity_shape",
+    "input_texture+intensity_shape+intensity_variation",
+    "multiscale+input_texture+intensity_shape",
+    "omnibus:multiscale+texture",
+    "omnibus:multiscale+texture+intensity_shape",
+    "omnibus:input_texture+intensity_shape",
 )
 FINGERPRINT = "intensity_fingerprint"
+OMNIBUS = "omnibus:"
+# Blocks measured here before they are registered for users (the report describes every
+# registered set with its rates), so they are resolved locally, not through the registry.
+NEW_BLOCKS = {**intensity_blocks.FEATURE_SETS, **input_texture.FEATURE_SETS}
+
+
+def feature_set(name: str):
+    """The feature set called ``name`` (``A+B`` combines blocks), new blocks included."""
+    parts = name.split("+")
+
+    def part(p: str):
+        return NEW_BLOCKS[p]() if p in NEW_BLOCKS else get_feature_set(p)
+
+    return part(name) if len(parts) == 1 else ConcatFeatureSet([part(p) for p in parts], name)
 
 
 def quick_model(patch: int = 8) -> torch.nn.Module:
@@ -85,15 +126,28 @@ def quick_model(patch: int = 8) -> torch.nn.Module:
     ).eval()  # fmt: skip
 
 
-def encode_pool(model, prep, folder: Path, extent: int) -> dict[str, np.ndarray]:
-    """Raw blocks of every base feature set (and the intensity fingerprint) for one cohort."""
+def encode_pool(
+    model, prep, folder: Path, extent: int, key: str | None = None
+) -> dict[str, np.ndarray]:
+    """Raw blocks of every base feature set (and the intensity fingerprint) for one cohort.
+
+    With ``key`` (the checkpoint's hash) the blocks are cached in ``folder/blocks-KEY.npz``.
+    """
+    cache = folder / f"blocks-{key[:16]}-e{extent}.npz" if key else None
+    if cache is not None and cache.exists():
+        with np.load(cache, allow_pickle=False) as f:
+            if set(f.files) == {*BASE_PARTS, FINGERPRINT}:
+                return {k: f[k] for k in f.files}
     cohort = load_cohort(folder)
     bundle = ConcatFeatureSet(
-        ["latent", "multiscale", "texture", "dispersion", PositionMatchedFeatures(extent=extent)]
-    )
+        [PositionMatchedFeatures(extent) if p == "position_matched" else feature_set(p)
+         for p in BASE_PARTS]
+    )  # fmt: skip
     emb = embed_cohort(model, cohort, prep, features=bundle, progress=False)
     blocks = dict(zip(BASE_PARTS, bundle.split(emb.vectors), strict=True))
     blocks[FINGERPRINT] = intensity_fingerprint(cohort.subjects)
+    if cache is not None:
+        np.savez(cache, **blocks)
     return blocks
 
 
@@ -101,24 +155,69 @@ def raw_vectors(name: str, blocks: dict[str, np.ndarray], idx: np.ndarray):
     """``(feature_set_or_None, raw rows idx)`` for a feature set or the fingerprint."""
     if name == FINGERPRINT:
         return None, blocks[FINGERPRINT][idx]
-    fs = get_feature_set(name)
+    fs = feature_set(name)
     if isinstance(fs, ConcatFeatureSet):
         return fs, fs.assemble({p.name: blocks[p.name][idx] for p in fs.parts})
     return fs, blocks[name][idx]
 
 
-def pvalue(name, blocks_a, idx_a, blocks_b, idx_b, n_perm: int, seed: int) -> float:
-    """AAD permutation p-value of one feature set, standardisation fitted on the 2n subjects."""
+def finalised(name, blocks_a, idx_a, blocks_b, idx_b) -> dict[str, np.ndarray]:
+    """One feature set's vectors of both samples, standardisation fitted on the 2n subjects."""
     fs, a = raw_vectors(name, blocks_a, idx_a)
     _, b = raw_vectors(name, blocks_b, idx_b)
-    final = standardize_jointly({"a": a, "b": b}) if fs is None else fs.finalize({"a": a, "b": b})
-    return float(aad_permutation_test(final["a"], final["b"], n_perm, seed=seed).pvalue)
+    return standardize_jointly({"a": a, "b": b}) if fs is None else fs.finalize({"a": a, "b": b})
+
+
+def test_pair(name, blocks_a, idx_a, blocks_b, idx_b, n_perm: int, seed: int):
+    """``(p, driver)``: the AAD permutation p-value of a feature set (driver ``None``), or for
+    ``omnibus:FEATURES`` the omnibus p-value and the component that drove it."""
+    if name.startswith(OMNIBUS):
+        f = finalised(name[len(OMNIBUS) :], blocks_a, idx_a, blocks_b, idx_b)
+        fp_a, fp_b = blocks_a[FINGERPRINT][idx_a], blocks_b[FINGERPRINT][idx_b]
+        comps = default_components(f["a"], f["b"], fp_a, fp_b)
+        res = omnibus_permutation_test(comps, n_perm, seed=seed)
+        return float(res.omnibus_p), res.driver
+    final = finalised(name, blocks_a, idx_a, blocks_b, idx_b)
+    return float(aad_permutation_test(final["a"], final["b"], n_perm, seed=seed).pvalue), None
+
+
+def pvalue(name, blocks_a, idx_a, blocks_b, idx_b, n_perm: int, seed: int) -> float:
+    """The p-value of :func:`test_pair`."""
+    return test_pair(name, blocks_a, idx_a, blocks_b, idx_b, n_perm, seed)[0]
+
+
+def block_effects(ref: dict[str, np.ndarray], shifted: dict[str, np.ndarray]) -> list[dict]:
+    """Per raw block: how many columns a shift moves and how far (Cohen's d, whole pools).
+
+    The AAD on standardised features sums squared mean differences over all columns, so a
+    shift carried by a few columns of a wide block is diluted; this says where the signal is.
+    """
+    out = []
+    for name in (*BASE_PARTS, FINGERPRINT):
+        if name == "position_matched":
+            continue  # a lattice of cells, not columns with a meaning of their own
+        a, b = ref[name], shifted[name]
+        sd = np.sqrt((a.var(axis=0, ddof=1) + b.var(axis=0, ddof=1)) / 2.0)
+        ok = sd > 1e-12 * (1.0 + np.abs(a.mean(axis=0)))
+        d = np.where(ok, (b.mean(axis=0) - a.mean(axis=0)) / np.where(ok, sd, 1.0), 0.0)
+        out.append(
+            {
+                "block": name,
+                "columns": int(a.shape[1]),
+                "columns_abs_d_over_1": int(np.sum(np.abs(d) > 1.0)),
+                "max_abs_d": float(np.abs(d).max()) if d.size else 0.0,
+                "argmax_column": int(np.argmax(np.abs(d))) if d.size else -1,
+                "mean_d2": float(np.mean(d**2)) if d.size else 0.0,
+            }
+        )
+    return out
 
 
 def run(args: argparse.Namespace) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     data = Path(args.data) if args.data else out / "data"
+    key, training = None, None
     if args.quick:
         model, prep = quick_model(), PreprocessingConfig(patch_size=8, min_brain_fraction=0.25)
         encoder = "untrained tiny encoder (quick mode: plumbing only, figures mean nothing)"
@@ -127,6 +226,15 @@ def run(args: argparse.Namespace) -> dict:
 
         model, prep, _ = load_model_from_checkpoint(args.checkpoint, "cpu")
         encoder = str(args.checkpoint)
+        key = file_sha256(args.checkpoint)
+        ck = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
+        training = {
+            "epoch": int(ck.get("epoch", -1)),
+            "val_loss": float(ck["best_loss"]) if "best_loss" in ck else None,
+            "model": ck.get("model_config"),
+            "train_subjects": len(ck.get("train_subject_ids", [])),
+            "val_subjects": len(ck.get("val_subject_ids", [])),
+        }
     torch.set_num_threads(max(1, args.threads))
     shape = tuple(args.shape)
     extent = int(math.ceil(max(shape) / prep.patch_size) * prep.patch_size)
@@ -138,16 +246,18 @@ def run(args: argparse.Namespace) -> dict:
         folder = data / f"{name}-n{n}-seed{seed}-{'x'.join(map(str, shape))}"
         if not (folder / "synthetic.json").exists():
             generate_cohort(folder, n_subjects=n, site=site, seed=seed, shape=shape)
-        return encode_pool(model, prep, folder, extent)
+        return encode_pool(model, prep, folder, extent, key)
 
     ref = pool("reference", REFERENCE, args.seed, 2 * n_max)
     rng = np.random.default_rng(args.seed)
-    rows, nulls = [], []
+    rows, nulls, effects = [], [], {}
+    print(f"reference pool encoded ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
     for n in args.subjects:
+        # The same splits for every feature set, so their rates compare like with like.
+        splits = [rng.choice(2 * n_max, 2 * n, replace=False) for _ in range(args.null_repeats)]
         for name in features:
             hits = 0
-            for r in range(args.null_repeats):
-                idx = rng.choice(2 * n_max, 2 * n, replace=False)
+            for r, idx in enumerate(splits):
                 p = pvalue(name, ref, idx[:n], ref, idx[n:], args.permutations, seed=r)
                 hits += p < args.alpha
             fpr = hits / args.null_repeats
@@ -155,6 +265,7 @@ def run(args: argparse.Namespace) -> dict:
             nulls.append(
                 {"n": n, "features": name, "fpr": fpr, "repeats": args.null_repeats, "se": se}
             )
+    print(f"same-site splits done ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
     k = 0
     for kind in args.shifts:
         levels = SHIFTS[kind] if args.all_severities else SHIFTS[kind][-1:]
@@ -162,13 +273,19 @@ def run(args: argparse.Namespace) -> dict:
             k += 1
             site = REFERENCE.with_updates(name=kind, **changes)
             shifted = pool(f"{kind}-{k}", site, args.seed + 1000 + k, n_max)
+            effects[label] = block_effects(ref, shifted)
             for n in args.subjects:
+                draws = [
+                    (rng.choice(2 * n_max, n, replace=False), rng.choice(n_max, n, replace=False))
+                    for _ in range(args.repeats)
+                ]
                 for name in features:
-                    ps = []
-                    for r in range(args.repeats):
-                        ia = rng.choice(2 * n_max, n, replace=False)
-                        ib = rng.choice(n_max, n, replace=False)
-                        ps.append(pvalue(name, ref, ia, shifted, ib, args.permutations, seed=r))
+                    ps, drivers = [], {}
+                    for r, (ia, ib) in enumerate(draws):
+                        p, drv = test_pair(name, ref, ia, shifted, ib, args.permutations, seed=r)
+                        ps.append(p)
+                        if drv is not None and p < args.alpha:
+                            drivers[drv] = drivers.get(drv, 0) + 1
                     ps = np.asarray(ps)
                     rows.append(
                         {
@@ -181,12 +298,14 @@ def run(args: argparse.Namespace) -> dict:
                             "detection_rate": float(np.mean(ps < args.alpha)),
                             "median_p": float(np.median(ps)),
                             "repeats": args.repeats,
+                            **({"drivers": drivers} if name.startswith(OMNIBUS) else {}),
                         }
                     )
             print(f"{label}: done ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
     return {
         "command": "python scripts/sensitivity.py " + " ".join(map(shlex.quote, args.argv)),
         "encoder": encoder,
+        "training": training,
         "preprocessing": prep.to_dict(),
         "shape": list(shape),
         "alpha": args.alpha,
@@ -196,6 +315,7 @@ def run(args: argparse.Namespace) -> dict:
         "seconds": round(time.perf_counter() - t0, 1),
         "results": rows,
         "same_site": nulls,
+        "block_effects": effects,
     }
 
 
@@ -234,7 +354,13 @@ def summary(result: dict, n: int, min_rate: float = 0.8) -> list[dict]:
 
 def best_feature_set(result: dict, n: int) -> str | None:
     """The encoder feature set detecting most shift kinds at a calibrated false-positive rate."""
-    cands = [s for s in summary(result, n) if s["calibrated"] and s["features"] != FINGERPRINT]
+    cands = [
+        s
+        for s in summary(result, n)
+        if s["calibrated"]
+        and s["features"] != FINGERPRINT
+        and not s["features"].startswith(OMNIBUS)
+    ]
     if not cands:
         return None
     key = lambda s: (s["single_detected"], s["all_detected"], sum(s["rates"].values()))  # noqa: E731
@@ -307,6 +433,16 @@ def markdown(result: dict, n: int) -> str:
         "repeat draws n per cohort from the pools and refits the standardisation.",
         "",
     ]
+    tr = result.get("training")
+    if tr:
+        mc = tr.get("model") or {}
+        lines += [
+            f"Model: channels {mc.get('channels')}, strides {mc.get('strides')}, latent_dim "
+            f"{mc.get('latent_dim')}, patch {mc.get('patch_size')}, norm {mc.get('norm')}; "
+            f"best checkpoint at epoch {tr['epoch']}, validation loss {tr['val_loss']:.4f} "
+            f"({tr['train_subjects']} training / {tr['val_subjects']} validation subjects).",
+            "",
+        ]
     for m in sorted({r["n"] for r in result["same_site"]}):
         lines += [
             f"### {m} subjects per cohort: detection rate at the target severity",
@@ -322,17 +458,43 @@ def markdown(result: dict, n: int) -> str:
             label = s["features"] + (
                 " (raw-image statistic)" if s["features"] == FINGERPRINT else ""
             )
+            if s["features"].startswith(OMNIBUS):
+                label = (
+                    f"**omnibus** (min-p of AAD, MMD, energy on "
+                    f"{s['features'][len(OMNIBUS) :]} + fingerprint)"
+                )
             lines.append(f"| {label} | " + " | ".join(cells) + f" | {fpr} |")
         nulls = [r for r in result["same_site"] if r["n"] == m]
         if nulls:
             lines += ["", f"Same-site FPR: {nulls[0]['repeats']} random splits, Monte-Carlo "
                       f"standard error {nulls[0]['se']:.3f} at alpha."]  # fmt: skip
+        drv = [
+            f"{r['shift']}: " + ", ".join(f"{k} {v}" for k, v in sorted(r["drivers"].items()))
+            for r in result["results"]
+            if r["n"] == m and r["target"] and r.get("drivers")
+            and r["features"] == next((f for f in result["features"] if f.startswith(OMNIBUS)), "")
+        ]  # fmt: skip
+        if drv:
+            lines += ["", "Omnibus detections by driving component: " + "; ".join(drv) + "."]
         best = best_feature_set(result, m)
         if best:
             lines += ["", f"Best encoder feature set at a calibrated FPR: **{best}**."]
         lines.append("")
     if any(not r["target"] for r in result["results"]):
         lines += ["Milder severities are in `sensitivity.csv` and the plot.", ""]
+    for label, blocks in result.get("block_effects", {}).items():
+        lines += [
+            f"### Where the signal is: {label} (Cohen's d per raw column, whole pools)",
+            "",
+            "| block | columns | columns with abs(d) > 1 | largest abs(d) (column) | mean d² |",
+            "|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {b['block']} | {b['columns']} | {b['columns_abs_d_over_1']} | "
+            f"{b['max_abs_d']:.2f} ({b['argmax_column']}) | {b['mean_d2']:.2f} |"
+            for b in blocks
+        ]
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -341,8 +503,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--checkpoint", help="checkpoint written by aad-train (not needed with --quick)")
     p.add_argument("--out", default="outputs/sensitivity")
     p.add_argument("--data", help="folder for the synthetic pools (default OUT/data; reused)")
-    p.add_argument("--shape", type=int, nargs=3, default=[64, 72, 60])
-    p.add_argument("--subjects", type=int, nargs="+", default=[8, 16, 32])
+    p.add_argument("--shape", type=int, nargs=3, default=[96, 104, 88])
+    p.add_argument("--subjects", type=int, nargs="+", default=[16, 32])
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--null-repeats", type=int, default=200)
     p.add_argument("--permutations", type=int, default=999)

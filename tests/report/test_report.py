@@ -151,8 +151,9 @@ def test_report_contains_numbers_definitions_and_images(tmp_path):
         assert "Custom definition from distances." not in text
         for key in DEFINITIONS:
             assert key in text
-        # The honest caution about aad_standardized reaches the reader.
-        assert "It is not a Cohen" in text
+        # The meaning of the bias-corrected aad_standardized reaches the reader (its level with
+        # no shift), from report/text.py and not from a copy elsewhere.
+        assert "With no shift its median is 0" in text
     assert "](plots/pairwise_aad.png)" in md
     # HTML is self-contained: the image is embedded, no file reference remains.
     m = re.search(r"data:image/png;base64,([A-Za-z0-9+/=]+)", page)

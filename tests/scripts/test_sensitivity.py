@@ -7,6 +7,7 @@ import importlib.util
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "sensitivity.py"
@@ -53,8 +54,47 @@ def test_quick_mode_writes_every_output(sensitivity, tmp_path):
     md = (out / "sensitivity.md").read_text()
     assert md.startswith("## Sensitivity to acquisition and population shifts")
     assert "python scripts/sensitivity.py --quick" in md
-    assert "| latent+multiscale |" in md and "intensity_fingerprint (raw-image statistic)" in md
+    assert "| multiscale+texture |" in md and "intensity_fingerprint (raw-image statistic)" in md
+    assert "| intensity_shape |" in md and "| intensity_variation |" in md
+    assert "**omnibus** (min-p of AAD, MMD, energy on multiscale+texture + fingerprint)" in md
     assert "untrained tiny encoder" in md
+
+    # Omnibus rows: p-values on the permutation grid, drivers name real components and account
+    # for every detection.
+    omni = [r for r in result["results"] if r["features"].startswith(sensitivity.OMNIBUS)]
+    assert {r["features"] for r in omni} == {f for f in feats if f.startswith(sensitivity.OMNIBUS)}
+    for r in omni:
+        assert set(r["drivers"]) <= {"aad", "mmd", "energy", "fingerprint"}
+        assert sum(r["drivers"].values()) == round(r["detection_rate"] * r["repeats"])
+    # Per-block effect sizes for each shift: every raw block but the position lattice.
+    assert set(result["block_effects"]) == {"noise 12%", "brain 0.88, tumour 1.5"}
+    for blocks in result["block_effects"].values():
+        names = [b["block"] for b in blocks]
+        assert "intensity_shape" in names and sensitivity.FINGERPRINT in names
+        assert "position_matched" not in names
+        for b in blocks:
+            assert 0 <= b["columns_abs_d_over_1"] <= b["columns"] and b["max_abs_d"] >= 0
+    assert "### Where the signal is: noise 12%" in md
+    assert not result["best"]["5"] or not result["best"]["5"].startswith(sensitivity.OMNIBUS)
+
+
+def test_omnibus_row_uses_the_same_shuffles_as_its_components(sensitivity):
+    """On fabricated blocks, the omnibus p-value is at most a few times the smallest component
+    p-value (min-p), and never below 1/(B+1)."""
+    rng = np.random.default_rng(0)
+    blocks = {
+        "multiscale": rng.normal(size=(20, 6)),
+        "texture": rng.normal(size=(20, 5)),
+        sensitivity.FINGERPRINT: rng.normal(size=(20, 4)),
+    }
+    shifted = {k: v.copy() for k, v in blocks.items()}
+    shifted[sensitivity.FINGERPRINT][:, 0] += 3.0  # only the fingerprint sees it
+    ia, ib = np.arange(10), np.arange(10, 20)
+    name = sensitivity.OMNIBUS + "multiscale+texture"
+    p, driver = sensitivity.test_pair(name, blocks, ia, shifted, ib, 199, seed=0)
+    assert driver == "fingerprint" and 1 / 200 <= p <= 0.02
+    p_aad, drv = sensitivity.test_pair("multiscale+texture", blocks, ia, shifted, ib, 199, seed=0)
+    assert drv is None and p_aad > 0.05
 
 
 def test_full_mode_needs_a_checkpoint(sensitivity):
