@@ -120,6 +120,8 @@ def plot_drift(points: Sequence[Mapping], reference: str, path: str | Path) -> P
             ha="center",
             fontsize=8,
         )
+    ax.set_xlim(-0.5, len(points) - 0.5)
+    ax.margins(y=0.15)
     ax.set_xticks(x, [str(p["batch"]) for p in points], rotation=30)
     ax.set_ylabel(f"AAD vs {reference}")
     ax.set_xlabel("batch (in the order given)")
