@@ -79,6 +79,11 @@ def settings_from_config(cfg: DictConfig):
         progress=bool(emb.progress),
         overwrite=bool(cfg.get("overwrite", False)),
         calibration=None if cfg.get("calibration") is None else str(cfg.calibration),
+        subjects=bool(cfg.get("subjects", True)),
+        reference_cohort=(
+            None if cfg.get("reference_cohort") is None else str(cfg.reference_cohort)
+        ),
+        reference=None if cfg.get("reference") is None else str(cfg.reference),
     )
 
 

@@ -111,6 +111,8 @@ def _run(args: argparse.Namespace) -> int:
         fp = cohort_fingerprint(cohort, max_subjects=0 if args.headers_only else args.max_subjects)
         fingerprints.append(fp)
         print(format_table(fp))
+        if not args.headers_only and fp["n_fingerprinted"]:
+            print(quality_table(cohort, fp["fingerprinted_ids"]))
     if json_path is not None:
         write_json_atomic(json_path, {"written_by": PROG, "cohorts": fingerprints})
         print(f"fingerprint written to {json_path}")
@@ -152,6 +154,34 @@ def check_json_target(path: Path, cohorts: list[str], force: bool) -> None:
             "exists and was not written by aad-inspect; choose another --json path, or pass "
             "--force to replace it",
         )
+
+
+QUALITY_SHOWN = ("snr_total", "cnr", "cjv", "efc", "inu_range", "wm2max")
+"""IQMs printed per channel (medians over the subjects read; aad_med.data.quality defines them)."""
+
+
+def quality_table(cohort, subject_ids: list[str]) -> str:
+    """Median image-quality metrics per channel over the subjects whose voxels were read."""
+    import numpy as np
+
+    from aad_med.pipelines.subjects import subject_quality_table
+
+    wanted = set(subject_ids)
+    records = [r for r in cohort.subjects if r.subject_id in wanted]
+    columns, values = subject_quality_table(records)
+    lines = [
+        f"  quality   median image-quality metrics over {len(records)} subjects "
+        "(aad_med/data/quality.py)",
+        f"  {'channel':<8}" + "".join(f"{m:>11}" for m in QUALITY_SHOWN),
+    ]
+    for ch in CHANNELS:
+        row = []
+        for m in QUALITY_SHOWN:
+            v = values[:, columns.index(f"{ch}_{m}")]
+            v = v[np.isfinite(v)]
+            row.append(_num(float(np.median(v))) if v.size else f"{'n/a':>11}")
+        lines.append(f"  {ch:<8}" + "".join(row))
+    return "\n".join(lines)
 
 
 def format_table(fp: dict) -> str:

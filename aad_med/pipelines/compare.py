@@ -3,8 +3,9 @@ cohorts, embed (cached), compute the statistics, and write every output into a r
 
 The stages do the work: :mod:`aad_med.embedding` (vectors), :mod:`aad_med.distances` (numbers),
 :mod:`aad_med.data.intensity` (the raw-image fingerprint), :mod:`aad_med.calibration`
-(equivalent severities), :mod:`aad_med.plots.comparison` (figures) and :mod:`aad_med.report`
-(writers). This module only orders them and stages the run folder; the command line is
+(equivalent severities), :mod:`aad_med.pipelines.subjects` (``subjects.csv``: which subjects
+are different), :mod:`aad_med.pipelines.reference` (a stored reference, ``reference=REF``),
+:mod:`aad_med.plots.comparison` (figures) and :mod:`aad_med.report` (writers). This module only orders them and stages the run folder; the command line is
 :mod:`aad_med.cli.compare`. It is longer than ~450 lines because the regional map and the
 intensity statistic are orchestration steps of this command only (each a short function).
 
@@ -68,6 +69,7 @@ RESULT_PATTERNS = (
     "embeddings.npz",
     "pairwise_aad.csv",
     "intensity_fingerprint.csv",
+    "subjects.csv",
     "plots/*.png",
     "mean_difference_*",
     "regional_aad*",
@@ -99,6 +101,9 @@ class CompareSettings:
     calibration: str | Path | None = None
     progress: bool = True
     overwrite: bool = False
+    subjects: bool = True
+    reference_cohort: str | None = None
+    reference: str | Path | None = None
     extra: dict = field(default_factory=dict)
 
 
@@ -238,7 +243,24 @@ def run_comparison(
     run_dir = Path(run_dir)
     check_compare_dir(run_dir, s.overwrite)
     names = list(cohort_paths)
+    reference = None
+    if s.reference:
+        # A stored reference (aad-reference fit) is the first cohort; it is not re-encoded.
+        from aad_med.pipelines.reference import load_reference
+
+        reference = load_reference(s.reference)
+        reference.check_features(str(s.features))
+        if reference.name in names:
+            raise ConfigError(
+                f"cohort name {reference.name!r} is the stored reference's; name the new "
+                "cohorts differently"
+            )
+        names = [reference.name, *names]
     check_cohort_names(names)
+    if s.reference_cohort is not None and s.reference_cohort not in names:
+        raise ConfigError(
+            f"reference_cohort={s.reference_cohort!r} is not one of the cohorts {names}"
+        )
     if isinstance(checkpoint, str | Path):
         ckpt_paths = [Path(checkpoint)]
     else:
@@ -249,6 +271,10 @@ def run_comparison(
         if problem := checkpoint_path_problem(path):
             raise CheckpointError(problem)
     multi = len(ckpt_paths) > 1
+    if reference is not None:
+        if multi:
+            raise ConfigError("reference=REF holds one checkpoint's vectors: give one checkpoint")
+        reference.check_checkpoint(file_sha256(ckpt_paths[0]), ckpt_paths[0])
     if s.calibration and not Path(s.calibration).is_file():
         raise InputError(
             Path(s.calibration),
@@ -297,10 +323,12 @@ def run_comparison(
                     s,
                     full=i == 0,
                     return_samples=multi,
+                    reference=reference,
                 )
             )
         result = results[0]
         images = result.pop("_images", {})
+        subject_input = result.pop("_subjects", None)
         if multi:
             combined = combine_encoder_runs(results, names=[str(p) for p in ckpt_paths])
             for i, res in enumerate(results):
@@ -314,8 +342,11 @@ def run_comparison(
                 result["cohorts"][name]["train_overlap"] = max(
                     r["cohorts"][name]["train_overlap"] for r in results
                 )
+        fingerprints = None
         if s.intensity:
-            _add_intensity(result, cohorts, s, tmp)
+            fingerprints = _add_intensity(result, cohorts, s, tmp, reference)
+        if s.subjects:
+            _add_subjects(result, tmp, subject_input, cohorts, fingerprints, s, reference)
         if s.calibration:
             from aad_med.calibration.equivalence import add_equivalent_severity
 
@@ -339,7 +370,9 @@ INTENSITY_KEYS = ("intensity_distance", "intensity_p", "intensity_p_fdr", "inten
 
 
 def intensity_statistics(
-    cohorts: Mapping[str, Cohort], s: CompareSettings
+    cohorts: Mapping[str, Cohort],
+    s: CompareSettings,
+    known: Mapping[str, np.ndarray] | None = None,
 ) -> tuple[dict[str, np.ndarray], dict[tuple[str, str], dict], float]:
     """The intensity fingerprint statistic of every pair of cohorts.
 
@@ -350,7 +383,8 @@ def intensity_statistics(
     (same permutation count and seed as the main statistics).
 
     With ``s.cache`` the fingerprints are kept in the embedding cache folder, so a rerun does
-    not read the volumes again (:func:`aad_med.data.intensity.cached_fingerprint`).
+    not read the volumes again (:func:`aad_med.data.intensity.cached_fingerprint`). ``known``
+    holds fingerprints already computed (a stored reference's), placed first.
 
     Returns:
         ``(raw fingerprints per cohort, {(a, b): INTENSITY_KEYS values}, seconds spent reading)``.
@@ -361,7 +395,8 @@ def intensity_statistics(
 
     t0 = time.perf_counter()
     cache_dir = _cache_dir(s)
-    raw = {name: cached_fingerprint(c, cache_dir) for name, c in cohorts.items()}
+    raw = dict(known or {})
+    raw.update({name: cached_fingerprint(c, cache_dir) for name, c in cohorts.items()})
     seconds = time.perf_counter() - t0
     stats = compare_embeddings(
         standardize_jointly(raw),
@@ -391,13 +426,20 @@ def _cache_dir(s: CompareSettings) -> Path | None:
     return Path(s.cache_dir) if s.cache_dir else default_cache_dir()
 
 
-def _add_intensity(result: dict, cohorts: Mapping[str, Cohort], s: CompareSettings, tmp: Path):
-    """Intensity fingerprint statistic into ``result`` and ``intensity_fingerprint.csv``."""
+def _add_intensity(
+    result: dict, cohorts: Mapping[str, Cohort], s: CompareSettings, tmp: Path, reference=None
+) -> dict[str, np.ndarray]:
+    """Intensity fingerprint statistic into ``result`` and ``intensity_fingerprint.csv``;
+    returns the raw fingerprints (a stored ``reference``'s first)."""
     from aad_med import CHANNELS
     from aad_med.data.intensity import FINGERPRINT_PERCENTILES, fingerprint_columns
 
-    raw, pairs, seconds = intensity_statistics(cohorts, s)
-    n = sum(len(c.subjects) for c in cohorts.values())
+    known = {reference.name: reference.arrays["fingerprint"]} if reference is not None else None
+    raw, pairs, seconds = intensity_statistics(cohorts, s, known)
+    ids = {name: c.subject_ids for name, c in cohorts.items()}
+    if reference is not None:
+        ids = {reference.name: reference.subject_ids, **ids}
+    n = sum(len(v) for v in ids.values())
     # Logged, not written to distances.json: two runs of one comparison give the same file.
     log.info("intensity fingerprint of %d subjects in %.2f s", n, seconds)
     for pair in result["pairs"]:
@@ -405,8 +447,8 @@ def _add_intensity(result: dict, cohorts: Mapping[str, Cohort], s: CompareSettin
     columns = fingerprint_columns()
     rows = [
         [sid, name, *(repr(float(v)) for v in raw[name][i])]
-        for name, c in cohorts.items()
-        for i, sid in enumerate(c.subject_ids)
+        for name, subject_ids in ids.items()
+        for i, sid in enumerate(subject_ids)
     ]
     write_table_csv(tmp / "intensity_fingerprint.csv", ["subject_id", "cohort", *columns], rows)
     result["intensity"] = {
@@ -420,6 +462,34 @@ def _add_intensity(result: dict, cohorts: Mapping[str, Cohort], s: CompareSettin
         },
         "file": "intensity_fingerprint.csv",
     }
+    return raw
+
+
+def _add_subjects(result, tmp, subject_input, cohorts, fingerprints, s, reference) -> None:
+    """The per-subject step (:func:`aad_med.pipelines.subjects.add_subjects`)."""
+    from aad_med.pipelines.subjects import SubjectSettings, add_subjects
+
+    vectors, ids, blocks = subject_input
+    if fingerprints is None:
+        from aad_med.data.intensity import cached_fingerprint
+
+        fingerprints = {name: cached_fingerprint(c, _cache_dir(s)) for name, c in cohorts.items()}
+        if reference is not None:
+            fingerprints = {reference.name: reference.arrays["fingerprint"], **fingerprints}
+    add_subjects(
+        result,
+        tmp,
+        vectors,
+        ids,
+        blocks,
+        {name: c.subjects for name, c in cohorts.items()},
+        {name: fingerprints[name] for name in vectors},
+        SubjectSettings(reference_cohort=s.reference_cohort),
+        known_quality=(
+            {reference.name: reference.arrays["quality"]} if reference is not None else None
+        ),
+        drift=reference is not None and len(vectors) > 2,
+    )
 
 
 def _warn_overlap(result: dict) -> None:
@@ -443,32 +513,42 @@ def _compare_into(
     s,
     full: bool = True,
     return_samples: bool = False,
+    reference=None,
 ) -> dict:
     """Embed and compare with one encoder; write the embeddings (and, when ``full``, figures,
     decoded means and the regional map) into ``tmp``. The caller writes ``distances.json`` and
-    the report."""
+    the report. With a stored ``reference`` (:mod:`aad_med.pipelines.reference`) its raw
+    vectors come first and are standardised jointly with the new cohorts'."""
     from aad_med.distances import compare_embeddings
-    from aad_med.embedding.cache import embed_cohorts
+    from aad_med.embedding.cache import finalize_vectors
     from aad_med.embedding.decode import decode_mean_difference
     from aad_med.embedding.encode import EmbedSettings
     from aad_med.embedding.features import get_feature_set
     from aad_med.embedding.io import write_embeddings_csv, write_embeddings_npz
+    from aad_med.pipelines.reference import embed_raw
     from aad_med.plots.images import plot_mean_difference
 
     feature_set = get_feature_set(s.features)
+    if reference is not None:
+        reference.check_preprocessing(preprocessing.to_dict())
     overlaps = {name: train_overlap(c, ckpt) for name, c in cohorts.items()}
     cache_dir = _cache_dir(s)
     embed = EmbedSettings(
         device=device,
         batch_size=s.batch_size,
         features=feature_set,
-        keep_positions=s.regional,
+        keep_positions=s.regional and reference is None,
         num_workers=s.num_workers,
         progress=s.progress,
         checkpoint_hash=file_sha256(ckpt_path) if cache_dir else None,
         cache_dir=cache_dir,
     )
-    embs: dict[str, CohortEmbedding] = embed_cohorts(model, cohorts, preprocessing, embed)
+    # Raw vectors first (a stored reference's are raw), then the joint standardisation.
+    embs: dict[str, CohortEmbedding] = embed_raw(model, cohorts, preprocessing, embed)
+    if reference is not None:
+        embs = {reference.name: reference.embedding(), **embs}
+    raw = {n: e.vectors for n, e in embs.items()}
+    finalize_vectors(feature_set, embs)
     names = list(embs)
     stats = compare_embeddings(
         {n: e.vectors for n, e in embs.items()},
@@ -505,16 +585,19 @@ def _compare_into(
         add_latent_aad(result["pairs"], {n: e.latent_means for n, e in embs.items()}, s)
     for name in names:
         info = dict(result.get("cohorts", {}).get(name, {}))
-        info.update(
-            {
-                "n_subjects": len(embs[name]),
-                "path": str(Path(cohort_paths[name]).resolve()),
-                "layout": cohorts[name].layout,
-                "train_overlap": overlaps[name],
-                "skipped": list(cohorts[name].skipped),
-                "n_patches_mean": float(np.mean(embs[name].n_patches)),
-            }
-        )
+        if reference is not None and name == reference.name:
+            info.update(reference.cohort_info())
+        else:
+            info.update(
+                {
+                    "path": str(Path(cohort_paths[name]).resolve()),
+                    "layout": cohorts[name].layout,
+                    "train_overlap": overlaps[name],
+                    "skipped": list(cohorts[name].skipped),
+                }
+            )
+        info["n_subjects"] = len(embs[name])
+        info["n_patches_mean"] = float(np.mean(embs[name].n_patches))
         result.setdefault("cohorts", {})[name] = info
     write_embeddings_csv(tmp / "embeddings.csv", embs)
     write_embeddings_npz(tmp / "embeddings.npz", embs)
@@ -526,7 +609,14 @@ def _compare_into(
 
     if not full:
         return result
+    from aad_med.pipelines.subjects import final_blocks
     from aad_med.plots.comparison import comparison_figures
+
+    result["_subjects"] = (
+        {n: e.vectors for n, e in embs.items()},
+        {n: e.subject_ids for n, e in embs.items()},
+        final_blocks(feature_set, raw),
+    )
 
     result["_images"] = comparison_figures(tmp, embs, result, s.bands_bootstrap, s.seed)
     if s.decode_means:

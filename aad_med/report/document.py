@@ -10,14 +10,18 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 
+from aad_med import CHANNELS
 from aad_med.io_utils import write_text_atomic
 from aad_med.report.text import (
     BENCHMARK_SOURCE,
     DEFINITIONS,
     INTENSITY_EXPLANATION,
     LIMITATIONS,
+    SUBJECT_DEFINITIONS,
+    SUBJECTS_INTRO,
     _fmt,
     calibration_intro,
+    drift_sentence,
     features_paragraph,
     fmt_p,
     interpretation,
@@ -145,6 +149,8 @@ def build_blocks(result: Mapping, images: Mapping[str, str | Path] | None = None
                     p["mean_difference_png"],
                 )
             )
+    b.extend(_drift_blocks(result.get("drift")))
+    b.extend(_subject_blocks(result.get("subjects")))
     regional = result.get("regional") or {}
     if regional:
         b.append(("h2", "Where in the brain"))
@@ -165,6 +171,103 @@ def build_blocks(result: Mapping, images: Mapping[str, str | Path] | None = None
     b.append(("dl", list(DEFINITIONS.items())))
     b.append(("h2", "What AAD cannot see"))
     b.append(("p", LIMITATIONS))
+    return b
+
+
+QUALITY_SUMMARY_METRICS = ("snr_total", "cnr", "cjv", "efc", "inu_range", "wm2max")
+"""IQMs of the report's per-cohort quality table (median [IQR] per channel)."""
+
+
+def _drift_blocks(drift: Mapping | None) -> list[Block]:
+    if not drift:
+        return []
+    ref = str(drift.get("reference", "?"))
+    points = list(drift.get("batches") or [])
+    b: list[Block] = [("h2", "Drift against the reference")]
+    b.append(("p", drift_sentence(points, ref)))
+    rows = [
+        [
+            str(pt["batch"]),
+            _aad_ci(pt),
+            fmt_p(pt.get("aad_p")),
+            str(pt.get("n_p05", "?")),
+        ]
+        for pt in points
+    ]
+    b.append(("table", ["batch", "AAD [95% CI]", "p", "subjects with p ≤ 0.05"], rows))
+    if drift.get("png"):
+        b.append(("img", f"AAD of each batch against {ref} with its 95% CI and p.", drift["png"]))
+    return b
+
+
+def _subject_blocks(subjects: Mapping | None) -> list[Block]:
+    if not subjects:
+        return []
+    ref = str(subjects.get("reference_cohort", "?"))
+    b: list[Block] = [("h2", "Which subjects are different")]
+    b.append(
+        (
+            "p",
+            SUBJECTS_INTRO.format(reference=ref, n_reference=subjects.get("n_reference", "?")),
+        )
+    )
+    if subjects.get("note"):
+        b.append(("warn", str(subjects["note"])))
+    counts = subjects.get("counts") or {}
+    b.append(
+        (
+            "table",
+            ["cohort", "subjects", "p ≤ 0.05", "q ≤ 0.05 (tail)"],
+            [
+                [name, str(c.get("n")), str(c.get("n_p05")), str(c.get("n_q05"))]
+                for name, c in counts.items()
+            ],
+        )
+    )
+    b.append(("h3", "Most atypical subjects"))
+    rows = [
+        [
+            str(r["cohort"]),
+            str(r["subject_id"]),
+            _fmt(r.get("atypicality")),
+            fmt_p(r.get("atypicality_p")),
+            fmt_p(r.get("atypicality_p_tail")),
+            fmt_p(r.get("atypicality_q_tail")),
+            fmt_p(r.get("intensity_p")),
+            str(r.get("reason", "")),
+        ]
+        for r in subjects.get("most_atypical") or []
+    ]
+    header = ["cohort", "subject", "score", "p", "p (tail)", "q (tail)", "intensity p", "why"]
+    b.append(("table", header, rows))
+    for r in subjects.get("most_atypical") or []:
+        if r.get("thumbnail"):
+            caption = f"{r['cohort']} / {r['subject_id']}: middle axial slice of each channel."
+            b.append(("img", caption, r["thumbnail"]))
+    quality = subjects.get("quality")
+    if quality:
+        b.append(("h3", "Image quality per cohort"))
+        b.append(("p", "Median [interquartile range] of each image-quality metric, per channel."))
+        for metric in QUALITY_SUMMARY_METRICS:
+            rows = []
+            for name, cols in quality.items():
+                row = [name]
+                for ch in CHANNELS:
+                    med, lo, hi = cols.get(f"{ch}_{metric}", [None, None, None])
+                    row.append(f"{_fmt(med)} [{_fmt(lo)}, {_fmt(hi)}]")
+                rows.append(row)
+            b.append(("table", [metric, *CHANNELS], rows))
+        if subjects.get("quality_png"):
+            b.append(
+                (
+                    "img",
+                    "Image-quality metrics of each cohort side by side (box: quartiles; dots: "
+                    "subjects).",
+                    subjects["quality_png"],
+                )
+            )
+    b.append(("h3", "Columns of subjects.csv"))
+    b.append(("dl", list(SUBJECT_DEFINITIONS.items())))
     return b
 
 

@@ -461,3 +461,95 @@ def provenance_paragraph(prov: Mapping | None) -> str | None:
     if prov.get("command"):
         text += f" by `{prov['command']}`"
     return text + (f"; checkpoint {ckpts}." if ckpts else ".")
+
+
+SUBJECT_DEFINITIONS: dict[str, str] = {
+    "role": "'reference' for the subjects of the reference cohort (scored leave-one-out: "
+    "against the other reference subjects), 'test' for every other cohort's subjects (scored "
+    "against the whole reference).",
+    "atypicality": "How far the subject's feature vector (the comparison's features, "
+    "standardised over all compared subjects) lies from the reference subjects: with method "
+    "knn, the mean squared distance to its k nearest reference subjects.",
+    "atypicality_p": "Conformal p-value: the share of reference subjects whose leave-one-out "
+    "score is at least the subject's, (1 + count)/(n_ref + 1) for a test subject. A subject "
+    "like the reference has p ≤ α with probability at most α, so at α = 0.05 about 1 clean "
+    "subject in 20 is flagged by chance. It cannot go below 1/(n_ref + 1).",
+    "atypicality_q": "atypicality_p adjusted within the subject's cohort (Benjamini-Hochberg): "
+    "flag subjects with q ≤ 0.05 to keep the expected share of false flags among them at 5%.",
+    "atypicality_p_tail": "atypicality_p refined beyond the reference's most atypical subject "
+    "by a lognormal tail fitted to the leave-one-out scores (equal to atypicality_p wherever "
+    "that is above 1/(n_ref + 1)); below 1/(n_ref + 1) it is calibrated only as well as the "
+    "tail fits (BENCHMARKS.md, 'Atypical subjects'). atypicality_q_tail is its BH q-value.",
+    "intensity_atypicality": "The same score on the intensity fingerprint (per-channel "
+    "foreground percentiles of the raw images), with intensity_p and intensity_q its conformal "
+    "p-value and q-value: sees gain, contrast and bias differences the encoder's normalised "
+    "input hides.",
+    "top_block": "The feature block (e.g. multiscale or texture) contributing most to the "
+    "score; top_block_share is its share of the score (the blocks' contributions add up to it).",
+    "top_channel": "The MRI channel (t1, t1ce, t2, flair) contributing most to "
+    "intensity_atypicality.",
+    "top_dims": "The three feature dimensions (block[index]) contributing most to the score.",
+    "image quality": "MRIQC-style image-quality metrics per channel on the raw images "
+    "(aad_med/data/quality.py says exactly how each is computed): snr_csf/gm/wm/total "
+    "(higher is better), cnr (higher is better), cjv (lower is better), efc, inu_range (bias "
+    "field spread; larger is worse), fber (undefined on skull-stripped data: empty), wm2max.",
+}
+"""Definitions of the ``subjects.csv`` columns (the report's "Which subjects are different")."""
+
+SUBJECTS_INTRO = (
+    "Every subject of every cohort is scored against the reference cohort `{reference}` "
+    "({n_reference} subjects; reference subjects leave-one-out) on the comparison's features "
+    "and on the intensity fingerprint. subjects.csv holds one row per subject, with its image-"
+    "quality metrics. p-values are conformal (rank among the reference's leave-one-out "
+    "scores), so a subject like the reference gets p ≤ 0.05 with probability at most 0.05; "
+    "q-values are Benjamini-Hochberg within each cohort."
+)
+
+DRIFT_EXPLANATION = (
+    "Each batch against the reference `{reference}`, in the order given: the AAD with its 95% "
+    "CI and permutation p-value, and how many of the batch's subjects have atypicality_p ≤ "
+    "0.05 (about 5% by chance). A rising AAD over batches is drift away from the reference."
+)
+
+_METRIC_WORDS = {"knn": "nearest reference subjects", "mahalanobis": "reference mean"}
+
+
+def subject_reason(row: Mapping, reference: str) -> str:
+    """Why one subject is (or is not) atypical, in words, from its ``subjects.csv`` row."""
+    p = row.get("atypicality_p_tail")
+    if p is None or p != p:
+        p = row.get("atypicality_p")
+    where = "the other reference subjects" if row.get("role") == "reference" else reference
+    if p is not None and p <= ALPHA:
+        head = f"Its features are further from {where} than almost every reference subject's"
+    else:
+        head = f"Its features lie within the range of {where}"
+    head += f" (p = {fmt_p(p)})"
+    share = row.get("top_block_share")
+    if row.get("top_block") and share is not None and share == share:
+        head += f"; {100 * float(share):.0f}% of the score comes from the {row['top_block']} block"
+        if row.get("top_dims"):
+            head += f" (largest dimensions {str(row['top_dims']).replace(';', ', ')})"
+    ip = row.get("intensity_p")
+    if ip is not None and ip == ip:
+        if ip <= ALPHA:
+            head += (
+                f". Its raw intensities are atypical too (p = {fmt_p(ip)}), mostly in "
+                f"{str(row.get('top_channel', '?')).upper()}"
+            )
+        else:
+            head += f". Its raw intensities are typical (p = {fmt_p(ip)})"
+    return head + "."
+
+
+def drift_sentence(points: list[Mapping], reference: str) -> str:
+    """The drift section's reading of the per-batch AADs against the reference."""
+    if not points:
+        return f"No batch was compared with {reference}."
+    sig = [pt["batch"] for pt in points if pt.get("aad_p") is not None and pt["aad_p"] < ALPHA]
+    text = DRIFT_EXPLANATION.format(reference=reference)
+    if sig:
+        text += f" Batches whose AAD p < {ALPHA:g}: {', '.join(sig)}."
+    else:
+        text += f" No batch differs from the reference at p < {ALPHA:g}."
+    return text

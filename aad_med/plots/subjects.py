@@ -1,0 +1,129 @@
+"""Figures of the per-subject step: image-quality metrics per cohort side by side, mid-slice
+thumbnails of a subject's channels, and the drift of batches against a reference.
+
+One function per figure; numbers come in as arrays or dicts (no statistics computed here).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from aad_med import CHANNELS
+from aad_med.plots.style import cohort_colors, new_figure, save_figure
+
+QUALITY_METRICS = ("snr_total", "cnr", "cjv", "efc", "inu_range", "wm2max")
+"""IQMs shown in the quality figure (one row each; fber is undefined on skull-stripped data)."""
+
+
+def plot_quality(
+    columns: Sequence[str],
+    values: Mapping[str, np.ndarray],
+    path: str | Path,
+    metrics: Sequence[str] = QUALITY_METRICS,
+) -> Path:
+    """Each cohort's distribution of each IQM, cohorts side by side within each channel (box
+    plus subjects); one panel per metric.
+
+    Args:
+        columns: IQM column names ``{channel}_{metric}``.
+        values: ``{cohort: (n, len(columns))}`` (NaN where undefined).
+        path: output PNG.
+        metrics: metrics to show, one panel each (those without columns are left out).
+    """
+    names = list(values)
+    colors = cohort_colors(names)
+    shown = [m for m in metrics if any(f"{ch}_{m}" in columns for ch in CHANNELS)]
+    width = len(names) + 1  # one gap between channels
+    fig = new_figure(max(6.0, 0.35 * width * len(CHANNELS) + 1.5), 1.9 * len(shown) + 0.6)
+    axes = fig.subplots(len(shown), 1, squeeze=False)[:, 0]
+    rng = np.random.default_rng(0)
+    for ax, metric in zip(axes, shown, strict=True):
+        data, pos, dots = [], [], []
+        for c, ch in enumerate(CHANNELS):
+            col = f"{ch}_{metric}"
+            if col not in columns:
+                continue
+            j = list(columns).index(col)
+            for k, name in enumerate(names):
+                v = np.asarray(values[name], dtype=np.float64)[:, j]
+                v = v[np.isfinite(v)]
+                x = c * width + k
+                if v.size:
+                    data.append(v)
+                    pos.append(x)
+                    dots.append((x + rng.uniform(-0.15, 0.15, v.size), v, colors[name]))
+        if data:
+            ax.boxplot(data, positions=pos, widths=0.6, showfliers=False)
+        for x, v, color in dots:
+            ax.scatter(x, v, s=6, color=color, alpha=0.7, zorder=3)
+        centres = [c * width + (len(names) - 1) / 2 for c in range(len(CHANNELS))]
+        ax.set_xticks(centres, list(CHANNELS))
+        ax.set_xlim(-1, len(CHANNELS) * width - 1)
+        ax.set_ylabel(metric, fontsize=8)
+        ax.tick_params(labelsize=7)
+    handles = [axes[0].scatter([], [], s=12, color=colors[n], label=n) for n in names]
+    axes[0].legend(handles=handles, fontsize=7, loc="upper right", ncols=min(4, len(names)))
+    fig.suptitle("Image-quality metrics per cohort and channel")
+    return save_figure(fig, path)
+
+
+def plot_thumbnails(record, path: str | Path, title: str = "") -> Path:
+    """The middle axial slice of each channel of one subject, read from its raw files.
+
+    Raises:
+        InputError: a file cannot be read (named by the loader).
+    """
+    from aad_med.data.io import load_subject
+
+    image = load_subject(record, load_seg=False).image
+    fig = new_figure(1.9 * image.shape[0], 2.2)
+    axes = fig.subplots(1, image.shape[0], squeeze=False)[0]
+    for c, ax in enumerate(axes):
+        vol = np.asarray(image[c], dtype=np.float64)
+        sl = np.rot90(vol[:, :, vol.shape[2] // 2])
+        fg = vol[vol != 0]
+        hi = float(np.percentile(fg, 99.5)) if fg.size else 1.0
+        ax.imshow(sl, cmap="gray", vmin=0.0, vmax=hi or 1.0, interpolation="nearest")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_title(CHANNELS[c] if c < len(CHANNELS) else f"ch{c}", fontsize=9)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    return save_figure(fig, path)
+
+
+def plot_drift(points: Sequence[Mapping], reference: str, path: str | Path) -> Path:
+    """AAD (with 95% CI) of each batch against the reference, batches in the order given; the
+    permutation p-value is written above each point.
+
+    Args:
+        points: one dict per batch with ``batch``, ``aad``, ``aad_ci95``, ``aad_p``.
+        reference: the reference cohort's name (axis label).
+        path: output PNG.
+    """
+    fig = new_figure(max(4.0, 1.1 * len(points) + 2.0), 3.2)
+    ax = fig.subplots()
+    x = np.arange(len(points))
+    aad = np.array([float(p["aad"]) for p in points])
+    lo = np.array([float(p["aad_ci95"][0]) for p in points])
+    hi = np.array([float(p["aad_ci95"][1]) for p in points])
+    ax.errorbar(x, aad, yerr=[np.clip(aad - lo, 0, None), np.clip(hi - aad, 0, None)], fmt="o-")
+    for xi, p, top in zip(x, points, hi, strict=True):
+        ax.annotate(
+            f"p={float(p['aad_p']):.3g}",
+            (xi, top),
+            textcoords="offset points",
+            xytext=(0, 4),
+            ha="center",
+            fontsize=8,
+        )
+    ax.set_xlim(-0.5, len(points) - 0.5)
+    ax.margins(y=0.15)
+    ax.set_xticks(x, [str(p["batch"]) for p in points], rotation=30)
+    ax.set_ylabel(f"AAD vs {reference}")
+    ax.set_xlabel("batch (in the order given)")
+    ax.set_title("Drift against the reference")
+    return save_figure(fig, path)
