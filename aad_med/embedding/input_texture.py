@@ -84,7 +84,6 @@ COMBINATIONS: tuple[tuple[str, ...], ...] = (
     ("input_texture", "intensity_shape"),
     ("input_texture", "intensity_shape", "intensity_variation"),
     ("multiscale", "input_texture", "intensity_shape"),
-    ("multiscale", "texture", "input_texture", "intensity_shape"),
 )
 
 FEATURE_SETS = {"input_texture": InputTextureFeatures}

@@ -163,10 +163,8 @@ class IntensityVariationFeatures(StandardizedFeatureSet):
 
 COMBINATIONS: tuple[tuple[str, ...], ...] = (
     ("multiscale", "texture", "intensity_shape"),
-    ("multiscale", "texture", "intensity_variation"),
     ("multiscale", "texture", "intensity_shape", "intensity_variation"),
     ("texture", "intensity_shape"),
-    ("texture", "intensity_shape", "intensity_variation"),
     ("intensity_shape", "intensity_variation"),
 )
 
