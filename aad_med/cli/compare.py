@@ -79,6 +79,7 @@ def settings_from_config(cfg: DictConfig):
         progress=bool(emb.progress),
         overwrite=bool(cfg.get("overwrite", False)),
         calibration=None if cfg.get("calibration") is None else str(cfg.calibration),
+        scale_reference=None if emb.get("reference") is None else str(emb.reference),
     )
 
 

@@ -91,6 +91,9 @@ class CompareSettings:
     bands_bootstrap: int = 1000
     intensity: bool = True
     calibration: str | Path | None = None
+    # Folder/CSV whose subjects fix the feature scale when the checkpoint has no
+    # feature_reference (embedding.reference; aad_med.pipelines.feature_scale).
+    scale_reference: str | Path | None = None
     progress: bool = True
     overwrite: bool = False
     extra: dict = field(default_factory=dict)
@@ -437,11 +440,24 @@ def _compare_into(
     from aad_med.embedding.encode import EmbedSettings
     from aad_med.embedding.features import get_feature_set
     from aad_med.embedding.io import write_embeddings_csv, write_embeddings_npz
+    from aad_med.pipelines.feature_scale import attach_reference
+    from aad_med.pipelines.omnibus_step import add_omnibus, omnibus_fingerprints
     from aad_med.plots.images import plot_mean_difference
 
     feature_set = get_feature_set(s.features)
     overlaps = {name: train_overlap(c, ckpt) for name, c in cohorts.items()}
     cache_dir = _cache_dir(s)
+    scale = attach_reference(
+        feature_set,
+        ckpt,
+        model,
+        preprocessing,
+        s.scale_reference,
+        file_sha256(ckpt_path) if cache_dir else None,
+        cache_dir,
+        device,
+        s.batch_size,
+    )
     embed = EmbedSettings(
         device=device,
         batch_size=s.batch_size,
@@ -481,6 +497,17 @@ def _compare_into(
         "preprocessing": preprocessing.to_dict(),
     }
     result.update(stats)
+    # Fixed scale of the vectors: checkpoint / reference (the same pair, the same AAD in any
+    # call) or pooled (depends on the other cohorts); raw for latent.
+    result["scale"] = scale
+    fingerprints = omnibus_fingerprints(cohorts, embs, cache_dir) if s.intensity else None
+    add_omnibus(
+        result["pairs"],
+        {n: e.vectors for n, e in embs.items()},
+        fingerprints,
+        s.n_permutations,
+        s.seed,
+    )
     # The prose explaining each statistic comes from report/text.py alone; each encoder's
     # distances.json records what made it.
     result["definitions"] = dict(DEFINITIONS)

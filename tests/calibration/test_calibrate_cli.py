@@ -17,6 +17,7 @@ import matplotlib.image as mpimg
 import numpy as np
 import pytest
 
+from aad_med import DEFAULT_FEATURES
 from aad_med.calibration import CALIBRATION_COLUMNS, equivalent_severity
 from aad_med.cli import calibrate as calibrate_cli
 from aad_med.data.synthetic import generate_cohort
@@ -110,7 +111,7 @@ def test_console_script_writes_every_output(calibrated):
     npz = np.load(out / "calibration_embeddings.npz")
     # The default features, multiscale+texture, of the (8, 16)-channel tiny encoder.
     assert npz["vectors"].shape == (5, 8, 2 * (8 + 16) + 4 + 8 + 16)
-    assert info["settings"]["features"] == "multiscale+texture"
+    assert info["settings"]["features"] == DEFAULT_FEATURES
     assert list(npz["artefact"]) == ["none", "noise", "noise", "blur", "blur"]
     assert not [p for p in out.iterdir() if p.name.startswith(".calibration_tmp")]
     assert "wrote calibration.csv" in calibrated["proc"].stdout
@@ -261,7 +262,7 @@ def test_config_composes_to_settings():
         assert s.artefacts == ["noise", "blur"] and s.n_per_cohort is None
         assert s.severities["noise"] == [0.05, 0.2] and s.n_permutations == 199
         assert s.repeats == 3 and s.fraction_affected == 1.0
-        assert s.features == "multiscale+texture"  # configs/embedding/default.yaml
+        assert s.features == DEFAULT_FEATURES  # configs/embedding/default.yaml
         latent = calibrate_cli.settings_from_config(
             compose(
                 "calibrate",
@@ -335,7 +336,7 @@ def test_compare_reports_equivalent_severities(compared, calibrated):
     res = compared["result"]
     pair = res["pairs"][0]
     eq = pair["equivalent_severity"]
-    assert eq["statistic"] == "aad" and eq["features"] == "multiscale+texture"
+    assert eq["statistic"] == "aad" and eq["features"] == DEFAULT_FEATURES
     assert eq["value"] == pair["aad"] and eq["n_per_cohort"] == 4.0
     assert set(eq["severity"]) == {"noise", "blur"}
     assert [line.split(":")[0] for line in eq["statements"]] == ["noise", "blur"]
@@ -344,7 +345,7 @@ def test_compare_reports_equivalent_severities(compared, calibrated):
     # Same checkpoint and features: only the note that standardised features scale differently.
     assert len(eq["warnings"]) == 1 and "approximate" in eq["warnings"][0]
     assert res["calibration"]["path"] == str((calibrated["out"] / "calibration.json").resolve())
-    assert res["calibration"]["features"] == "multiscale+texture"
+    assert res["calibration"]["features"] == DEFAULT_FEATURES
     md = (compared["out"] / "report.md").read_text()
     assert "### What this AAD is comparable to" in md
     assert f"- {eq['statements'][0]}" in md and "read the equivalence as approximate" in md
