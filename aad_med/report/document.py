@@ -16,12 +16,14 @@ from aad_med.report.text import (
     DEFINITIONS,
     INTENSITY_EXPLANATION,
     LIMITATIONS,
+    OMNIBUS_INTRO,
     _fmt,
     calibration_intro,
     features_paragraph,
     fmt_p,
     interpretation,
     latent_sentence,
+    omnibus_headline,
     overlap_warning,
     provenance_paragraph,
     sensitivity_table,
@@ -56,6 +58,16 @@ FEATURE_CAPTIONS: dict[str, str] = {
 Block = tuple
 
 
+def _omnibus_blocks(result: Mapping, pairs: list) -> list[Block]:
+    """The report's lead: one verdict per pair from the omnibus test (none without it)."""
+    alpha = float(result.get("alpha", 0.05))
+    lines = [omnibus_headline(p, alpha, len(pairs)) for p in pairs]
+    lines = [line for line in lines if line]
+    if not lines:
+        return []
+    return [("h2", "Do the cohorts differ at all?"), ("p", OMNIBUS_INTRO), ("ul", lines)]
+
+
 def build_blocks(result: Mapping, images: Mapping[str, str | Path] | None = None) -> list[Block]:
     """The report as a list of blocks: ``("h1"|"h2"|"h3"|"p"|"warn", text)``,
     ``("table", header, rows)``, ``("img", caption, path)``, ``("dl", [(term, text)])``,
@@ -84,6 +96,7 @@ def build_blocks(result: Mapping, images: Mapping[str, str | Path] | None = None
     if warning:
         b.append(("h2", "⚠ WARNING: training subjects among the compared cohorts"))
         b.append(("warn", warning))
+    b.extend(_omnibus_blocks(result, pairs))
     b.append(("h2", "Cohorts"))
     b.append(
         (
@@ -120,6 +133,9 @@ def build_blocks(result: Mapping, images: Mapping[str, str | Path] | None = None
         b.extend(_encoder_blocks(enc))
     for p in pairs:
         b.append(("h2", f"{p['a']} vs {p['b']}"))
+        headline = omnibus_headline(p, float(result.get("alpha", 0.05)), len(pairs))
+        if headline:
+            b.append(("p", headline))
         b.append(("p", interpretation(p)))
         latent = latent_sentence(p)
         if latent:

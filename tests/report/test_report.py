@@ -282,3 +282,44 @@ def test_benchmark_rates_match_the_measured_table():
         rates = [float(c) for c in cells[:6]]
         assert rates == [DETECTION_RATES[name][k] for k in SHIFT_KINDS], name
         assert float(cells[6].split()[0]) == SAME_SITE_FPR[name], name
+
+
+def test_report_leads_with_the_omnibus_verdict_and_its_driver(tmp_path):
+    from aad_med.report.text import DEFINITIONS as defs
+
+    res = fake_result()
+    res["pairs"][0].update(
+        omnibus_p=0.001,
+        omnibus_p_fdr=0.002,
+        omnibus_driver="fingerprint",
+        omnibus_components={"aad": 0.3, "mmd": 0.2, "energy": 0.25, "fingerprint": 0.001},
+    )
+    res["pairs"][1].update(
+        omnibus_p=0.4,
+        omnibus_p_fdr=0.4,
+        omnibus_driver="aad",
+        omnibus_components={"aad": 0.4, "mmd": 0.5, "energy": 0.6, "fingerprint": 0.7},
+    )
+    md, page = write_report(res, tmp_path)
+    md = md.read_text()
+    # The verdict comes before the cohorts table and every per-pair section.
+    lead = md.index("## Do the cohorts differ at all?")
+    assert lead < md.index("## Cohorts") < md.index("## siteA vs siteB")
+    verdicts = [ln for ln in md.splitlines() if "do they differ at all?" in ln]
+    assert len(verdicts) == 4  # the lead list and each pair's section
+    assert verdicts[0] == (
+        "- siteA vs siteB: do they differ at all? **Yes** (omnibus p = 0.001, FDR-adjusted "
+        "across 2 pairs 0.002), driven by the intensity fingerprint (raw intensities: gain, "
+        "contrast, bias field) (component p-values: aad 0.3, mmd 0.2, energy 0.25, "
+        "fingerprint 0.001)."
+    )
+    assert "siteA vs siteC: do they differ at all? **No evidence** at α = 0.05" in verdicts[1]
+    # The AAD stays the distance with its own p-value, after the verdict.
+    section = md[md.index("## siteA vs siteB") :]
+    assert section.index("do they differ at all?") < section.index("AAD between siteA and siteB")
+    assert "<strong>Yes</strong>" in page.read_text()
+    for key in ("omnibus_p", "omnibus_p_fdr", "omnibus_driver", "omnibus_components", "scale"):
+        assert key in defs
+    # Without an omnibus (older results) there is no lead section.
+    plain = write_report(fake_result(), tmp_path / "plain")[0].read_text()
+    assert "Do the cohorts differ at all?" not in plain
