@@ -109,8 +109,8 @@ def test_console_script_writes_every_output(calibrated):
         img = mpimg.imread(out / name)
         assert img.ndim == 3 and img.shape[0] > 200 and img.shape[1] > 400
     npz = np.load(out / "calibration_embeddings.npz")
-    # The default features, multiscale+texture, of the (8, 16)-channel tiny encoder.
-    assert npz["vectors"].shape == (5, 8, 2 * (8 + 16) + 4 + 8 + 16)
+    # The default features of the (8, 16)-channel tiny encoder.
+    assert npz["vectors"].shape == (5, 8, 2 * (8 + 16) + 4 * 3 + 4 * (9 + 2))
     assert info["settings"]["features"] == DEFAULT_FEATURES
     assert list(npz["artefact"]) == ["none", "noise", "noise", "blur", "blur"]
     assert not [p for p in out.iterdir() if p.name.startswith(".calibration_tmp")]
@@ -379,7 +379,7 @@ def test_equivalence_warns_about_another_checkpoint_or_feature_set(compared, cal
     add_equivalent_severity(latent_only, calibration)
     eq = latent_only["pairs"][0]["equivalent_severity"]
     assert eq["statistic"] == "aad"
-    assert any("made with features multiscale+texture" in w for w in eq["warnings"]), eq
+    assert any(f"made with features {DEFAULT_FEATURES}" in w for w in eq["warnings"]), eq
     # A latent calibration with a multiscale+texture comparison: the seed's latent AAD is used.
     doc = json.loads(calibration.read_text())
     doc["settings"]["features"] = "latent"
@@ -390,6 +390,21 @@ def test_equivalence_warns_about_another_checkpoint_or_feature_set(compared, cal
     eq = res["pairs"][0]["equivalent_severity"]
     assert eq["statistic"] == "latent_aad" and eq["features"] == "latent"
     assert eq["value"] == res["pairs"][0]["latent_aad"] and eq["warnings"] == []
+    # Both on the checkpoint's fixed scale (aad-train's feature_reference): no approximation.
+    doc = json.loads(calibration.read_text())
+    assert doc["scale"] == "pooled"  # the tiny test checkpoint stores no reference
+    doc["scale"] = "checkpoint"
+    fixed_cal = tmp_path / "fixed" / "calibration.json"
+    fixed_cal.parent.mkdir()
+    fixed_cal.write_text(json.dumps(doc))
+    res = _fake_pairs(compared["result"])
+    res["scale"] = "checkpoint"
+    add_equivalent_severity(res, fixed_cal)
+    assert res["pairs"][0]["equivalent_severity"]["warnings"] == []
+    res = _fake_pairs(compared["result"])
+    res["scale"] = "pooled"
+    add_equivalent_severity(res, fixed_cal)
+    assert any("approximate" in w for w in res["pairs"][0]["equivalent_severity"]["warnings"])
     # A calibration.csv records neither checkpoint nor features: the report says so.
     res = _fake_pairs(compared["result"])
     add_equivalent_severity(res, calibrated["out"] / "calibration.csv")
