@@ -17,6 +17,7 @@ from aad_med.report.text import (
     INTENSITY_EXPLANATION,
     LIMITATIONS,
     OMNIBUS_INTRO,
+    SCALE_SENTENCES,
     _fmt,
     calibration_intro,
     features_paragraph,
@@ -97,6 +98,8 @@ def build_blocks(result: Mapping, images: Mapping[str, str | Path] | None = None
         b.append(("h2", "⚠ WARNING: training subjects among the compared cohorts"))
         b.append(("warn", warning))
     b.extend(_omnibus_blocks(result, pairs))
+    if result.get("scale") in SCALE_SENTENCES:
+        b.append(("p", SCALE_SENTENCES[result["scale"]]))
     b.append(("h2", "Cohorts"))
     b.append(
         (

@@ -374,6 +374,21 @@ OMNIBUS_INTRO = (
 )
 
 
+SCALE_SENTENCES: dict[str, str] = {
+    "checkpoint": "Feature scale: fixed, from the checkpoint (fitted by aad-train on the "
+    "encoder's training and validation subjects), so each pair's AAD and p-values are the same "
+    "whichever other cohorts are compared with it.",
+    "reference": "Feature scale: fixed, fitted on the reference cohort given as "
+    "embedding.reference, so each pair's AAD and p-values are the same whichever other cohorts "
+    "are compared with it (and equal across runs with the same reference).",
+    "pooled": "Feature scale: pooled over the compared subjects, because the checkpoint stores no "
+    "feature reference (made before aad-train wrote one) and no embedding.reference was given: "
+    "a pair's AAD changes when other cohorts are compared with it, so compare AAD values only "
+    "within this run.",
+}
+"""What the ``scale`` of ``distances.json`` means for the reader (``raw``: nothing to say)."""
+
+
 def omnibus_headline(pair: Mapping, alpha: float = ALPHA, n_pairs: int = 1) -> str | None:
     """The pair's verdict: do the cohorts differ at all, by the omnibus p, and what drove it
     (``None`` without an omnibus)."""

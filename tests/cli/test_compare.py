@@ -158,6 +158,13 @@ def test_config_composes_cohorts_without_plus():
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = compose("compare", overrides=compare_cli.open_cohort_overrides(overrides))
         assert compare_cli.settings_from_config(cfg).calibration is None
+        # No fixed-scale cohort unless embedding.reference names one (old checkpoints).
+        assert compare_cli.settings_from_config(cfg).scale_reference is None
+        with_ref = compose(
+            "compare",
+            overrides=compare_cli.open_cohort_overrides([*overrides, "embedding.reference=/r"]),
+        )
+        assert compare_cli.settings_from_config(with_ref).scale_reference == "/r"
         calibrated = compose(
             "compare",
             overrides=compare_cli.open_cohort_overrides([*overrides, "calibration=/c/cal.json"]),

@@ -320,6 +320,15 @@ def test_report_leads_with_the_omnibus_verdict_and_its_driver(tmp_path):
     assert "<strong>Yes</strong>" in page.read_text()
     for key in ("omnibus_p", "omnibus_p_fdr", "omnibus_driver", "omnibus_components", "scale"):
         assert key in defs
+    # The scale the numbers are on is said next to the verdict.
+    assert "Feature scale" not in md  # fake_result records none
+    res["scale"] = "pooled"
+    pooled = write_report(res, tmp_path / "pooled")[0].read_text()
+    assert "compare AAD values only within this run" in pooled
+    res["scale"] = "checkpoint"
+    fixed = write_report(res, tmp_path / "fixed")[0].read_text()
+    assert "Feature scale: fixed, from the checkpoint" in fixed
+    assert fixed.index("Feature scale") < fixed.index("## Cohorts")
     # Without an omnibus (older results) there is no lead section.
     plain = write_report(fake_result(), tmp_path / "plain")[0].read_text()
     assert "Do the cohorts differ at all?" not in plain
