@@ -153,8 +153,8 @@ class MultiscaleFeatures(StandardizedFeatureSet):
     name = "multiscale"
     description = (
         "per encoder stage, each channel's mean and standard deviation over all voxels of the "
-        "subject's brain patches (sees noise, blur and texture), standardised over all compared "
-        "subjects"
+        "subject's brain patches (sees noise, blur and texture), standardised (fixed reference "
+        "scale from the checkpoint when it has one, else over all compared subjects)"
     )
 
     def accumulator(self) -> SubjectAccumulator:
@@ -217,7 +217,8 @@ class TextureFeatures(StandardizedFeatureSet):
     description = (
         "per channel of the normalised input patches and of each encoder stage, mean squared "
         "difference between neighbouring voxels divided by the variance (scale-free roughness: "
-        "sees noise and blur), standardised over all compared subjects"
+        "sees noise and blur), standardised (fixed reference scale from the "
+        "checkpoint when it has one, else over all compared subjects)"
     )
 
     def accumulator(self) -> SubjectAccumulator:
@@ -259,7 +260,8 @@ class DispersionFeatures(StandardizedFeatureSet):
     name = "dispersion"
     description = (
         "mean and standard deviation over the subject's patches of each latent dimension, "
-        "standardised over all compared subjects"
+        "standardised (fixed reference scale from the "
+        "checkpoint when it has one, else over all compared subjects)"
     )
 
     def accumulator(self) -> SubjectAccumulator:

@@ -79,7 +79,7 @@ class FeatureSet:
     """A named way of turning a subject into a vector.
 
     Subclasses override :meth:`accumulator` and, when features on different scales must be put
-    on one footing, :meth:`finalize` (fitted on all compared subjects at once).
+    on one footing, :meth:`finalize` (a fixed reference, else fitted on all compared subjects at once).
     """
 
     name = "base"
