@@ -23,7 +23,9 @@ DEFINITIONS: dict[str, str] = {
     "aad": "Autoencoder Average Distance: Euclidean distance between the two cohorts' mean "
     "vectors of the chosen features (with `latent`, each subject's vector is the mean of its "
     "patch latents). Its scale depends on the encoder and the features, so compare it with the "
-    "null median and the CI, not across encoders or feature sets.",
+    "null median and the CI, not across encoders or feature sets. With a fixed scale (scale "
+    "'checkpoint' or 'reference') every feature is in units of its spread among the reference "
+    "subjects, so the same pair gives the same AAD in any run with that checkpoint.",
     "aad_unbiased": "Bias-corrected AAD, sqrt(max(0, aad2_unbiased)): the AAD with the part "
     "that sampling noise alone adds removed. Plain AAD is above 0 even for two samples of one "
     "population (about the null median); this estimate is 0 in about half of such comparisons "
