@@ -13,7 +13,8 @@ __version__ = "0.1.0"
 CHANNELS: tuple[str, ...] = ("t1", "t1ce", "t2", "flair")
 """Canonical channel order used everywhere (images, checkpoints, reports)."""
 
-DEFAULT_FEATURES = "multiscale+texture"
+DEFAULT_FEATURES = "multiscale+input_texture+intensity_shape"
 """The feature set every API and command embeds with unless told otherwise (chosen by
-``scripts/sensitivity.py``: it sees acquisition shifts the plain ``latent`` mean misses). Defined
+``scripts/sensitivity.py`` at the project's default patch size and model: it sees noise, blur,
+gamma and population shifts the plain ``latent`` mean misses; BENCHMARKS.md). Defined
 here, not in :mod:`aad_med.embedding.features`, so commands can name it before importing torch."""

@@ -70,9 +70,12 @@ def train_tiny_checkpoint(
     epochs: int = 4,
     latent_dim: int = 8,
     samples_per_subject: int = 4,
+    feature_reference: bool = False,
 ) -> Path:
     """Train a (8, 16)-channel MSE autoencoder for ``epochs`` on the cohorts in ``train_dirs``
-    and save it, with their subject IDs as ``train_subject_ids``, at ``path``."""
+    and save it, with their subject IDs as ``train_subject_ids``, at ``path``; with
+    ``feature_reference``, also the fixed feature scale ``aad-train`` stores (fitted on the
+    training subjects)."""
     dirs = [train_dirs] if isinstance(train_dirs, str | Path) else list(train_dirs)
     subjects, ids, places = [], [], []
     for d in dirs:
@@ -110,6 +113,19 @@ def train_tiny_checkpoint(
             opt.zero_grad()
             loss.backward()
             opt.step()
+    extra = {}
+    if feature_reference:
+        from aad_med.data.records import Cohort
+        from aad_med.embedding.standardize import reference_from_subjects
+
+        model.eval()
+        cohort = Cohort(path=Path(dirs[0]), layout="training", subjects=subjects)
+        extra["feature_reference"] = reference_from_subjects(model, cohort, preprocessing)
     return save_model_checkpoint(
-        path, model, preprocessing.to_dict(), train_subject_ids=ids, train_subjects=places
+        path,
+        model,
+        preprocessing.to_dict(),
+        train_subject_ids=ids,
+        train_subjects=places,
+        **extra,
     )

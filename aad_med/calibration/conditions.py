@@ -32,7 +32,7 @@ from aad_med.data.transforms import (
 )
 from aad_med.device import resolve_device
 from aad_med.embedding.encode import check_model_matches, encode_subject
-from aad_med.embedding.features import get_feature_set
+from aad_med.embedding.features import FeatureSet, get_feature_set
 from aad_med.errors import InputError
 
 log = logging.getLogger("aad_med.calibrate")
@@ -88,7 +88,7 @@ def embed_conditions(
     seed: int = 0,
     device: str | torch.device = "cpu",
     batch_size: int = 32,
-    features: str = DEFAULT_FEATURES,
+    features: str | FeatureSet = DEFAULT_FEATURES,
     progress: bool = True,
 ) -> ConditionEmbeddings:
     """Encode every subject clean and under every (artefact, severity > 0) of ``ladders``.
@@ -143,6 +143,9 @@ def embed_conditions(
         bar.close()
     seconds = time.perf_counter() - t0
     vectors = np.stack(per_subject, axis=1)
+    # With a fixed reference (feature_set.reference) every subject under every condition is
+    # mapped on its own: the scale of aad-compare with this checkpoint. Without one, the
+    # standardisation is fitted over all subjects under all conditions.
     finalized = feature_set.finalize({str(i): vectors[i] for i in range(len(conditions))})
     vectors = np.stack([finalized[str(i)] for i in range(len(conditions))])
     log.info(

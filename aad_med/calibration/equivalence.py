@@ -215,6 +215,7 @@ def _calibration_record(path: Path) -> dict:
     return {
         "features": (settings or {}).get("features"),
         "checkpoint_sha256": doc.get("checkpoint_sha256"),
+        "scale": doc.get("scale"),
     }
 
 
@@ -230,7 +231,8 @@ def add_equivalent_severity(result: dict, calibration: str | Path) -> None:
     Warnings (one line each): another checkpoint (from ``annotate_pairs``), another feature set,
     a ``calibration.csv`` that records neither, and standardised features, whose AAD is scaled
     by the subjects standardised together (the compared cohorts here, every subject under every
-    artefact in the calibration), so the equivalence is approximate.
+    artefact in the calibration), so the equivalence is approximate; not when both use the
+    checkpoint's fixed scale (``scale`` ``"checkpoint"`` in both files).
 
     Raises:
         InputError: the file is not a calibration table.
@@ -267,7 +269,12 @@ def add_equivalent_severity(result: dict, calibration: str | Path) -> None:
             f"{path}: calibration was made with features {cal_features}, this comparison uses "
             f"{features}; AAD scales of different feature sets are not comparable"
         )
-    if measured != "latent" and cal_features in (None, measured):
+    # Both on the checkpoint's fixed scale (same checkpoint: annotate_pairs warns otherwise):
+    # the AAD of a pair and of a calibrated shift are read on one scale.
+    fixed = (
+        made.get("scale") == "checkpoint" and result.get("scale") == "checkpoint" and not use_latent
+    )
+    if measured != "latent" and cal_features in (None, measured) and not fixed:
         extra.append(
             f"{measured} features are standardised over the subjects compared together (here "
             "the compared cohorts, in the calibration every reference subject under every "

@@ -84,6 +84,7 @@ def settings_from_config(cfg: DictConfig):
             None if cfg.get("reference_cohort") is None else str(cfg.reference_cohort)
         ),
         reference=None if cfg.get("reference") is None else str(cfg.reference),
+        scale_reference=None if emb.get("reference") is None else str(emb.reference),
     )
 
 

@@ -37,6 +37,7 @@ from aad_med.distances.kernels import (
     rbf_kernel,
 )
 from aad_med.distances.multi import average_linkage, classical_mds
+from aad_med.distances.omnibus import pair_seed
 from aad_med.distances.permutation import (
     KernelStatistic,
     MeanDifferenceStatistic,
@@ -257,9 +258,12 @@ def compare_embeddings(
 
     boots: dict[str, np.ndarray] = {}
     cohort_out: dict[str, Any] = {}
-    for i, name in enumerate(names):
+    for name in names:
         x = cohorts[name]
-        boots[name] = bootstrap_means(x, n_bootstrap, np.random.default_rng([seed, 0, i]), name)
+        # Generators seeded by names, not positions: a cohort or pair gets the same draws in
+        # any call (the fixed feature scale makes its vectors the same too).
+        rng = np.random.default_rng(pair_seed(seed, name, "", 0))
+        boots[name] = bootstrap_means(x, n_bootstrap, rng, name)
         lo, hi = percentile_interval(boots[name])
         cohort_out[name] = {
             "n_subjects": x.shape[0],
@@ -281,7 +285,7 @@ def compare_embeddings(
                 boots[b],
                 selected,
                 n_permutations,
-                np.random.default_rng([seed, 1, i, j]),
+                np.random.default_rng(pair_seed(seed, a, b, 1)),
                 alpha,
                 return_samples,
             )

@@ -19,6 +19,7 @@ same order. Pure numpy; never touches files.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -93,6 +94,23 @@ class OmnibusResult:
             "omnibus_statistics": dict(self.statistics),
             "n_permutations": self.n_permutations,
         }
+
+
+def pair_seed(seed: int, a: str, b: str, stream: int = 0) -> list[int]:
+    """Seed words of one pair's generator, from the cohort *names* (not their position in the
+    call), so the same pair gets the same shuffles, and p-values, in any call.
+
+    Args:
+        seed: the run's non-negative seed.
+        a, b: the pair's cohort names, in the pair's order.
+        stream: separates generators of one pair (e.g. the main statistics and the omnibus).
+
+    Returns:
+        Seed words for :func:`numpy.random.default_rng`.
+    """
+    digest = hashlib.sha256(f"{a}\0{b}".encode()).digest()
+    words = [int.from_bytes(digest[i : i + 4], "little") for i in range(0, 16, 4)]
+    return [int(seed), int(stream), *words]
 
 
 def _zscore(z: np.ndarray) -> np.ndarray:
@@ -293,5 +311,6 @@ __all__ = [
     "combine_pvalues",
     "default_components",
     "omnibus_permutation_test",
+    "pair_seed",
     "within_pvalues",
 ]

@@ -6,6 +6,8 @@ feature set's joint standardisation; ``write_embeddings_csv``/``_npz`` write the
 """
 
 import aad_med.embedding.acquisition  # noqa: F401  (registers the acquisition feature sets)
+from aad_med.embedding import input_texture as _input_texture
+from aad_med.embedding import intensity_shape as _intensity_shape
 from aad_med.embedding.cache import embed_cohorts
 from aad_med.embedding.encode import CohortEmbedding, EmbedSettings, embed_cohort
 from aad_med.embedding.features import (
@@ -21,6 +23,12 @@ from aad_med.embedding.io import (
     write_embeddings_npz,
 )
 from aad_med.io_utils import file_sha256
+
+# The intensity blocks (and the default, multiscale+input_texture+intensity_shape) are measured
+# in BENCHMARKS.md and described in the report (report/text.py DETECTION_RATES), so they are
+# selectable by name like the others.
+_intensity_shape.register()
+_input_texture.register()
 
 __all__ = [
     "CohortEmbedding",

@@ -17,8 +17,11 @@ The feature sets here look at what the encoder computes but the mean latent aver
 * combinations (``latent+multiscale``, ``latent+multiscale+dispersion``): blocks concatenated,
   each standardised and weighted so every block counts equally whatever its size.
 
-Every standardisation is fitted once, in :meth:`FeatureSet.finalize`, on all compared subjects
-together: the transform is symmetric in the subjects, so permutation p-values stay exact.
+Every standardisation happens in :meth:`FeatureSet.finalize`: with a fixed reference (stored in
+the checkpoint, :mod:`aad_med.embedding.standardize`) each subject is mapped on its own, so a
+pair's numbers do not depend on the other cohorts of a call; without one it is fitted on all
+compared subjects together. Either transform ignores the labels, so permutation p-values stay
+exact.
 
 :func:`aad_med.data.intensity.intensity_fingerprint` is not an encoder feature set: it reads the
 raw images (stage 1, data) and is reported as its own statistic.
@@ -76,11 +79,31 @@ def standardize_jointly(vectors: Mapping[str, np.ndarray]) -> dict[str, np.ndarr
     return {k: np.where(keep, (a - mean) / scale, 0.0) for k, a in arrays.items()}
 
 
-class StandardizedFeatureSet(FeatureSet):
-    """A feature set whose columns are z-scored jointly over all compared subjects."""
+def _usable_reference(feature_set: FeatureSet, reference: Mapping | None) -> Mapping | None:
+    """``reference`` (else the set's own) when it covers every block of ``feature_set``."""
+    from aad_med.embedding.standardize import missing_blocks, supports_reference
 
-    def finalize(self, vectors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return standardize_jointly(vectors)
+    ref = reference if reference is not None else feature_set.reference
+    if ref is None or not supports_reference(feature_set) or missing_blocks(feature_set, ref):
+        return None
+    return ref
+
+
+class StandardizedFeatureSet(FeatureSet):
+    """A feature set whose columns are standardised: with a fixed reference, subject by subject
+    (:func:`aad_med.embedding.standardize.apply_block`); without, z-scored jointly over all
+    compared subjects."""
+
+    def finalize(
+        self, vectors: Mapping[str, np.ndarray], reference: Mapping | None = None
+    ) -> dict[str, np.ndarray]:
+        from aad_med.embedding.standardize import apply_block
+
+        ref = _usable_reference(self, reference)
+        if ref is None:
+            return standardize_jointly(vectors)
+        block = ref["blocks"][self.name]
+        return {k: apply_block(v, block, self.name) for k, v in vectors.items()}
 
 
 # --------------------------------------------------------------------------------------------
@@ -130,8 +153,8 @@ class MultiscaleFeatures(StandardizedFeatureSet):
     name = "multiscale"
     description = (
         "per encoder stage, each channel's mean and standard deviation over all voxels of the "
-        "subject's brain patches (sees noise, blur and texture), standardised over all compared "
-        "subjects"
+        "subject's brain patches (sees noise, blur and texture), standardised (fixed reference "
+        "scale from the checkpoint when it has one, else over all compared subjects)"
     )
 
     def accumulator(self) -> SubjectAccumulator:
@@ -194,7 +217,8 @@ class TextureFeatures(StandardizedFeatureSet):
     description = (
         "per channel of the normalised input patches and of each encoder stage, mean squared "
         "difference between neighbouring voxels divided by the variance (scale-free roughness: "
-        "sees noise and blur), standardised over all compared subjects"
+        "sees noise and blur), standardised (fixed reference scale from the "
+        "checkpoint when it has one, else over all compared subjects)"
     )
 
     def accumulator(self) -> SubjectAccumulator:
@@ -236,7 +260,8 @@ class DispersionFeatures(StandardizedFeatureSet):
     name = "dispersion"
     description = (
         "mean and standard deviation over the subject's patches of each latent dimension, "
-        "standardised over all compared subjects"
+        "standardised (fixed reference scale from the "
+        "checkpoint when it has one, else over all compared subjects)"
     )
 
     def accumulator(self) -> SubjectAccumulator:
@@ -326,7 +351,11 @@ class PositionMatchedFeatures(FeatureSet):
     def accumulator(self) -> SubjectAccumulator:
         return PositionAccumulator(self.extent)
 
-    def finalize(self, vectors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def finalize(
+        self, vectors: Mapping[str, np.ndarray], reference: Mapping | None = None
+    ) -> dict[str, np.ndarray]:
+        # Per-position statistics of the compared subjects: no fixed reference (the reference
+        # is ignored; the pipeline records the pooled scale).
         names = list(vectors)
         raws = [np.asarray(vectors[k], dtype=np.float64) for k in names]
         sizes = [r.shape[0] for r in raws]
@@ -411,7 +440,12 @@ class ConcatFeatureSet(FeatureSet):
             raise ValueError(f"{self.name}: raw vectors of different layouts cannot be compared")
         return np.split(raw[:, k:], np.cumsum(sizes)[:-1], axis=1)
 
-    def finalize(self, vectors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def finalize(
+        self, vectors: Mapping[str, np.ndarray], reference: Mapping | None = None
+    ) -> dict[str, np.ndarray]:
+        from aad_med.embedding.standardize import apply_block
+
+        ref = _usable_reference(self, reference)
         names = list(vectors)
         blocks = {k: self.split(vectors[k]) for k in names}
         widths = {tuple(b.shape[1] for b in blocks[k]) for k in names if len(vectors[k])}
@@ -419,9 +453,13 @@ class ConcatFeatureSet(FeatureSet):
             raise ValueError(f"{self.name}: raw vectors of different layouts cannot be compared")
         finals: list[dict[str, np.ndarray]] = []
         for i, part in enumerate(self.parts):
-            per = part.finalize({k: blocks[k][i] for k in names})
-            if not isinstance(part, StandardizedFeatureSet | PositionMatchedFeatures):
-                per = standardize_jointly(per)
+            if ref is not None:
+                block = ref["blocks"][part.name]
+                per = {k: apply_block(blocks[k][i], block, part.name) for k in names}
+            else:
+                per = part.finalize({k: blocks[k][i] for k in names})
+                if not isinstance(part, StandardizedFeatureSet | PositionMatchedFeatures):
+                    per = standardize_jointly(per)
             width = max(1, next(iter(per.values())).shape[1])
             finals.append({k: v / math.sqrt(width) for k, v in per.items()})
         return {k: np.concatenate([f[k] for f in finals], axis=1) for k in names}

@@ -241,9 +241,12 @@ def embed_cohorts(
 def finalize_vectors(
     feature_set: FeatureSet, embeddings: dict[str, CohortEmbedding]
 ) -> dict[str, CohortEmbedding]:
-    """Replace every cohort's ``vectors`` by the feature set's joint standardisation, fitted on
-    all compared subjects together (in place; returns ``embeddings``)."""
-    final = feature_set.finalize({k: v.vectors for k, v in embeddings.items()})
+    """Replace every cohort's ``vectors`` by the feature set's standardisation: the fixed
+    reference the set carries (``feature_set.reference``), else one fitted on all compared
+    subjects together (in place; returns ``embeddings``)."""
+    final = feature_set.finalize(
+        {k: v.vectors for k, v in embeddings.items()}, reference=feature_set.reference
+    )
     for name, emb in embeddings.items():
         emb.vectors = np.asarray(final[name], dtype=np.float64)
     return embeddings

@@ -4,9 +4,11 @@
 weighted equally within a subject (subjects are weighted equally in the statistics). The default
 of every API and command is :data:`aad_med.DEFAULT_FEATURES` (``multiscale+texture``, from
 :mod:`aad_med.embedding.acquisition`). Other feature sets (multi-scale encoder statistics, latent
-dispersion, position-matched pooling, ...) plug in with :func:`register_feature_set`: a class whose instances accumulate one subject
-streamed in batches, plus an optional joint standardisation fitted once on all compared
-subjects (so permutation p-values stay exact).
+dispersion, position-matched pooling, ...) plug in with :func:`register_feature_set`: a class whose
+instances accumulate one subject streamed in batches, plus an optional standardisation in
+:meth:`FeatureSet.finalize`: a fixed per-subject affine map from a stored reference
+(:mod:`aad_med.embedding.standardize`), or, without one, a joint standardisation fitted on all
+compared subjects. Both leave permutation p-values exact.
 """
 
 from __future__ import annotations
@@ -77,17 +79,29 @@ class FeatureSet:
     """A named way of turning a subject into a vector.
 
     Subclasses override :meth:`accumulator` and, when features on different scales must be put
-    on one footing, :meth:`finalize` (fitted on all compared subjects at once).
+    on one footing, :meth:`finalize` (a fixed reference, else fitted on all compared subjects at once).
     """
 
     name = "base"
     description = ""
+    #: Fixed scale (:mod:`aad_med.embedding.standardize`) used by :meth:`finalize` when none is
+    #: passed; set on an instance by the command that loaded it from a checkpoint.
+    reference: dict | None = None
 
     def accumulator(self) -> SubjectAccumulator:
         raise RuntimeError(f"{type(self).__name__} must implement accumulator()")
 
-    def finalize(self, vectors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Joint transform of all cohorts' raw vectors; identity by default."""
+    def finalize(
+        self, vectors: Mapping[str, np.ndarray], reference: Mapping | None = None
+    ) -> dict[str, np.ndarray]:
+        """Transform of all cohorts' raw vectors; identity by default.
+
+        Args:
+            vectors: ``{cohort: (n_k, F)}`` raw vectors.
+            reference: a fixed scale (``checkpoint["feature_reference"]``); ``None`` uses
+                :attr:`reference`, and without either, sets that standardise fit on all
+                ``vectors`` together.
+        """
         return {k: np.asarray(v, dtype=np.float64) for k, v in vectors.items()}
 
 

@@ -10,7 +10,8 @@ for smooth images). Noise raises it at every lag, blur lowers it at short lags, 
 change moves the tissue edges' share against the within-tissue noise. Pairs that touch the
 background are left out, so the brain outline does not dominate.
 
-Standardised jointly over all compared subjects (label-free, so permutation p-values stay
+Standardised with the checkpoint's fixed reference scale when it has one, else jointly over
+all compared subjects (either way label-free, so permutation p-values stay
 exact). No statistics and no file writing here.
 """
 
@@ -73,7 +74,8 @@ class InputTextureFeatures(StandardizedFeatureSet):
     description = (
         "per normalised input channel, the mean squared difference of foreground voxels 1, 2 "
         "and 4 voxels apart over twice the foreground variance (roughness at several scales: "
-        "sees noise, blur and contrast changes), standardised over all compared subjects"
+        "sees noise, blur and contrast changes), standardised (fixed reference scale from the "
+        "checkpoint when it has one, else over all compared subjects)"
     )
 
     def accumulator(self) -> SubjectAccumulator:
@@ -84,7 +86,6 @@ COMBINATIONS: tuple[tuple[str, ...], ...] = (
     ("input_texture", "intensity_shape"),
     ("input_texture", "intensity_shape", "intensity_variation"),
     ("multiscale", "input_texture", "intensity_shape"),
-    ("multiscale", "texture", "input_texture", "intensity_shape"),
 )
 
 FEATURE_SETS = {"input_texture": InputTextureFeatures}

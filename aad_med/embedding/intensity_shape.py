@@ -15,7 +15,8 @@ encoder sees (no extra file reads):
   the share of the patch medians' variance explained by a linear trend in the patch centres.
   A multiplicative bias field moves the same tissue up in one region and down in another.
 
-Each block is standardised jointly over all compared subjects (label-free, so permutation
+Each block is standardised with the checkpoint's fixed reference scale when it has one, else
+jointly over all compared subjects (either way label-free, so permutation
 p-values stay exact), like the other acquisition blocks, and combines with them
 (e.g. ``multiscale+texture+intensity_shape``); :func:`register` makes them selectable by name.
 No statistics and no file writing here.
@@ -100,8 +101,8 @@ class IntensityShapeFeatures(StandardizedFeatureSet):
     description = (
         "per channel, quantiles (1-99%), skewness and excess kurtosis of the normalised "
         "foreground voxels of all the subject's patches (the shape of the intensity "
-        "distribution, which z-scoring keeps: sees contrast/gamma changes), standardised over "
-        "all compared subjects"
+        "distribution, which z-scoring keeps: sees contrast/gamma changes), standardised (fixed "
+        "reference scale from the checkpoint when it has one, else over all compared subjects)"
     )
 
     def accumulator(self) -> SubjectAccumulator:
@@ -154,7 +155,8 @@ class IntensityVariationFeatures(StandardizedFeatureSet):
         "per channel, the standard deviation over the subject's brain patches of each patch's "
         "25th/50th/75th foreground percentile and the share of the patch medians' variance "
         "explained by a linear trend in position (smooth intensity drift: sees bias fields), "
-        "standardised over all compared subjects"
+        "standardised (fixed reference scale from the "
+        "checkpoint when it has one, else over all compared subjects)"
     )
 
     def accumulator(self) -> SubjectAccumulator:
@@ -163,10 +165,8 @@ class IntensityVariationFeatures(StandardizedFeatureSet):
 
 COMBINATIONS: tuple[tuple[str, ...], ...] = (
     ("multiscale", "texture", "intensity_shape"),
-    ("multiscale", "texture", "intensity_variation"),
     ("multiscale", "texture", "intensity_shape", "intensity_variation"),
     ("texture", "intensity_shape"),
-    ("texture", "intensity_shape", "intensity_variation"),
     ("intensity_shape", "intensity_variation"),
 )
 

@@ -172,6 +172,12 @@ def run_calibration(
             len(overlap),
             overlap[0],
         )
+    from aad_med.embedding.features import get_feature_set
+    from aad_med.pipelines.feature_scale import attach_reference
+
+    # The checkpoint's fixed scale, so severities are read on the scale aad-compare uses.
+    feature_set = get_feature_set(settings.features)
+    scale = attach_reference(feature_set, ckpt)
     emb = embed_conditions(
         model,
         cohort.subjects,
@@ -180,7 +186,7 @@ def run_calibration(
         seed=settings.seed,
         device=device,
         batch_size=settings.batch_size,
-        features=settings.features,
+        features=feature_set,
         progress=settings.progress,
     )
     if on_embedded is not None:
@@ -217,6 +223,9 @@ def run_calibration(
         "n_per_cohort": sizes,
         "smallest_attainable_p": {str(n): p for n, p in floor.items()},
         "settings": {k: v for k, v in asdict(settings).items() if k != "extra"},
+        # How the features were standardised (aad_med.embedding.standardize): "checkpoint"
+        # puts every AAD on aad-compare's scale for this checkpoint.
+        "scale": scale,
         "encode_seconds": emb.seconds,
         "statistics_seconds": time.perf_counter() - t0,
     }

@@ -99,6 +99,9 @@ class CompareSettings:
     bands_bootstrap: int = 1000
     intensity: bool = True
     calibration: str | Path | None = None
+    # Folder/CSV whose subjects fix the feature scale when the checkpoint has no
+    # feature_reference (embedding.reference; aad_med.pipelines.feature_scale).
+    scale_reference: str | Path | None = None
     progress: bool = True
     overwrite: bool = False
     subjects: bool = True
@@ -525,6 +528,8 @@ def _compare_into(
     from aad_med.embedding.encode import EmbedSettings
     from aad_med.embedding.features import get_feature_set
     from aad_med.embedding.io import write_embeddings_csv, write_embeddings_npz
+    from aad_med.pipelines.feature_scale import attach_reference
+    from aad_med.pipelines.omnibus_step import add_omnibus, omnibus_fingerprints
     from aad_med.pipelines.reference import embed_raw
     from aad_med.plots.images import plot_mean_difference
 
@@ -533,6 +538,17 @@ def _compare_into(
         reference.check_preprocessing(preprocessing.to_dict())
     overlaps = {name: train_overlap(c, ckpt) for name, c in cohorts.items()}
     cache_dir = _cache_dir(s)
+    scale = attach_reference(
+        feature_set,
+        ckpt,
+        model,
+        preprocessing,
+        s.scale_reference,
+        file_sha256(ckpt_path) if cache_dir else None,
+        cache_dir,
+        device,
+        s.batch_size,
+    )
     embed = EmbedSettings(
         device=device,
         batch_size=s.batch_size,
@@ -577,6 +593,20 @@ def _compare_into(
         "preprocessing": preprocessing.to_dict(),
     }
     result.update(stats)
+    # Fixed scale of the vectors: checkpoint / reference (the same pair, the same AAD in any
+    # call) or pooled (depends on the other cohorts); raw for latent.
+    result["scale"] = scale
+    fingerprints = omnibus_fingerprints(cohorts, embs, cache_dir) if s.intensity else None
+    if fingerprints is not None and reference is not None:
+        # A stored reference is not re-read: its fingerprint travels in the reference file.
+        fingerprints = {reference.name: reference.arrays["fingerprint"], **fingerprints}
+    add_omnibus(
+        result["pairs"],
+        {n: e.vectors for n, e in embs.items()},
+        fingerprints,
+        s.n_permutations,
+        s.seed,
+    )
     # The prose explaining each statistic comes from report/text.py alone; each encoder's
     # distances.json records what made it.
     result["definitions"] = dict(DEFINITIONS)

@@ -288,6 +288,13 @@ def _run(cfg, run_dir, settings, prep, samples, info: DistInfo) -> FitResult:
         metadata=metadata,
     )
     result = trainer.fit()
+    if info.is_main and bool(cfg.get("feature_reference", True)):
+        add_feature_reference(
+            run_dir / "checkpoints" / "best.pt",
+            [*train_records, *val_records],
+            prep,
+            info.device,
+        )
     if info.is_main:
         from aad_med.plots.training import plot_loss_curve, plot_reconstructions
 
@@ -303,3 +310,45 @@ def _run(cfg, run_dir, settings, prep, samples, info: DistInfo) -> FitResult:
         )
     barrier(info)
     return result
+
+
+def add_feature_reference(
+    checkpoint: str | Path, records: list[SubjectRecord], prep, device="cpu"
+) -> dict | None:
+    """Store the fixed feature scale in ``checkpoint`` (``feature_reference``).
+
+    One evaluation-grid embedding pass of the checkpoint's model over the encoder's training and
+    validation subjects fits every block's centre and scale
+    (:func:`aad_med.embedding.standardize.reference_from_subjects`); ``aad-compare`` then maps
+    each subject with it, so a pair's AAD does not depend on the other cohorts of a call. The
+    checkpoint is rewritten atomically (plain lists of floats, ``weights_only``-safe).
+
+    Returns:
+        The reference, or ``None`` when there are fewer than 2 subjects or no checkpoint.
+    """
+    from aad_med.data.records import Cohort
+    from aad_med.embedding.standardize import reference_from_subjects
+    from aad_med.training.checkpoint import load_model_from_checkpoint, save_checkpoint
+
+    checkpoint = Path(checkpoint)
+    if len(records) < 2 or not checkpoint.is_file():
+        log.warning("no feature reference stored: fewer than 2 subjects or no %s", checkpoint)
+        return None
+    model, preprocessing, ckpt = load_model_from_checkpoint(checkpoint, device)
+    cohort = Cohort(path=checkpoint.parent, layout="training", subjects=list(records))
+    try:
+        reference = reference_from_subjects(model, cohort, preprocessing, device)
+    except (ValueError, RuntimeError) as e:
+        # The training itself succeeded; aad-compare falls back to embedding.reference or the
+        # pooled scale (and says so in distances.json).
+        log.warning("no feature reference stored in %s: %s", checkpoint, e)
+        return None
+    ckpt["feature_reference"] = reference
+    save_checkpoint(checkpoint, ckpt)
+    log.info(
+        "feature reference of %d subjects (%d blocks) stored in %s",
+        reference["n_subjects"],
+        len(reference["blocks"]),
+        checkpoint,
+    )
+    return reference

@@ -17,6 +17,8 @@ from aad_med.report.text import (
     DEFINITIONS,
     INTENSITY_EXPLANATION,
     LIMITATIONS,
+    OMNIBUS_INTRO,
+    SCALE_SENTENCES,
     SUBJECT_DEFINITIONS,
     SUBJECTS_INTRO,
     _fmt,
@@ -26,6 +28,7 @@ from aad_med.report.text import (
     fmt_p,
     interpretation,
     latent_sentence,
+    omnibus_headline,
     overlap_warning,
     provenance_paragraph,
     sensitivity_table,
@@ -60,6 +63,16 @@ FEATURE_CAPTIONS: dict[str, str] = {
 Block = tuple
 
 
+def _omnibus_blocks(result: Mapping, pairs: list) -> list[Block]:
+    """The report's lead: one verdict per pair from the omnibus test (none without it)."""
+    alpha = float(result.get("alpha", 0.05))
+    lines = [omnibus_headline(p, alpha, len(pairs)) for p in pairs]
+    lines = [line for line in lines if line]
+    if not lines:
+        return []
+    return [("h2", "Do the cohorts differ at all?"), ("p", OMNIBUS_INTRO), ("ul", lines)]
+
+
 def build_blocks(result: Mapping, images: Mapping[str, str | Path] | None = None) -> list[Block]:
     """The report as a list of blocks: ``("h1"|"h2"|"h3"|"p"|"warn", text)``,
     ``("table", header, rows)``, ``("img", caption, path)``, ``("dl", [(term, text)])``,
@@ -89,6 +102,9 @@ def build_blocks(result: Mapping, images: Mapping[str, str | Path] | None = None
         b.append(("h2", "⚠ WARNING: training subjects among the compared cohorts"))
         b.append(("warn", warning))
     b.extend(("warn", f"Caveat: {c}") for c in result.get("caveats") or [])
+    b.extend(_omnibus_blocks(result, pairs))
+    if result.get("scale") in SCALE_SENTENCES:
+        b.append(("p", SCALE_SENTENCES[result["scale"]]))
     b.append(("h2", "Cohorts"))
     b.append(
         (
@@ -125,6 +141,9 @@ def build_blocks(result: Mapping, images: Mapping[str, str | Path] | None = None
         b.extend(_encoder_blocks(enc))
     for p in pairs:
         b.append(("h2", f"{p['a']} vs {p['b']}"))
+        headline = omnibus_headline(p, float(result.get("alpha", 0.05)), len(pairs))
+        if headline:
+            b.append(("p", headline))
         b.append(("p", interpretation(p)))
         latent = latent_sentence(p)
         if latent:

@@ -17,6 +17,7 @@ import matplotlib.image as mpimg
 import numpy as np
 import pytest
 
+from aad_med import DEFAULT_FEATURES
 from aad_med.calibration import CALIBRATION_COLUMNS, equivalent_severity
 from aad_med.cli import calibrate as calibrate_cli
 from aad_med.data.synthetic import generate_cohort
@@ -108,9 +109,9 @@ def test_console_script_writes_every_output(calibrated):
         img = mpimg.imread(out / name)
         assert img.ndim == 3 and img.shape[0] > 200 and img.shape[1] > 400
     npz = np.load(out / "calibration_embeddings.npz")
-    # The default features, multiscale+texture, of the (8, 16)-channel tiny encoder.
-    assert npz["vectors"].shape == (5, 8, 2 * (8 + 16) + 4 + 8 + 16)
-    assert info["settings"]["features"] == "multiscale+texture"
+    # The default features of the (8, 16)-channel tiny encoder.
+    assert npz["vectors"].shape == (5, 8, 2 * (8 + 16) + 4 * 3 + 4 * (9 + 2))
+    assert info["settings"]["features"] == DEFAULT_FEATURES
     assert list(npz["artefact"]) == ["none", "noise", "noise", "blur", "blur"]
     assert not [p for p in out.iterdir() if p.name.startswith(".calibration_tmp")]
     assert "wrote calibration.csv" in calibrated["proc"].stdout
@@ -261,7 +262,7 @@ def test_config_composes_to_settings():
         assert s.artefacts == ["noise", "blur"] and s.n_per_cohort is None
         assert s.severities["noise"] == [0.05, 0.2] and s.n_permutations == 199
         assert s.repeats == 3 and s.fraction_affected == 1.0
-        assert s.features == "multiscale+texture"  # configs/embedding/default.yaml
+        assert s.features == DEFAULT_FEATURES  # configs/embedding/default.yaml
         latent = calibrate_cli.settings_from_config(
             compose(
                 "calibrate",
@@ -335,7 +336,7 @@ def test_compare_reports_equivalent_severities(compared, calibrated):
     res = compared["result"]
     pair = res["pairs"][0]
     eq = pair["equivalent_severity"]
-    assert eq["statistic"] == "aad" and eq["features"] == "multiscale+texture"
+    assert eq["statistic"] == "aad" and eq["features"] == DEFAULT_FEATURES
     assert eq["value"] == pair["aad"] and eq["n_per_cohort"] == 4.0
     assert set(eq["severity"]) == {"noise", "blur"}
     assert [line.split(":")[0] for line in eq["statements"]] == ["noise", "blur"]
@@ -344,7 +345,7 @@ def test_compare_reports_equivalent_severities(compared, calibrated):
     # Same checkpoint and features: only the note that standardised features scale differently.
     assert len(eq["warnings"]) == 1 and "approximate" in eq["warnings"][0]
     assert res["calibration"]["path"] == str((calibrated["out"] / "calibration.json").resolve())
-    assert res["calibration"]["features"] == "multiscale+texture"
+    assert res["calibration"]["features"] == DEFAULT_FEATURES
     md = (compared["out"] / "report.md").read_text()
     assert "### What this AAD is comparable to" in md
     assert f"- {eq['statements'][0]}" in md and "read the equivalence as approximate" in md
@@ -378,7 +379,7 @@ def test_equivalence_warns_about_another_checkpoint_or_feature_set(compared, cal
     add_equivalent_severity(latent_only, calibration)
     eq = latent_only["pairs"][0]["equivalent_severity"]
     assert eq["statistic"] == "aad"
-    assert any("made with features multiscale+texture" in w for w in eq["warnings"]), eq
+    assert any(f"made with features {DEFAULT_FEATURES}" in w for w in eq["warnings"]), eq
     # A latent calibration with a multiscale+texture comparison: the seed's latent AAD is used.
     doc = json.loads(calibration.read_text())
     doc["settings"]["features"] = "latent"
@@ -389,6 +390,21 @@ def test_equivalence_warns_about_another_checkpoint_or_feature_set(compared, cal
     eq = res["pairs"][0]["equivalent_severity"]
     assert eq["statistic"] == "latent_aad" and eq["features"] == "latent"
     assert eq["value"] == res["pairs"][0]["latent_aad"] and eq["warnings"] == []
+    # Both on the checkpoint's fixed scale (aad-train's feature_reference): no approximation.
+    doc = json.loads(calibration.read_text())
+    assert doc["scale"] == "pooled"  # the tiny test checkpoint stores no reference
+    doc["scale"] = "checkpoint"
+    fixed_cal = tmp_path / "fixed" / "calibration.json"
+    fixed_cal.parent.mkdir()
+    fixed_cal.write_text(json.dumps(doc))
+    res = _fake_pairs(compared["result"])
+    res["scale"] = "checkpoint"
+    add_equivalent_severity(res, fixed_cal)
+    assert res["pairs"][0]["equivalent_severity"]["warnings"] == []
+    res = _fake_pairs(compared["result"])
+    res["scale"] = "pooled"
+    add_equivalent_severity(res, fixed_cal)
+    assert any("approximate" in w for w in res["pairs"][0]["equivalent_severity"]["warnings"])
     # A calibration.csv records neither checkpoint nor features: the report says so.
     res = _fake_pairs(compared["result"])
     add_equivalent_severity(res, calibrated["out"] / "calibration.csv")

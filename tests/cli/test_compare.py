@@ -19,6 +19,7 @@ import pytest
 import torch
 from checkpoint_factory import train_tiny_checkpoint
 
+from aad_med import DEFAULT_FEATURES
 from aad_med.cli import compare as compare_cli
 from aad_med.data.preprocessing import PreprocessingConfig
 from aad_med.data.synthetic import SITES, generate_cohort
@@ -157,6 +158,13 @@ def test_config_composes_cohorts_without_plus():
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = compose("compare", overrides=compare_cli.open_cohort_overrides(overrides))
         assert compare_cli.settings_from_config(cfg).calibration is None
+        # No fixed-scale cohort unless embedding.reference names one (old checkpoints).
+        assert compare_cli.settings_from_config(cfg).scale_reference is None
+        with_ref = compose(
+            "compare",
+            overrides=compare_cli.open_cohort_overrides([*overrides, "embedding.reference=/r"]),
+        )
+        assert compare_cli.settings_from_config(with_ref).scale_reference == "/r"
         calibrated = compose(
             "compare",
             overrides=compare_cli.open_cohort_overrides([*overrides, "calibration=/c/cal.json"]),
@@ -165,7 +173,9 @@ def test_config_composes_cohorts_without_plus():
         assert dict(cfg.cohorts) == {"site_a": "/data/a", "site_b": "/data/b"}
         assert cfg.stats.n_permutations == 499
         # The default by evidence (sensitivity benchmark), for aad-compare and aad-calibrate.
-        assert cfg.embedding.features == "multiscale+texture"
+        assert (
+            cfg.embedding.features == DEFAULT_FEATURES == "multiscale+input_texture+intensity_shape"
+        )
         settings = compare_cli.settings_from_config(cfg)
         assert settings.n_permutations == 499 and settings.tests is None
         # Hydra itself refuses the new key; the rewrite is what makes the documented form work.
@@ -188,7 +198,7 @@ def test_end_to_end_outputs_and_significance(three_sites, data):
     # bias-corrected AAD (plain AAD is inflated by noise in the 76 default dimensions).
     assert shifted["aad_ci95"][0] <= shifted["aad_unbiased"] <= shifted["aad_ci95"][1]
     assert res["checkpoint"] == str(Path(data["ckpt"]).resolve())
-    assert res["latent_dim"] == 8 and res["features"] == "multiscale+texture"
+    assert res["latent_dim"] == 8 and res["features"] == DEFAULT_FEATURES
     assert res["features_description"].startswith("multiscale: per encoder stage")
     for name in ("site_a", "site_a2", "site_b"):
         info = res["cohorts"][name]
@@ -237,9 +247,10 @@ def test_distances_json_recomputes_from_embeddings_csv(three_sites):
 
     out, res = three_sites["out"], three_sites["result"]
     vectors = read_embeddings_csv(out / "embeddings.csv")
-    # multiscale+texture of the (8, 16)-channel encoder: 2 x (8 + 16) channel means and SDs,
-    # roughness of the 4 input channels and of the 8 + 16 stage channels.
-    assert res["dim"] == 2 * (8 + 16) + 4 + 8 + 16
+    # multiscale+input_texture+intensity_shape of the (8, 16)-channel encoder: 2 x (8 + 16)
+    # channel means and SDs, the 4 input channels' variogram at 3 lags, and 9 quantiles,
+    # skewness and kurtosis of the 4 channels.
+    assert res["dim"] == 2 * (8 + 16) + 4 * 3 + 4 * (9 + 2)
     assert {k: v.shape for k, v in vectors.items()} == {
         "site_a": (10, res["dim"]),
         "site_a2": (10, res["dim"]),
@@ -263,7 +274,7 @@ def test_distances_json_recomputes_from_embeddings_csv(three_sites):
         assert p["aad_ci95"] == pytest.approx(q["aad_ci95"], rel=1e-9)
     np.testing.assert_allclose(res["pairwise_aad"]["matrix"], again["pairwise_aad"]["matrix"])
     with np.load(out / "embeddings.npz") as d:
-        assert str(d["features"]) == res["features"] == "multiscale+texture"
+        assert str(d["features"]) == res["features"] == DEFAULT_FEATURES
         for name in vectors:
             np.testing.assert_array_equal(d["vectors"][d["cohorts"] == name], vectors[name])
         # The plain latent means are kept beside the vectors the statistics used.
@@ -280,7 +291,7 @@ def test_distances_json_recomputes_from_embeddings_csv(three_sites):
         assert p["latent_aad_ci95"] == pytest.approx(q["aad_ci95"], rel=1e-12)
         assert p["latent_aad_null_ratio"] == pytest.approx(q["aad_null_ratio"], rel=1e-12)
     md = (out / "report.md").read_text()
-    assert "AAD (multiscale+texture) [95% CI]" in md and "seed's latent AAD [95% CI]" in md
+    assert f"AAD ({DEFAULT_FEATURES}) [95% CI]" in md and "seed's latent AAD [95% CI]" in md
     assert f"{res['pairs'][0]['latent_aad']:.3g}" in md
 
 

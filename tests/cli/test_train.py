@@ -75,6 +75,16 @@ def test_console_script_writes_the_whole_run_folder_and_loss_falls(cohort, tmp_p
     assert "patches/s" in epoch_lines[0]
     history = load_checkpoint(run / "checkpoints" / "last.pt")["history"]
     assert history[-1]["train_loss"] < 0.8 * history[0]["train_loss"]
+    # The fixed feature scale aad-compare uses: one pass over the training and validation
+    # subjects, stored in best.pt as plain lists (load_checkpoint reads with weights_only).
+    best = load_checkpoint(run / "checkpoints" / "best.pt")
+    ref = best["feature_reference"]
+    assert ref["n_subjects"] == 5 and len(ref["subjects"]) == 5
+    for block in ("multiscale", "input_texture", "intensity_shape", "latent", "texture"):
+        b = ref["blocks"][block]
+        assert len(b["mean"]) == len(b["scale"]) == len(b["keep"]) == b["width"] > 0
+        assert all(s > 0 for s in b["scale"])
+    assert "feature reference of 5 subjects" in log
     assert (run / "loss_curve.png").read_bytes()[:4] == b"\x89PNG"
 
 

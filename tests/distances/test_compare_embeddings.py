@@ -216,5 +216,8 @@ def test_false_positive_rate_of_the_permutation_tests():
         assert pair["pairs"][0]["hotelling_p_method"] == "permutation"
         for key in hits:
             hits[key] += pair["pairs"][0][key] <= 0.05
+    # The upper side is the guarantee (p <= alpha at most alpha of the time); 4 vs 5 subjects
+    # have only 126 labellings, so ties make the test conservative and the lower side is a
+    # 3-sd sanity check (the seeds, per pair name since issue 18, decide where in it we land).
     for key, count in hits.items():
-        assert 0.03 <= count / n_sets <= 0.07, key
+        assert 0.02 <= count / n_sets <= 0.07, key

@@ -200,3 +200,22 @@ def test_bad_input_is_refused_with_a_clear_message():
         omnibus_permutation_test({"x": Component("mean", a, b)}, 0)
     with pytest.raises(ConfigError, match="both cohorts"):
         default_components(a, b, a, None)
+
+
+def test_pair_seed_follows_names_so_a_pair_keeps_its_p_in_any_call():
+    from aad_med.distances import compare_embeddings
+    from aad_med.distances.omnibus import pair_seed
+
+    assert pair_seed(0, "x", "y") == pair_seed(0, "x", "y")
+    assert pair_seed(0, "x", "y") != pair_seed(0, "y", "x") != pair_seed(1, "x", "y")
+    assert pair_seed(0, "x", "y", 1) != pair_seed(0, "x", "y", 2)
+    rng = np.random.default_rng(3)
+    data = {k: rng.normal(size=(8, 5)) + (0.6 if k == "y" else 0.0) for k in "wxyz"}
+    small = compare_embeddings({k: data[k] for k in "xy"}, 199, 50, seed=4)
+    large = compare_embeddings(data, 199, 50, seed=4)
+    p_small = small["pairs"][0]
+    p_large = next(p for p in large["pairs"] if (p["a"], p["b"]) == ("x", "y"))
+    for key in ("aad", "aad_p", "mmd_p", "energy_p", "hotelling_p"):
+        assert p_small[key] == p_large[key], key
+    # A cohort's bootstrap band does not depend on its position either.
+    assert small["cohorts"]["x"]["mean_ci95_lo"] == large["cohorts"]["x"]["mean_ci95_lo"]

@@ -118,9 +118,18 @@ def test_blocks_combine_with_the_encoder_blocks(model, cohorts, preprocessing):
     assert np.sum(shape_cols.var(axis=0)) == pytest.approx(1.0, rel=1e-6)
 
 
-def test_register_makes_the_blocks_selectable_only_when_asked(monkeypatch):
-    monkeypatch.setattr(features, "_REGISTRY", dict(features._REGISTRY))
-    assert "intensity_shape" not in available_feature_sets()  # importing registers nothing
+def test_register_makes_the_blocks_and_the_default_selectable(monkeypatch):
+    from aad_med import DEFAULT_FEATURES
+
+    # The package registers them (the report has their benchmark text); register() alone
+    # does it again on a registry without them.
+    assert DEFAULT_FEATURES in available_feature_sets()
+    monkeypatch.setattr(
+        features,
+        "_REGISTRY",
+        {k: v for k, v in features._REGISTRY.items() if "intensity" not in k},
+    )
+    assert "intensity_shape" not in available_feature_sets()
     blocks.register()
     input_texture.register()
     names = available_feature_sets()

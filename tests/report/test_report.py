@@ -200,27 +200,32 @@ def test_report_shows_the_seed_latent_aad_beside_other_features(tmp_path):
 
 
 def test_report_says_what_the_features_can_and_cannot_see(tmp_path):
+    from aad_med import DEFAULT_FEATURES
+
     res = fake_result()
-    res["features"] = "multiscale+texture"
+    res["features"] = DEFAULT_FEATURES
     res["pairs"][0].update(intensity_p=0.001, intensity_p_fdr=0.002, intensity_distance=3.0)
     md = write_report(res, tmp_path)[0].read_text()
     assert "## What these features can and cannot see" in md
-    assert "The statistics used the feature set `multiscale+texture`" in md
-    assert "sees noise, blur, gamma/contrast and population differences" in md
-    assert "cannot see a global intensity scale or a smooth bias field" in md
+    assert f"The statistics used the feature set `{DEFAULT_FEATURES}`" in md
+    assert "It sees noise, blur, gamma/contrast and population differences" in md
+    assert "never a global intensity scale" in md
     header = next(ln for ln in md.splitlines() if ln.startswith("| shift between cohorts |"))
     assert header == (
-        "| shift between cohorts | AAD (multiscale+texture) | seed's latent AAD "
+        f"| shift between cohorts | AAD ({DEFAULT_FEATURES}) | seed's latent AAD "
         "| intensity fingerprint |"
     )
     rows = {ln.split(" | ")[0][2:]: ln for ln in md.splitlines() if ln.startswith("| ")}
+    # The at-defaults benchmark rows (BENCHMARKS.md): bias 0.25 / 0.00 / 1.00.
     assert rows["smooth bias field (about 7× stronger)"].endswith(
-        "| not seen (0%) | not seen (0%) | seen (80%) |"
+        "| sometimes (25%) | not seen (0%) | seen (100%) |"
     )
-    assert rows["scanner noise (Rician, 3% to 12% of white matter)"].endswith(
-        "| seen (100%) | not seen (0%) | seen (100%) |"
+    assert rows["contrast (gamma 1.5)"].endswith("| seen (100%) | not seen (0%) | seen (100%) |")
+    # The intensity scale was not run at the defaults: said so, not guessed.
+    assert rows["global intensity scale (×1.5)"].endswith(
+        "| not measured | not measured | not measured |"
     )
-    assert "| same-site cohorts flagged (false positives, alpha 0.01) | 0.0% | 0.0% | 1.0% |" in md
+    assert "| same-site cohorts flagged (false positives, alpha 0.01) | 1.5% | 1.0% | 0.5% |" in md
     assert "sensitivity benchmark" in md
     # The plain latent comparison says the mean latent is blind to scanner differences.
     plain = write_report(fake_result(), tmp_path / "plain")[0].read_text()
@@ -241,20 +246,89 @@ def test_every_feature_set_has_benchmark_text():
 
 
 def test_benchmark_rates_match_the_measured_table():
-    """The report's rates are the benchmark's figures (BENCHMARKS.md's sensitivity section)."""
+    """The report's rates are the benchmark's figures: the at-defaults table (16 per cohort) for
+    every set run there, the scaled-down table for the others (BENCHMARKS.md)."""
     from pathlib import Path
 
     from aad_med.report.text import DETECTION_RATES, FINGERPRINT, SAME_SITE_FPR, SHIFT_KINDS
 
     root = Path(__file__).resolve().parents[2]
-    table = {}
-    for line in (root / "BENCHMARKS.md").read_text().splitlines():
-        cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if len(cells) == 8 and re.fullmatch(r"[0-9.]+", cells[1]):
-            key = FINGERPRINT if cells[0].startswith(FINGERPRINT) else cells[0]
-            table.setdefault(key, cells[1:])
-    assert set(table) == set(DETECTION_RATES)
-    for name, cells in table.items():
+    text = (root / "BENCHMARKS.md").read_text()
+    defaults = text.split("## Sensitivity at the defaults", 1)[1].split("### 32 subjects")[0]
+    scaled = text.split("## Sensitivity at the defaults", 1)[0]
+
+    def rows(section: str, width: int) -> dict[str, list[str]]:
+        table: dict[str, list[str]] = {}
+        for line in section.splitlines():
+            cells = [c.strip().strip("*") for c in line.strip().strip("|").split("|")]
+            if len(cells) != width or not re.fullmatch(r"[0-9.]+", cells[1]):
+                continue
+            name = re.sub(r"\s*\(.*\)$", "", cells[0].replace("*", "")).strip()
+            if name.startswith("omnibus"):
+                continue
+            table.setdefault(FINGERPRINT if name.startswith(FINGERPRINT) else name, cells[1:])
+        return table
+
+    at_defaults = rows(defaults, 7)
+    scaled_down = {k: v for k, v in rows(scaled, 8).items() if k not in at_defaults}
+    assert set(at_defaults) | set(scaled_down) == set(DETECTION_RATES)
+    for name, cells in at_defaults.items():
+        got = [float(c) for c in cells[:5]]
+        order = ("gamma", "bias", "noise", "blur", "population")
+        assert got == [DETECTION_RATES[name][k] for k in order], name
+        assert "intensity" not in DETECTION_RATES[name], name
+        assert float(cells[5].split()[0]) == SAME_SITE_FPR[name], name
+    for name, cells in scaled_down.items():
         rates = [float(c) for c in cells[:6]]
         assert rates == [DETECTION_RATES[name][k] for k in SHIFT_KINDS], name
         assert float(cells[6].split()[0]) == SAME_SITE_FPR[name], name
+
+
+def test_report_leads_with_the_omnibus_verdict_and_its_driver(tmp_path):
+    from aad_med.report.text import DEFINITIONS as defs
+
+    res = fake_result()
+    res["pairs"][0].update(
+        omnibus_p=0.001,
+        omnibus_p_fdr=0.002,
+        omnibus_driver="fingerprint",
+        omnibus_components={"aad": 0.3, "mmd": 0.2, "energy": 0.25, "fingerprint": 0.001},
+    )
+    res["pairs"][1].update(
+        omnibus_p=0.4,
+        omnibus_p_fdr=0.4,
+        omnibus_driver="aad",
+        omnibus_components={"aad": 0.4, "mmd": 0.5, "energy": 0.6, "fingerprint": 0.7},
+    )
+    md, page = write_report(res, tmp_path)
+    md = md.read_text()
+    # The verdict comes before the cohorts table and every per-pair section.
+    lead = md.index("## Do the cohorts differ at all?")
+    assert lead < md.index("## Cohorts") < md.index("## siteA vs siteB")
+    verdicts = [ln for ln in md.splitlines() if "do they differ at all?" in ln]
+    assert len(verdicts) == 4  # the lead list and each pair's section
+    assert verdicts[0] == (
+        "- siteA vs siteB: do they differ at all? **Yes** (omnibus p = 0.001, FDR-adjusted "
+        "across 2 pairs 0.002), driven by the intensity fingerprint (raw intensities: gain, "
+        "contrast, bias field) (component p-values: aad 0.3, mmd 0.2, energy 0.25, "
+        "fingerprint 0.001)."
+    )
+    assert "siteA vs siteC: do they differ at all? **No evidence** at α = 0.05" in verdicts[1]
+    # The AAD stays the distance with its own p-value, after the verdict.
+    section = md[md.index("## siteA vs siteB") :]
+    assert section.index("do they differ at all?") < section.index("AAD between siteA and siteB")
+    assert "<strong>Yes</strong>" in page.read_text()
+    for key in ("omnibus_p", "omnibus_p_fdr", "omnibus_driver", "omnibus_components", "scale"):
+        assert key in defs
+    # The scale the numbers are on is said next to the verdict.
+    assert "Feature scale" not in md  # fake_result records none
+    res["scale"] = "pooled"
+    pooled = write_report(res, tmp_path / "pooled")[0].read_text()
+    assert "compare AAD values only within this run" in pooled
+    res["scale"] = "checkpoint"
+    fixed = write_report(res, tmp_path / "fixed")[0].read_text()
+    assert "Feature scale: fixed, from the checkpoint" in fixed
+    assert fixed.index("Feature scale") < fixed.index("## Cohorts")
+    # Without an omnibus (older results) there is no lead section.
+    plain = write_report(fake_result(), tmp_path / "plain")[0].read_text()
+    assert "Do the cohorts differ at all?" not in plain
