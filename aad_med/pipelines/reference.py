@@ -67,7 +67,9 @@ def _unfinalized(inner):
         def accumulator(self):
             return self.inner.accumulator()
 
-        def finalize(self, vectors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        def finalize(
+            self, vectors: Mapping[str, np.ndarray], reference: Mapping | None = None
+        ) -> dict[str, np.ndarray]:
             return {k: np.asarray(v, dtype=np.float64) for k, v in vectors.items()}
 
     return Unfinalized()

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from checkpoint_factory import write_tiny_checkpoint
 
+from aad_med import DEFAULT_FEATURES
 from aad_med.data.synthetic import generate_cohort
 from aad_med.errors import CheckpointError, ConfigError, InputError
 from aad_med.pipelines.compare import CompareSettings, run_comparison
@@ -58,7 +59,7 @@ def test_fit_writes_pair_without_pickle(fitted):
     meta = json.loads(json_path.read_text())
     assert meta["format"] == "aad-med-reference" and meta["format_version"] == 1
     assert meta["subject_ids"] == [f"R_{i:05d}" for i in range(8)]
-    assert meta["features"] == "multiscale+texture"
+    assert meta["features"] == DEFAULT_FEATURES
     assert [b[0] for b in meta["feature_blocks"]] == ["multiscale", "texture"]
     assert meta["npz_sha256"] == hashlib.sha256(npz_path.read_bytes()).hexdigest()
     with np.load(npz_path, allow_pickle=False) as npz:
