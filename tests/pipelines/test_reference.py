@@ -60,7 +60,7 @@ def test_fit_writes_pair_without_pickle(fitted):
     assert meta["format"] == "aad-med-reference" and meta["format_version"] == 1
     assert meta["subject_ids"] == [f"R_{i:05d}" for i in range(8)]
     assert meta["features"] == DEFAULT_FEATURES
-    assert [b[0] for b in meta["feature_blocks"]] == ["multiscale", "texture"]
+    assert [b[0] for b in meta["feature_blocks"]] == DEFAULT_FEATURES.split("+")
     assert meta["npz_sha256"] == hashlib.sha256(npz_path.read_bytes()).hexdigest()
     with np.load(npz_path, allow_pickle=False) as npz:
         assert set(npz.files) == {"vectors", "latent_means", "n_patches", "fingerprint", "quality"}
