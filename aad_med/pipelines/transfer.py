@@ -42,7 +42,15 @@ DISTANCES: tuple[str, ...] = ("aad", "latent_aad", "mmd", "energy", "intensity")
 """Distances related to the drop: the AAD of the default features, the seed's AAD (mean patch
 latents), MMD² and energy distance of the default features, the intensity fingerprint AAD."""
 
-RESULT_PATTERNS = ("transfer.json", "transfer.csv", "transfer.md", "scores.csv", "plots")
+RESULT_PATTERNS = (
+    "transfer.json",
+    "transfer.csv",
+    "transfer.md",
+    "scores.csv",
+    "plots/*.png",
+    "segmenter/checkpoints/*.pt",
+    "sources/*/segmenter/checkpoints/*.pt",
+)
 """What a finished run leaves (a run folder holding any of them is not reused silently)."""
 
 
