@@ -63,6 +63,12 @@ class SegmenterConfig:
                 f"segmenter.strides needs one entry fewer than segmenter.channels, got "
                 f"{list(self.strides)} for {list(self.channels)}"
             )
+        if self.architecture == "segresnet" and (self.init_filters < 8 or self.init_filters % 8):
+            # SegResNet normalises with GroupNorm(8 groups)
+            raise ConfigError(
+                f"segmenter.init_filters must be a multiple of 8 for segresnet, "
+                f"got {self.init_filters}"
+            )
         if not 0.0 <= float(self.dropout) < 1.0:
             raise ConfigError(f"segmenter.dropout must be in [0, 1), got {self.dropout}")
 

@@ -58,7 +58,8 @@ class SegmentationSettings:
         score_region: the region whose Dice is the score related to the distances.
         progress: tqdm bars (``auto``: when stderr is a terminal).
         tensorboard: write TensorBoard events into ``run_dir/tensorboard``.
-        resume: a ``last.pt`` to continue training from.
+        resume: a ``last.pt`` to continue training from (with the same ``max_epochs``).
+        epochs_per_run: stop after this many epochs in this call (continue with ``resume``).
         seed: seed of the split, the patches and the weights.
     """
 
@@ -82,6 +83,7 @@ class SegmentationSettings:
     progress: str | bool = "auto"
     tensorboard: bool = False
     resume: str | None = None
+    epochs_per_run: int | None = None
     seed: int = 0
 
     def __post_init__(self):
@@ -226,6 +228,7 @@ def train_segmenter(
         precision=settings.precision,
         progress=settings.progress,
         resume=settings.resume,
+        epochs_per_run=settings.epochs_per_run,
     )
     logger = NullLogger()
     if settings.tensorboard:
