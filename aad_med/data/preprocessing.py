@@ -41,9 +41,7 @@ class PreprocessingConfig:
         if len(self.spacing) != 3 or any(s <= 0 for s in self.spacing):
             raise ConfigError(f"spacing must be three positive numbers, got {self.spacing}")
         if not 0.0 <= self.min_brain_fraction <= 1.0:
-            raise ConfigError(
-                f"min_brain_fraction must be in [0, 1], got {self.min_brain_fraction}"
-            )
+            raise ConfigError(f"min_brain_fraction must be in [0, 1], got {self.min_brain_fraction}")
         if self.normalization != "zscore_nonzero":
             raise ConfigError(f"unknown normalization {self.normalization!r}")
 
