@@ -181,7 +181,7 @@ def _train_and_score(
 
     Returns ``(train records, test records, {cohort: {subject: score}}, per-region means)``."""
     from aad_med.segmentation import evaluate_cohort, train_segmenter
-    from aad_med.training.distributed import resolve_device
+    from aad_med.segmentation.training import device_for
 
     seg = s.segmenter
     labelled = [r for r in source.subjects if r.seg is not None]
@@ -198,7 +198,7 @@ def _train_and_score(
         convention=convention_for_layout(source.layout),
         metadata={"source": source_name, "test_subject_ids": [r.subject_id for r in test]},
     )
-    device = resolve_device(seg.device)
+    device = device_for(seg.device)
     scores: dict[str, dict[str, float]] = {}
     regions: dict[str, dict[str, float]] = {}
     for name, records, layout in [
@@ -261,10 +261,10 @@ def pair_distances(
     from aad_med.embedding.acquisition import standardize_jointly
     from aad_med.embedding.encode import embed_cohort
     from aad_med.embedding.features import get_feature_set
+    from aad_med.segmentation.training import device_for
     from aad_med.training.checkpoint import load_model_from_checkpoint
-    from aad_med.training.distributed import resolve_device
 
-    device = resolve_device(s.device)
+    device = device_for(s.device, "device")
     model, prep, _ = load_model_from_checkpoint(checkpoint, device)
     feature_set = get_feature_set(s.features)
 
@@ -360,6 +360,7 @@ def run_transfer(
         raise ConfigError("give at least one target: targets.NAME=DIR_OR_CSV")
     check_names([source_name, *targets])
     load_checkpoint(checkpoint)  # fail before minutes of training on an unusable encoder
+    _check_devices(s)
     src = load_named_cohorts({source_name: source_path})[source_name]
     tgts = load_named_cohorts(targets)
     perf = read_performance(s.performance) if s.performance else None
@@ -429,6 +430,15 @@ def run_transfer(
     return result
 
 
+def _check_devices(s: TransferSettings) -> None:
+    """Fail on an unusable device before cohorts are read or anything is trained."""
+    from aad_med.segmentation.training import device_for
+
+    device_for(s.device, "device")
+    if s.performance is None or s.verify:
+        device_for(s.segmenter.device)
+
+
 def _settings_record(s: TransferSettings, checkpoint) -> dict:
     seg = s.segmenter
     return {
@@ -478,6 +488,7 @@ def run_selection(
         raise ConfigError("give at least two candidate sources: sources.NAME=DIR_OR_CSV")
     check_names([target_name, *sources])
     load_checkpoint(checkpoint)
+    _check_devices(s)
     tgt = load_named_cohorts({target_name: target_path})[target_name]
     srcs = load_named_cohorts(sources)
     # Distance of the target to each whole source: the data a model would be trained on.

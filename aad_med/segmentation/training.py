@@ -98,6 +98,9 @@ class SegmentationSettings:
             raise ConfigError(
                 f"segmenter.test_fraction must be in (0, 1), got {self.test_fraction}"
             )
+        device = str(self.device).lower()
+        if device not in ("auto", "cpu") and not device.startswith("cuda"):
+            raise ConfigError(f"segmenter.device must be auto, cpu or cuda, got {self.device!r}")
         if not 0.0 <= float(self.sw_overlap) < 1.0:
             raise ConfigError(f"segmenter.sw_overlap must be in [0, 1), got {self.sw_overlap}")
 
@@ -105,6 +108,15 @@ class SegmentationSettings:
     def preprocessing(self) -> PreprocessingConfig:
         """The preprocessing of the segmenter's inputs (the project's, at its patch size)."""
         return PreprocessingConfig(patch_size=self.patch_size)
+
+
+def device_for(preference: str, key: str = "segmenter.device") -> torch.device:
+    """The project's device resolver, with errors naming ``key`` (the setting to change)."""
+    try:
+        return resolve_device(preference)
+    except ConfigError as e:
+        message = str(e).replace("trainer.device", key)
+        raise ConfigError(message) from None
 
 
 def split_train_test(n: int, test_fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -206,7 +218,7 @@ def train_segmenter(
     labelled = [r for r in records if r.seg is not None]
     if not labelled:
         raise ConfigError("no training subject of the source has a segmentation (seg) file")
-    device = resolve_device(settings.device)
+    device = device_for(settings.device)
     info = DistInfo(rank=0, world_size=1, local_rank=0, device=device)
     prep = settings.preprocessing
     dataset = build_train_dataset(

@@ -11,6 +11,7 @@ import json
 
 import numpy as np
 import pytest
+import transfer_factory
 from scipy import stats
 from transfer_factory import tiny_settings
 
@@ -18,6 +19,7 @@ from aad_med.errors import AADError, InputError
 from aad_med.pipelines.transfer import DISTANCES, read_performance, run_selection, run_transfer
 
 TARGETS = ("same", "noisy", "blurred")
+transfer_data = transfer_factory.transfer_data  # the shared fixture
 
 
 def _targets(data, names=TARGETS):
@@ -194,3 +196,23 @@ def test_source_selection_ranks_and_verifies(transfer_data, tmp_path):
         assert (
             tmp_path / "sel" / "sources" / name / "segmenter" / "checkpoints" / "last.pt"
         ).exists()
+
+
+def test_device_errors_name_the_setting(transfer_data, tmp_path):
+    import dataclasses
+
+    import torch
+
+    from aad_med.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="segmenter.device must be auto, cpu or cuda"):
+        dataclasses.replace(tiny_settings().segmenter, device="gpu")
+    if torch.cuda.is_available():
+        return
+    seg = dataclasses.replace(tiny_settings().segmenter, device="cuda")
+    with pytest.raises(ConfigError, match="segmenter.device=cuda but no CUDA GPU"):
+        run_transfer(
+            transfer_data["encoder"], ("src", transfer_data["source"]),
+            _targets(transfer_data), tmp_path / "run", tiny_settings(segmenter=seg),
+        )  # fmt: skip
+    assert not (tmp_path / "run").exists()

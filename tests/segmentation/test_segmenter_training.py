@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import seg_factory
 import torch
 from torch import nn
 
@@ -21,6 +22,8 @@ from aad_med.segmentation import (
 )
 from aad_med.segmentation.training import SegmentationSettings, split_train_test
 
+seg_cohort = seg_factory.seg_cohort  # the shared fixtures
+seg_records = seg_factory.seg_records
 TINY = SegmenterConfig(channels=(4, 8, 16), strides=(2, 2), num_res_units=0)
 
 

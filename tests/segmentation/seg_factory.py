@@ -1,4 +1,5 @@
-"""Tiny synthetic cohorts for the segmentation tests (24³ volumes, a few subjects)."""
+"""Tiny synthetic cohorts for the segmentation tests (24³ volumes, a few subjects); a plain module
+imported by the tests, not a conftest (see tests/pipelines/transfer_factory.py)."""
 
 from __future__ import annotations
 
