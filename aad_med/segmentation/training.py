@@ -68,7 +68,7 @@ class SegmentationSettings:
     max_epochs: int = 10
     batch_size: int = 4
     samples_per_subject: int = 4
-    lr: float = 2e-3
+    lr: float = 1e-2
     weight_decay: float = 1e-5
     tumour_ratio: float = 0.5
     device: str = "auto"
