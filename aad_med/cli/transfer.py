@@ -95,7 +95,8 @@ def transfer_from_config(cfg: DictConfig, run_dir: str | Path) -> dict:
         ConfigError: no checkpoint, or neither ``source`` + ``targets`` nor ``target`` +
             ``sources`` given (or both).
     """
-    from aad_med.pipelines.transfer import RESULT_PATTERNS, run_selection, run_transfer
+    from aad_med.pipelines.selection import run_selection
+    from aad_med.pipelines.transfer import RESULT_PATTERNS, run_transfer
     from aad_med.training.rundir import check_run_dir
 
     if OmegaConf.is_missing(cfg, "checkpoint") or not cfg.checkpoint:

@@ -9,7 +9,7 @@ Two modes, one settings object (:class:`TransferSettings`):
   seed's latent AAD, MMD, energy, intensity fingerprint), relate each distance to the Dice drop
   (Spearman, Kendall, monotone fit) and write ``transfer.json``, ``transfer.csv``,
   ``scores.csv``, ``plots/drop_vs_<distance>.png`` and ``transfer.md``.
-- **selection** (:func:`run_selection`): rank candidate sources for one target by each distance;
+- **selection** (:func:`aad_med.pipelines.selection.run_selection`): rank candidate sources for one target by each distance;
   with ``verify`` train one segmenter per source and report whether the closest source scored
   best (top-1) and the rank correlation of distance with the achieved Dice.
 
@@ -22,9 +22,7 @@ Inputs are all checked (cohorts, CSV, checkpoint) before anything is trained or 
 
 from __future__ import annotations
 
-import csv
 import logging
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -32,7 +30,8 @@ from pathlib import Path
 import numpy as np
 
 from aad_med.data.records import Cohort, SubjectRecord
-from aad_med.errors import ConfigError, InputError
+from aad_med.errors import ConfigError
+from aad_med.pipelines.performance import read_performance, scores_for
 from aad_med.segmentation.regions import convention_for_layout
 from aad_med.segmentation.training import SegmentationSettings, split_train_test
 
@@ -107,60 +106,6 @@ def load_named_cohorts(paths: Mapping[str, str | Path]) -> dict[str, Cohort]:
     return {name: load_cohort(path) for name, path in paths.items()}
 
 
-def read_performance(path: str | Path) -> dict[str, dict[str, float]]:
-    """Per-subject scores of the user's model: CSV with header ``cohort,subject_id,score``.
-
-    Returns:
-        ``{cohort: {subject_id: score}}`` in file order.
-
-    Raises:
-        InputError: missing file, wrong header, a non-numeric or non-finite score, a repeated
-            (cohort, subject_id), or no rows — naming the file and the line.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(path, "performance file does not exist")
-    out: dict[str, dict[str, float]] = {}
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            reader = csv.reader(f)
-            header = [h.strip().lower() for h in next(reader, [])]
-            if header[:3] != ["cohort", "subject_id", "score"]:
-                raise InputError(path, f"header must be cohort,subject_id,score, got {header}")
-            for line, row in enumerate(reader, start=2):
-                if not row or all(not c.strip() for c in row):
-                    continue
-                if len(row) < 3:
-                    raise InputError(path, f"line {line}: expected 3 columns, got {len(row)}")
-                cohort, sid, raw = row[0].strip(), row[1].strip(), row[2].strip()
-                try:
-                    score = float(raw)
-                except ValueError:
-                    raise InputError(path, f"line {line}: score {raw!r} is not a number") from None
-                if not math.isfinite(score):
-                    raise InputError(path, f"line {line}: score {raw!r} is not finite")
-                if sid in out.setdefault(cohort, {}):
-                    raise InputError(path, f"line {line}: {cohort}/{sid} appears twice")
-                out[cohort][sid] = score
-    except UnicodeDecodeError:
-        raise InputError(path, "not a UTF-8 text CSV") from None
-    if not out:
-        raise InputError(path, "no scores (expected rows cohort,subject_id,score)")
-    return out
-
-
-def _scores_for(
-    perf: Mapping[str, Mapping[str, float]], name: str, cohort: Cohort, path: str | Path
-) -> dict[str, float]:
-    if name not in perf:
-        raise InputError(path, f"no scores for cohort {name!r} (cohorts in the file: {list(perf)})")
-    unknown = sorted(set(perf[name]) - set(cohort.subject_ids))
-    if unknown:
-        shown = ", ".join(unknown[:3]) + (" ..." if len(unknown) > 3 else "")
-        raise InputError(path, f"cohort {name!r}: subject(s) {shown} are not in {cohort.path}")
-    return dict(perf[name])
-
-
 def _subset(cohort: Cohort, ids: Sequence[str]) -> Cohort:
     keep = set(ids)
     return replace(cohort, subjects=[s for s in cohort.subjects if s.subject_id in keep])
@@ -170,7 +115,7 @@ def _subset(cohort: Cohort, ids: Sequence[str]) -> Cohort:
 # scores
 
 
-def _train_and_score(
+def train_and_score(
     source: Cohort,
     targets: Mapping[str, Cohort],
     s: TransferSettings,
@@ -360,7 +305,7 @@ def run_transfer(
         raise ConfigError("give at least one target: targets.NAME=DIR_OR_CSV")
     check_names([source_name, *targets])
     load_checkpoint(checkpoint)  # fail before minutes of training on an unusable encoder
-    _check_devices(s)
+    check_devices(s)
     src = load_named_cohorts({source_name: source_path})[source_name]
     tgts = load_named_cohorts(targets)
     perf = read_performance(s.performance) if s.performance else None
@@ -368,12 +313,12 @@ def run_transfer(
     regions: dict = {}
     if perf is not None:
         scores = {
-            n: _scores_for(perf, n, c, s.performance) for n, c in {source_name: src, **tgts}.items()
+            n: scores_for(perf, n, c, s.performance) for n, c in {source_name: src, **tgts}.items()
         }
         test = [r for r in src.subjects if r.subject_id in scores[source_name]]
         n_train = None
     else:
-        train, test, scores, regions = _train_and_score(src, tgts, s, run_dir, source_name)
+        train, test, scores, regions = train_and_score(src, tgts, s, run_dir, source_name)
         n_train = len(train)
     test_cohort = _subset(src, [r.subject_id for r in test])
     if len(test_cohort.subjects) < 2:
@@ -419,18 +364,16 @@ def run_transfer(
         "fits": {k: (f.to_dict() if f is not None else None) for k, f in fits.items()},
         "score": {
             "name": "dice" if perf is None else "score",
-            "region": None if perf is None else None,
-            "from": "performance file" if perf is not None else "segmenter trained here",
+            "region": s.segmenter.score_region if perf is None else None,
+            "from": "segmenter trained here" if perf is None else "performance file",
         },
-        "settings": _settings_record(s, checkpoint),
+        "settings": settings_record(s, checkpoint),
     }
-    if perf is None:
-        result["score"]["region"] = s.segmenter.score_region
     write_transfer_outputs(run_dir, result, scores, fits)
     return result
 
 
-def _check_devices(s: TransferSettings) -> None:
+def check_devices(s: TransferSettings) -> None:
     """Fail on an unusable device before cohorts are read or anything is trained."""
     from aad_med.segmentation.training import device_for
 
@@ -439,7 +382,7 @@ def _check_devices(s: TransferSettings) -> None:
         device_for(s.segmenter.device)
 
 
-def _settings_record(s: TransferSettings, checkpoint) -> dict:
+def settings_record(s: TransferSettings, checkpoint) -> dict:
     seg = s.segmenter
     return {
         "checkpoint": str(Path(checkpoint).resolve()),
@@ -457,78 +400,3 @@ def _settings_record(s: TransferSettings, checkpoint) -> dict:
             "score_region": seg.score_region,
         },
     }
-
-
-# ---------------------------------------------------------------------------------------------
-# selection
-
-
-def run_selection(
-    checkpoint: str | Path,
-    target: tuple[str, str | Path],
-    sources: Mapping[str, str | Path],
-    run_dir: str | Path,
-    settings: TransferSettings | None = None,
-) -> dict:
-    """Rank candidate sources for one target by every distance; with ``settings.verify`` train a
-    segmenter per source (on its training split) and check the rankings against the Dice each
-    achieves on the target.
-
-    Returns:
-        The ``transfer.json`` payload of mode ``selection`` (also written).
-    """
-    from aad_med.distances.transfer import rank_sources, selection_agreement
-    from aad_med.report.transfer import write_selection_outputs
-    from aad_med.training.checkpoint import load_checkpoint
-
-    s = settings or TransferSettings()
-    run_dir = Path(run_dir)
-    target_name, target_path = target
-    if len(sources) < 2:
-        raise ConfigError("give at least two candidate sources: sources.NAME=DIR_OR_CSV")
-    check_names([target_name, *sources])
-    load_checkpoint(checkpoint)
-    _check_devices(s)
-    tgt = load_named_cohorts({target_name: target_path})[target_name]
-    srcs = load_named_cohorts(sources)
-    # Distance of the target to each whole source: the data a model would be trained on.
-    per_source = {}
-    for name, cohort in srcs.items():
-        per_source[name] = pair_distances(checkpoint, cohort, {target_name: tgt}, s)[target_name]
-    rows = [
-        {
-            "name": n,
-            "n": len(srcs[n].subjects),
-            "distances": {k: per_source[n][k] for k in DISTANCES},
-        }
-        for n in srcs
-    ]
-    result: dict = {
-        "mode": "selection",
-        "target": {
-            "name": target_name,
-            "n": len(tgt.subjects),
-            "path": str(Path(target_path).resolve()),
-        },
-        "sources": rows,
-        "rankings": {
-            d: rank_sources({r["name"]: r["distances"][d] for r in rows}) for d in DISTANCES
-        },
-        "verified": bool(s.verify),
-        "settings": _settings_record(s, checkpoint),
-    }
-    if s.verify:
-        for row in rows:
-            name = row["name"]
-            _, _, scores, _ = _train_and_score(
-                srcs[name], {target_name: tgt}, s, run_dir / "sources" / name, name
-            )
-            row["dice_on_target"] = float(np.mean(list(scores[target_name].values())))
-            row["dice_own_test"] = float(np.mean(list(scores[name].values())))
-        achieved = {r["name"]: r["dice_on_target"] for r in rows}
-        result["selection"] = {
-            d: selection_agreement({r["name"]: r["distances"][d] for r in rows}, achieved)
-            for d in DISTANCES
-        }
-    write_selection_outputs(run_dir, result)
-    return result

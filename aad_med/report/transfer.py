@@ -62,8 +62,10 @@ def fit_sentence(name: str, fit: Mapping, distance: float, score: str, source: s
     lo = float(np.interp(distance, gx, band[:, 0]))
     hi = float(np.interp(distance, gx, band[:, 1]))
     mid = float(np.interp(distance, gx, fit["grid_drop"]))
+    label = LABELS.get(name, name)
+    article = "An" if label[0] in "AEIOUaeiou" or label.startswith("MMD") else "A"
     return (
-        f"A {LABELS.get(name, name)} of {distance:.3g} from {source} has come with a {score} drop "
+        f"{article} {label} of {distance:.3g} from {source} has come with a {score} drop "
         f"of {lo:.2f} to {hi:.2f} (fitted {mid:.2f})."
     )
 

@@ -16,7 +16,9 @@ from scipy import stats
 from transfer_factory import tiny_settings
 
 from aad_med.errors import AADError, InputError
-from aad_med.pipelines.transfer import DISTANCES, read_performance, run_selection, run_transfer
+from aad_med.pipelines.performance import read_performance
+from aad_med.pipelines.selection import run_selection
+from aad_med.pipelines.transfer import DISTANCES, run_transfer
 
 TARGETS = ("same", "noisy", "blurred")
 transfer_data = transfer_factory.transfer_data  # the shared fixture
