@@ -16,11 +16,11 @@ from aad_med.pipelines.transfer import (
     DISTANCES,
     TransferSettings,
     check_devices,
-    settings_record,
-    train_and_score,
     check_names,
     load_named_cohorts,
     pair_distances,
+    settings_record,
+    train_and_score,
 )
 
 
