@@ -271,6 +271,20 @@ def relate(targets: Sequence[Mapping], s: TransferSettings) -> tuple[dict, dict]
     return correlations, fits
 
 
+def require_segmentations(cohorts: Mapping[str, Cohort]) -> None:
+    """Refuse, before any training, cohorts without a single segmentation to train or score on.
+
+    Raises:
+        ConfigError: one line per such cohort, naming it and what to do instead.
+    """
+    bare = [f"{name} ({c.path})" for name, c in cohorts.items() if c.n_with_seg == 0]
+    if bare:
+        raise ConfigError(
+            f"no segmentation (seg) files in {', '.join(bare)}: the segmenter can neither train "
+            "nor be scored there; add them, or give your own model's scores with performance=CSV"
+        )
+
+
 def run_transfer(
     checkpoint: str | Path,
     source: tuple[str, str | Path],
@@ -309,6 +323,8 @@ def run_transfer(
     src = load_named_cohorts({source_name: source_path})[source_name]
     tgts = load_named_cohorts(targets)
     perf = read_performance(s.performance) if s.performance else None
+    if perf is None:
+        require_segmentations({source_name: src, **tgts})
 
     regions: dict = {}
     if perf is not None:

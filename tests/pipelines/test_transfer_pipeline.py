@@ -15,6 +15,7 @@ import transfer_factory
 from scipy import stats
 from transfer_factory import tiny_settings
 
+from aad_med.data.synthetic import generate_cohort
 from aad_med.errors import AADError, InputError
 from aad_med.pipelines.performance import read_performance
 from aad_med.pipelines.selection import run_selection
@@ -174,6 +175,14 @@ def test_bad_inputs_leave_nothing_behind(transfer_data, tmp_path):
         run_transfer(
             transfer_data["encoder"], ("same", transfer_data["source"]),
             _targets(transfer_data, ("same",)), out, tiny_settings(),
+        )  # fmt: skip
+    unlabelled = generate_cohort(
+        tmp_path / "unlabelled", 2, "noise", 1, (24, 24, 24), with_seg=False
+    )
+    with pytest.raises(AADError, match="no segmentation .* unlabelled"):
+        run_transfer(
+            transfer_data["encoder"], ("src", transfer_data["source"]),
+            {"unlabelled": unlabelled}, out, tiny_settings(),
         )  # fmt: skip
     assert not out.exists()
 
