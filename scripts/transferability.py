@@ -69,6 +69,14 @@ TARGETS: dict[str, tuple[str, dict, int]] = {
     "brain_0.85": ("brain size", {"brain_size": 0.85}, 1),
     "brain_1.15": ("brain size", {"brain_size": 1.15}, 1),
 }
+# Candidate training cohorts for the source-selection check (``--selection``): the reference
+# scanner and three shifted ones, each with its own subjects (anatomy seed 5).
+SELECTION_SOURCES: dict[str, dict] = {
+    "src_reference": {},
+    "src_noise": {"noise": 0.12},
+    "src_blur": {"blur_sigma": 1.5},
+    "src_slices": {"downsample": (1.0, 1.0, 4.0)},
+}
 QUICK_TARGETS = (
     "same_site_1", "noise_0.12", "noise_0.20", "blur_1.5", "blur_2.5", "slices_4mm",
     "gamma_1.8", "bias_0.5", "scale_3", "tumour_0.6", "tumour_1.6", "brain_0.85",
@@ -263,6 +271,43 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
+def run_selection_check(args, out: Path, encoder: Path, targets: dict[str, Path]) -> dict:
+    """One segmenter per candidate source, scored on every target: does the closest source (by
+    each distance) give the best Dice?"""
+    from aad_med.pipelines.selection import selection_suite
+
+    shape = tuple(args.shape)
+    sources = {}
+    for name, changes in SELECTION_SOURCES.items():
+        folder = out / "data" / name
+        if not folder.exists():
+            site = REFERENCE.with_updates(name=name, **changes)
+            generate_cohort(folder, args.selection_subjects, site, 5, shape, start_index=2000)
+        sources[name] = folder
+    settings = settings_for(args, args.seeds[0])
+    settings.segmenter.test_fraction = max(
+        settings.segmenter.test_fraction, 1 / args.selection_subjects
+    )
+    return selection_suite(encoder, sources, targets, out / "selection", settings)
+
+
+def selection_markdown(sel: dict) -> str:
+    lines = [
+        "",
+        "### Source selection",
+        "",
+        f"Candidate sources: {', '.join(sel['dice'])} (one segmenter each, same settings); "
+        f"{len(next(iter(sel['dice'].values())))} targets.",
+        "",
+        "| distance | top-1 (closest source scored best) | mean rank correlation |",
+        "|---|---|---|",
+    ]
+    for d, row in sel["summary"].items():
+        rho = "n/a" if row["spearman_mean"] is None else f"{row['spearman_mean']:.2f}"
+        lines.append(f"| {LABELS[d]} | {row['top1_rate']:.0%} of {row['n_targets']} | {rho} |")
+    return "\n".join(lines) + "\n"
+
+
 def run(args: argparse.Namespace) -> dict:
     torch.set_num_threads(max(1, args.threads))
     out = Path(args.out)
@@ -288,6 +333,11 @@ def run(args: argparse.Namespace) -> dict:
         )
         rho = runs[seed]["correlations"].get("aad", {}).get("spearman")
         print(f"seed {seed}: {time.perf_counter() - ts:.0f} s, AAD Spearman {rho}", flush=True)
+    selection = None
+    if args.selection:
+        ts = time.perf_counter()
+        selection = run_selection_check(args, out, encoder, targets)
+        print(f"selection: {time.perf_counter() - ts:.0f} s", flush=True)
     result = {
         "command": "python scripts/transferability.py "
         + shlex.join(sys.argv[1:] if args.argv is None else args.argv),
@@ -297,6 +347,7 @@ def run(args: argparse.Namespace) -> dict:
         "targets": {n: {"kind": TARGETS[n][0], "changes": TARGETS[n][1]} for n in names},
         "runs": runs,
         "summary": summarise(runs),
+        "selection": selection,
         "seconds": time.perf_counter() - t0,
     }
     write_json(out / "transferability.json", result)
@@ -307,7 +358,8 @@ def run(args: argparse.Namespace) -> dict:
     ]  # fmt: skip
     write_table_csv(out / "transferability.csv",
                     ["seed", "target", "kind", "dice_mean", "dice_drop", *DISTANCES], rows)  # fmt: skip
-    (out / "transferability.md").write_text(markdown(result), encoding="utf-8")
+    text = markdown(result) + (selection_markdown(selection) if selection else "")
+    (out / "transferability.md").write_text(text, encoding="utf-8")
     return result
 
 
@@ -326,12 +378,19 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--encoder-epochs", type=int, default=6)
     p.add_argument("--encoder-patch", type=int, default=16)
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument(
+        "--selection",
+        action="store_true",
+        help="also check source selection (one segmenter per candidate source)",
+    )
+    p.add_argument("--selection-subjects", type=int, default=12)
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
     args.argv = argv
     if args.quick:
         args.shape, args.source_subjects, args.target_subjects = [24, 24, 24], 4, 2
+        args.selection_subjects = 3
         args.epochs = min(args.epochs, 1)
     return args
 

@@ -93,3 +93,55 @@ def run_selection(
         }
     write_selection_outputs(run_dir, result)
     return result
+
+
+def selection_suite(
+    checkpoint: str | Path,
+    sources: Mapping[str, str | Path],
+    targets: Mapping[str, str | Path],
+    run_dir: str | Path,
+    settings: TransferSettings | None = None,
+) -> dict:
+    """Source selection over several targets at once: one segmenter per source (trained once,
+    scored on every target), every distance source → target, and per distance the share of
+    targets whose closest source scored best (top-1) and the mean rank correlation.
+
+    Returns:
+        ``{"dice": {source: {target: mean score}}, "distances": {source: {target: {...}}},
+        "per_target": {distance: {target: selection_agreement}}, "summary": {distance:
+        {"top1_rate", "spearman_mean", "n_targets"}}}``.
+    """
+    from aad_med.distances.transfer import selection_agreement, top1_hit_rate
+    from aad_med.pipelines.transfer import require_segmentations
+
+    s = settings or TransferSettings()
+    run_dir = Path(run_dir)
+    if len(sources) < 2 or not targets:
+        raise ConfigError("source selection needs at least two sources and one target")
+    check_names([*sources, *targets])
+    check_devices(s)
+    srcs = load_named_cohorts(sources)
+    tgts = load_named_cohorts(targets)
+    require_segmentations({**srcs, **tgts})
+    dice: dict[str, dict[str, float]] = {}
+    distances: dict[str, dict] = {}
+    for name, cohort in srcs.items():
+        _, _, scores, _ = train_and_score(cohort, tgts, s, run_dir / "sources" / name, name)
+        dice[name] = {t: float(np.mean(list(scores[t].values()))) for t in tgts}
+        distances[name] = pair_distances(checkpoint, cohort, tgts, s)
+    per_target: dict[str, dict] = {}
+    summary: dict[str, dict] = {}
+    for d in DISTANCES:
+        per_target[d] = {
+            t: selection_agreement(
+                {src: distances[src][t][d] for src in srcs}, {src: dice[src][t] for src in srcs}
+            )
+            for t in tgts
+        }
+        rhos = [a["spearman"] for a in per_target[d].values() if a["spearman"] is not None]
+        summary[d] = {
+            "top1_rate": top1_hit_rate(list(per_target[d].values())),
+            "spearman_mean": float(np.mean(rhos)) if rhos else None,
+            "n_targets": len(tgts),
+        }
+    return {"dice": dice, "distances": distances, "per_target": per_target, "summary": summary}

@@ -34,7 +34,9 @@ def test_suite_covers_the_shift_kinds(transferability):
 @pytest.mark.slow
 def test_quick_mode_writes_a_consistent_summary(transferability, tmp_path):
     out = tmp_path / "bench"
-    assert transferability.main(["--quick", "--out", str(out), "--threads", "1"]) == 0
+    assert (
+        transferability.main(["--quick", "--selection", "--out", str(out), "--threads", "1"]) == 0
+    )
     result = json.loads((out / "transferability.json").read_text())
     run = json.loads((out / "seed0" / "transfer.json").read_text())
     assert [t["name"] for t in run["targets"]] == list(transferability.QUICK_TARGETS)
@@ -50,4 +52,14 @@ def test_quick_mode_writes_a_consistent_summary(transferability, tmp_path):
     for row, t in zip(rows, run["targets"], strict=True):
         assert float(row["dice_drop"]) == pytest.approx(t["dice_drop"])
     md = (out / "transferability.md").read_text()
-    assert "Spearman" in md and "same_site_1" in md
+    assert "Spearman" in md and "same_site_1" in md and "Source selection" in md
+    # source selection: one verdict per target and distance, summarised honestly
+    sel = result["selection"]
+    assert set(sel["dice"]) == set(transferability.SELECTION_SOURCES)
+    for d, per_target in sel["per_target"].items():
+        assert set(per_target) == set(transferability.QUICK_TARGETS)
+        for t, verdict in per_target.items():
+            dice = {src: sel["dice"][src][t] for src in sel["dice"]}
+            assert verdict["top1"] == (dice[verdict["ranking"][0]] >= max(dice.values()))
+        rate = sum(v["top1"] for v in per_target.values()) / len(per_target)
+        assert sel["summary"][d]["top1_rate"] == pytest.approx(rate)
