@@ -141,3 +141,12 @@ def test_training_needs_segmentations(seg_records, tmp_path):
     unlabelled = [replace(r, seg=None) for r in seg_records]
     with pytest.raises(ConfigError, match="segmentation"):
         train_segmenter(unlabelled, _settings(), tmp_path)
+
+
+@pytest.mark.gpu
+def test_cuda_training_uses_bf16_and_scores(seg_records, tmp_path):
+    model, result = train_segmenter(seg_records, _settings(device="cuda"), tmp_path)
+    assert next(model.parameters()).is_cuda and np.isfinite(result.history[-1]["train_loss"])
+    scores = evaluate_cohort(model, seg_records, _settings().preprocessing, device="cuda")
+    assert scores.dice.shape == (len(seg_records), 3)
+    assert np.all((scores.dice >= 0) & (scores.dice <= 1))
