@@ -335,11 +335,6 @@ def run(args: argparse.Namespace) -> dict:
         )
         rho = runs[seed]["correlations"].get("aad", {}).get("spearman")
         print(f"seed {seed}: {time.perf_counter() - ts:.0f} s, AAD Spearman {rho}", flush=True)
-    selection = None
-    if args.selection:
-        ts = time.perf_counter()
-        selection = run_selection_check(args, out, encoder, targets)
-        print(f"selection: {time.perf_counter() - ts:.0f} s", flush=True)
     result = {
         "command": "python scripts/transferability.py "
         + shlex.join(sys.argv[1:] if args.argv is None else args.argv),
@@ -349,20 +344,33 @@ def run(args: argparse.Namespace) -> dict:
         "targets": {n: {"kind": TARGETS[n][0], "changes": TARGETS[n][1]} for n in names},
         "runs": runs,
         "summary": summarise(runs),
-        "selection": selection,
+        "selection": None,
         "seconds": time.perf_counter() - t0,
     }
+    # Written now and again after the (long) selection check, so its cost never risks these.
+    write_outputs(out, result)
+    if args.selection:
+        ts = time.perf_counter()
+        result["selection"] = run_selection_check(args, out, encoder, targets)
+        result["selection_seconds"] = time.perf_counter() - ts
+        print(f"selection: {result['selection_seconds']:.0f} s", flush=True)
+        write_outputs(out, result)
+    return result
+
+
+def write_outputs(out: Path, result: dict) -> None:
+    """``transferability.json``, ``.csv`` and ``.md`` of the result so far."""
     write_json(out / "transferability.json", result)
     rows = [
         [seed, t["name"], TARGETS[t["name"]][0], repr(t["dice_mean"]), repr(t["dice_drop"]),
          *(repr(t["distances"][d]) for d in DISTANCES)]
-        for seed, r in runs.items() for t in r["targets"]
+        for seed, r in result["runs"].items() for t in r["targets"]
     ]  # fmt: skip
     write_table_csv(out / "transferability.csv",
                     ["seed", "target", "kind", "dice_mean", "dice_drop", *DISTANCES], rows)  # fmt: skip
+    selection = result.get("selection")
     text = markdown(result) + (selection_markdown(selection) if selection else "")
     (out / "transferability.md").write_text(text, encoding="utf-8")
-    return result
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
