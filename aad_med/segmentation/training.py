@@ -113,7 +113,10 @@ class SegmentationSettings:
 def device_for(preference: str, key: str = "segmenter.device") -> torch.device:
     """The project's device resolver, with errors naming ``key`` (the setting to change)."""
     try:
-        return resolve_device(preference)
+        try:
+            return resolve_device(preference, key=key)  # a resolver that names the key itself
+        except TypeError:
+            return resolve_device(preference)
     except ConfigError as e:
         message = str(e).replace("trainer.device", key)
         raise ConfigError(message) from None
