@@ -49,6 +49,15 @@ log = logging.getLogger("aad_med.transfer")
 _preexisting_run_dir: Path | None = None
 
 
+def _rundir():
+    """The run-folder module (the redesign moves it from ``training/`` to ``pipelines/``)."""
+    try:
+        from aad_med.pipelines import rundir
+    except ImportError:
+        from aad_med.training import rundir
+    return rundir
+
+
 def open_cohort_overrides(args: Sequence[str]) -> list[str]:
     """Turn ``targets.NAME=V`` and ``sources.NAME=V`` into ``++...`` (add or override)."""
     return [f"++{a}" if _COHORT_OVERRIDE.match(a) else a for a in args]
@@ -97,7 +106,8 @@ def transfer_from_config(cfg: DictConfig, run_dir: str | Path) -> dict:
     """
     from aad_med.pipelines.selection import run_selection
     from aad_med.pipelines.transfer import RESULT_PATTERNS, run_transfer
-    from aad_med.training.rundir import check_run_dir
+
+    check_run_dir = _rundir().check_run_dir
 
     if OmegaConf.is_missing(cfg, "checkpoint") or not cfg.checkpoint:
         raise ConfigError(
@@ -146,8 +156,8 @@ def _hydra_main(cfg: DictConfig) -> None:
 def _precheck_run_dir(argv: list[str]) -> None:
     """Refuse an explicit ``hydra.run.dir`` holding results before Hydra writes ``.hydra/`` there."""
     from aad_med.pipelines.transfer import RESULT_PATTERNS
-    from aad_med.training.rundir import check_run_dir
 
+    check_run_dir = _rundir().check_run_dir
     run_dir = explicit_run_dir(argv)
     if run_dir is not None:
         resume = override_value(argv, "segmenter.resume")
@@ -159,10 +169,8 @@ def _precheck_run_dir(argv: list[str]) -> None:
 
 def main() -> None:
     """Console script entry point (``aad-transfer``)."""
-    from aad_med.training.rundir import register_resolvers
-
     global _preexisting_run_dir
-    register_resolvers()
+    _rundir().register_resolvers()
     argv = strip_verbose_flags(sys.argv[1:])
     _preexisting_run_dir = preexisting_run_dir(argv)
     rc = run_reporting_errors(
