@@ -25,7 +25,7 @@ from aad_med.pipelines.rundir import (
     run_lock,
 )
 
-_INPUT_KEYS = ("cohorts.", "reference", "data.cohorts")
+_INPUT_KEYS = ("cohorts.", "reference", "data.cohorts", "source", "target", "sources.", "targets.")
 """Overrides naming input cohorts: no run folder may lie inside one."""
 
 
@@ -55,7 +55,9 @@ def input_paths(argv: Sequence[str]) -> list[str]:
     out = []
     for arg in argv:
         key, eq, value = arg.lstrip("+").partition("=")
-        if not eq or not any(key == k or key.startswith(k) for k in _INPUT_KEYS):
+        if not eq or not any(
+            key == k or (k.endswith(".") and key.startswith(k)) for k in _INPUT_KEYS
+        ):
             continue
         value = value.strip()
         parts = value[1:-1].split(",") if value.startswith("[") and value.endswith("]") else [value]
@@ -115,7 +117,18 @@ def precheck_output(argv: Sequence[str], prog: str = "", config_name: str = "") 
         check_output_folder(run_dir, input_paths(argv))
 
 
-_PATH_KEYS = ("cohorts.", "reference", "checkpoint", "hydra.run.dir", "hydra.sweep.dir")
+_PATH_KEYS = (
+    "cohorts.",
+    "reference",
+    "checkpoint",
+    "hydra.run.dir",
+    "hydra.sweep.dir",
+    "source",
+    "target",
+    "sources.",
+    "targets.",
+    "performance",
+)
 """Overrides whose value is a path, quoted for Hydra when needed (:func:`quote_path_values`)."""
 _NEEDS_QUOTES = re.compile(r"[^A-Za-z0-9_\-+./:~@%$]")
 """Anything but the characters every Hydra version reads literally in an unquoted value."""

@@ -40,7 +40,13 @@ def default_groups(config: str) -> set[str]:
 
 
 @pytest.mark.parametrize(
-    ("module", "config"), [("compare", "compare"), ("calibrate", "calibrate"), ("train", "train")]
+    ("module", "config"),
+    [
+        ("compare", "compare"),
+        ("calibrate", "calibrate"),
+        ("train", "train"),
+        ("transfer", "transfer"),
+    ],
 )
 def test_help_has_usage_example_and_only_its_groups(module, config):
     proc = run(module, "--help")
@@ -61,7 +67,10 @@ def test_help_has_usage_example_and_only_its_groups(module, config):
         assert options.split(", ") == files, group
 
 
-@pytest.mark.parametrize("module", ["synth", "inspect", "train", "compare", "calibrate", "embed"])
+@pytest.mark.parametrize(
+    "module",
+    ["synth", "inspect", "train", "compare", "calibrate", "embed", "reference", "transfer"],
+)
 def test_every_command_answers_version(module):
     proc = run(module, "--version")
     assert proc.returncode == 0, proc.stderr

@@ -1,0 +1,123 @@
+"""Relating distances to performance drops (aad_med.distances.transfer): rank correlations
+against scipy, bootstrap intervals, the isotonic fit against scikit-learn's, the prediction
+interval, and source-selection scores."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from aad_med.distances.transfer import (
+    fit_monotone,
+    rank_correlations,
+    rank_sources,
+    selection_agreement,
+    top1_hit,
+    top1_hit_rate,
+)
+from aad_med.errors import ConfigError
+
+
+def test_correlations_match_scipy_and_interval_brackets_them():
+    rng = np.random.default_rng(0)
+    d = rng.uniform(0, 2, 14)
+    drop = 0.2 * d + rng.normal(0, 0.08, 14)
+    out = rank_correlations(d, drop, n_bootstrap=500, seed=3)
+    assert out["n"] == 14
+    assert out["spearman"] == pytest.approx(stats.spearmanr(d, drop).statistic)
+    assert out["kendall"] == pytest.approx(stats.kendalltau(d, drop).statistic)
+    lo, hi = out["spearman_ci95"]
+    assert -1 <= lo < out["spearman"] < hi <= 1
+    assert out["kendall_ci95"][0] < out["kendall"] < out["kendall_ci95"][1]
+    # the same seed gives the same interval, another seed another one
+    assert rank_correlations(d, drop, 500, seed=3)["spearman_ci95"] == [lo, hi]
+    assert rank_correlations(d, drop, 500, seed=4)["spearman_ci95"] != [lo, hi]
+
+
+def test_perfectly_ordered_drops_give_one_and_reversed_minus_one():
+    d = np.arange(6.0)
+    assert rank_correlations(d, d**2, 200)["spearman"] == pytest.approx(1.0)
+    assert rank_correlations(d, -d, 200)["kendall"] == pytest.approx(-1.0)
+
+
+@pytest.mark.parametrize(
+    "d, drop",
+    [([0.1, 0.2], [0.0, 0.1]), ([1.0, 1.0, 1.0], [0.1, 0.2, 0.3]), ([1, 2, 3], [0.2, 0.2, 0.2])],
+    ids=["two_targets", "constant_distance", "constant_drop"],
+)
+def test_no_correlation_when_undefined(d, drop):
+    out = rank_correlations(d, drop, 100)
+    assert out["spearman"] is None and out["spearman_ci95"] is None and out["kendall"] is None
+
+
+@pytest.mark.parametrize(
+    "d, drop", [([1, 2, 3], [0.1, 0.2]), ([1, np.nan, 3], [0.1, 0.2, 0.3])], ids=["len", "nan"]
+)
+def test_bad_inputs_raise(d, drop):
+    with pytest.raises(ConfigError):
+        rank_correlations(d, drop)
+    with pytest.raises(ConfigError):
+        fit_monotone(d, drop)
+
+
+def test_isotonic_fit_matches_scikit_learn():
+    from sklearn.isotonic import IsotonicRegression
+
+    rng = np.random.default_rng(1)
+    d = rng.uniform(0, 1, 20)
+    drop = np.sqrt(d) + rng.normal(0, 0.2, 20)
+    fit = fit_monotone(d, drop, n_bootstrap=50)
+    ref = IsotonicRegression(out_of_bounds="clip").fit(d, drop)
+    np.testing.assert_allclose(fit.predict(d), ref.predict(d), atol=1e-12)
+    assert np.all(np.diff(fit.knots_y) >= -1e-12)
+
+
+def test_fit_pools_violators_and_holds_flat_outside_the_range():
+    fit = fit_monotone([1.0, 2.0, 3.0], [0.0, 0.2, 0.1], n_bootstrap=20)
+    np.testing.assert_allclose(fit.predict([1.0, 2.0, 3.0]), [0.0, 0.15, 0.15])
+    assert fit.predict(-5.0) == pytest.approx(0.0)
+    assert fit.predict(50.0) == pytest.approx(0.15)
+    assert fit.range == (1.0, 3.0)
+
+
+def test_tied_distances_are_pooled():
+    fit = fit_monotone([1.0, 1.0, 2.0], [0.0, 0.2, 0.3], n_bootstrap=10)
+    assert fit.predict(1.0) == pytest.approx(0.1)
+
+
+def test_prediction_interval_covers_new_cohorts_and_widens_with_scatter():
+    rng = np.random.default_rng(2)
+    d = np.linspace(0, 1, 30)
+    tight = fit_monotone(d, 0.3 * d + rng.normal(0, 0.01, 30), n_bootstrap=300, seed=1)
+    loose = fit_monotone(d, 0.3 * d + rng.normal(0, 0.1, 30), n_bootstrap=300, seed=1)
+    band_t = tight.interval(0.5)
+    band_l = loose.interval(0.5)
+    assert band_t[0] < tight.predict(0.5) < band_t[1]
+    assert band_l[1] - band_l[0] > 3 * (band_t[1] - band_t[0])
+    # new cohorts drawn like the fitted ones fall inside the 95% band about 95% of the time
+    x_new = rng.uniform(0.1, 0.9, 400)
+    y_new = 0.3 * x_new + rng.normal(0, 0.1, 400)
+    band = loose.interval(x_new)
+    inside = np.mean((band[:, 0] <= y_new) & (y_new <= band[:, 1]))
+    assert 0.85 <= inside <= 0.995
+    record = loose.to_dict(grid_points=5)
+    assert len(record["grid_distance"]) == 5 and len(record["grid_interval95"]) == 5
+
+
+def test_source_ranking_and_selection_scores():
+    dist = {"a": 0.9, "b": 0.2, "c": 0.5}
+    assert rank_sources(dist) == ["b", "c", "a"]
+    assert top1_hit(dist, {"a": 0.5, "b": 0.8, "c": 0.7})
+    assert not top1_hit(dist, {"a": 0.9, "b": 0.8, "c": 0.7})
+    assert top1_hit(dist, {"a": 0.8, "b": 0.8, "c": 0.7})  # a tie for best is a hit
+    sel = selection_agreement(dist, {"a": 0.5, "b": 0.8, "c": 0.7})
+    assert sel["ranking"] == ["b", "c", "a"] and sel["best"] == "b"
+    assert sel["spearman"] == pytest.approx(1.0)
+    miss = selection_agreement(dist, {"a": 0.9, "b": 0.1, "c": 0.5})
+    assert miss["spearman"] == pytest.approx(-1.0) and not miss["top1"]
+    assert top1_hit_rate([sel, miss, sel, sel]) == pytest.approx(0.75)
+    with pytest.raises(ConfigError):
+        top1_hit(dist, {"a": 1.0})
+    with pytest.raises(ConfigError):
+        top1_hit_rate([])

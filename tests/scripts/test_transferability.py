@@ -1,0 +1,65 @@
+"""scripts/transferability.py --quick: 12 targets through aad-transfer's pipeline, and a summary
+(JSON, CSV, Markdown) consistent with each run's transfer.json."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "transferability.py"
+
+
+@pytest.fixture(scope="module")
+def transferability():
+    spec = importlib.util.spec_from_file_location("transferability_script", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_suite_covers_the_shift_kinds(transferability):
+    kinds = {kind for kind, _, _ in transferability.TARGETS.values()}
+    assert kinds == {
+        "same site", "noise", "blur", "resolution", "gamma", "bias field", "global scale",
+        "tumour size", "brain size",
+    }  # fmt: skip
+    assert len(transferability.TARGETS) >= 12 and len(transferability.QUICK_TARGETS) >= 12
+    assert set(transferability.QUICK_TARGETS) <= set(transferability.TARGETS)
+
+
+@pytest.mark.slow
+def test_quick_mode_writes_a_consistent_summary(transferability, tmp_path):
+    out = tmp_path / "bench"
+    assert (
+        transferability.main(["--quick", "--selection", "--out", str(out), "--threads", "1"]) == 0
+    )
+    result = json.loads((out / "transferability.json").read_text())
+    run = json.loads((out / "seed0" / "transfer.json").read_text())
+    assert [t["name"] for t in run["targets"]] == list(transferability.QUICK_TARGETS)
+    summary = result["summary"]["distances"]
+    for d in ("aad", "latent_aad", "mmd", "energy", "intensity"):
+        assert summary[d]["spearman_by_seed"] == [run["correlations"][d]["spearman"]]
+    scored = {d: s["spearman_mean"] for d, s in summary.items() if s["spearman_mean"] is not None}
+    if scored:
+        assert result["summary"]["best"] == max(scored, key=scored.get)
+    with open(out / "transferability.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == len(transferability.QUICK_TARGETS)
+    for row, t in zip(rows, run["targets"], strict=True):
+        assert float(row["dice_drop"]) == pytest.approx(t["dice_drop"])
+    md = (out / "transferability.md").read_text()
+    assert "Spearman" in md and "same_site_1" in md and "Source selection" in md
+    # source selection: one verdict per target and distance, summarised honestly
+    sel = result["selection"]
+    assert set(sel["dice"]) == set(transferability.SELECTION_SOURCES)
+    for d, per_target in sel["per_target"].items():
+        assert set(per_target) == set(transferability.QUICK_TARGETS)
+        for t, verdict in per_target.items():
+            dice = {src: sel["dice"][src][t] for src in sel["dice"]}
+            assert verdict["top1"] == (dice[verdict["ranking"][0]] >= max(dice.values()))
+        rate = sum(v["top1"] for v in per_target.values()) / len(per_target)
+        assert sel["summary"][d]["top1_rate"] == pytest.approx(rate)
