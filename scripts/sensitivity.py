@@ -9,6 +9,15 @@ permutation test. Same-site false-positive rates come from random halves of ``2n
 subjects. All feature sets share one encoding pass (their raw blocks are computed together,
 and cached per pool next to its NIfTI files, keyed by the checkpoint's SHA-256).
 
+``--scale`` chooses how the vectors are standardised: ``pooled`` (fitted on the 2n compared
+subjects, as before the fixed scale), ``checkpoint`` (the fixed per-block reference that
+``aad-train`` stores in ``checkpoint["feature_reference"]``, as ``aad-compare`` applies it; rows
+are labelled ``FEATURES@checkpoint``) or ``both``, side by side on the same splits. The cached
+raw blocks serve both. ``--feature-reference`` names another checkpoint file holding the
+reference (the cache is keyed by ``--checkpoint``'s hash, so a copy with the reference added
+reuses it); ``--quick`` fits one on a small extra cohort with
+:func:`aad_med.embedding.standardize.reference_from_subjects`.
+
 ``omnibus:FEATURES`` rows run :func:`aad_med.distances.omnibus.omnibus_permutation_test`: the AAD,
 MMD and energy on FEATURES plus the intensity fingerprint, all on the same label shuffles, one
 exact combined p-value (min-p); the rows record which component drove each detection.
@@ -18,7 +27,8 @@ size and model come from the checkpoint, so a checkpoint of the default ``aad-tr
 measures the defaults users get. Its validation loss is recorded.
 
     python scripts/sensitivity.py --checkpoint runs/train/checkpoints/best.pt --out bench/ \\
-        [--shape 96 104 88] [--subjects 16 32] [--repeats 20] [--null-repeats 200]
+        [--shape 96 104 88] [--subjects 16 32] [--repeats 20] [--null-repeats 200] \\
+        [--scale pooled|checkpoint|both] [--feature-reference CKPT_WITH_REFERENCE]
     python scripts/sensitivity.py --quick --out /tmp/sens     # tiny, untrained encoder, seconds
 
 Writes ``sensitivity.json``, ``sensitivity.csv``, ``sensitivity.png`` and ``sensitivity.md``
@@ -52,6 +62,7 @@ from aad_med.embedding.acquisition import (
     PositionMatchedFeatures,
     standardize_jointly,
 )
+from aad_med.embedding.standardize import missing_blocks
 from aad_med.plots.style import OKABE_ITO, new_figure, save_figure
 
 REFERENCE = SITES["reference"]
@@ -100,6 +111,9 @@ DEFAULT_FEATURES = (
 )
 FINGERPRINT = "intensity_fingerprint"
 OMNIBUS = "omnibus:"
+FIXED = "@checkpoint"
+"""Suffix of a feature set's label when its vectors use the checkpoint's fixed scale."""
+SCALES = ("pooled", "checkpoint", "both")
 # Blocks measured here before they are registered for users (the report describes every
 # registered set with its rates), so they are resolved locally, not through the registry.
 NEW_BLOCKS = {**intensity_blocks.FEATURE_SETS, **input_texture.FEATURE_SETS}
@@ -161,29 +175,58 @@ def raw_vectors(name: str, blocks: dict[str, np.ndarray], idx: np.ndarray):
     return fs, blocks[name][idx]
 
 
-def finalised(name, blocks_a, idx_a, blocks_b, idx_b) -> dict[str, np.ndarray]:
-    """One feature set's vectors of both samples, standardisation fitted on the 2n subjects."""
+def with_scale(name: str, scale: str) -> list[str]:
+    """Row labels of feature set ``name`` under ``--scale``: ``NAME`` (pooled) and/or
+    ``NAME@checkpoint``; sets without a fixed scale (fingerprint, latent, position_matched)
+    keep their one label."""
+    base = name[len(OMNIBUS) :] if name.startswith(OMNIBUS) else name
+    fixable = base != FINGERPRINT and base != "latent" and "position_matched" not in base
+    if not fixable or scale == "pooled":
+        return [name]
+    return [name + FIXED] if scale == "checkpoint" else [name, name + FIXED]
+
+
+def finalised(name, blocks_a, idx_a, blocks_b, idx_b, reference=None) -> dict[str, np.ndarray]:
+    """One feature set's vectors of both samples: standardisation fitted on the 2n subjects, or
+    with ``reference`` (a ``feature_reference``) the fixed per-subject map ``aad-compare`` uses.
+
+    Raises:
+        ValueError: ``reference`` lacks a block of ``name``.
+    """
     fs, a = raw_vectors(name, blocks_a, idx_a)
     _, b = raw_vectors(name, blocks_b, idx_b)
-    return standardize_jointly({"a": a, "b": b}) if fs is None else fs.finalize({"a": a, "b": b})
+    if fs is None:
+        return standardize_jointly({"a": a, "b": b})
+    if reference is not None:
+        missing = missing_blocks(fs, reference)
+        if missing:
+            raise ValueError(f"the feature reference has no block {missing} of {name}")
+    return fs.finalize({"a": a, "b": b}, reference=reference)
 
 
-def test_pair(name, blocks_a, idx_a, blocks_b, idx_b, n_perm: int, seed: int):
+def test_pair(name, blocks_a, idx_a, blocks_b, idx_b, n_perm: int, seed: int, reference=None):
     """``(p, driver)``: the AAD permutation p-value of a feature set (driver ``None``), or for
-    ``omnibus:FEATURES`` the omnibus p-value and the component that drove it."""
+    ``omnibus:FEATURES`` the omnibus p-value and the component that drove it. A name ending in
+    ``@checkpoint`` uses ``reference`` (the fixed scale) instead of the pooled one."""
+    if name.endswith(FIXED):
+        if reference is None:
+            raise ValueError(f"{name}: no feature reference given")
+        name = name[: -len(FIXED)]
+    else:
+        reference = None
     if name.startswith(OMNIBUS):
-        f = finalised(name[len(OMNIBUS) :], blocks_a, idx_a, blocks_b, idx_b)
+        f = finalised(name[len(OMNIBUS) :], blocks_a, idx_a, blocks_b, idx_b, reference)
         fp_a, fp_b = blocks_a[FINGERPRINT][idx_a], blocks_b[FINGERPRINT][idx_b]
         comps = default_components(f["a"], f["b"], fp_a, fp_b)
         res = omnibus_permutation_test(comps, n_perm, seed=seed)
         return float(res.omnibus_p), res.driver
-    final = finalised(name, blocks_a, idx_a, blocks_b, idx_b)
+    final = finalised(name, blocks_a, idx_a, blocks_b, idx_b, reference)
     return float(aad_permutation_test(final["a"], final["b"], n_perm, seed=seed).pvalue), None
 
 
-def pvalue(name, blocks_a, idx_a, blocks_b, idx_b, n_perm: int, seed: int) -> float:
+def pvalue(name, blocks_a, idx_a, blocks_b, idx_b, n_perm: int, seed: int, reference=None):
     """The p-value of :func:`test_pair`."""
-    return test_pair(name, blocks_a, idx_a, blocks_b, idx_b, n_perm, seed)[0]
+    return test_pair(name, blocks_a, idx_a, blocks_b, idx_b, n_perm, seed, reference)[0]
 
 
 def block_effects(ref: dict[str, np.ndarray], shifted: dict[str, np.ndarray]) -> list[dict]:
@@ -217,7 +260,7 @@ def run(args: argparse.Namespace) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     data = Path(args.data) if args.data else out / "data"
-    key, training = None, None
+    key, training, reference, reference_from = None, None, None, None
     if args.quick:
         model, prep = quick_model(), PreprocessingConfig(patch_size=8, min_brain_fraction=0.25)
         encoder = "untrained tiny encoder (quick mode: plumbing only, figures mean nothing)"
@@ -235,12 +278,30 @@ def run(args: argparse.Namespace) -> dict:
             "train_subjects": len(ck.get("train_subject_ids", [])),
             "val_subjects": len(ck.get("val_subject_ids", [])),
         }
+        if args.scale != "pooled":
+            reference_from = str(args.feature_reference or args.checkpoint)
+            if args.feature_reference:
+                ck = torch.load(args.feature_reference, map_location="cpu", weights_only=True)
+            reference = ck.get("feature_reference")
+            if not reference:
+                sys.exit(f"{reference_from}: no feature_reference in the checkpoint (--scale)")
     torch.set_num_threads(max(1, args.threads))
     shape = tuple(args.shape)
     extent = int(math.ceil(max(shape) / prep.patch_size) * prep.patch_size)
     n_max = max(args.subjects)
-    features = list(args.features) + ([FINGERPRINT] if args.fingerprint else [])
     t0 = time.perf_counter()
+    if args.quick and args.scale != "pooled":
+        from aad_med.embedding.standardize import reference_from_subjects
+
+        # Stands in for the encoder's training subjects: anatomy independent of every pool.
+        folder = data / f"train-n6-seed{args.seed + 500}-{'x'.join(map(str, shape))}"
+        if not (folder / "synthetic.json").exists():
+            generate_cohort(folder, n_subjects=6, site=REFERENCE, seed=args.seed + 500, shape=shape)
+        reference = reference_from_subjects(model, load_cohort(folder), prep)
+        reference_from = f"reference_from_subjects on {folder.name}"
+    features = [label for f in args.features for label in with_scale(f, args.scale)] + (
+        [FINGERPRINT] if args.fingerprint else []
+    )
 
     def pool(name: str, site, seed: int, n: int) -> dict[str, np.ndarray]:
         folder = data / f"{name}-n{n}-seed{seed}-{'x'.join(map(str, shape))}"
@@ -258,13 +319,14 @@ def run(args: argparse.Namespace) -> dict:
         for name in features:
             hits = 0
             for r, idx in enumerate(splits):
-                p = pvalue(name, ref, idx[:n], ref, idx[n:], args.permutations, seed=r)
+                p = pvalue(name, ref, idx[:n], ref, idx[n:], args.permutations, r, reference)
                 hits += p < args.alpha
             fpr = hits / args.null_repeats
             se = math.sqrt(args.alpha * (1 - args.alpha) / args.null_repeats)
             nulls.append(
-                {"n": n, "features": name, "fpr": fpr, "repeats": args.null_repeats, "se": se}
-            )
+                {"n": n, "features": name, "scale": scale_of(name), "fpr": fpr,
+                 "repeats": args.null_repeats, "se": se}
+            )  # fmt: skip
     print(f"same-site splits done ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
     k = 0
     for kind in args.shifts:
@@ -282,7 +344,9 @@ def run(args: argparse.Namespace) -> dict:
                 for name in features:
                     ps, drivers = [], {}
                     for r, (ia, ib) in enumerate(draws):
-                        p, drv = test_pair(name, ref, ia, shifted, ib, args.permutations, seed=r)
+                        p, drv = test_pair(
+                            name, ref, ia, shifted, ib, args.permutations, r, reference
+                        )
                         ps.append(p)
                         if drv is not None and p < args.alpha:
                             drivers[drv] = drivers.get(drv, 0) + 1
@@ -295,6 +359,7 @@ def run(args: argparse.Namespace) -> dict:
                             "params": changes,
                             "n": n,
                             "features": name,
+                            "scale": scale_of(name),
                             "detection_rate": float(np.mean(ps < args.alpha)),
                             "median_p": float(np.median(ps)),
                             "repeats": args.repeats,
@@ -312,10 +377,31 @@ def run(args: argparse.Namespace) -> dict:
         "permutations": args.permutations,
         "pool_sizes": {"reference": 2 * n_max, "shifted": n_max},
         "features": features,
+        "scale": args.scale,
+        "feature_reference": reference_summary(reference, reference_from),
         "seconds": round(time.perf_counter() - t0, 1),
         "results": rows,
         "same_site": nulls,
         "block_effects": effects,
+    }
+
+
+def scale_of(label: str) -> str:
+    """``checkpoint`` for a fixed-scale row, ``raw`` for the fingerprint, else ``pooled``."""
+    if label.endswith(FIXED):
+        return "checkpoint"
+    return "raw" if label == FINGERPRINT else "pooled"
+
+
+def reference_summary(reference: dict | None, source: str | None) -> dict | None:
+    """Where the fixed scale came from and what it was fitted on (not the numbers)."""
+    if reference is None:
+        return None
+    return {
+        "source": source,
+        "n_subjects": reference.get("n_subjects"),
+        "subjects": reference.get("subjects"),
+        "blocks": {k: int(v["width"]) for k, v in reference.get("blocks", {}).items()},
     }
 
 
@@ -433,6 +519,14 @@ def markdown(result: dict, n: int) -> str:
         "repeat draws n per cohort from the pools and refits the standardisation.",
         "",
     ]
+    fr = result.get("feature_reference")
+    if fr:
+        lines += [
+            f"Rows marked `{FIXED}` use the fixed scale instead (`feature_reference`, fitted on "
+            f"{fr['n_subjects']} subjects; from {fr['source']}); the others are standardised "
+            "over the 2n compared subjects (pooled). Both on the same splits.",
+            "",
+        ]
     tr = result.get("training")
     if tr:
         mc = tr.get("model") or {}
@@ -513,6 +607,15 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--features", nargs="+", default=list(DEFAULT_FEATURES))
     p.add_argument("--all-severities", action="store_true", help="also the milder severities")
     p.add_argument("--no-fingerprint", dest="fingerprint", action="store_false")
+    p.add_argument(
+        "--scale", choices=SCALES, default=None,
+        help="standardisation: over the compared subjects (pooled), the checkpoint's fixed "
+        "feature_reference, or both side by side (default pooled; both with --quick)",
+    )  # fmt: skip
+    p.add_argument(
+        "--feature-reference",
+        help="checkpoint file whose feature_reference is used (default: --checkpoint)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--quick", action="store_true", help="tiny volumes and untrained encoder")
@@ -522,8 +625,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         # Tiny n cannot reach p < 0.01 with few permutations: quick mode tests at 0.05.
         args.shape, args.subjects, args.repeats, args.null_repeats = [24, 24, 20], [5], 2, 10
         args.permutations, args.shifts, args.alpha = 99, ["noise", "population"], 0.05
+        args.scale = args.scale or "both"
     elif not args.checkpoint:
         p.error("--checkpoint is required (or use --quick)")
+    args.scale = args.scale or "pooled"
     return args
 
 

@@ -25,8 +25,18 @@ def test_quick_mode_writes_every_output(sensitivity, tmp_path):
     out = tmp_path / "sens"
     assert sensitivity.main(["--quick", "--out", str(out), "--threads", "1"]) == 0
     result = json.loads((out / "sensitivity.json").read_text())
-    feats = list(sensitivity.DEFAULT_FEATURES) + [sensitivity.FINGERPRINT]
-    assert result["features"] == feats
+    # Quick mode runs both scales: every standardised set twice, latent and fingerprint once.
+    feats = [
+        label for f in sensitivity.DEFAULT_FEATURES for label in sensitivity.with_scale(f, "both")
+    ] + [sensitivity.FINGERPRINT]
+    assert result["features"] == feats and result["scale"] == "both"
+    assert "latent@checkpoint" not in feats and "multiscale+texture@checkpoint" in feats
+    assert "omnibus:multiscale+texture@checkpoint" in feats
+    fr = result["feature_reference"]
+    assert fr["n_subjects"] == 6 and {"multiscale", "input_texture"} <= set(fr["blocks"])
+    scales = {r["features"]: r["scale"] for r in result["same_site"]}
+    assert scales["multiscale@checkpoint"] == "checkpoint" and scales["multiscale"] == "pooled"
+    assert scales[sensitivity.FINGERPRINT] == "raw"
     assert result["alpha"] == 0.05 and result["shape"] == [24, 24, 20]
     # One row per shift kind x feature set (target severity only), one null row per feature set.
     assert {(r["shift"], r["features"]) for r in result["results"]} == {
@@ -37,7 +47,7 @@ def test_quick_mode_writes_every_output(sensitivity, tmp_path):
     assert [r["features"] for r in result["same_site"]] == feats
     assert all(r["repeats"] == 10 and r["fpr"] in {i / 10 for i in range(11)}
                for r in result["same_site"])  # fmt: skip
-    assert result["best"]["5"] in (*sensitivity.DEFAULT_FEATURES, None)
+    assert result["best"]["5"] in (*feats, None)
 
     with open(out / "sensitivity.csv", newline="") as f:
         rows = list(csv.DictReader(f))
@@ -56,6 +66,7 @@ def test_quick_mode_writes_every_output(sensitivity, tmp_path):
     assert "python scripts/sensitivity.py --quick" in md
     assert "| multiscale+texture |" in md and "intensity_fingerprint (raw-image statistic)" in md
     assert "| intensity_shape |" in md and "| intensity_variation |" in md
+    assert "| multiscale+texture@checkpoint |" in md and "fitted on 6 subjects" in md
     assert "**omnibus** (min-p of AAD, MMD, energy on multiscale+texture + fingerprint)" in md
     assert "untrained tiny encoder" in md
 
@@ -95,6 +106,60 @@ def test_omnibus_row_uses_the_same_shuffles_as_its_components(sensitivity):
     assert driver == "fingerprint" and 1 / 200 <= p <= 0.02
     p_aad, drv = sensitivity.test_pair("multiscale+texture", blocks, ia, shifted, ib, 199, seed=0)
     assert drv is None and p_aad > 0.05
+
+
+def _blocks(sensitivity, rng, n, shift=0.0):
+    return {
+        "multiscale": rng.normal(size=(n, 6)) + shift,
+        "texture": rng.normal(size=(n, 5)) * 3.0,
+        sensitivity.FINGERPRINT: rng.normal(size=(n, 4)),
+    }
+
+
+def test_fixed_scale_vectors_do_not_depend_on_the_other_sample(sensitivity):
+    """With the checkpoint's reference a subject's vector is the same whichever cohort it is
+    compared with (issue 18's 'company'); the pooled scale changes it."""
+    from aad_med.embedding.standardize import fit_block
+
+    rng = np.random.default_rng(1)
+    train, a = _blocks(sensitivity, rng, 12), _blocks(sensitivity, rng, 8)
+    b1, b2 = _blocks(sensitivity, rng, 8), _blocks(sensitivity, rng, 8, 5.0)
+    reference = {"blocks": {k: fit_block(train[k]) for k in ("multiscale", "texture")}}
+    name, ia = "multiscale+texture", np.arange(8)
+    fixed1 = sensitivity.finalised(name, a, ia, b1, ia, reference)["a"]
+    fixed2 = sensitivity.finalised(name, a, ia, b2, ia, reference)["a"]
+    np.testing.assert_allclose(fixed1, fixed2)
+    pooled1 = sensitivity.finalised(name, a, ia, b1, ia)["a"]
+    pooled2 = sensitivity.finalised(name, a, ia, b2, ia)["a"]
+    assert np.abs(pooled1 - pooled2).max() > 0.1
+    # The fixed map is the training subjects' centre and scale, block weight 1/sqrt(width):
+    # the standardised mean shift of each multiscale column is the raw one over its scale.
+    fb = sensitivity.finalised(name, a, ia, b2, ia, reference)
+    scale = np.asarray(reference["blocks"]["multiscale"]["scale"])
+    raw_shift = b2["multiscale"].mean(axis=0) - a["multiscale"].mean(axis=0)
+    got = (fb["b"][:, :6].mean(axis=0) - fb["a"][:, :6].mean(axis=0)) * np.sqrt(6)
+    np.testing.assert_allclose(got, raw_shift / scale, rtol=1e-9)
+    # Same splits, both scales: a real shift is detected either way.
+    p_fixed, _ = sensitivity.test_pair(name + sensitivity.FIXED, a, ia, b2, ia, 199, 0, reference)
+    p_pooled, _ = sensitivity.test_pair(name, a, ia, b2, ia, 199, 0, reference)
+    assert p_fixed <= 0.01 and p_pooled <= 0.01
+
+
+def test_fixed_scale_needs_a_reference_covering_every_block(sensitivity):
+    from aad_med.embedding.standardize import fit_block
+
+    rng = np.random.default_rng(2)
+    a, b = _blocks(sensitivity, rng, 6), _blocks(sensitivity, rng, 6)
+    ia = np.arange(6)
+    label = "multiscale+texture" + sensitivity.FIXED
+    with pytest.raises(ValueError, match="no feature reference"):
+        sensitivity.test_pair(label, a, ia, b, ia, 19, 0)
+    partial = {"blocks": {"multiscale": fit_block(a["multiscale"])}}
+    with pytest.raises(ValueError, match="texture"):
+        sensitivity.test_pair(label, a, ia, b, ia, 19, 0, partial)
+    assert sensitivity.with_scale("latent", "both") == ["latent"]
+    assert sensitivity.with_scale("texture", "checkpoint") == ["texture@checkpoint"]
+    assert sensitivity.parse(["--checkpoint", "c.pt"]).scale == "pooled"
 
 
 def test_full_mode_needs_a_checkpoint(sensitivity):
