@@ -50,26 +50,59 @@ def intensity_fingerprint(
         InputError: a file cannot be read (named).
     """
     q = np.asarray(percentiles, dtype=np.float64)
-    rows = []
-    for rec in records:
-        image = load_subject(rec, load_seg=False).image
-        row = []
-        for ch in image:
-            fg = ch[ch != 0]
-            row.append(np.percentile(fg, q) if fg.size else np.zeros(q.size))
-        rows.append(np.concatenate(row))
+    rows = [fingerprint_row(load_subject(rec, load_seg=False).image, q) for rec in records]
     return np.asarray(rows, dtype=np.float64).reshape(len(rows), 4 * q.size)
 
 
-def cached_fingerprint(cohort: Cohort, cache_dir: str | Path | None) -> np.ndarray:
-    """:func:`intensity_fingerprint` of a cohort, kept in ``cache_dir`` under a key of every
-    subject's files (path, size, modification time) and the percentiles; ``None`` reads the
-    volumes every time."""
-    if cache_dir is None:
-        return intensity_fingerprint(cohort.subjects)
+def fingerprint_row(
+    image: np.ndarray, percentiles: Sequence[float] = FINGERPRINT_PERCENTILES
+) -> np.ndarray:
+    """One subject's fingerprint from its raw ``(4, X, Y, Z)`` image already in memory (the
+    embedding computes it from the arrays it decodes, so each file is read once).
+
+    Any crop of the image that keeps every non-zero voxel gives the same row.
+    """
+    q = np.asarray(percentiles, dtype=np.float64)
+    row = []
+    for ch in image:
+        fg = ch[ch != 0]
+        row.append(np.percentile(fg, q) if fg.size else np.zeros(q.size))
+    return np.concatenate(row).astype(np.float64)
+
+
+def _entry(cohort: Cohort, cache_dir: str | Path) -> Path:
     subjects = [[rec.subject_id, file_stats(rec.files), rec.as_dict()] for rec in cohort.subjects]
     payload = {"v": 1, "percentiles": list(FINGERPRINT_PERCENTILES), "subjects": subjects}
-    entry = Path(cache_dir) / f"intensity-{cache_key(payload)}.npy"
+    return Path(cache_dir) / f"intensity-{cache_key(payload)}.npy"
+
+
+def cached_fingerprint(
+    cohort: Cohort,
+    cache_dir: str | Path | None,
+    computed: np.ndarray | None = None,
+    write: bool = True,
+) -> np.ndarray:
+    """:func:`intensity_fingerprint` of a cohort, kept in ``cache_dir`` under a key of every
+    subject's files (path, size, modification time) and the percentiles; ``None`` reads the
+    volumes every time.
+
+    Args:
+        cohort: the subjects.
+        cache_dir: cache folder, or ``None``.
+        computed: the rows already computed while embedding (:func:`fingerprint_row`); used
+            (and stored) instead of reading the volumes again.
+        write: store a computed fingerprint (``False``: a read-only cache).
+    """
+    if computed is not None:
+        raw = np.asarray(computed, dtype=np.float64)
+        if cache_dir is not None and write:
+            entry = _entry(cohort, cache_dir)
+            with atomic_path(entry) as tmp, open(tmp, "wb") as f:
+                np.save(f, raw, allow_pickle=False)
+        return raw
+    if cache_dir is None:
+        return intensity_fingerprint(cohort.subjects)
+    entry = _entry(cohort, cache_dir)
     if entry.is_file():
         try:
             with open(entry, "rb") as f:
@@ -77,6 +110,7 @@ def cached_fingerprint(cohort: Cohort, cache_dir: str | Path | None) -> np.ndarr
         except (OSError, ValueError) as e:
             log.warning("ignoring unreadable intensity cache entry %s (%s)", entry, e)
     raw = intensity_fingerprint(cohort.subjects)
-    with atomic_path(entry) as tmp, open(tmp, "wb") as f:
-        np.save(f, raw, allow_pickle=False)
+    if write:
+        with atomic_path(entry) as tmp, open(tmp, "wb") as f:
+            np.save(f, raw, allow_pickle=False)
     return raw
