@@ -38,7 +38,6 @@ from aad_med.embedding.preprocessed import (
     DEFAULT_MAX_BYTES,
     PreprocessedCache,
     PreprocessedSubjects,
-    default_preprocessed_dir,
 )
 from aad_med.embedding.regional import RegionalAccumulator, RegionalLatents
 from aad_med.errors import CheckpointError
@@ -65,10 +64,10 @@ class EmbedSettings:
         checkpoint_hash: SHA-256 of the checkpoint file (:func:`aad_med.io_utils.file_sha256`);
             caching is off without it (a model in memory has no stable identity).
         cache_dir: embedding cache folder; ``None`` turns caching off.
-        preprocessed: preprocessed-subject cache mode, ``"off"``, ``"read"`` or ``"write"``
-            (:mod:`aad_med.embedding.preprocessed`).
-        preprocessed_dir: its folder (``None``:
-            :func:`~aad_med.embedding.preprocessed.default_preprocessed_dir`).
+        cache_mode: ``"write"`` reads and adds cache entries, ``"read"`` only reads them (a
+            shared or read-only cache), ``"off"`` neither (both caches).
+        preprocessed_dir: preprocessed-subject cache folder
+            (:mod:`aad_med.embedding.preprocessed`); ``None`` turns that cache off.
         preprocessed_max_bytes: its size bound (least recently used entries are deleted).
         prefetch: with ``num_workers=0``, a background thread decodes and preprocesses the
             next subject while the current one is encoded.
@@ -82,7 +81,7 @@ class EmbedSettings:
     progress: bool = True
     checkpoint_hash: str | None = None
     cache_dir: str | Path | None = None
-    preprocessed: str = "off"
+    cache_mode: str = "write"
     preprocessed_dir: str | Path | None = None
     preprocessed_max_bytes: int = DEFAULT_MAX_BYTES
     prefetch: bool = True
@@ -283,10 +282,9 @@ def encode_subject(
 
 def preprocessed_cache(s: EmbedSettings) -> PreprocessedCache | None:
     """The preprocessed-subject cache of these settings (``None`` when off)."""
-    if s.preprocessed == "off":
+    if s.preprocessed_dir is None or s.cache_mode == "off":
         return None
-    root = s.preprocessed_dir if s.preprocessed_dir else default_preprocessed_dir()
-    return PreprocessedCache(root, s.preprocessed, s.preprocessed_max_bytes)
+    return PreprocessedCache(s.preprocessed_dir, s.cache_mode, s.preprocessed_max_bytes)
 
 
 def _subject_iterator(

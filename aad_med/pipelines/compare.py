@@ -83,8 +83,10 @@ class CompareSettings:
     features: str = DEFAULT_FEATURES
     batch_size: int = 32
     num_workers: int = 0
-    cache: bool = True
+    cache: bool | str = True
     cache_dir: str | Path | None = None
+    preprocessed_dir: str | Path | None = None
+    preprocessed_max_gb: float = 20.0
     skip_invalid: bool = False
     regional: bool = True
     decode_means: bool = True
@@ -258,8 +260,10 @@ def run_comparison(
     # Heavy imports only once the inputs are known to be valid.
     from aad_med.device import resolve_device
     from aad_med.distances import combine_encoder_runs
+    from aad_med.pipelines.timings import PhaseTimer
     from aad_med.training.checkpoint import load_model_from_checkpoint
 
+    timer = PhaseTimer()
     device = resolve_device(s.device)
     run_dir.mkdir(parents=True, exist_ok=True)
     _remove_stale_temp(run_dir)
@@ -284,10 +288,14 @@ def run_comparison(
                     s,
                     full=i == 0,
                     return_samples=multi,
+                    timer=timer,
                 )
             )
         result = results[0]
         images = result.pop("_images", {})
+        fingerprints = result.pop("_fingerprints", None)
+        for res in results[1:]:
+            res.pop("_fingerprints", None)
         if multi:
             combined = combine_encoder_runs(results, names=[str(p) for p in ckpt_paths])
             for i, res in enumerate(results):
@@ -302,15 +310,20 @@ def run_comparison(
                     r["cohorts"][name]["train_overlap"] for r in results
                 )
         if s.intensity:
-            _add_intensity(result, cohorts, s, tmp)
+            with timer.phase("intensity"):
+                _add_intensity(result, cohorts, s, tmp, fingerprints)
         if s.calibration:
             from aad_med.calibration.equivalence import add_equivalent_severity
 
             add_equivalent_severity(result, s.calibration)
         _warn_overlap(result)
         result["provenance"] = provenance(ckpt_paths)
+        with timer.phase("figures_report"):
+            write_distances_json(tmp / "distances.json", result)
+            write_report(result, tmp, images)
+        # Seconds per phase (differs between runs, unlike everything else in the file).
+        result["timings"] = timer.record()
         write_distances_json(tmp / "distances.json", result)
-        write_report(result, tmp, images)
         publish(tmp, run_dir, RESULT_PATTERNS, f".aad-compare-old-{secrets.token_hex(4)}")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -323,7 +336,9 @@ INTENSITY_KEYS = ("intensity_distance", "intensity_p", "intensity_p_fdr", "inten
 
 
 def intensity_statistics(
-    cohorts: Mapping[str, Cohort], s: CompareSettings
+    cohorts: Mapping[str, Cohort],
+    s: CompareSettings,
+    fingerprints: Mapping[str, np.ndarray] | None = None,
 ) -> tuple[dict[str, np.ndarray], dict[tuple[str, str], dict], float]:
     """The intensity fingerprint statistic of every pair of cohorts.
 
@@ -336,6 +351,9 @@ def intensity_statistics(
     With ``s.cache`` the fingerprints are kept in the embedding cache folder, so a rerun does
     not read the volumes again (:func:`aad_med.data.intensity.cached_fingerprint`).
 
+    ``fingerprints`` (per cohort, computed by the embedding from the volumes it decoded) are
+    used instead of reading the volumes again.
+
     Returns:
         ``(raw fingerprints per cohort, {(a, b): INTENSITY_KEYS values}, seconds spent reading)``.
     """
@@ -345,7 +363,12 @@ def intensity_statistics(
 
     t0 = time.perf_counter()
     cache_dir = _cache_dir(s)
-    raw = {name: cached_fingerprint(c, cache_dir) for name, c in cohorts.items()}
+    given = fingerprints or {}
+    write = _cache_mode(s) == "write"
+    raw = {
+        name: cached_fingerprint(c, cache_dir, given.get(name), write=write)
+        for name, c in cohorts.items()
+    }
     seconds = time.perf_counter() - t0
     stats = compare_embeddings(
         standardize_jointly(raw),
@@ -368,19 +391,31 @@ def intensity_statistics(
 
 def _cache_dir(s: CompareSettings) -> Path | None:
     """The embedding cache folder of these settings (``None``: caching off)."""
-    if not s.cache:
+    if _cache_mode(s) == "off":
         return None
     from aad_med.embedding.cache import default_cache_dir
 
     return Path(s.cache_dir) if s.cache_dir else default_cache_dir()
 
 
-def _add_intensity(result: dict, cohorts: Mapping[str, Cohort], s: CompareSettings, tmp: Path):
+def _cache_mode(s: CompareSettings) -> str:
+    from aad_med.embedding.preprocessed import cache_mode
+
+    return cache_mode(s.cache)
+
+
+def _add_intensity(
+    result: dict,
+    cohorts: Mapping[str, Cohort],
+    s: CompareSettings,
+    tmp: Path,
+    fingerprints: Mapping[str, np.ndarray] | None = None,
+):
     """Intensity fingerprint statistic into ``result`` and ``intensity_fingerprint.csv``."""
     from aad_med import CHANNELS
     from aad_med.data.intensity import FINGERPRINT_PERCENTILES, fingerprint_columns
 
-    raw, pairs, seconds = intensity_statistics(cohorts, s)
+    raw, pairs, seconds = intensity_statistics(cohorts, s, fingerprints)
     n = sum(len(c.subjects) for c in cohorts.values())
     # Logged, not written to distances.json: two runs of one comparison give the same file.
     log.info("intensity fingerprint of %d subjects in %.2f s", n, seconds)
@@ -427,12 +462,12 @@ def _compare_into(
     s,
     full: bool = True,
     return_samples: bool = False,
+    timer=None,
 ) -> dict:
     """Embed and compare with one encoder; write the embeddings (and, when ``full``, figures,
     decoded means and the regional map) into ``tmp``. The caller writes ``distances.json`` and
     the report."""
     from aad_med.distances import compare_embeddings
-    from aad_med.embedding.cache import embed_cohorts
     from aad_med.embedding.decode import decode_mean_difference
     from aad_med.embedding.encode import EmbedSettings
     from aad_med.embedding.features import get_feature_set
@@ -441,7 +476,12 @@ def _compare_into(
 
     feature_set = get_feature_set(s.features)
     overlaps = {name: train_overlap(c, ckpt) for name, c in cohorts.items()}
+    from aad_med.embedding.preprocessed import default_preprocessed_dir
+    from aad_med.pipelines.timings import PhaseTimer
+
+    timer = timer if timer is not None else PhaseTimer()
     cache_dir = _cache_dir(s)
+    mode = _cache_mode(s)
     embed = EmbedSettings(
         device=device,
         batch_size=s.batch_size,
@@ -451,9 +491,18 @@ def _compare_into(
         progress=s.progress,
         checkpoint_hash=file_sha256(ckpt_path) if cache_dir else None,
         cache_dir=cache_dir,
+        cache_mode=mode,
+        preprocessed_dir=(
+            None if mode == "off" else Path(s.preprocessed_dir or default_preprocessed_dir())
+        ),
+        preprocessed_max_bytes=int(s.preprocessed_max_gb * 1024**3),
     )
-    embs: dict[str, CohortEmbedding] = embed_cohorts(model, cohorts, preprocessing, embed)
+    with timer.phase("embedding"):
+        embs: dict[str, CohortEmbedding] = _embed(model, cohorts, preprocessing, embed)
+    for e in embs.values():
+        timer.add_embedding(e.timings)
     names = list(embs)
+    stats_t0 = time.perf_counter()
     stats = compare_embeddings(
         {n: e.vectors for n, e in embs.items()},
         n_permutations=s.n_permutations,
@@ -481,12 +530,15 @@ def _compare_into(
         "preprocessing": preprocessing.to_dict(),
     }
     result.update(stats)
+    if all(e.fingerprints is not None for e in embs.values()):
+        result["_fingerprints"] = {n: e.fingerprints for n, e in embs.items()}
     # The prose explaining each statistic comes from report/text.py alone; each encoder's
     # distances.json records what made it.
     result["definitions"] = dict(DEFINITIONS)
     result["provenance"] = provenance(ckpt_path)
     if feature_set.name != "latent":
         add_latent_aad(result["pairs"], {n: e.latent_means for n, e in embs.items()}, s)
+    timer.add("statistics", time.perf_counter() - stats_t0)
     for name in names:
         info = dict(result.get("cohorts", {}).get(name, {}))
         info.update(
@@ -512,6 +564,7 @@ def _compare_into(
         return result
     from aad_med.plots.comparison import comparison_figures
 
+    figures_t0 = time.perf_counter()
     result["_images"] = comparison_figures(tmp, embs, result, s.bands_bootstrap, s.seed)
     if s.decode_means:
         for pair in result["pairs"]:
@@ -529,7 +582,16 @@ def _compare_into(
             )
             pair["mean_difference_png"] = f"mean_difference_{tag}.png"
     result["regional"] = _regional(tmp, embs, result, s)
+    timer.add("figures_report", time.perf_counter() - figures_t0)
     return result
+
+
+def _embed(model, cohorts, preprocessing, embed) -> dict[str, CohortEmbedding]:
+    """Embed every cohort (sharded across ranks under torchrun; see
+    :mod:`aad_med.embedding.distributed`)."""
+    from aad_med.embedding.cache import embed_cohorts
+
+    return embed_cohorts(model, cohorts, preprocessing, embed)
 
 
 LATENT_KEYS = (
