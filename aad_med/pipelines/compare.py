@@ -117,8 +117,15 @@ def check_cohort_names(names: Sequence[str]) -> None:
             )
 
 
-def load_cohorts(paths: Mapping[str, str | Path], skip_invalid: bool = False) -> dict[str, Cohort]:
-    """Discover and validate every cohort; all problems of all cohorts are reported together.
+def load_cohorts(
+    paths: Mapping[str, str | Path],
+    skip_invalid: bool = False,
+    checked_dir: str | Path | None = None,
+    record_checked: bool = True,
+) -> dict[str, Cohort]:
+    """Discover and validate every cohort; all problems of all cohorts are reported together
+    (``checked_dir``: subjects whose voxels already passed are not decoded again,
+    :func:`aad_med.data.validation.validate_cohort`).
 
     Raises:
         CohortError: invalid subjects, unknown layouts, or a cohort with fewer than 2 subjects.
@@ -127,7 +134,12 @@ def load_cohorts(paths: Mapping[str, str | Path], skip_invalid: bool = False) ->
     problems: list[str] = []
     for name, path in paths.items():
         try:
-            cohort = load_cohort(path, skip_invalid=skip_invalid)
+            cohort = load_cohort(
+                path,
+                skip_invalid=skip_invalid,
+                checked_dir=checked_dir,
+                record_checked=record_checked,
+            )
         except CohortError as e:
             problems.extend(f"cohort {name}: {p}" for p in e.problems)
             continue
@@ -250,7 +262,13 @@ def run_comparison(
             "calibration file does not exist (give the calibration.json or calibration.csv "
             "written by aad-calibrate)",
         )
-    cohorts = load_cohorts(cohort_paths, s.skip_invalid)
+    checked = _cache_dir(s)
+    cohorts = load_cohorts(
+        cohort_paths,
+        s.skip_invalid,
+        checked_dir=None if checked is None else checked / "checked",
+        record_checked=_cache_mode(s) == "write",
+    )
     if s.calibration:
         from aad_med.calibration.table import read_calibration_table
 
