@@ -98,7 +98,7 @@ def compare_from_config(cfg: DictConfig, run_dir: str | Path) -> dict:
     Raises:
         ConfigError: no checkpoint or fewer than two cohorts given.
     """
-    from aad_med.pipelines.compare import run_comparison
+    from aad_med.pipelines.sharded import run_comparison_sharded
 
     if OmegaConf.is_missing(cfg, "checkpoint") or not cfg.checkpoint:
         raise ConfigError("checkpoint=PATH is required (a checkpoint written by aad-train)")
@@ -107,7 +107,9 @@ def compare_from_config(cfg: DictConfig, run_dir: str | Path) -> dict:
     checkpoint = cfg.checkpoint
     # checkpoint=[A.pt,B.pt,...]: one comparison per encoder plus their combination.
     checkpoint = [str(c) for c in checkpoint] if OmegaConf.is_list(checkpoint) else str(checkpoint)
-    result = run_comparison(checkpoint, cohorts, run_dir, settings_from_config(cfg))
+    result = run_comparison_sharded(checkpoint, cohorts, run_dir, settings_from_config(cfg))
+    if result is None:  # a torchrun rank other than 0: it encoded its shards, rank 0 reports
+        return {}
     for pair in result["pairs"]:
         log.info(
             "%s vs %s: AAD %.4g [%.4g, %.4g], p %.3g (FDR %.3g), %.3g x null median",

@@ -516,7 +516,7 @@ def _compare_into(
         preprocessed_max_bytes=int(s.preprocessed_max_gb * 1024**3),
     )
     with timer.phase("embedding"):
-        embs: dict[str, CohortEmbedding] = _embed(model, cohorts, preprocessing, embed)
+        embs: dict[str, CohortEmbedding] = _embed(model, cohorts, preprocessing, embed, ckpt_path)
     for e in embs.values():
         timer.add_embedding(e.timings)
     names = list(embs)
@@ -604,12 +604,11 @@ def _compare_into(
     return result
 
 
-def _embed(model, cohorts, preprocessing, embed) -> dict[str, CohortEmbedding]:
-    """Embed every cohort (sharded across ranks under torchrun; see
-    :mod:`aad_med.embedding.distributed`)."""
-    from aad_med.embedding.cache import embed_cohorts
+def _embed(model, cohorts, preprocessing, embed, ckpt_path) -> dict[str, CohortEmbedding]:
+    """Embed every cohort (sharded across ranks under torchrun: :mod:`aad_med.pipelines.sharded`)."""
+    from aad_med.pipelines.sharded import embed as sharded_embed
 
-    return embed_cohorts(model, cohorts, preprocessing, embed)
+    return sharded_embed(model, cohorts, preprocessing, embed, ckpt_path)
 
 
 LATENT_KEYS = (
