@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -42,9 +43,22 @@ def compare(args: list[str], nproc: int | None, timeout: float = 240):
         if nproc
         else [sys.executable, "-m", "aad_med.cli.compare"]
     )
-    return subprocess.run(
-        [*launcher, *args, *ARGS], capture_output=True, text=True, timeout=timeout, env=ENV
+    # Own session: on a timeout the launcher *and* its workers are killed, none left waiting.
+    proc = subprocess.Popen(
+        [*launcher, *args, *ARGS],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=ENV,
+        start_new_session=True,
     )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 def stable(out: Path) -> dict:
