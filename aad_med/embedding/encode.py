@@ -41,6 +41,7 @@ from aad_med.embedding.preprocessed import (
 )
 from aad_med.embedding.regional import RegionalAccumulator, RegionalLatents
 from aad_med.errors import CheckpointError
+from aad_med.models import ConvAutoencoder
 
 log = logging.getLogger(__name__)
 
@@ -199,6 +200,18 @@ def _ras_affine(affine: torch.Tensor, crop_start: Sequence[int]) -> np.ndarray:
     return a @ shift
 
 
+def _encode(model: torch.nn.Module, patches: torch.Tensor, stages: bool):
+    """``(model.encode(patches), stage activations or None)``. For the project's autoencoder
+    the stages come from the same pass as the latent (``encode`` is the head over the last
+    stage), so feature sets that read them (multiscale, texture) need no second encoder pass;
+    the latent is bit-identical to ``model.encode``."""
+    if stages and isinstance(model, ConvAutoencoder):
+        feats = model.encode_features(patches)
+        head = model.to_latent(torch.flatten(feats[-1], 1))
+        return (head.chunk(2, dim=1)[0] if model.variational else head), feats
+    return model.encode(patches), None
+
+
 class _CannotEncode(ValueError):
     """``model.encode`` refused the patches (told apart from other ``ValueError``s)."""
 
@@ -247,6 +260,7 @@ def encode_subject(
     )
     acc = feature_set.accumulator()
     latent_acc = LatentMeanAccumulator()
+    needs_stages = not isinstance(acc, LatentMeanAccumulator)
     latents = []
     forward = 0.0
     t_start = time.perf_counter()
@@ -255,12 +269,12 @@ def encode_subject(
         with torch.inference_mode(), _autocast(device):
             t0 = time.perf_counter()
             try:
-                z = model.encode(patches)
+                z, stages = _encode(model, patches, needs_stages)
             except ValueError as e:
                 raise _CannotEncode(str(e)) from None
             z = z.float().cpu()
             forward += time.perf_counter() - t0
-            batch = PatchBatch(model, patches, z, chunk.cpu() + crop_start)
+            batch = PatchBatch(model, patches, z, chunk.cpu() + crop_start, stages)
             latent_acc.add(batch)
             if not isinstance(acc, LatentMeanAccumulator):
                 acc.add(batch)

@@ -145,3 +145,48 @@ def test_prefetch_gives_the_same_vectors(model, cohorts, preprocessing):
     b = embed_cohort(model, cohorts["siteA"], preprocessing, prefetch=False, **kw)
     np.testing.assert_array_equal(a.vectors, b.vectors)
     assert encode_mod.EmbedSettings().prefetch is True
+
+
+def test_single_encoder_pass_gives_the_two_pass_vectors(model, cohorts, preprocessing):
+    """The latent and the stage activations from one pass equal ``encode`` plus a second
+    ``encode_features`` pass (what any other model still gets), bit for bit."""
+    from aad_med import DEFAULT_FEATURES
+    from aad_med.embedding.encode import encode_subject
+    from aad_med.embedding.features import get_feature_set
+
+    class Opaque(torch.nn.Module):  # not a ConvAutoencoder: the generic two-pass path
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+            self.patch_size, self.in_channels = inner.patch_size, inner.in_channels
+
+        def encode(self, x):
+            return self.inner.encode(x)
+
+        def encode_features(self, x):
+            return self.inner.encode_features(x)
+
+    item = PreprocessedSubjects(cohorts["siteA"].subjects, preprocessing)[0]
+    fs = get_feature_set(DEFAULT_FEATURES)
+    one = encode_subject(model, item, preprocessing, "cpu", 7, fs)
+    two = encode_subject(Opaque(model).eval(), item, preprocessing, "cpu", 7, fs)
+    np.testing.assert_array_equal(one.vector, two.vector)
+    np.testing.assert_array_equal(one.latent_mean, two.latent_mean)
+
+
+def test_extract_patches_equals_advanced_indexing():
+    from aad_med.data.transforms import extract_patches
+
+    g = torch.Generator().manual_seed(0)
+    image = torch.randn(4, 20, 22, 18, generator=g)
+    pos = torch.tensor([[0, 0, 0], [3, 5, 7], [12, 14, 10]])
+    p = 8
+    ar = torch.arange(p)
+    ref = image[
+        :,
+        (pos[:, 0, None] + ar)[:, :, None, None],
+        (pos[:, 1, None] + ar)[:, None, :, None],
+        (pos[:, 2, None] + ar)[:, None, None, :],
+    ].permute(1, 0, 2, 3, 4)
+    assert torch.equal(extract_patches(image, pos, p), ref)
+    assert extract_patches(image, pos[:0], p).shape == (0, 4, p, p, p)
