@@ -71,7 +71,9 @@ class EmbedSettings:
             (:mod:`aad_med.embedding.preprocessed`); ``None`` turns that cache off.
         preprocessed_max_bytes: its size bound (least recently used entries are deleted).
         prefetch: with ``num_workers=0``, a background thread decodes and preprocesses the
-            next subject while the current one is encoded.
+            next subject while the current one is encoded. Off by default: on two shared,
+            busy cores it measured no gain (BENCHMARKS.md, "Encoding at BraTS size"); it can
+            help where a core is idle while the encoder runs.
     """
 
     device: str | torch.device = "cpu"
@@ -85,7 +87,7 @@ class EmbedSettings:
     cache_mode: str = "write"
     preprocessed_dir: str | Path | None = None
     preprocessed_max_bytes: int = DEFAULT_MAX_BYTES
-    prefetch: bool = True
+    prefetch: bool = False
 
     @classmethod
     def resolve(cls, settings: EmbedSettings | None, options: Mapping[str, Any]) -> EmbedSettings:
