@@ -28,7 +28,7 @@ from aad_med.data.records import SubjectRecord
 from aad_med.data.transforms import (
     AddBrainMaskd,
     SafeCompose,
-    deterministic_transforms,
+    monai_transforms,
 )
 from aad_med.device import resolve_device
 from aad_med.embedding.encode import check_model_matches, encode_subject
@@ -43,9 +43,11 @@ def split_preprocessing(preprocessing: PreprocessingConfig) -> tuple[SafeCompose
 
     ``read`` loads the raw subject and records its brain mask (voxels non-zero in any channel of
     the clean volume); ``finish`` reorients, resamples, crops, z-scores and pads. Artefacts go in
-    between, so they act on raw intensities but never move the brain crop.
+    between, so they act on raw intensities but never move the brain crop. The step-by-step
+    MONAI chain (:func:`aad_med.data.transforms.monai_transforms`) is cut: its re-masking with
+    the clean brain keeps artefacts out of the background, which the fused path skips.
     """
-    steps = list(deterministic_transforms(preprocessing).transforms)
+    steps = list(monai_transforms(preprocessing).transforms)
     cut = next((i for i, t in enumerate(steps) if isinstance(t, AddBrainMaskd)), None)
     if cut is None:
         raise RuntimeError("the preprocessing has no brain-mask step to insert artefacts after")

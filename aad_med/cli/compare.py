@@ -54,6 +54,14 @@ def open_cohort_overrides(args: Sequence[str]) -> list[str]:
     return [f"++{a}" if _COHORT_OVERRIDE.match(a) else a for a in args]
 
 
+def _cache_setting(cfg: DictConfig) -> str:
+    """``cache=off|read|write`` and the older ``embedding.cache=true|false``: the stricter wins."""
+    from aad_med.embedding.preprocessed import CACHE_MODES, cache_mode
+
+    modes = [cache_mode(cfg.get("cache", "write")), cache_mode(cfg.embedding.get("cache", True))]
+    return min(modes, key=CACHE_MODES.index)
+
+
 def settings_from_config(cfg: DictConfig):
     """:class:`~aad_med.pipelines.compare.CompareSettings` from the composed config."""
     from aad_med.pipelines.compare import CompareSettings
@@ -69,8 +77,10 @@ def settings_from_config(cfg: DictConfig):
         features=str(emb.features),
         batch_size=int(emb.batch_size),
         num_workers=int(emb.num_workers),
-        cache=bool(emb.cache),
+        cache=_cache_setting(cfg),
         cache_dir=emb.cache_dir,
+        preprocessed_dir=emb.get("preprocessed_dir"),
+        preprocessed_max_gb=float(emb.get("preprocessed_max_gb", 20)),
         skip_invalid=bool(cfg.skip_invalid),
         regional=bool(cfg.regional),
         decode_means=bool(cfg.decode_means),
@@ -94,7 +104,7 @@ def compare_from_config(cfg: DictConfig, run_dir: str | Path) -> dict:
     Raises:
         ConfigError: no checkpoint or fewer than two cohorts given.
     """
-    from aad_med.pipelines.compare import run_comparison
+    from aad_med.pipelines.sharded import run_comparison_sharded
 
     if OmegaConf.is_missing(cfg, "checkpoint") or not cfg.checkpoint:
         raise ConfigError("checkpoint=PATH is required (a checkpoint written by aad-train)")
@@ -103,7 +113,9 @@ def compare_from_config(cfg: DictConfig, run_dir: str | Path) -> dict:
     checkpoint = cfg.checkpoint
     # checkpoint=[A.pt,B.pt,...]: one comparison per encoder plus their combination.
     checkpoint = [str(c) for c in checkpoint] if OmegaConf.is_list(checkpoint) else str(checkpoint)
-    result = run_comparison(checkpoint, cohorts, run_dir, settings_from_config(cfg))
+    result = run_comparison_sharded(checkpoint, cohorts, run_dir, settings_from_config(cfg))
+    if result is None:  # a torchrun rank other than 0: it encoded its shards, rank 0 reports
+        return {}
     for pair in result["pairs"]:
         log.info(
             "%s vs %s: AAD %.4g [%.4g, %.4g], p %.3g (FDR %.3g), %.3g x null median",

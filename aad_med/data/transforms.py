@@ -33,6 +33,7 @@ from __future__ import annotations
 
 from collections.abc import Hashable, Mapping, Sequence
 
+import nibabel as nib
 import numpy as np
 import torch
 from monai.config import KeysCollection
@@ -285,18 +286,10 @@ def _spacing_of(affine) -> tuple[float, float, float]:
     return tuple(float(s) for s in np.sqrt((a[:3, :3] ** 2).sum(axis=0)))
 
 
-def deterministic_transforms(cfg: PreprocessingConfig) -> Compose:
-    """The cacheable part of preprocessing: record dict -> preprocessed subject dict.
-
-    Input: ``SubjectRecord.as_dict()``. Output keys: :data:`PREPROCESSED_KEYS`. Every spatial
-    dimension of the output is at least ``cfg.patch_size``.
-
-    Raises (when called):
-        InputError: a file of the subject is missing, unreadable or inconsistent.
-    """
+def _monai_tail(cfg: PreprocessingConfig) -> list:
+    """The MONAI steps after :class:`LoadSubjectd` (general path: any orientation, resampling)."""
     spatial = ["image", "seg", "brain"]
     steps = [
-        LoadSubjectd(target_spacing=cfg.spacing, patch_size=cfg.patch_size),
         AddBrainMaskd(),
         Orientationd(keys=spatial, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
         ResampleToSpacingd(spatial, cfg.spacing, ("bilinear", "nearest", "nearest")),
@@ -319,6 +312,124 @@ def deterministic_transforms(cfg: PreprocessingConfig) -> Compose:
         # Padding only at the end keeps crop_start valid as the origin of the patch positions.
         SpatialPadd(keys=spatial, spatial_size=[cfg.patch_size] * 3, method="end"),
         FinalisePreprocessedd(),
+    ]
+    return steps
+
+
+def monai_transforms(cfg: PreprocessingConfig) -> Compose:
+    """The preprocessing as a chain of MONAI transforms, step by step (the reference
+    :class:`FusedPreprocessd` is tested against, and the general path it falls back to)."""
+    steps = [LoadSubjectd(target_spacing=cfg.spacing, patch_size=cfg.patch_size)]
+    return SafeCompose(steps + _monai_tail(cfg), log_stats=False)
+
+
+_IDENTITY_ORIENTATION = np.array([[0.0, 1.0], [1.0, 1.0], [2.0, 1.0]])
+_SUM_CHUNK = 1 << 20
+
+
+def _zscore_nonzero(src: np.ndarray, dst: np.ndarray) -> None:
+    """``dst`` = ``src`` z-scored over its non-zero voxels, exactly 0 where ``src`` is 0.
+
+    The mean and the population standard deviation come from float64 sums (zeros add nothing
+    to them), so no boolean gather of the foreground is needed; the arithmetic is then float32,
+    like MONAI's ``NormalizeIntensity(nonzero=True)``, which it matches to float32 rounding.
+    """
+    flat = src.reshape(-1)
+    n = int(np.count_nonzero(flat))
+    if n == 0:
+        np.copyto(dst, src)
+        return
+    total = float(np.sum(flat, dtype=np.float64))
+    squares = 0.0
+    for i in range(0, flat.size, _SUM_CHUNK):
+        part = flat[i : i + _SUM_CHUNK].astype(np.float64)
+        squares += float(part @ part)
+    mean = total / n
+    var = max(squares / n - mean * mean, 0.0)
+    std = np.float32(np.sqrt(var)) if var > 0 else np.float32(1.0)
+    np.subtract(src, np.float32(mean), out=dst)
+    np.divide(dst, std, out=dst)
+    np.copyto(dst, np.float32(0.0), where=src == 0)
+
+
+def _fused(loaded: dict, cfg: PreprocessingConfig) -> dict | None:
+    """The preprocessing in one pass when the subject needs neither reorientation nor
+    resampling (the affine is already RAS at the target spacing, as in BraTS); ``None`` when it
+    does. Equal to the MONAI chain's result (tests/data/test_transforms.py), with one copy of
+    the cropped volume instead of a copy per step and no masking (without resampling the image
+    is already 0 outside the brain)."""
+    image = loaded["image"]
+    affine = np.asarray(image.affine, dtype=np.float64)
+    if not np.array_equal(nib.orientations.io_orientation(affine), _IDENTITY_ORIENTATION):
+        return None
+    if not np.allclose(_spacing_of(affine), cfg.spacing, atol=_SPACING_ATOL):
+        return None
+    raw = image.as_tensor().numpy()
+    ras_shape = [int(v) for v in raw.shape[1:]]
+    brain = raw[0] != 0
+    for c in range(1, raw.shape[0]):
+        brain |= raw[c] != 0
+    if cfg.crop_foreground and brain.any():
+        lo, hi = [], []
+        for axis in range(3):
+            hit = np.flatnonzero(brain.any(axis=tuple(a for a in range(3) if a != axis)))
+            lo.append(int(hit[0]))
+            hi.append(int(hit[-1]) + 1)
+    else:
+        lo, hi = [0, 0, 0], list(ras_shape)
+    box = tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))
+    size = [max(b - a, cfg.patch_size) for a, b in zip(lo, hi, strict=True)]
+    inner = tuple(slice(0, b - a) for a, b in zip(lo, hi, strict=True))
+    out = np.zeros((raw.shape[0], *size), dtype=np.float32)
+    for c in range(raw.shape[0]):
+        _zscore_nonzero(np.ascontiguousarray(raw[c][box]), out[(c, *inner)])
+    brain_out = np.zeros((1, *size), dtype=np.uint8)
+    brain_out[(0, *inner)] = brain[box]
+    seg_out = np.zeros((1, *size), dtype=np.int16)
+    seg_out[(0, *inner)] = loaded["seg"].as_tensor().numpy()[(0, *box)]
+    shift = np.eye(4)
+    shift[:3, 3] = lo
+    crop_affine = affine @ shift
+    return {
+        "subject_id": str(loaded["subject_id"]),
+        "image": torch.from_numpy(out),
+        "seg": torch.from_numpy(seg_out),
+        "brain": torch.from_numpy(brain_out),
+        "has_seg": bool(loaded["has_seg"]),
+        "affine": torch.from_numpy(crop_affine),
+        "crop_start": [int(v) for v in lo] if cfg.crop_foreground else [0, 0, 0],
+        "ras_shape": ras_shape,
+        "spacing": [float(s) for s in _spacing_of(crop_affine)],
+    }
+
+
+class FusedPreprocessd(MapTransform):
+    """Everything after :class:`LoadSubjectd`: one fused numpy pass for subjects already RAS at
+    the target spacing, the MONAI chain (:func:`monai_transforms`) for the others."""
+
+    def __init__(self, cfg: PreprocessingConfig):
+        super().__init__(keys=["image", "seg"])
+        self.cfg = cfg
+        self.tail = SafeCompose(_monai_tail(cfg), log_stats=False)
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        fused = _fused(dict(data), self.cfg)
+        return fused if fused is not None else self.tail(dict(data))
+
+
+def deterministic_transforms(cfg: PreprocessingConfig) -> Compose:
+    """The cacheable part of preprocessing: record dict -> preprocessed subject dict.
+
+    Input: ``SubjectRecord.as_dict()``. Output keys: :data:`PREPROCESSED_KEYS`. Every spatial
+    dimension of the output is at least ``cfg.patch_size``. :class:`FusedPreprocessd` does the
+    work in one pass where it can and equals :func:`monai_transforms` (the step-by-step chain).
+
+    Raises (when called):
+        InputError: a file of the subject is missing, unreadable or inconsistent.
+    """
+    steps = [
+        LoadSubjectd(target_spacing=cfg.spacing, patch_size=cfg.patch_size),
+        FusedPreprocessd(cfg),
     ]
     return SafeCompose(steps, log_stats=False)
 
@@ -453,12 +564,14 @@ def extract_patches(image: torch.Tensor, positions: torch.Tensor, patch_size: in
         ``(N, C, p, p, p)`` on the device of ``image`` (a copy, not a view).
     """
     p = patch_size
-    positions = positions.to(image.device)
-    ar = torch.arange(p, device=image.device)
-    ix = (positions[:, 0, None] + ar)[:, :, None, None]
-    iy = (positions[:, 1, None] + ar)[:, None, :, None]
-    iz = (positions[:, 2, None] + ar)[:, None, None, :]
-    return image[:, ix, iy, iz].permute(1, 0, 2, 3, 4).contiguous()
+    starts = positions.to("cpu", torch.int64).tolist()
+    if not starts:
+        return image.new_empty((0, image.shape[0], p, p, p))
+    # One slice copy per patch: 10-20x faster than one advanced-indexing gather on CPU.
+    out = image.new_empty((len(starts), image.shape[0], p, p, p))
+    for i, (x, y, z) in enumerate(starts):
+        out[i] = image[:, x : x + p, y : y + p, z : z + p]
+    return out
 
 
 def eval_patch_grid(

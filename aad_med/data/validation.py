@@ -11,6 +11,7 @@ at a time, so memory stays flat whatever the cohort size, and never for a subjec
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import warnings
 from dataclasses import dataclass
@@ -29,11 +30,12 @@ from aad_med.data.io import (
     check_subject_budget,
     check_values,
     read_header,
-    read_voxels,
+    read_stored,
 )
 from aad_med.data.layouts import discover_cohort
 from aad_med.data.records import Cohort, ImageSource, SubjectRecord
 from aad_med.errors import CohortError, InputError
+from aad_med.io_utils import cache_key, file_stats
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +58,8 @@ def validate_cohort(
     check_voxels: bool = True,
     affine_tolerance: float = AFFINE_TOLERANCE,
     max_subject_voxels: int | None = None,
+    checked_dir: str | Path | None = None,
+    record_checked: bool = True,
 ) -> Cohort:
     """Check every file of every subject and report all problems at once.
 
@@ -71,6 +75,10 @@ def validate_cohort(
         max_subject_voxels: per-subject budget on decoded voxels across all its files;
             ``None`` uses ``$AAD_MAX_SUBJECT_VOXELS`` or
             :data:`aad_med.data.io.MAX_SUBJECT_VOXELS`.
+        checked_dir: a folder remembering subjects whose voxels passed (an empty marker file
+            per subject, keyed by its record and its files' path, size and modification time):
+            their voxels are not read again, headers and grids are still checked.
+        record_checked: add markers for subjects that pass (``False``: a read-only folder).
 
     Returns:
         A new cohort holding the valid subjects (the input is not modified).
@@ -83,9 +91,14 @@ def validate_cohort(
     problems: list[str] = []
     skipped = list(cohort.skipped)
     for i, subject in enumerate(cohort.subjects, start=1):
-        lines = subject_problems(
-            subject, max_voxels, check_voxels, affine_tolerance, max_subject_voxels
-        )
+        marker = _checked_marker(subject, checked_dir)
+        voxels = check_voxels and not (marker is not None and marker.is_file())
+        lines = subject_problems(subject, max_voxels, voxels, affine_tolerance, max_subject_voxels)
+        if not lines and voxels and marker is not None and record_checked:
+            # Decoding every volume costs as much as embedding it: do it once per file version.
+            with contextlib.suppress(OSError):
+                marker.parent.mkdir(parents=True, exist_ok=True)
+                marker.touch()
         if not lines:
             good.append(subject)
         elif skip_invalid:
@@ -110,12 +123,21 @@ def validate_cohort(
     return Cohort(path=cohort.path, layout=cohort.layout, subjects=good, skipped=skipped)
 
 
+def _checked_marker(subject: SubjectRecord, checked_dir: str | Path | None) -> Path | None:
+    if checked_dir is None:
+        return None
+    key = cache_key({"v": 1, "record": subject.as_dict(), "files": file_stats(subject.files)})
+    return Path(checked_dir) / f"voxels-ok-{key}"
+
+
 def load_cohort(
     path: str | Path,
     skip_invalid: bool = False,
     check_voxels: bool = True,
     max_voxels: int = MAX_VOXELS,
     max_subject_voxels: int | None = None,
+    checked_dir: str | Path | None = None,
+    record_checked: bool = True,
 ) -> Cohort:
     """Discover a cohort folder or CSV manifest and validate it (see :func:`validate_cohort`).
 
@@ -129,6 +151,8 @@ def load_cohort(
         max_voxels=max_voxels,
         check_voxels=check_voxels,
         max_subject_voxels=max_subject_voxels,
+        checked_dir=checked_dir,
+        record_checked=record_checked,
     )
 
 
@@ -213,13 +237,13 @@ def _voxel_problems(
         try:
             img = headers[name].img
             if src.volume is None:
-                data = read_voxels(img, src.path, None)
+                data = read_stored(img, src.path, None)
                 where: str | Path = src.path
             else:
                 # Decompress a 4D file once for its four channels.
                 if src.path not in four_d:
                     four_d[src.path] = None
-                    four_d[src.path] = read_voxels(img, src.path, -1)
+                    four_d[src.path] = read_stored(img, src.path, -1)
                 full = four_d[src.path]
                 if full is None:
                     continue

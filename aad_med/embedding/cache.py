@@ -212,7 +212,7 @@ def embed_cohorts(
     s = EmbedSettings.resolve(settings, options)
     feature_set = get_feature_set(s.features)
     s = dataclasses.replace(s, features=feature_set)
-    use_cache = s.cache_dir is not None and s.checkpoint_hash is not None
+    use_cache = s.cache_dir is not None and s.checkpoint_hash is not None and s.cache_mode != "off"
     out: dict[str, CohortEmbedding] = {}
     for name, cohort in cohorts.items():
         entry = None
@@ -232,7 +232,7 @@ def embed_cohorts(
                 out[name] = cached
                 continue
         emb = embed_cohort(model, cohort, preprocessing, s, name=name)
-        if entry is not None:
+        if entry is not None and s.cache_mode == "write":
             save_cached(entry, emb)
         out[name] = emb
     return finalize_vectors(feature_set, out)

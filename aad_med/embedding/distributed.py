@@ -151,6 +151,15 @@ def merge_shards(
         latent_means=np.stack(pick("latent_means")).astype(np.float64),
         features=present[0].features,
         regional=regional,
+        fingerprints=(
+            np.stack(pick("fingerprints"))
+            if all(p.fingerprints is not None for p in present)
+            else None
+        ),
+        # Seconds summed over the ranks (CPU time of each phase, not wall time).
+        timings={
+            k: sum(p.timings.get(k, 0.0) for p in present) for p in present for k in p.timings
+        },
     )
 
 

@@ -14,6 +14,7 @@ import logging
 import os
 import time
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,6 @@ import torch
 from tqdm.auto import tqdm
 
 from aad_med import DEFAULT_FEATURES
-from aad_med.data.datasets import build_eval_dataset
 from aad_med.data.preprocessing import PreprocessingConfig
 from aad_med.data.records import Cohort, SubjectRecord
 from aad_med.data.transforms import eval_patch_positions, extract_patches
@@ -34,8 +34,14 @@ from aad_med.embedding.features import (
     PatchBatch,
     get_feature_set,
 )
+from aad_med.embedding.preprocessed import (
+    DEFAULT_MAX_BYTES,
+    PreprocessedCache,
+    PreprocessedSubjects,
+)
 from aad_med.embedding.regional import RegionalAccumulator, RegionalLatents
 from aad_med.errors import CheckpointError
+from aad_med.models import ConvAutoencoder
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +65,15 @@ class EmbedSettings:
         checkpoint_hash: SHA-256 of the checkpoint file (:func:`aad_med.io_utils.file_sha256`);
             caching is off without it (a model in memory has no stable identity).
         cache_dir: embedding cache folder; ``None`` turns caching off.
+        cache_mode: ``"write"`` reads and adds cache entries, ``"read"`` only reads them (a
+            shared or read-only cache), ``"off"`` neither (both caches).
+        preprocessed_dir: preprocessed-subject cache folder
+            (:mod:`aad_med.embedding.preprocessed`); ``None`` turns that cache off.
+        preprocessed_max_bytes: its size bound (least recently used entries are deleted).
+        prefetch: with ``num_workers=0``, a background thread decodes and preprocesses the
+            next subject while the current one is encoded. Off by default: on two shared,
+            busy cores it measured no gain (BENCHMARKS.md, "Encoding at BraTS size"); it can
+            help where a core is idle while the encoder runs.
     """
 
     device: str | torch.device = "cpu"
@@ -69,6 +84,10 @@ class EmbedSettings:
     progress: bool = True
     checkpoint_hash: str | None = None
     cache_dir: str | Path | None = None
+    cache_mode: str = "write"
+    preprocessed_dir: str | Path | None = None
+    preprocessed_max_bytes: int = DEFAULT_MAX_BYTES
+    prefetch: bool = False
 
     @classmethod
     def resolve(cls, settings: EmbedSettings | None, options: Mapping[str, Any]) -> EmbedSettings:
@@ -98,6 +117,10 @@ class CohortEmbedding:
             equal to ``vectors`` when ``features == "latent"``).
         features: name of the feature set of ``vectors``.
         regional: position-resolved latents for the regional map (``keep_positions=True``).
+        fingerprints: ``(n, 28)`` raw-intensity fingerprints computed from the same decoded
+            volumes (:func:`aad_med.data.intensity.fingerprint_row`), or ``None``.
+        timings: seconds spent per phase (``decode``, ``fingerprint``, ``preprocessing``,
+            ``cache_read``, ``cache_write``, ``forward``, ``features``, ``wait``, ``total``).
     """
 
     name: str
@@ -108,6 +131,8 @@ class CohortEmbedding:
     latent_means: np.ndarray
     features: str = "latent"
     regional: RegionalLatents | None = field(default=None, repr=False)
+    fingerprints: np.ndarray | None = field(default=None, repr=False)
+    timings: dict[str, float] = field(default_factory=dict, repr=False)
 
     def __len__(self) -> int:
         return len(self.subject_ids)
@@ -177,6 +202,18 @@ def _ras_affine(affine: torch.Tensor, crop_start: Sequence[int]) -> np.ndarray:
     return a @ shift
 
 
+def _encode(model: torch.nn.Module, patches: torch.Tensor, stages: bool):
+    """``(model.encode(patches), stage activations or None)``. For the project's autoencoder
+    the stages come from the same pass as the latent (``encode`` is the head over the last
+    stage), so feature sets that read them (multiscale, texture) need no second encoder pass;
+    the latent is bit-identical to ``model.encode``."""
+    if stages and isinstance(model, ConvAutoencoder):
+        feats = model.encode_features(patches)
+        head = model.to_latent(torch.flatten(feats[-1], 1))
+        return (head.chunk(2, dim=1)[0] if model.variational else head), feats
+    return model.encode(patches), None
+
+
 class _CannotEncode(ValueError):
     """``model.encode`` refused the patches (told apart from other ``ValueError``s)."""
 
@@ -189,6 +226,7 @@ def encode_subject(
     batch_size: int,
     feature_set: FeatureSet,
     keep_latents: bool = False,
+    timings: dict[str, float] | None = None,
 ) -> SubjectEncoding:
     """Encode one preprocessed subject (keys of ``PREPROCESSED_KEYS``) on its evaluation grid.
 
@@ -205,6 +243,8 @@ def encode_subject(
         batch_size: patches per forward pass.
         feature_set: the reduction of the patch latents to the subject's vector.
         keep_latents: also return every patch latent (for the regional map).
+        timings: when given, seconds are added under ``forward`` (``model.encode``) and
+            ``features`` (grid, patch cutting and the feature set's reduction).
 
     Returns:
         The subject's :class:`SubjectEncoding`.
@@ -222,15 +262,21 @@ def encode_subject(
     )
     acc = feature_set.accumulator()
     latent_acc = LatentMeanAccumulator()
+    needs_stages = not isinstance(acc, LatentMeanAccumulator)
     latents = []
+    forward = 0.0
+    t_start = time.perf_counter()
     for chunk in positions.split(batch_size):
         patches = extract_patches(image, chunk, p)
         with torch.inference_mode(), _autocast(device):
+            t0 = time.perf_counter()
             try:
-                z = model.encode(patches)
+                z, stages = _encode(model, patches, needs_stages)
             except ValueError as e:
                 raise _CannotEncode(str(e)) from None
-            batch = PatchBatch(model, patches, z.float().cpu(), chunk.cpu() + crop_start)
+            z = z.float().cpu()
+            forward += time.perf_counter() - t0
+            batch = PatchBatch(model, patches, z, chunk.cpu() + crop_start, stages)
             latent_acc.add(batch)
             if not isinstance(acc, LatentMeanAccumulator):
                 acc.add(batch)
@@ -238,6 +284,10 @@ def encode_subject(
             latents.append(batch.latents.numpy())
     mean = latent_acc.vector()
     vec = mean if isinstance(acc, LatentMeanAccumulator) else acc.vector()
+    if timings is not None:
+        timings["forward"] = timings.get("forward", 0.0) + forward
+        features = time.perf_counter() - t_start - forward
+        timings["features"] = timings.get("features", 0.0) + features
     return SubjectEncoding(
         vector=np.asarray(vec, dtype=np.float64),
         latent_mean=mean,
@@ -246,11 +296,35 @@ def encode_subject(
     )
 
 
-def _subject_iterator(records: Sequence[SubjectRecord], preprocessing, num_workers: int):
-    dataset = build_eval_dataset(list(records), preprocessing, cache="none")
-    if num_workers <= 0:
+def preprocessed_cache(s: EmbedSettings) -> PreprocessedCache | None:
+    """The preprocessed-subject cache of these settings (``None`` when off)."""
+    if s.preprocessed_dir is None or s.cache_mode == "off":
+        return None
+    return PreprocessedCache(s.preprocessed_dir, s.cache_mode, s.preprocessed_max_bytes)
+
+
+def _subject_iterator(
+    records: Sequence[SubjectRecord],
+    preprocessing: PreprocessingConfig,
+    num_workers: int,
+    cache: PreprocessedCache | None = None,
+    prefetch: bool = False,
+):
+    dataset = PreprocessedSubjects(records, preprocessing, cache)
+    if num_workers <= 0 and not prefetch:
         for i in range(len(dataset)):
             yield dataset[i]
+        return
+    if num_workers <= 0:
+        # One thread prepares the next subject while this one is encoded: inflating, numpy and
+        # the forward pass release the GIL, so decoding and encoding overlap even on 2 cores.
+        # At most two subjects are in memory, whatever the cohort size.
+        with ThreadPoolExecutor(1, thread_name_prefix="aad-prefetch") as pool:
+            pending = pool.submit(dataset.__getitem__, 0) if len(dataset) else None
+            for i in range(len(dataset)):
+                item = pending.result()
+                pending = pool.submit(dataset.__getitem__, i + 1) if i + 1 < len(dataset) else None
+                yield item
         return
     # Workers preprocess the next subjects while the current one is encoded; batch size 1
     # keeps one subject per item so memory stays flat.
@@ -299,7 +373,8 @@ def embed_cohort(
         if s.keep_positions
         else None
     )
-    ids, paths, n_patches, vectors, latent_means = [], [], [], [], []
+    ids, paths, n_patches, vectors, latent_means, fingerprints = [], [], [], [], [], []
+    timings: dict[str, float] = {}
     t0 = time.perf_counter()
     bar = tqdm(
         total=len(cohort.subjects),
@@ -308,12 +383,17 @@ def embed_cohort(
         disable=None if progress else True,
         leave=False,
     )
+    items = _subject_iterator(
+        cohort.subjects, preprocessing, num_workers, preprocessed_cache(s), s.prefetch
+    )
     try:
-        for record, item in zip(
-            cohort.subjects,
-            _subject_iterator(cohort.subjects, preprocessing, num_workers),
-            strict=True,
-        ):
+        t_wait = time.perf_counter()
+        for record, item in zip(cohort.subjects, items, strict=True):
+            # Time the encoder waited for data (all of the data path without prefetching).
+            timings["wait"] = timings.get("wait", 0.0) + time.perf_counter() - t_wait
+            for phase, sec in item.pop("timings", {}).items():
+                timings[phase] = timings.get(phase, 0.0) + float(sec)
+            fingerprints.append(item.get("fingerprint"))
             try:
                 enc = encode_subject(
                     model,
@@ -323,6 +403,7 @@ def embed_cohort(
                     batch_size,
                     feature_set,
                     keep_latents=regional is not None,
+                    timings=timings,
                 )
             except _CannotEncode as e:
                 raise CheckpointError(
@@ -344,9 +425,12 @@ def embed_cohort(
             vectors.append(enc.vector)
             latent_means.append(enc.latent_mean)
             bar.update(1)
+            t_wait = time.perf_counter()
     finally:
         bar.close()
+        items.close()
     seconds = time.perf_counter() - t0
+    timings["total"] = seconds
     log.info(
         "encoded %d subjects of %s in %.1f s (%.2f subjects/s, %d patches)",
         len(ids),
@@ -365,4 +449,10 @@ def embed_cohort(
         latent_means=np.stack(latent_means) if latent_means else np.zeros((0, latent_dim)),
         features=feature_set.name,
         regional=regional.result(latent_dim) if regional is not None else None,
+        fingerprints=(
+            np.stack(fingerprints)
+            if fingerprints and all(f is not None for f in fingerprints)
+            else None
+        ),
+        timings=timings,
     )

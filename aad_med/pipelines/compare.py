@@ -20,6 +20,7 @@ in about a second rather than after the heavy imports.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import logging
 import re
@@ -91,8 +92,10 @@ class CompareSettings:
     features: str = DEFAULT_FEATURES
     batch_size: int = 32
     num_workers: int = 0
-    cache: bool = True
+    cache: bool | str = True
     cache_dir: str | Path | None = None
+    preprocessed_dir: str | Path | None = None
+    preprocessed_max_gb: float = 20.0
     skip_invalid: bool = False
     regional: bool = True
     decode_means: bool = True
@@ -130,8 +133,15 @@ def check_cohort_names(names: Sequence[str]) -> None:
             )
 
 
-def load_cohorts(paths: Mapping[str, str | Path], skip_invalid: bool = False) -> dict[str, Cohort]:
-    """Discover and validate every cohort; all problems of all cohorts are reported together.
+def load_cohorts(
+    paths: Mapping[str, str | Path],
+    skip_invalid: bool = False,
+    checked_dir: str | Path | None = None,
+    record_checked: bool = True,
+) -> dict[str, Cohort]:
+    """Discover and validate every cohort; all problems of all cohorts are reported together
+    (``checked_dir``: subjects whose voxels already passed are not decoded again,
+    :func:`aad_med.data.validation.validate_cohort`).
 
     Raises:
         CohortError: invalid subjects, unknown layouts, or a cohort with fewer than 2 subjects.
@@ -140,7 +150,12 @@ def load_cohorts(paths: Mapping[str, str | Path], skip_invalid: bool = False) ->
     problems: list[str] = []
     for name, path in paths.items():
         try:
-            cohort = load_cohort(path, skip_invalid=skip_invalid)
+            cohort = load_cohort(
+                path,
+                skip_invalid=skip_invalid,
+                checked_dir=checked_dir,
+                record_checked=record_checked,
+            )
         except CohortError as e:
             problems.extend(f"cohort {name}: {p}" for p in e.problems)
             continue
@@ -284,7 +299,13 @@ def run_comparison(
             "calibration file does not exist (give the calibration.json or calibration.csv "
             "written by aad-calibrate)",
         )
-    cohorts = load_cohorts(cohort_paths, s.skip_invalid)
+    checked = _cache_dir(s)
+    cohorts = load_cohorts(
+        cohort_paths,
+        s.skip_invalid,
+        checked_dir=None if checked is None else checked / "checked",
+        record_checked=_cache_mode(s) == "write",
+    )
     check_output_folder(run_dir, cohort_paths.values())
     caveats = input_caveats(cohort_paths, cohorts, ckpt_paths, s.n_permutations)
     for caveat in caveats:
@@ -298,8 +319,10 @@ def run_comparison(
     # Heavy imports only once the inputs are known to be valid.
     from aad_med.device import resolve_device
     from aad_med.distances import combine_encoder_runs
+    from aad_med.pipelines.timings import PhaseTimer
     from aad_med.training.checkpoint import load_model_from_checkpoint
 
+    timer = PhaseTimer()
     device = resolve_device(s.device)
     run_dir.mkdir(parents=True, exist_ok=True)
     # Only the run holding the folder may call other runs' temporary folders stale.
@@ -327,11 +350,16 @@ def run_comparison(
                     full=i == 0,
                     return_samples=multi,
                     reference=reference,
+                    timer=timer,
                 )
             )
         result = results[0]
         images = result.pop("_images", {})
         subject_input = result.pop("_subjects", None)
+        # Fingerprints the embedding computed from the volumes it decoded (read once).
+        computed_fingerprints = result.pop("_fingerprints", None)
+        for res in results[1:]:
+            res.pop("_fingerprints", None)
         if multi:
             combined = combine_encoder_runs(results, names=[str(p) for p in ckpt_paths])
             for i, res in enumerate(results):
@@ -347,7 +375,10 @@ def run_comparison(
                 )
         fingerprints = None
         if s.intensity:
-            fingerprints = _add_intensity(result, cohorts, s, tmp, reference)
+            with timer.phase("intensity"):
+                fingerprints = _add_intensity(
+                    result, cohorts, s, tmp, reference, computed_fingerprints
+                )
         if s.subjects:
             _add_subjects(result, tmp, subject_input, cohorts, fingerprints, s, reference)
         if s.calibration:
@@ -357,8 +388,12 @@ def run_comparison(
         _warn_overlap(result)
         result["caveats"] = caveats
         result["provenance"] = provenance(ckpt_paths)
+        with timer.phase("figures_report"):
+            write_distances_json(tmp / "distances.json", result)
+            write_report(result, tmp, images)
+        # Seconds per phase (differs between runs, unlike everything else in the file).
+        result["timings"] = timer.record()
         write_distances_json(tmp / "distances.json", result)
-        write_report(result, tmp, images)
         publish(tmp, run_dir, RESULT_PATTERNS, f".aad-compare-old-{secrets.token_hex(4)}")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -376,6 +411,7 @@ def intensity_statistics(
     cohorts: Mapping[str, Cohort],
     s: CompareSettings,
     known: Mapping[str, np.ndarray] | None = None,
+    fingerprints: Mapping[str, np.ndarray] | None = None,
 ) -> tuple[dict[str, np.ndarray], dict[tuple[str, str], dict], float]:
     """The intensity fingerprint statistic of every pair of cohorts.
 
@@ -389,6 +425,9 @@ def intensity_statistics(
     not read the volumes again (:func:`aad_med.data.intensity.cached_fingerprint`). ``known``
     holds fingerprints already computed (a stored reference's), placed first.
 
+    ``fingerprints`` (per cohort, computed by the embedding from the volumes it decoded) are
+    used instead of reading the volumes again.
+
     Returns:
         ``(raw fingerprints per cohort, {(a, b): INTENSITY_KEYS values}, seconds spent reading)``.
     """
@@ -398,8 +437,15 @@ def intensity_statistics(
 
     t0 = time.perf_counter()
     cache_dir = _cache_dir(s)
+    given = fingerprints or {}
+    write = _cache_mode(s) == "write"
     raw = dict(known or {})
-    raw.update({name: cached_fingerprint(c, cache_dir) for name, c in cohorts.items()})
+    raw.update(
+        {
+            name: cached_fingerprint(c, cache_dir, given.get(name), write=write)
+            for name, c in cohorts.items()
+        }
+    )
     seconds = time.perf_counter() - t0
     stats = compare_embeddings(
         standardize_jointly(raw),
@@ -422,23 +468,35 @@ def intensity_statistics(
 
 def _cache_dir(s: CompareSettings) -> Path | None:
     """The embedding cache folder of these settings (``None``: caching off)."""
-    if not s.cache:
+    if _cache_mode(s) == "off":
         return None
     from aad_med.embedding.cache import default_cache_dir
 
     return Path(s.cache_dir) if s.cache_dir else default_cache_dir()
 
 
+def _cache_mode(s: CompareSettings) -> str:
+    from aad_med.embedding.preprocessed import cache_mode
+
+    return cache_mode(s.cache)
+
+
 def _add_intensity(
-    result: dict, cohorts: Mapping[str, Cohort], s: CompareSettings, tmp: Path, reference=None
+    result: dict,
+    cohorts: Mapping[str, Cohort],
+    s: CompareSettings,
+    tmp: Path,
+    reference=None,
+    fingerprints: Mapping[str, np.ndarray] | None = None,
 ) -> dict[str, np.ndarray]:
     """Intensity fingerprint statistic into ``result`` and ``intensity_fingerprint.csv``;
-    returns the raw fingerprints (a stored ``reference``'s first)."""
+    returns the raw fingerprints (a stored ``reference``'s first). ``fingerprints`` computed by
+    the embedding are used instead of reading the volumes again."""
     from aad_med import CHANNELS
     from aad_med.data.intensity import FINGERPRINT_PERCENTILES, fingerprint_columns
 
     known = {reference.name: reference.arrays["fingerprint"]} if reference is not None else None
-    raw, pairs, seconds = intensity_statistics(cohorts, s, known)
+    raw, pairs, seconds = intensity_statistics(cohorts, s, known, fingerprints)
     ids = {name: c.subject_ids for name, c in cohorts.items()}
     if reference is not None:
         ids = {reference.name: reference.subject_ids, **ids}
@@ -517,6 +575,7 @@ def _compare_into(
     full: bool = True,
     return_samples: bool = False,
     reference=None,
+    timer=None,
 ) -> dict:
     """Embed and compare with one encoder; write the embeddings (and, when ``full``, figures,
     decoded means and the regional map) into ``tmp``. The caller writes ``distances.json`` and
@@ -530,13 +589,17 @@ def _compare_into(
     from aad_med.embedding.io import write_embeddings_csv, write_embeddings_npz
     from aad_med.pipelines.feature_scale import attach_reference
     from aad_med.pipelines.omnibus_step import add_omnibus, omnibus_fingerprints
-    from aad_med.pipelines.reference import embed_raw
+    from aad_med.pipelines.reference import raw_feature_set
     from aad_med.plots.images import plot_mean_difference
 
     feature_set = get_feature_set(s.features)
     if reference is not None:
         reference.check_preprocessing(preprocessing.to_dict())
     overlaps = {name: train_overlap(c, ckpt) for name, c in cohorts.items()}
+    from aad_med.embedding.preprocessed import default_preprocessed_dir
+    from aad_med.pipelines.timings import PhaseTimer
+
+    timer = timer if timer is not None else PhaseTimer()
     cache_dir = _cache_dir(s)
     scale = attach_reference(
         feature_set,
@@ -549,6 +612,7 @@ def _compare_into(
         device,
         s.batch_size,
     )
+    mode = _cache_mode(s)
     embed = EmbedSettings(
         device=device,
         batch_size=s.batch_size,
@@ -558,14 +622,28 @@ def _compare_into(
         progress=s.progress,
         checkpoint_hash=file_sha256(ckpt_path) if cache_dir else None,
         cache_dir=cache_dir,
+        cache_mode=mode,
+        preprocessed_dir=(
+            None if mode == "off" else Path(s.preprocessed_dir or default_preprocessed_dir())
+        ),
+        preprocessed_max_bytes=int(s.preprocessed_max_gb * 1024**3),
     )
-    # Raw vectors first (a stored reference's are raw), then the joint standardisation.
-    embs: dict[str, CohortEmbedding] = embed_raw(model, cohorts, preprocessing, embed)
+    # Raw vectors first (a stored reference's are raw), then the standardisation: the
+    # checkpoint's fixed scale, or one fitted jointly on every compared subject.
+    raw_settings = dataclasses.replace(embed, features=raw_feature_set(feature_set))
+    with timer.phase("embedding"):
+        embs: dict[str, CohortEmbedding] = _embed(
+            model, cohorts, preprocessing, raw_settings, ckpt_path
+        )
+    for e in embs.values():
+        timer.add_embedding(e.timings)
+    computed = {n: e.fingerprints for n, e in embs.items() if e.fingerprints is not None}
     if reference is not None:
         embs = {reference.name: reference.embedding(), **embs}
     raw = {n: e.vectors for n, e in embs.items()}
     finalize_vectors(feature_set, embs)
     names = list(embs)
+    stats_t0 = time.perf_counter()
     stats = compare_embeddings(
         {n: e.vectors for n, e in embs.items()},
         n_permutations=s.n_permutations,
@@ -596,7 +674,13 @@ def _compare_into(
     # Fixed scale of the vectors: checkpoint / reference (the same pair, the same AAD in any
     # call) or pooled (depends on the other cohorts); raw for latent.
     result["scale"] = scale
-    fingerprints = omnibus_fingerprints(cohorts, embs, cache_dir) if s.intensity else None
+    if computed:
+        result["_fingerprints"] = computed
+    fingerprints = (
+        omnibus_fingerprints(cohorts, embs, cache_dir, computed, write=mode == "write")
+        if s.intensity
+        else None
+    )
     if fingerprints is not None and reference is not None:
         # A stored reference is not re-read: its fingerprint travels in the reference file.
         fingerprints = {reference.name: reference.arrays["fingerprint"], **fingerprints}
@@ -613,6 +697,7 @@ def _compare_into(
     result["provenance"] = provenance(ckpt_path)
     if feature_set.name != "latent":
         add_latent_aad(result["pairs"], {n: e.latent_means for n, e in embs.items()}, s)
+    timer.add("statistics", time.perf_counter() - stats_t0)
     for name in names:
         info = dict(result.get("cohorts", {}).get(name, {}))
         if reference is not None and name == reference.name:
@@ -648,6 +733,7 @@ def _compare_into(
         final_blocks(feature_set, raw),
     )
 
+    figures_t0 = time.perf_counter()
     result["_images"] = comparison_figures(tmp, embs, result, s.bands_bootstrap, s.seed)
     if s.decode_means:
         for pair in result["pairs"]:
@@ -665,7 +751,15 @@ def _compare_into(
             )
             pair["mean_difference_png"] = f"mean_difference_{tag}.png"
     result["regional"] = _regional(tmp, embs, result, s)
+    timer.add("figures_report", time.perf_counter() - figures_t0)
     return result
+
+
+def _embed(model, cohorts, preprocessing, embed, ckpt_path) -> dict[str, CohortEmbedding]:
+    """Embed every cohort (sharded across ranks under torchrun: :mod:`aad_med.pipelines.sharded`)."""
+    from aad_med.pipelines.sharded import embed as sharded_embed
+
+    return sharded_embed(model, cohorts, preprocessing, embed, ckpt_path)
 
 
 LATENT_KEYS = (

@@ -29,18 +29,24 @@ OMNIBUS_STREAM = 2
 
 
 def omnibus_fingerprints(
-    cohorts: Mapping, embeddings: Mapping, cache_dir
+    cohorts: Mapping,
+    embeddings: Mapping,
+    cache_dir,
+    computed: Mapping[str, np.ndarray] | None = None,
+    write: bool = True,
 ) -> dict[str, np.ndarray] | None:
-    """Every cohort's raw intensity fingerprint in its embedding's subject order (read once and
-    cached with the embeddings); ``None`` when a cohort's subjects differ from its embedding's.
+    """Every cohort's raw intensity fingerprint in its embedding's subject order (``computed``
+    by the embedding from the volumes it decoded, else read once and cached with the
+    embeddings); ``None`` when a cohort's subjects differ from its embedding's.
     """
     from aad_med.data.intensity import cached_fingerprint
 
+    computed = computed or {}
     out = {}
     for name, cohort in cohorts.items():
         if list(cohort.subject_ids) != list(embeddings[name].subject_ids):
             return None
-        out[name] = cached_fingerprint(cohort, cache_dir)
+        out[name] = cached_fingerprint(cohort, cache_dir, computed.get(name), write=write)
     return out
 
 

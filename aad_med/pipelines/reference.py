@@ -52,7 +52,7 @@ def _sha(a: np.ndarray) -> str:
     return h.hexdigest()
 
 
-def _unfinalized(inner):
+def raw_feature_set(inner):
     """A feature set that encodes like ``inner`` but leaves ``finalize`` to the caller, so the
     raw vectors survive :func:`aad_med.embedding.cache.embed_cohorts` (same cache entries:
     the name is ``inner``'s)."""
@@ -85,7 +85,7 @@ def embed_raw(model, cohorts, preprocessing, embed):
 
     fs = get_feature_set(embed.features)
     return embed_cohorts(
-        model, cohorts, preprocessing, dataclasses.replace(embed, features=_unfinalized(fs))
+        model, cohorts, preprocessing, dataclasses.replace(embed, features=raw_feature_set(fs))
     )
 
 

@@ -16,7 +16,7 @@ from tests.cli.conftest import run_cli
 SHAPE = (24, 28, 20)
 # Only the time of writing and the command line (it names the run folder) differ legitimately
 # between two runs of one comparison: every path recorded (checkpoint, cohorts) is the same input.
-VARYING = ("created",)
+VARYING = ("created", "timings")  # timings: seconds per phase, differ per run
 
 pytestmark = pytest.mark.slow  # three aad-compare runs, each importing torch and MONAI
 

@@ -58,8 +58,8 @@ def test_msd_4d_channels_land_in_canonical_order(tmp_path, monkeypatch):
     write_msd_cohort(tmp_path, n=1, order=("t2", "flair", "t1ce", "t1"))
     (rec,) = discover_cohort(tmp_path).subjects
     calls = []
-    real = io.read_voxels
-    monkeypatch.setattr(io, "read_voxels", lambda *a: calls.append(a[2]) or real(*a))
+    real = io.read_stored
+    monkeypatch.setattr(io, "read_stored", lambda *a: calls.append(a[2]) or real(*a))
     s = io.load_subject(rec)
     # The factory scales channel c of canonical order by (c + 1): means ~100, 200, 300, 400.
     means = [float(s.image[c][s.image[c] > 0].mean()) for c in range(4)]
@@ -158,3 +158,30 @@ def test_load_subject_can_skip_seg(tmp_path):
 def test_is_nifti_path():
     assert io.is_nifti_path("a/B.NII.GZ") and io.is_nifti_path("x.nii")
     assert not io.is_nifti_path("x.nii.bak") and not io.is_nifti_path("x.mgz")
+
+
+def test_fast_inflate_reads_what_nibabel_reads(tmp_path, monkeypatch):
+    """ISA-L inflate (when installed), the zlib fallback and nibabel's own reader agree on every
+    voxel, for plain and scaled headers, gzipped or not."""
+    data = (brain_like(SHAPE) * 3).astype(np.int16)
+    plain = write_nifti(tmp_path / "a.nii.gz", data, dtype=np.int16)
+    scaled_img = nib.Nifti1Image(data, np.eye(4))
+    scaled_img.header.set_slope_inter(0.5, 10)
+    scaled = tmp_path / "b.nii"
+    nib.save(scaled_img, scaled)
+    for path in (plain, scaled):
+        expected = np.asarray(nib.load(str(path)).get_fdata(dtype=np.float32))
+        img = io.read_header(path)
+        np.testing.assert_array_equal(io.read_voxels(img, path, None), expected)
+        monkeypatch.setattr(io, "_gunzip", __import__("gzip").decompress)
+        np.testing.assert_array_equal(io.read_voxels(img, path, None), expected)
+        monkeypatch.undo()
+
+
+def test_corrupt_gzip_payload_is_named(tmp_path):
+    path = write_nifti(tmp_path / "a.nii.gz", brain_like(SHAPE))
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2 : len(raw) // 2 + 64] = b"\x00" * 64
+    path.write_bytes(bytes(raw))
+    with pytest.raises(InputError, match=r"a\.nii\.gz.*(truncated or corrupt|could not read)"):
+        io.load_volume(ImageSource(path))

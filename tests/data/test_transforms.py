@@ -392,3 +392,42 @@ def test_cached_sampling_index_gives_the_same_patches(subject):
     stale = {**cached, "brain_integral": cached["brain_integral"][:-1]}
     again = t.set_random_state(5)(stale)
     assert all(torch.equal(a["image"], b["image"]) for a, b in zip(ref, again, strict=True))
+
+
+@pytest.mark.parametrize("crop", [True, False])
+@pytest.mark.parametrize("patch", [8, 40])
+def test_fused_preprocessing_equals_the_monai_chain(tmp_path, crop, patch):
+    """The one-pass path (subject already RAS at the target spacing) gives the MONAI chain's
+    result: every key, the z-scores to float32 rounding, padding and crop included."""
+    from aad_med.data.transforms import FusedPreprocessd, _fused, monai_transforms
+
+    cfg = PreprocessingConfig(patch_size=patch, crop_foreground=crop)
+    rec = write_subject(tmp_path, "RAS")
+    loaded = LoadSubjectd(target_spacing=cfg.spacing, patch_size=patch)(rec.as_dict())
+    assert _fused(dict(loaded), cfg) is not None  # the fast path is really taken
+    a = deterministic_transforms(cfg)(rec.as_dict())
+    b = monai_transforms(cfg)(rec.as_dict())
+    assert set(a) == set(b) == set(PREPROCESSED_KEYS)
+    for key in ("image", "seg", "brain", "affine"):
+        assert a[key].dtype == b[key].dtype and a[key].shape == b[key].shape, key
+    torch.testing.assert_close(a["image"], b["image"], rtol=0, atol=2e-6)
+    assert torch.equal(a["seg"], b["seg"]) and torch.equal(a["brain"], b["brain"])
+    assert torch.equal(a["affine"], b["affine"])
+    assert (a["image"][b["image"] == 0] == 0).all()  # background exactly 0, no -0.0 drift
+    for key in ("crop_start", "ras_shape", "spacing", "has_seg", "subject_id"):
+        assert a[key] == b[key], key
+    assert isinstance(deterministic_transforms(cfg).transforms[1], FusedPreprocessd)
+
+
+def test_fused_preprocessing_falls_back_when_reorientation_or_resampling_is_needed(tmp_path):
+    from aad_med.data.transforms import _fused
+
+    x, y, _ = TINY_SHAPE
+    lps_affine = np.diag([-1.0, -1.0, 1.0, 1.0])
+    lps_affine[:3, 3] = [x - 1, y - 1, 0]
+    lps = write_subject(tmp_path, "LPS", affine=lps_affine, flip_axes=(0, 1))
+    loaded = LoadSubjectd()(lps.as_dict())
+    assert _fused(dict(loaded), CFG) is None
+    coarse = PreprocessingConfig(patch_size=8, spacing=(2.0, 2.0, 2.0))
+    ras = write_subject(tmp_path, "RAS")
+    assert _fused(dict(LoadSubjectd()(ras.as_dict())), coarse) is None

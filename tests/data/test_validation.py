@@ -318,7 +318,7 @@ def test_headers_only_does_not_read_voxels(tmp_path, monkeypatch):
     def no_voxels(*a, **k):
         raise AssertionError("voxels read with check_voxels=False")
 
-    monkeypatch.setattr("aad_med.data.validation.read_voxels", no_voxels)
+    monkeypatch.setattr("aad_med.data.validation.read_stored", no_voxels)
     assert len(load_cohort(root, check_voxels=False).subjects) == 3
 
 

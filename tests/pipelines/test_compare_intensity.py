@@ -68,3 +68,17 @@ def test_fingerprints_are_cached_by_file(cohorts, tmp_path):
     cached_fingerprint(cohorts["bright"], cache)
     assert len(list(cache.glob("intensity-*.npz"))) == 2
     np.testing.assert_array_equal(cached_fingerprint(cohorts["a"], None), first)
+
+
+def test_histogram_percentiles_equal_numpy_to_rounding():
+    from aad_med.data.intensity import percentiles_of
+
+    rng = np.random.default_rng(0)
+    q = np.concatenate(
+        [np.asarray([1.0, 5, 25, 50, 75, 95, 99]), rng.uniform(0, 100, 20), [0, 100]]
+    )
+    for n, hi in [(1, 10), (7, 3), (1000, 50), (5000, 3000)]:
+        ints = rng.integers(-hi, hi + 1, n).astype(np.float32)
+        np.testing.assert_allclose(percentiles_of(ints, q), np.percentile(ints, q), rtol=1e-13)
+    floats = rng.normal(size=500).astype(np.float32)  # not integers: numpy itself
+    np.testing.assert_array_equal(percentiles_of(floats, q), np.percentile(floats, q))

@@ -101,6 +101,7 @@ def test_quick_run_writes_every_section(tmp_path):
     b4 = res["B4"]
     assert b4["subjects_per_s"] > 0 and b4["decode_share"] > 0
     assert "NormalizeIntensityd" in b4["preprocess_steps_first_subject_s"]
+    assert b4["preprocess_monai_chain_s"] > 0 and b4["fused_vs_monai_chain"] > 0
 
     s = res["B5"]["vs_scipy"]
     assert s["ratio"] > 0

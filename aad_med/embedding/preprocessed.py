@@ -1,0 +1,282 @@
+"""Stage 4, embedding: subjects as the encoder sees them, each preprocessed once and kept on disk.
+
+Preprocessing is deterministic and independent of the checkpoint, so a second comparison of the
+same cohorts with another encoder or feature set need not decode a single volume again.
+:class:`PreprocessedSubjects` turns subject records into embedding items (the keys of
+:data:`EMBED_KEYS`) and times each phase; :class:`PreprocessedCache` keeps its results:
+
+- key: :func:`aad_med.io_utils.cache_key` of the subject's record, its files (path, size,
+  modification time: :func:`aad_med.io_utils.file_stats`), the preprocessing settings and
+  :data:`PREPROCESSED_VERSION`; change any of them and the entry is simply not found;
+- format: one uncompressed ``.npz`` per subject, read with ``allow_pickle=False``, written
+  atomically (about 60 MB for a BraTS subject cropped to its brain);
+- size bound: the least recently used entries are deleted once the folder holds more than
+  ``max_bytes`` (a hit refreshes an entry's modification time);
+- an unreadable entry is reported, deleted and recomputed.
+
+Modes (``aad-compare cache=off|read|write``): ``off`` neither reads nor writes, ``read`` uses
+existing entries and never writes (a shared or read-only cache), ``write`` reads and adds.
+
+Embedding items carry no segmentation: nothing in embedding reads it, so the seg file is not
+decoded. No statistics and no encoder here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from aad_med.data.intensity import FINGERPRINT_PERCENTILES, fingerprint_row
+from aad_med.data.preprocessing import PreprocessingConfig
+from aad_med.data.records import SubjectRecord
+from aad_med.data.transforms import FusedPreprocessd, LoadSubjectd
+from aad_med.errors import ConfigError
+from aad_med.io_utils import atomic_path, cache_key, file_stats
+
+log = logging.getLogger(__name__)
+
+PREPROCESSED_VERSION = 1
+"""Bumped whenever preprocessing changes what it produces (invalidates old entries)."""
+
+CACHE_MODES = ("off", "read", "write")
+
+DEFAULT_MAX_BYTES = 20 * 1024**3
+"""Default size bound of the preprocessed cache (about 330 BraTS subjects)."""
+
+EMBED_KEYS = (
+    "subject_id",
+    "image",
+    "brain",
+    "has_seg",
+    "affine",
+    "crop_start",
+    "ras_shape",
+    "spacing",
+    "fingerprint",
+)
+"""Keys of an embedding item: those of :data:`aad_med.data.transforms.PREPROCESSED_KEYS` but
+``seg``, plus ``fingerprint`` (``(4 * 7,)`` float64, :func:`aad_med.data.intensity.fingerprint_row`
+of the raw image). Items also carry ``timings``: seconds per phase for this subject."""
+
+_ARRAYS = {
+    "image": np.float32,
+    "brain": np.uint8,
+    "affine": np.float64,
+    "crop_start": np.int64,
+    "ras_shape": np.int64,
+    "spacing": np.float64,
+    "fingerprint": np.float64,
+}
+
+
+def cache_mode(value: Any) -> str:
+    """``off``, ``read`` or ``write`` from a config value (``true``/``false`` mean write/off).
+
+    Raises:
+        ConfigError: any other value.
+    """
+    if isinstance(value, bool) or value is None:
+        return "write" if value else "off"
+    mode = str(value).strip().lower()
+    mode = {"true": "write", "false": "off", "none": "off", "readwrite": "write"}.get(mode, mode)
+    if mode not in CACHE_MODES:
+        raise ConfigError(f"cache must be one of {', '.join(CACHE_MODES)}, got {value!r}")
+    return mode
+
+
+def default_preprocessed_dir() -> Path:
+    """``$AAD_MED_CACHE/preprocessed`` or ``~/.cache/aad-med/preprocessed``."""
+    root = os.environ.get("AAD_MED_CACHE") or Path.home() / ".cache" / "aad-med"
+    return Path(root) / "preprocessed"
+
+
+def subject_key(record: SubjectRecord, preprocessing: PreprocessingConfig) -> str:
+    """The cache key of one subject's preprocessed item."""
+    payload = {
+        "v": PREPROCESSED_VERSION,
+        "record": record.as_dict(),
+        "files": file_stats(record.files),
+        "preprocessing": preprocessing.to_dict(),
+        "fingerprint_percentiles": list(FINGERPRINT_PERCENTILES),
+    }
+    return cache_key(payload)
+
+
+class PreprocessedCache:
+    """A size-bounded folder of preprocessed subjects (see the module docstring).
+
+    Args:
+        root: the folder (created on first write).
+        mode: ``"read"`` or ``"write"``.
+        max_bytes: size bound; the least recently used entries go first.
+    """
+
+    def __init__(self, root: str | Path, mode: str = "write", max_bytes: int = DEFAULT_MAX_BYTES):
+        if mode not in ("read", "write"):
+            raise ConfigError(f"a preprocessed cache is opened to read or write, not {mode!r}")
+        if max_bytes <= 0:
+            raise ConfigError(f"preprocessed cache size bound must be positive, got {max_bytes}")
+        self.root = Path(root)
+        self.mode = mode
+        self.max_bytes = int(max_bytes)
+
+    def path(self, key: str) -> Path:
+        return self.root / f"{key}.npz"
+
+    def get(self, key: str) -> dict | None:
+        """The item stored under ``key``, or ``None`` (missing, or unreadable: then deleted)."""
+        path = self.path(key)
+        if not path.is_file():
+            return None
+        try:
+            with np.load(path, allow_pickle=False) as d:
+                item = _from_arrays({k: d[k] for k in d.files})
+        except Exception as e:  # noqa: BLE001 - any damage to an entry means: recompute it
+            log.warning("removing unreadable preprocessed cache entry %s (%s)", path, e)
+            path.unlink(missing_ok=True)
+            return None
+        with contextlib.suppress(OSError):
+            os.utime(path)  # least recently *used* goes first
+        return item
+
+    def put(self, key: str, item: Mapping[str, Any]) -> None:
+        """Store ``item`` (read mode: nothing), then evict down to the size bound."""
+        if self.mode != "write":
+            return
+        path = self.path(key)
+        try:
+            with atomic_path(path) as tmp, open(tmp, "wb") as f:
+                np.savez(f, **_to_arrays(item))
+        except OSError as e:
+            # A full or read-only disk costs speed, never the comparison.
+            log.warning("could not write preprocessed cache entry %s (%s)", path, e)
+            return
+        self.evict(keep=path)
+
+    def evict(self, keep: Path | None = None) -> int:
+        """Delete least recently used entries until the folder fits ``max_bytes``.
+
+        Returns:
+            The number of entries deleted.
+        """
+        entries = []
+        for p in self.root.glob("*.npz"):
+            try:
+                st = p.stat()
+            except OSError:
+                continue
+            entries.append((st.st_mtime_ns, st.st_size, p))
+        total = sum(size for _, size, _ in entries)
+        removed = 0
+        for _, size, p in sorted(entries, key=lambda e: e[0]):
+            if total <= self.max_bytes:
+                break
+            if keep is not None and p == keep:
+                continue
+            p.unlink(missing_ok=True)
+            total -= size
+            removed += 1
+        return removed
+
+
+def _to_arrays(item: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    out = {k: np.asarray(torch.as_tensor(item[k]).cpu(), dtype=t) for k, t in _ARRAYS.items()}
+    out["subject_id"] = np.asarray(str(item["subject_id"]))
+    out["has_seg"] = np.asarray(bool(item["has_seg"]))
+    return out
+
+
+def _from_arrays(d: Mapping[str, np.ndarray]) -> dict:
+    missing = sorted((set(_ARRAYS) | {"subject_id", "has_seg"}) - set(d))
+    if missing:
+        raise ValueError(f"missing {', '.join(missing)}")
+    for k, t in _ARRAYS.items():
+        if d[k].dtype != np.dtype(t):
+            raise ValueError(f"{k} has dtype {d[k].dtype}, expected {np.dtype(t)}")
+    image, brain = d["image"], d["brain"]
+    if image.ndim != 4 or brain.shape != (1, *image.shape[1:]) or d["affine"].shape != (4, 4):
+        raise ValueError(f"inconsistent shapes image {image.shape}, brain {brain.shape}")
+    return {
+        "subject_id": str(d["subject_id"]),
+        "image": torch.from_numpy(np.ascontiguousarray(image)),
+        "brain": torch.from_numpy(np.ascontiguousarray(brain)),
+        "has_seg": bool(d["has_seg"]),
+        "affine": torch.from_numpy(d["affine"]),
+        "crop_start": [int(v) for v in d["crop_start"]],
+        "ras_shape": [int(v) for v in d["ras_shape"]],
+        "spacing": [float(v) for v in d["spacing"]],
+        "fingerprint": np.asarray(d["fingerprint"], dtype=np.float64),
+    }
+
+
+class PreprocessedSubjects(torch.utils.data.Dataset):
+    """Subject records -> embedding items (:data:`EMBED_KEYS` plus ``timings``), through
+    ``cache`` when given.
+
+    Each volume is decoded once: the intensity fingerprint is computed from the same decoded
+    arrays the preprocessing then normalises. ``timings`` holds the seconds of ``decode``,
+    ``fingerprint`` and ``preprocessing`` (``cache_read`` instead on a hit).
+
+    Raises (on item access):
+        InputError: a subject's file is missing, unreadable or inconsistent (named).
+    """
+
+    def __init__(
+        self,
+        records: Sequence[SubjectRecord],
+        preprocessing: PreprocessingConfig,
+        cache: PreprocessedCache | None = None,
+    ):
+        self.records = list(records)
+        self.preprocessing = preprocessing
+        self.cache = cache
+        self.load = LoadSubjectd(
+            load_seg=False,
+            target_spacing=preprocessing.spacing,
+            patch_size=preprocessing.patch_size,
+        )
+        self.prepare = FusedPreprocessd(preprocessing)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> dict:
+        record = self.records[i]
+        key = None
+        if self.cache is not None:
+            key = subject_key(record, self.preprocessing)
+            t0 = time.perf_counter()
+            hit = self.cache.get(key)
+            if hit is not None:
+                hit["timings"] = {"cache_read": time.perf_counter() - t0}
+                return hit
+        item = self.compute(record)
+        if self.cache is not None and key is not None:
+            t0 = time.perf_counter()
+            self.cache.put(key, item)
+            item["timings"]["cache_write"] = time.perf_counter() - t0
+        return item
+
+    def compute(self, record: SubjectRecord) -> dict:
+        """Decode, fingerprint and preprocess one subject (no cache)."""
+        t0 = time.perf_counter()
+        loaded = self.load(record.as_dict())
+        t1 = time.perf_counter()
+        fingerprint = fingerprint_row(loaded["image"].as_tensor().numpy())
+        t2 = time.perf_counter()
+        item = self.prepare(loaded)
+        del loaded
+        item.pop("seg", None)
+        item["has_seg"] = record.seg is not None
+        item["fingerprint"] = fingerprint
+        t3 = time.perf_counter()
+        item["timings"] = {"decode": t1 - t0, "fingerprint": t2 - t1, "preprocessing": t3 - t2}
+        return item

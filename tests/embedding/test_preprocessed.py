@@ -1,0 +1,192 @@
+"""The preprocessed-subject cache: a second embedding with another encoder decodes nothing and
+gives the same vectors; read mode writes nothing; damaged entries heal; the size bound evicts the
+least recently used subjects; the fingerprint comes from the same decoded volumes."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from aad_med.data import io as data_io
+from aad_med.data.intensity import intensity_fingerprint
+from aad_med.embedding import encode as encode_mod
+from aad_med.embedding.encode import embed_cohort
+from aad_med.embedding.preprocessed import (
+    PreprocessedCache,
+    PreprocessedSubjects,
+    cache_mode,
+    subject_key,
+)
+from aad_med.errors import ConfigError
+from aad_med.models import ConvAutoencoder
+
+
+def count_decodes(monkeypatch) -> list:
+    calls = []
+    real = data_io.read_stored
+    monkeypatch.setattr(data_io, "read_stored", lambda *a: calls.append(a[1]) or real(*a))
+    return calls
+
+
+def other_model(patch: int) -> ConvAutoencoder:
+    torch.manual_seed(1)
+    return ConvAutoencoder(
+        channels=(4, 4), strides=(2, 2), latent_dim=3, patch_size=patch, num_res_units=0
+    ).eval()
+
+
+def test_second_encoder_reads_preprocessed_subjects_instead_of_decoding(
+    model, cohorts, preprocessing, tmp_path, monkeypatch
+):
+    cohort = cohorts["siteA"]
+    kw = dict(features="latent", progress=False, preprocessed_dir=tmp_path / "pre")
+    decodes = count_decodes(monkeypatch)
+    first = embed_cohort(model, cohort, preprocessing, **kw)
+    assert len(decodes) == 3 * 4  # four channels per subject, the seg is not read
+    assert len(list((tmp_path / "pre").glob("*.npz"))) == 3
+    assert first.timings["decode"] > 0 and "cache_read" not in first.timings
+    decodes.clear()
+    second_model = other_model(preprocessing.patch_size)
+    cached = embed_cohort(second_model, cohort, preprocessing, **kw)
+    assert decodes == []
+    assert "decode" not in cached.timings and cached.timings["cache_read"] > 0
+    fresh = embed_cohort(second_model, cohort, preprocessing, features="latent", progress=False)
+    # Exactly what the same encoder gives on freshly preprocessed subjects.
+    np.testing.assert_array_equal(cached.vectors, fresh.vectors)
+    np.testing.assert_array_equal(cached.fingerprints, fresh.fingerprints)
+
+
+def test_fingerprint_from_the_decoded_volumes_equals_reading_them_again(cohorts, preprocessing):
+    cohort = cohorts["siteB"]
+    ds = PreprocessedSubjects(cohort.subjects, preprocessing)
+    rows = np.stack([ds[i]["fingerprint"] for i in range(len(ds))])
+    np.testing.assert_array_equal(rows, intensity_fingerprint(cohort.subjects))
+
+
+def test_read_mode_never_writes(model, cohorts, preprocessing, tmp_path):
+    embed_cohort(
+        model,
+        cohorts["siteB"],
+        preprocessing,
+        features="latent",
+        progress=False,
+        preprocessed_dir=tmp_path / "pre",
+        cache_mode="read",
+    )
+    assert not list(tmp_path.glob("pre/*.npz"))
+
+
+def test_damaged_entry_is_removed_and_recomputed(
+    model, cohorts, preprocessing, tmp_path, caplog, monkeypatch
+):
+    cohort = cohorts["siteB"]
+    kw = dict(features="latent", progress=False, preprocessed_dir=tmp_path / "pre")
+    good = embed_cohort(model, cohort, preprocessing, **kw)
+    entry = tmp_path / "pre" / f"{subject_key(cohort.subjects[0], preprocessing)}.npz"
+    entry.write_bytes(entry.read_bytes()[:200])  # truncated
+    decodes = count_decodes(monkeypatch)
+    with caplog.at_level("WARNING"):
+        again = embed_cohort(model, cohort, preprocessing, **kw)
+    assert (
+        "removing unreadable preprocessed cache entry" in caplog.text and str(entry) in caplog.text
+    )
+    assert len(decodes) == 4  # only the damaged subject was decoded again
+    np.testing.assert_array_equal(again.vectors, good.vectors)
+    with np.load(entry, allow_pickle=False) as d:  # rewritten whole
+        assert d["image"].dtype == np.float32
+
+
+def test_size_bound_evicts_least_recently_used(cohorts, preprocessing, tmp_path):
+    records = cohorts["siteA"].subjects
+    ds = PreprocessedSubjects(records, preprocessing)
+    items = [ds.compute(r) for r in records]
+    probe = PreprocessedCache(tmp_path / "probe")
+    probe.put("x", items[0])
+    size = (tmp_path / "probe" / "x.npz").stat().st_size
+    cache = PreprocessedCache(tmp_path / "c", max_bytes=int(2.5 * size))
+    for i, item in enumerate(items[:2]):
+        cache.put(f"k{i}", item)
+        os.utime(cache.path(f"k{i}"), ns=(i * 10**9, i * 10**9))  # k0 older than k1
+    assert cache.get("k0") is not None  # a hit makes k0 the most recently used
+    cache.put("k2", items[2])
+    assert sorted(p.stem for p in (tmp_path / "c").glob("*.npz")) == ["k0", "k2"]
+
+
+def test_changed_file_or_settings_change_the_key(cohorts, preprocessing, tmp_path):
+    rec = cohorts["siteA"].subjects[0]
+    key = subject_key(rec, preprocessing)
+    other = type(preprocessing)(patch_size=preprocessing.patch_size * 2)
+    assert subject_key(rec, other) != key
+    path = rec.images["t1"].path
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert subject_key(rec, preprocessing) != key
+
+
+@pytest.mark.parametrize(
+    "value,mode",
+    [(True, "write"), (False, "off"), ("off", "off"), ("READ", "read"), ("write", "write")],
+)
+def test_cache_mode_values(value, mode):
+    assert cache_mode(value) == mode
+
+
+def test_cache_mode_refuses_other_values():
+    with pytest.raises(ConfigError, match="cache must be one of off, read, write"):
+        cache_mode("sometimes")
+
+
+def test_prefetch_gives_the_same_vectors(model, cohorts, preprocessing):
+    kw = dict(features="latent", progress=False)
+    a = embed_cohort(model, cohorts["siteA"], preprocessing, prefetch=True, **kw)
+    b = embed_cohort(model, cohorts["siteA"], preprocessing, prefetch=False, **kw)
+    np.testing.assert_array_equal(a.vectors, b.vectors)
+    assert encode_mod.EmbedSettings().prefetch is False  # measured no gain on 2 busy cores
+
+
+def test_single_encoder_pass_gives_the_two_pass_vectors(model, cohorts, preprocessing):
+    """The latent and the stage activations from one pass equal ``encode`` plus a second
+    ``encode_features`` pass (what any other model still gets), bit for bit."""
+    from aad_med import DEFAULT_FEATURES
+    from aad_med.embedding.encode import encode_subject
+    from aad_med.embedding.features import get_feature_set
+
+    class Opaque(torch.nn.Module):  # not a ConvAutoencoder: the generic two-pass path
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+            self.patch_size, self.in_channels = inner.patch_size, inner.in_channels
+
+        def encode(self, x):
+            return self.inner.encode(x)
+
+        def encode_features(self, x):
+            return self.inner.encode_features(x)
+
+    item = PreprocessedSubjects(cohorts["siteA"].subjects, preprocessing)[0]
+    fs = get_feature_set(DEFAULT_FEATURES)
+    one = encode_subject(model, item, preprocessing, "cpu", 7, fs)
+    two = encode_subject(Opaque(model).eval(), item, preprocessing, "cpu", 7, fs)
+    np.testing.assert_array_equal(one.vector, two.vector)
+    np.testing.assert_array_equal(one.latent_mean, two.latent_mean)
+
+
+def test_extract_patches_equals_advanced_indexing():
+    from aad_med.data.transforms import extract_patches
+
+    g = torch.Generator().manual_seed(0)
+    image = torch.randn(4, 20, 22, 18, generator=g)
+    pos = torch.tensor([[0, 0, 0], [3, 5, 7], [12, 14, 10]])
+    p = 8
+    ar = torch.arange(p)
+    ref = image[
+        :,
+        (pos[:, 0, None] + ar)[:, :, None, None],
+        (pos[:, 1, None] + ar)[:, None, :, None],
+        (pos[:, 2, None] + ar)[:, None, None, :],
+    ].permute(1, 0, 2, 3, 4)
+    assert torch.equal(extract_patches(image, pos, p), ref)
+    assert extract_patches(image, pos[:0], p).shape == (0, 4, p, p, p)

@@ -1,0 +1,94 @@
+"""aad-compare's caches and phase timings: a second comparison with another checkpoint reads the
+preprocessed subjects instead of decoding, and gives what a comparison without caches gives;
+``cache=read`` writes nothing, ``cache=off`` touches no cache; distances.json records the seconds
+of each phase."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from aad_med.data import io as data_io
+from aad_med.pipelines.compare import CompareSettings, run_comparison
+from tests.checkpoint_factory import write_tiny_checkpoint
+from tests.nifti_factory import write_brats_cohort
+
+FAST = dict(
+    n_permutations=49,
+    n_bootstrap=20,
+    bands_bootstrap=20,
+    regional=False,
+    decode_means=False,
+    device="cpu",
+    progress=False,
+)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cmpcache")
+    cohorts = {
+        "a": str(write_brats_cohort(root / "a", n=3)),
+        "b": str(write_brats_cohort(root / "b", n=3, scale=1.4)),
+    }
+    ckpts = [write_tiny_checkpoint(root / f"ckpt{i}.pt", seed=i) for i in range(2)]
+    return root, cohorts, ckpts
+
+
+def count_decodes(monkeypatch) -> list:
+    """Every volume decoded, by embedding (``data.io``) or by validation."""
+    from aad_med.data import validation
+
+    calls = []
+    real = data_io.read_stored
+    spy = lambda *a: calls.append(a[1]) or real(*a)  # noqa: E731
+    monkeypatch.setattr(data_io, "read_stored", spy)
+    monkeypatch.setattr(validation, "read_stored", spy)
+    return calls
+
+
+def test_second_checkpoint_skips_decoding_and_equals_an_uncached_run(setup, tmp_path, monkeypatch):
+    _, cohorts, (first_ckpt, second_ckpt) = setup
+    cached = CompareSettings(**FAST, cache_dir=tmp_path / "emb", preprocessed_dir=tmp_path / "pre")
+    decodes = count_decodes(monkeypatch)
+    first = run_comparison(first_ckpt, cohorts, tmp_path / "run1", cached)
+    # Validation decodes the 6 subjects' 5 files once, embedding their 4 channels once (the
+    # fingerprint reuses those arrays).
+    assert len(decodes) == 6 * 5 + 6 * 4
+    assert len(list((tmp_path / "emb" / "checked").glob("voxels-ok-*"))) == 6
+    assert len(list((tmp_path / "pre").glob("*.npz"))) == 6
+    seconds = first["timings"]["seconds"]
+    for phase in ("decode", "preprocessing", "fingerprint", "forward", "features", "statistics"):
+        assert seconds[phase] > 0, phase
+    assert {"embedding", "intensity", "figures_report"} <= set(seconds)
+    assert first["timings"]["total"] >= seconds["embedding"]
+    on_disk = json.loads((tmp_path / "run1" / "distances.json").read_text())
+    assert on_disk["timings"] == first["timings"]
+
+    decodes.clear()
+    second = run_comparison(second_ckpt, cohorts, tmp_path / "run2", cached)
+    assert decodes == []  # neither validation nor embedding decodes a volume again
+    assert "decode" not in second["timings"]["seconds"]
+    assert second["timings"]["seconds"]["cache_read"] > 0
+
+    off = CompareSettings(**FAST, cache="off", preprocessed_dir=tmp_path / "never")
+    uncached = run_comparison(second_ckpt, cohorts, tmp_path / "run3", off)
+    assert not (tmp_path / "never").exists()
+    for key in ("pairs", "pairwise_aad", "intensity"):
+        assert second[key] == uncached[key], key
+    for run in ("run2", "run3"):
+        assert (tmp_path / run / "intensity_fingerprint.csv").is_file()
+    a = (tmp_path / "run2" / "embeddings.csv").read_bytes()
+    assert a == (tmp_path / "run3" / "embeddings.csv").read_bytes()
+
+
+def test_read_mode_writes_no_cache_entry(setup, tmp_path):
+    _, cohorts, (ckpt, _) = setup
+    s = CompareSettings(
+        **FAST, cache="read", cache_dir=tmp_path / "emb", preprocessed_dir=tmp_path / "pre"
+    )
+    result = run_comparison(ckpt, cohorts, tmp_path / "run", s)
+    assert np.isfinite(result["pairs"][0]["aad"])
+    assert not list(tmp_path.glob("emb/*")) and not list(tmp_path.glob("pre/*"))
