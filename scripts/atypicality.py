@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from scipy import stats
 
+from aad_med.data.intensity import intensity_fingerprint
 from aad_med.data.preprocessing import PreprocessingConfig
 from aad_med.data.quality import cohort_quality
 from aad_med.data.synthetic import (
@@ -57,7 +58,7 @@ from aad_med.distances.atypicality import (
     tail_sf,
 )
 from aad_med.embedding import embed_cohort, get_feature_set
-from aad_med.embedding.acquisition import intensity_fingerprint, standardize_jointly
+from aad_med.embedding.acquisition import standardize_jointly
 
 REFERENCE = SITES["reference"]
 ENCODER_FEATURES = "multiscale+texture"

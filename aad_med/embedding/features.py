@@ -105,6 +105,26 @@ class FeatureSet:
         return {k: np.asarray(v, dtype=np.float64) for k, v in vectors.items()}
 
 
+class RawFeatures(FeatureSet):
+    """``inner``'s features with ``finalize`` left to the caller: the raw vectors survive
+    :func:`aad_med.embedding.cache.embed_cohorts` (same cache entries: the name is ``inner``'s),
+    so a stored reference's raw vectors can join before the standardisation. Module-level, so
+    torchrun can send it to the other ranks."""
+
+    def __init__(self, inner: FeatureSet):
+        self.inner = inner
+        self.name = inner.name
+        self.description = inner.description
+
+    def accumulator(self):
+        return self.inner.accumulator()
+
+    def finalize(
+        self, vectors: Mapping[str, np.ndarray], reference: Mapping | None = None
+    ) -> dict[str, np.ndarray]:
+        return {k: np.asarray(v, dtype=np.float64) for k, v in vectors.items()}
+
+
 class LatentFeatures(FeatureSet):
     """The seed's AAD embedding: each subject's vector is the mean of its patch latents."""
 

@@ -53,26 +53,11 @@ def _sha(a: np.ndarray) -> str:
 
 
 def raw_feature_set(inner):
-    """A feature set that encodes like ``inner`` but leaves ``finalize`` to the caller, so the
-    raw vectors survive :func:`aad_med.embedding.cache.embed_cohorts` (same cache entries:
-    the name is ``inner``'s)."""
-    from aad_med.embedding.features import FeatureSet
+    """A feature set that encodes like ``inner`` but leaves ``finalize`` to the caller
+    (:class:`aad_med.embedding.features.RawFeatures`)."""
+    from aad_med.embedding.features import RawFeatures
 
-    class Unfinalized(FeatureSet):
-        def __init__(self):
-            self.inner = inner
-            self.name = inner.name
-            self.description = inner.description
-
-        def accumulator(self):
-            return self.inner.accumulator()
-
-        def finalize(
-            self, vectors: Mapping[str, np.ndarray], reference: Mapping | None = None
-        ) -> dict[str, np.ndarray]:
-            return {k: np.asarray(v, dtype=np.float64) for k, v in vectors.items()}
-
-    return Unfinalized()
+    return RawFeatures(inner)
 
 
 def embed_raw(model, cohorts, preprocessing, embed):

@@ -23,6 +23,9 @@ FAST = dict(
     decode_means=False,
     device="cpu",
     progress=False,
+    # The per-subject step (quality metrics, thumbnails) reads the volumes again: not yet fed
+    # from the embedding's decoded arrays, so it is left out of this count of the data path.
+    subjects=False,
 )
 
 
