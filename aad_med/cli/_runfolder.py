@@ -299,3 +299,22 @@ def preexisting_run_dir(argv: Sequence[str]) -> Path | None:
     """The explicit ``hydra.run.dir`` when it already exists (a failed run must not remove it)."""
     run_dir = explicit_run_dir(argv)
     return run_dir.resolve() if run_dir is not None and run_dir.exists() else None
+
+
+def console_main(
+    prog: str,
+    config_name: str,
+    job: Callable[[object, Path], object],
+    patterns: Sequence[str],
+    precheck: Callable[[list[str]], None],
+    rewrite: Callable[[Sequence[str]], list[str]] = list,
+) -> None:
+    """A Hydra console script's ``main``: ``--version``, ``--verbose``, ``precheck(argv)``
+    (refusals before Hydra writes anything), then :func:`hydra_command` over
+    ``rewrite(argv)`` (e.g. ``cohorts.NAME=`` made ``++cohorts.NAME=``)."""
+    argv = strip_verbose_flags(sys.argv[1:])
+    print_version_if_asked(prog, argv)
+    rc = run_reporting_errors(prog, lambda: precheck(argv), verbose=verbose_requested(argv))
+    if rc:
+        sys.exit(rc)
+    hydra_command(prog, config_name, job, patterns, rewrite(argv))

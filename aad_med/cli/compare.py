@@ -26,19 +26,15 @@ from __future__ import annotations
 
 import logging
 import re
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from aad_med.cli._errors import run_reporting_errors, verbose_requested
 from aad_med.cli._runfolder import (
+    console_main,
     explicit_run_dir,
     flag,
-    hydra_command,
-    print_version_if_asked,
-    strip_verbose_flags,
 )
 from aad_med.errors import ConfigError
 
@@ -142,17 +138,15 @@ def _precheck_run_dir(argv: list[str]) -> None:
 
 def main() -> None:
     """Console script entry point (``aad-compare``)."""
-    argv = strip_verbose_flags(sys.argv[1:])
-    print_version_if_asked(PROG, argv)
-    rc = run_reporting_errors(
-        PROG, lambda: _precheck_run_dir(argv), verbose=verbose_requested(argv)
-    )
-    if rc:
-        sys.exit(rc)
     from aad_med.pipelines.compare import RESULT_PATTERNS
 
-    hydra_command(
-        PROG, "compare", compare_from_config, RESULT_PATTERNS, open_cohort_overrides(argv)
+    console_main(
+        PROG,
+        "compare",
+        compare_from_config,
+        RESULT_PATTERNS,
+        _precheck_run_dir,
+        open_cohort_overrides,
     )
 
 

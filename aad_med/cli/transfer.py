@@ -28,14 +28,11 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from aad_med.cli._errors import run_reporting_errors, verbose_requested
 from aad_med.cli._runfolder import (
+    console_main,
     explicit_run_dir,
     flag,
-    hydra_command,
     override_value,
-    print_version_if_asked,
-    strip_verbose_flags,
 )
 from aad_med.errors import ConfigError
 
@@ -148,17 +145,15 @@ def _precheck_run_dir(argv: list[str]) -> None:
 
 def main() -> None:
     """Console script entry point (``aad-transfer``)."""
-    argv = strip_verbose_flags(sys.argv[1:])
-    print_version_if_asked(PROG, argv)
-    rc = run_reporting_errors(
-        PROG, lambda: _precheck_run_dir(argv), verbose=verbose_requested(argv)
-    )
-    if rc:
-        sys.exit(rc)
     from aad_med.pipelines.transfer import RESULT_PATTERNS
 
-    hydra_command(
-        PROG, "transfer", transfer_from_config, RESULT_PATTERNS, open_cohort_overrides(argv)
+    console_main(
+        PROG,
+        "transfer",
+        transfer_from_config,
+        RESULT_PATTERNS,
+        _precheck_run_dir,
+        open_cohort_overrides,
     )
 
 

@@ -37,7 +37,7 @@ import torch
 from aad_med.data.intensity import FINGERPRINT_PERCENTILES, fingerprint_row
 from aad_med.data.preprocessing import PreprocessingConfig
 from aad_med.data.records import SubjectRecord
-from aad_med.data.transforms import FusedPreprocessd, LoadSubjectd
+from aad_med.data.transforms import PREPROCESSED_KEYS, FusedPreprocessd, LoadSubjectd
 from aad_med.errors import ConfigError
 from aad_med.io_utils import atomic_path, cache_key, file_stats
 
@@ -51,17 +51,7 @@ CACHE_MODES = ("off", "read", "write")
 DEFAULT_MAX_BYTES = 20 * 1024**3
 """Default size bound of the preprocessed cache (about 330 BraTS subjects)."""
 
-EMBED_KEYS = (
-    "subject_id",
-    "image",
-    "brain",
-    "has_seg",
-    "affine",
-    "crop_start",
-    "ras_shape",
-    "spacing",
-    "fingerprint",
-)
+EMBED_KEYS = (*(k for k in PREPROCESSED_KEYS if k != "seg"), "fingerprint")
 """Keys of an embedding item: those of :data:`aad_med.data.transforms.PREPROCESSED_KEYS` but
 ``seg``, plus ``fingerprint`` (``(4 * 7,)`` float64, :func:`aad_med.data.intensity.fingerprint_row`
 of the raw image). Items also carry ``timings``: seconds per phase for this subject."""

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 from checkpoint_factory import write_tiny_checkpoint
-from conftest import run_cli
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
@@ -17,6 +16,7 @@ from aad_med.cli.transfer import open_cohort_overrides, settings_from_config
 from aad_med.data.synthetic import generate_cohort
 from aad_med.data.validation import load_cohort
 from aad_med.resources import CONFIG_DIR
+from tests.cli.conftest import run_cli
 
 SHAPE = (24, 24, 24)
 
