@@ -30,6 +30,9 @@ number of DataLoader workers or the order of access; call :meth:`PatchDataset.se
 before each epoch (the workers of a non-persistent DataLoader see the new epoch).
 
 This module reads files only through the transforms; it writes only the disk cache.
+
+Size: the three cache flavours share the record hashing, the healing of damaged entries and the
+projection of worker errors, so they stay in one module.
 """
 
 from __future__ import annotations

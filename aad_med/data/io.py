@@ -15,6 +15,9 @@ anything large is read:
   ``max_subject_voxels`` arguments); see :func:`check_subject_budget`.
 
 This module owns file reading for the whole package; transforms and validation call it.
+
+Size: every read of a NIfTI file goes through this module, so the header, memory-budget and value
+checks cannot be bypassed; splitting it would open a second door.
 """
 
 from __future__ import annotations

@@ -18,6 +18,9 @@ Layouts (:data:`LAYOUTS`):
 Files are matched by name patterns only: no voxel is read here (that is
 :mod:`aad_med.data.validation`). Every problem becomes one line of a
 :class:`~aad_med.errors.CohortError`, all problems of a cohort at once.
+
+Size: all five layouts and their shared file matching live here, so that a cohort matching no
+layout gets one message listing every layout tried and why it failed.
 """
 
 from __future__ import annotations

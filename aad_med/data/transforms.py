@@ -27,6 +27,10 @@ them once instead of every epoch (keys :data:`SAMPLING_KEYS`). :func:`eval_patch
 deterministic evaluation grid used to embed a whole subject.
 
 This module reads files only through :mod:`aad_med.data.io`; it never writes files.
+
+Size: over the project's ~450-line guide. Preprocessing and patch sampling share the brain mask,
+crop and index tables that the cache holds; the patch sampler (sampling_index to extract_patches)
+is the next candidate for its own data/patches.py.
 """
 
 from __future__ import annotations

@@ -27,6 +27,9 @@ exact.
 raw images (stage 1, data) and is reported as its own statistic.
 
 No statistics and no file writing here.
+
+Size: every feature set here is an accumulator plus a finalize step sharing the joint
+standardisation, kept together so a new set is read beside the sets it is combined with.
 """
 
 from __future__ import annotations

@@ -4,7 +4,11 @@ chosen feature set. Streamed: one subject is in memory at a time, so memory does
 cohort beyond the per-subject vectors.
 
 :func:`encode_subject` encodes one preprocessed subject; :func:`embed_cohort` runs it over a
-cohort, and the calibration stage over artefact-shifted copies of subjects."""
+cohort, and the calibration stage over artefact-shifted copies of subjects.
+
+Size: one module because the settings, the per-subject encoding and the cohort loop share the
+evaluation-grid contract; the caches live in cache.py and preprocessed.py.
+"""
 
 from __future__ import annotations
 

@@ -1,5 +1,9 @@
 """``report.md`` and a self-contained ``report.html`` (images embedded as base64), built from the
-same block list so the two always say the same thing."""
+same block list so the two always say the same thing.
+
+Size: one block list renders both report.md and report.html; splitting the sections would split
+that list and let the two formats drift apart.
+"""
 
 from __future__ import annotations
 

@@ -1,7 +1,11 @@
 """Plain-language text of the report, in one place: what each number means, what AAD cannot see,
 what each feature set and the intensity fingerprint can and cannot see (from the sensitivity
 benchmark), the interpretation of one pair, and the train-overlap warning. Pure functions of the
-result dict."""
+result dict.
+
+Size: long by design: all prose that explains a statistic lives in this one place (issue 12), so
+each sentence can be checked against the code it describes.
+"""
 
 from __future__ import annotations
 

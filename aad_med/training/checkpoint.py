@@ -4,6 +4,10 @@ loaded only with ``torch.load(weights_only=True)``.
 A checkpoint holds everything needed to continue a run exactly (model, optimizer, scheduler,
 epoch, step, RNG states) and to use the model without guessing (``model_config``,
 ``preprocessing``, training subject IDs, cohort paths). Nothing here trains or reads images.
+
+Size: everything the checkpoint format promises (atomic save, safe load, the preprocessing-record
+check, the resume-compatibility check) is in one file, so no reader or writer of the format lives
+elsewhere.
 """
 
 from __future__ import annotations

@@ -14,6 +14,9 @@ resuming gives bitwise the same weights on CPU as an uninterrupted run.
 
 Configuration arrives as plain objects (:class:`TrainSettings`, a model, an optimizer factory,
 datasets); this module reads no config files and no images itself.
+
+Size: the Trainer is one state machine (epochs, checkpoints, exact resume, divergence, DDP) that
+the segmentation trainer subclasses; its helpers stay beside it.
 """
 
 from __future__ import annotations
