@@ -6,8 +6,11 @@ The stages do the work: :mod:`aad_med.embedding` (vectors), :mod:`aad_med.distan
 (equivalent severities), :mod:`aad_med.pipelines.subjects` (``subjects.csv``: which subjects
 are different), :mod:`aad_med.pipelines.reference` (a stored reference, ``reference=REF``),
 :mod:`aad_med.plots.comparison` (figures) and :mod:`aad_med.report` (writers). This module only orders them and stages the run folder; the command line is
-:mod:`aad_med.cli.compare`. It is longer than ~450 lines because the regional map and the
-intensity statistic are orchestration steps of this command only (each a short function).
+:mod:`aad_med.cli.compare`. It is longer than ~450 lines because it orders every step of this command (validation, run
+folder, encoders, statistics, omnibus, per-subject step, intensity, calibration, figures); the
+logic of the larger steps lives in its own module (subjects, omnibus_step, feature_scale,
+caveats, sharded, timings), and the regional map and intensity statistic are short functions
+here. It is the first module to slim further.
 
 All outputs are first written into a hidden temporary folder inside the run folder and moved into
 place only when everything succeeded, so a run folder never holds a half-written result set. A
