@@ -1,5 +1,6 @@
 """The shared set-up of the example notebooks (``notebooks/``): a work folder, the demo cohorts
-and a small encoder trained on them, each written once here instead of in every notebook.
+and a small encoder trained on them, each written once here instead of in every notebook; and the
+untrained tiny encoder the benchmark scripts' ``--quick`` modes share.
 
 Small by default so each notebook runs in about a minute on a laptop CPU;
 ``AAD_MED_NOTEBOOK_DIR`` and ``AAD_MED_NOTEBOOK_SUBJECTS`` change the folder and the cohort size
@@ -86,3 +87,17 @@ def train_small_encoder(train_dir: Path, run_dir: Path, work: Path):
             ],
         )
     return train_from_config(cfg, run_dir)
+
+
+def quick_model(patch: int = 8):
+    """An untrained tiny encoder for the benchmark scripts' ``--quick`` mode (the test suite):
+    it measures the plumbing only."""
+    import torch
+
+    from aad_med.models import ConvAutoencoder
+
+    torch.manual_seed(0)
+    return ConvAutoencoder(
+        channels=(4, 8), strides=(2, 2), latent_dim=6, patch_size=patch, num_res_units=0,
+        norm="BATCH",
+    ).eval()  # fmt: skip

@@ -59,6 +59,7 @@ from aad_med.distances.atypicality import (
 )
 from aad_med.embedding import embed_cohort, get_feature_set
 from aad_med.embedding.acquisition import standardize_jointly
+from aad_med.examples import quick_model
 
 REFERENCE = SITES["reference"]
 ENCODER_FEATURES = "multiscale+texture"
@@ -72,17 +73,6 @@ PVALUES = ("rank", "tail_lognormal", "tail_gamma", "fit_gamma")
 (the default) or gamma tail; a gamma fitted to all LOO scores used alone (no rank part)."""
 TEST_START = 100_000
 """``start_index`` of the test cohort: anatomy independent of the pool's."""
-
-
-def quick_model(patch: int = 8) -> torch.nn.Module:
-    """An untrained tiny encoder for ``--quick`` (the test suite): measures the plumbing only."""
-    from aad_med.models import ConvAutoencoder
-
-    torch.manual_seed(0)
-    return ConvAutoencoder(
-        channels=(4, 8), strides=(2, 2), latent_dim=6, patch_size=patch, num_res_units=0,
-        norm="BATCH",
-    ).eval()  # fmt: skip
 
 
 def plant(folder: Path, positions: dict[str, int], seed: int, shape) -> None:

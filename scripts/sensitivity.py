@@ -63,6 +63,7 @@ from aad_med.embedding.acquisition import (
     standardize_jointly,
 )
 from aad_med.embedding.standardize import missing_blocks
+from aad_med.examples import quick_model
 from aad_med.plots.style import OKABE_ITO, new_figure, save_figure
 
 REFERENCE = SITES["reference"]
@@ -127,17 +128,6 @@ def feature_set(name: str):
         return NEW_BLOCKS[p]() if p in NEW_BLOCKS else get_feature_set(p)
 
     return part(name) if len(parts) == 1 else ConcatFeatureSet([part(p) for p in parts], name)
-
-
-def quick_model(patch: int = 8) -> torch.nn.Module:
-    """An untrained tiny encoder for ``--quick`` (the test suite): measures the plumbing only."""
-    from aad_med.models import ConvAutoencoder
-
-    torch.manual_seed(0)
-    return ConvAutoencoder(
-        channels=(4, 8), strides=(2, 2), latent_dim=6, patch_size=patch, num_res_units=0,
-        norm="BATCH",
-    ).eval()  # fmt: skip
 
 
 def encode_pool(
