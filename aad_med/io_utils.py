@@ -184,7 +184,9 @@ and ``touch`` restore only the modification time)."""
 
 
 def file_digest(path: str | Path) -> str:
-    """SHA-256 of a file's bytes, for cache keys: the content, not its size and mtime.
+    """SHA-256 of a file's bytes (as :func:`file_sha256`), remembered per process while the file
+    is unchanged: for cache keys (the content, not its size and mtime) and for the checkpoint
+    hash a run records in several places.
 
     Size + modification time is not a content key: ``cp -p``, ``rsync -t`` and coarse time stamps
     give other bytes the same pair, and a cache keyed on it serves stale results. The whole file

@@ -16,7 +16,7 @@ from importlib import metadata
 from pathlib import Path
 
 from aad_med import __version__
-from aad_med.io_utils import file_sha256
+from aad_med.io_utils import file_digest
 
 PACKAGES = ("torch", "monai", "numpy")
 """Distributions whose versions decide the numbers (the encoder's arithmetic, the statistics)."""
@@ -65,7 +65,7 @@ def provenance(
         },
         "command": command_line(argv),
         "checkpoints": [
-            {"path": str(p.resolve()), "sha256": file_sha256(p) if p.is_file() else None}
+            {"path": str(p.resolve()), "sha256": file_digest(p) if p.is_file() else None}
             for p in paths
         ],
     }

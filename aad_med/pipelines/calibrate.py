@@ -30,7 +30,7 @@ from aad_med.calibration.curves import (
 )
 from aad_med.data.artefacts import ARTEFACTS, severity_ladders
 from aad_med.errors import CheckpointError, ConfigError
-from aad_med.io_utils import checkpoint_path_problem, file_sha256
+from aad_med.io_utils import checkpoint_path_problem, file_digest
 from aad_med.provenance import provenance
 
 PROG = "aad-calibrate"
@@ -205,7 +205,7 @@ def run_calibration(
     summary = calibration_summary(rows, settings.alpha)
     meta = {
         "checkpoint": str(checkpoint),
-        "checkpoint_sha256": file_sha256(checkpoint),
+        "checkpoint_sha256": file_digest(checkpoint),
         "reference": str(reference),
         "n_reference_subjects": len(cohort.subjects),
         "reference_subject_ids": cohort.subject_ids,

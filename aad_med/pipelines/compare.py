@@ -41,7 +41,7 @@ from aad_med import DEFAULT_FEATURES
 from aad_med.data.records import Cohort
 from aad_med.data.validation import load_cohort
 from aad_med.errors import CheckpointError, CohortError, ConfigError, InputError
-from aad_med.io_utils import checkpoint_path_problem, file_sha256
+from aad_med.io_utils import checkpoint_path_problem, file_digest
 from aad_med.pipelines.caveats import input_caveats
 from aad_med.pipelines.rundir import (
     acquire_run_lock,
@@ -295,7 +295,7 @@ def run_comparison(
     if reference is not None:
         if multi:
             raise ConfigError("reference=REF holds one checkpoint's vectors: give one checkpoint")
-        reference.check_checkpoint(file_sha256(ckpt_paths[0]), ckpt_paths[0])
+        reference.check_checkpoint(file_digest(ckpt_paths[0]), ckpt_paths[0])
     if s.calibration and not Path(s.calibration).is_file():
         raise InputError(
             Path(s.calibration),
@@ -383,7 +383,10 @@ def run_comparison(
                     result, cohorts, s, tmp, reference, computed_fingerprints
                 )
         if s.subjects:
-            _add_subjects(result, tmp, subject_input, cohorts, fingerprints, s, reference)
+            _add_subjects(
+                result, tmp, subject_input, cohorts, fingerprints or computed_fingerprints, s,
+                reference,
+            )  # fmt: skip
         if s.calibration:
             from aad_med.calibration.equivalence import add_equivalent_severity
 
@@ -445,7 +448,7 @@ def intensity_statistics(
     raw = dict(known or {})
     raw.update(
         {
-            name: cached_fingerprint(c, cache_dir, given.get(name), write=write)
+            name: given[name] if name in given else cached_fingerprint(c, cache_dir, write=write)
             for name, c in cohorts.items()
         }
     )
@@ -534,10 +537,19 @@ def _add_subjects(result, tmp, subject_input, cohorts, fingerprints, s, referenc
     from aad_med.pipelines.subjects import SubjectSettings, add_subjects
 
     vectors, ids, blocks = subject_input
-    if fingerprints is None:
+    given = fingerprints or {}
+    if any(name not in given for name in cohorts) or (
+        reference is not None and reference.name not in given
+    ):
         from aad_med.data.intensity import cached_fingerprint
 
-        fingerprints = {name: cached_fingerprint(c, _cache_dir(s)) for name, c in cohorts.items()}
+        write = _cache_mode(s) == "write"
+        fingerprints = {
+            name: given[name]
+            if name in given
+            else cached_fingerprint(c, _cache_dir(s), write=write)
+            for name, c in cohorts.items()
+        }
         if reference is not None:
             fingerprints = {reference.name: reference.arrays["fingerprint"], **fingerprints}
     add_subjects(
@@ -610,7 +622,7 @@ def _compare_into(
         model,
         preprocessing,
         s.scale_reference,
-        file_sha256(ckpt_path) if cache_dir else None,
+        file_digest(ckpt_path) if cache_dir else None,
         cache_dir,
         device,
         s.batch_size,
@@ -623,7 +635,7 @@ def _compare_into(
         keep_positions=s.regional and reference is None,
         num_workers=s.num_workers,
         progress=s.progress,
-        checkpoint_hash=file_sha256(ckpt_path) if cache_dir else None,
+        checkpoint_hash=file_digest(ckpt_path) if cache_dir else None,
         cache_dir=cache_dir,
         cache_mode=mode,
         preprocessed_dir=(
@@ -657,7 +669,7 @@ def _compare_into(
     )
     result: dict = {
         "checkpoint": str(ckpt_path.resolve()),
-        "checkpoint_sha256": file_sha256(ckpt_path),
+        "checkpoint_sha256": file_digest(ckpt_path),
         "latent_dim": int(embs[names[0]].latent_means.shape[1]),
         # The feature set of every statistic below (embeddings.csv holds its vectors).
         "features": feature_set.name,
@@ -677,13 +689,15 @@ def _compare_into(
     # Fixed scale of the vectors: checkpoint / reference (the same pair, the same AAD in any
     # call) or pooled (depends on the other cohorts); raw for latent.
     result["scale"] = scale
-    if computed:
-        result["_fingerprints"] = computed
     fingerprints = (
         omnibus_fingerprints(cohorts, embs, cache_dir, computed, write=mode == "write")
         if s.intensity
         else None
     )
+    # Handed on to the intensity statistic and the per-subject step, which read no volume and
+    # write no cache entry again.
+    if fingerprints is not None or computed:
+        result["_fingerprints"] = dict(fingerprints) if fingerprints is not None else computed
     if fingerprints is not None and reference is not None:
         # A stored reference is not re-read: its fingerprint travels in the reference file.
         fingerprints = {reference.name: reference.arrays["fingerprint"], **fingerprints}

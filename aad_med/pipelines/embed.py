@@ -22,7 +22,7 @@ from aad_med.embedding.distributed import (
 )
 from aad_med.embedding.encode import CohortEmbedding, EmbedSettings
 from aad_med.errors import AADError
-from aad_med.io_utils import file_sha256, write_json_atomic
+from aad_med.io_utils import file_digest, write_json_atomic
 from aad_med.provenance import provenance
 
 PROG = "aad-embed"
@@ -84,7 +84,7 @@ def run_embedding(
                 raise found[1]
             raise ReportedOnRankZero(str(found[1]))
         cohorts = found[1]
-        checkpoint_hash = file_sha256(checkpoint) if s.cache_dir else None
+        checkpoint_hash = file_digest(checkpoint) if s.cache_dir else None
         s = dataclasses.replace(s, device=device, checkpoint_hash=checkpoint_hash)
         embs = embed_cohorts_distributed(model, cohorts, preprocessing, s)
         if info.is_main:

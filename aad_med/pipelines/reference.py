@@ -259,7 +259,7 @@ def fit_reference(
         CohortError, CheckpointError, InputError: one line per problem; nothing is written.
     """
     from aad_med import __version__
-    from aad_med.io_utils import file_sha256, to_jsonable, write_bytes_atomic, write_json_atomic
+    from aad_med.io_utils import file_digest, to_jsonable, write_bytes_atomic, write_json_atomic
     from aad_med.pipelines.compare import (
         CompareSettings,
         _cache_dir,
@@ -291,7 +291,7 @@ def fit_reference(
     model, preprocessing, ckpt = load_model_from_checkpoint(checkpoint, device)
     cs = CompareSettings(cache=s.cache, cache_dir=s.cache_dir)
     cache_dir = _cache_dir(cs)
-    sha = file_sha256(checkpoint)
+    sha = file_digest(checkpoint)
     fs = get_feature_set(s.features)
     embed = EmbedSettings(
         device=device,

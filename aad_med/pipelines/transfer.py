@@ -180,12 +180,6 @@ def train_and_score(
 # distances
 
 
-def _intensity_fingerprint(records):
-    from aad_med.data.intensity import intensity_fingerprint
-
-    return intensity_fingerprint(records)
-
-
 def pair_distances(
     checkpoint: str | Path,
     reference: Cohort,
@@ -199,6 +193,7 @@ def pair_distances(
     Returns:
         ``{name: {"aad", "aad_p", "aad_ci95", "latent_aad", "mmd", "energy", "intensity"}}``.
     """
+    from aad_med.data.intensity import intensity_fingerprint
     from aad_med.distances import aad, compare_embeddings
     from aad_med.embedding.acquisition import standardize_jointly
     from aad_med.embedding.encode import embed_cohort
@@ -217,7 +212,12 @@ def pair_distances(
         )  # fmt: skip
 
     ref = embed(reference, "reference")
-    ref_fp = _intensity_fingerprint(reference.subjects)
+    # The embedding computes the fingerprint from the volumes it decodes (each file read once).
+    ref_fp = (
+        ref.fingerprints
+        if ref.fingerprints is not None
+        else intensity_fingerprint(reference.subjects)
+    )
     out = {}
     for name, cohort in others.items():
         emb = embed(cohort, name)
@@ -229,7 +229,12 @@ def pair_distances(
             seed=s.seed,
             tests=("aad", "mmd", "energy"),
         )["pairs"][0]
-        fp = standardize_jointly({"ref": ref_fp, "other": _intensity_fingerprint(cohort.subjects)})
+        other_fp = (
+            emb.fingerprints
+            if emb.fingerprints is not None
+            else intensity_fingerprint(cohort.subjects)
+        )
+        fp = standardize_jointly({"ref": ref_fp, "other": other_fp})
         out[name] = {
             "aad": stats["aad"],
             "aad_p": stats["aad_p"],

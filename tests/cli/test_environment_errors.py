@@ -156,6 +156,8 @@ def test_read_only_output_folder(tiny_checkpoint, cohorts, tmp_path):
                 env=CLI_ENV,
                 preexec_fn=_drop_file_permission_override if os.geteuid() == 0 else None,
             )
+        except subprocess.TimeoutExpired:
+            raise  # a hang is a failure, not a reason to skip
         except subprocess.SubprocessError:
             pytest.skip("root cannot give up its file-permission override here")
         line = assert_one_line(proc, "aad-compare")

@@ -5,7 +5,6 @@ unwritable cache folder means running uncached; content edits that keep size and
 from __future__ import annotations
 
 import os
-import stat
 import zipfile
 
 import numpy as np
@@ -128,17 +127,25 @@ def test_corrupt_intensity_entry_is_recomputed(corrupt, intensity_cohort, tmp_pa
     np.testing.assert_array_equal(np.load(entry)["fingerprint"], first)
 
 
-def test_read_only_intensity_cache_runs_uncached(intensity_cohort, tmp_path):
-    if os.geteuid() == 0:
-        pytest.skip("root writes into read-only folders")
+def test_read_only_intensity_cache_runs_uncached(intensity_cohort, tmp_path, monkeypatch):
+    # The kernel refuses the write as it would in a read-only folder (chmod alone does not stop
+    # root, which runs these tests; the CLI read-only test drops root's override instead).
+    import builtins
+
     cache = tmp_path / "ro"
     cache.mkdir()
-    cache.chmod(stat.S_IRUSR | stat.S_IXUSR)
-    try:
-        with pytest.warns(CacheWarning, match="cannot write the intensity cache"):
-            out = cached_fingerprint(intensity_cohort, cache)
-    finally:
-        cache.chmod(0o755)
+    real_open = builtins.open
+
+    def refusing_open(file, mode="r", *args, **kwargs):
+        if "w" in mode and str(file).startswith(str(cache)):
+            raise PermissionError(13, "Permission denied", str(file))
+        return real_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", refusing_open)
+    with pytest.warns(CacheWarning, match="cannot write the intensity cache"):
+        out = cached_fingerprint(intensity_cohort, cache)
+    monkeypatch.undo()
+    assert not list(cache.iterdir()), "no entry or temporary file is left"
     np.testing.assert_array_equal(out, intensity_fingerprint(intensity_cohort.subjects))
 
 

@@ -44,8 +44,8 @@ def test_quick_mode_writes_a_consistent_summary(transferability, tmp_path):
     for d in ("aad", "latent_aad", "mmd", "energy", "intensity"):
         assert summary[d]["spearman_by_seed"] == [run["correlations"][d]["spearman"]]
     scored = {d: s["spearman_mean"] for d, s in summary.items() if s["spearman_mean"] is not None}
-    if scored:
-        assert result["summary"]["best"] == max(scored, key=scored.get)
+    assert scored
+    assert result["summary"]["best"] == max(scored, key=scored.get)
     with open(out / "transferability.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == len(transferability.QUICK_TARGETS)
