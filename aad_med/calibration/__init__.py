@@ -3,7 +3,7 @@
 Owns shift calibration: artificially shifted copies of a reference cohort with MRI artefacts at
 graded severities (:mod:`~aad_med.data.artefacts`: bias field, Rician noise, Gibbs
 ringing, blur, downsampling, global intensity scale, contrast gamma), encoded once per condition
-(:mod:`~aad_med.calibration.conditions`); AAD, standardised AAD and the permutation p-value for
+(:mod:`~aad_med.calibration.conditions`); AAD, the Mahalanobis distance of the means and the permutation p-value for
 every (artefact, severity, subjects per cohort, repeat) on disjoint halves
 (:mod:`~aad_med.calibration.curves`); the table as files (:mod:`~aad_med.calibration.table`); and
 the translation of an observed AAD into "about as different as noise at severity s"

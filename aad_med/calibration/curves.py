@@ -3,7 +3,7 @@
 For each repeat the subjects are shuffled and split into two disjoint halves; for each cohort
 size ``n`` the first ``n`` of one half stay clean and the first ``n`` of the other half carry the
 artefact (only ``round(fraction_affected * n)`` of them when ``fraction_affected < 1``). AAD,
-standardised AAD and the permutation p-value come from :mod:`aad_med.distances`. Severity 0 is
+the Mahalanobis distance of the means (``aad_mahalanobis``) and the permutation p-value come from :mod:`aad_med.distances`. Severity 0 is
 the null: two clean halves. :func:`calibration_summary` averages repeats and
 :func:`minimum_detectable` reads the power off the summary.
 
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from aad_med.data.artefacts import ARTEFACTS
-from aad_med.distances.hotelling import aad_standardized
+from aad_med.distances.hotelling import mahalanobis_distance
 from aad_med.distances.permutation import aad_permutation_test
 from aad_med.errors import ConfigError
 
@@ -37,7 +37,7 @@ CALIBRATION_COLUMNS: tuple[str, ...] = (
     "fraction_affected",
     "n_affected",
     "aad",
-    "aad_standardized",
+    "aad_mahalanobis",
     "aad_p",
     "aad_null_median",
     "significant",
@@ -183,7 +183,7 @@ def _pair_stats(a: np.ndarray, b: np.ndarray, n_permutations: int, seed) -> dict
     test = aad_permutation_test(a, b, n_permutations=n_permutations, seed=seed)
     return {
         "aad": float(test.statistic),
-        "aad_standardized": float(aad_standardized(a, b)),
+        "aad_mahalanobis": float(mahalanobis_distance(a, b)),
         "aad_p": float(test.pvalue),
         "aad_null_median": float(np.median(test.null)),
     }
@@ -201,7 +201,7 @@ def calibration_summary(rows: Iterable[Mapping], alpha: float = 0.05) -> list[di
 
     Returns:
         Dicts with ``artefact, severity, n_per_cohort, repeats, aad_mean, aad_ci95`` (2.5 and
-        97.5 percentiles over repeats), ``aad_standardized_mean``, ``aad_standardized_ci95``,
+        97.5 percentiles over repeats), ``aad_mahalanobis_mean``, ``aad_mahalanobis_ci95``,
         ``p_median`` and ``detection_rate`` (share of repeats with ``p <= alpha``), sorted by
         artefact order, n and severity.
     """
@@ -209,7 +209,7 @@ def calibration_summary(rows: Iterable[Mapping], alpha: float = 0.05) -> list[di
     order = {a: i for i, a in enumerate(ARTEFACTS)}
     for (artefact, severity, n), group in _group(rows).items():
         aad_v = np.array([float(r["aad"]) for r in group])
-        std_v = np.array([float(r["aad_standardized"]) for r in group])
+        std_v = np.array([float(r["aad_mahalanobis"]) for r in group])
         p_v = np.array([float(r["aad_p"]) for r in group])
         out.append(
             {
@@ -219,8 +219,8 @@ def calibration_summary(rows: Iterable[Mapping], alpha: float = 0.05) -> list[di
                 "repeats": len(group),
                 "aad_mean": float(aad_v.mean()),
                 "aad_ci95": [float(v) for v in np.percentile(aad_v, [2.5, 97.5])],
-                "aad_standardized_mean": float(std_v.mean()),
-                "aad_standardized_ci95": [float(v) for v in np.percentile(std_v, [2.5, 97.5])],
+                "aad_mahalanobis_mean": float(std_v.mean()),
+                "aad_mahalanobis_ci95": [float(v) for v in np.percentile(std_v, [2.5, 97.5])],
                 "p_median": float(np.median(p_v)),
                 "detection_rate": float(np.mean(p_v <= alpha)),
             }

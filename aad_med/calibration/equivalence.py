@@ -110,7 +110,7 @@ def equivalent_severity(
         n_per_cohort: subjects per cohort of the observed comparison; the calibrated size
             nearest on a log scale is used (AAD is biased upwards in small cohorts). For unequal
             cohorts pass ``2 * n_a * n_b / (n_a + n_b)``. ``None``: the largest calibrated size.
-        statistic: ``"aad"`` or ``"aad_standardized"``.
+        statistic: ``"aad"`` or ``"aad_mahalanobis"``.
 
     Returns:
         ``{artefact: severity}``; ``0.0`` when the value is at or below the clean-vs-clean

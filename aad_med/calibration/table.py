@@ -46,7 +46,7 @@ def read_calibration_table(source) -> list[dict]:
             rows = list(csv.DictReader(io.StringIO(text)))
             if not rows or any(c not in rows[0] for c in need):
                 raise InputError(path, f"not a calibration table (needs columns {', '.join(need)})")
-        return rows
+        return [_renamed_columns(r) for r in rows]
     if isinstance(source, Mapping):
         missing = [c for c in need if c not in source]
         if missing:
@@ -58,6 +58,16 @@ def read_calibration_table(source) -> list[dict]:
     if rows and any(c not in rows[0] for c in need):
         raise ConfigError(f"calibration rows lack column(s) among {', '.join(need)}")
     return rows
+
+
+# Tables written before the rename called the Mahalanobis distance of the means
+# ``aad_standardized``, a name ``aad-compare`` now gives to the bias-corrected distance.
+_OLD_COLUMNS = {"aad_standardized": "aad_mahalanobis"}
+
+
+def _renamed_columns(row: dict) -> dict:
+    """A row read from a file, with columns written under an older name renamed."""
+    return {_OLD_COLUMNS.get(k, k): v for k, v in row.items()}
 
 
 def calibration_csv_text(rows: Iterable[Mapping]) -> str:

@@ -1,5 +1,5 @@
 """Stage 5, distances: the scale-free AAD (the bias-corrected standardised distance reported as
-``aad_standardized``, and the Mahalanobis distance between the sample means) and Hotelling's T².
+``aad_standardized``, and :func:`mahalanobis_distance` between the sample means) and Hotelling's T².
 Pure numpy/scipy; never touches files.
 
 Plain AAD depends on the scale of each latent dimension; the standardised versions measure the
@@ -44,7 +44,7 @@ def _within(a: np.ndarray, b: np.ndarray) -> tuple[ShrunkCovariance, np.ndarray,
 
 
 def pooled_within_covariance(x_a: ArrayLike, x_b: ArrayLike) -> np.ndarray:
-    """The pooled within-cohort covariance used by :func:`aad_standardized`, dense ``(D, D)``.
+    """The pooled within-cohort covariance used by :func:`mahalanobis_distance`, dense ``(D, D)``.
 
     ``diag(sd) R diag(sd)`` with ``R`` the Ledoit–Wolf shrunk pooled correlation (divisor
     ``n_a + n_b - 2``); rows/columns of constant dimensions are 0.
@@ -89,11 +89,11 @@ def standardized_distance(x_a: ArrayLike, x_b: ArrayLike) -> float | None:
     return float(np.sqrt(max(float(np.sum(d2)), 0.0)))
 
 
-def aad_standardized(x_a: ArrayLike, x_b: ArrayLike) -> float:
+def mahalanobis_distance(x_a: ArrayLike, x_b: ArrayLike) -> float:
     """Mahalanobis distance between the sample means, ``sqrt(Δᵀ Σ⁻¹ Δ)`` (not bias-corrected).
 
     Descriptive: with no shift at all it is about ``sqrt(D (1/n_A + 1/n_B))``. The calibration
-    tables and the Ledoit–Wolf T² use it; ``compare_embeddings`` reports
+    tables (column ``aad_mahalanobis``) and the Ledoit–Wolf T² use it; ``compare_embeddings`` reports
     :func:`standardized_distance` as ``aad_standardized`` instead.
 
     ``Σ`` is the pooled within-cohort covariance with Ledoit–Wolf shrinkage of its correlation

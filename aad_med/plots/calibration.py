@@ -41,10 +41,10 @@ def plot_calibration_curves(
 
     Args:
         summary: rows of ``calibration_summary`` (``artefact, severity, n_per_cohort,
-            aad_mean, aad_ci95`` and the ``aad_standardized_*`` twins).
+            aad_mean, aad_ci95`` and the ``aad_mahalanobis_*`` twins).
         path: output PNG.
         units: severity unit per artefact (axis labels).
-        statistic: ``"aad"`` or ``"aad_standardized"``.
+        statistic: ``"aad"`` or ``"aad_mahalanobis"``.
     """
     groups = _by_artefact(summary)
     fig, axes = _grid(len(groups))
@@ -65,7 +65,7 @@ def plot_calibration_curves(
         ax.set_title(artefact, fontsize=10)
         unit = (units or {}).get(artefact, "severity")
         ax.set_xlabel(f"severity ({unit})" if unit != "severity" else "severity", fontsize=8)
-        ax.set_ylabel("AAD" if statistic == "aad" else "standardised AAD")
+        ax.set_ylabel("AAD" if statistic == "aad" else "Mahalanobis distance of the means")
         ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)

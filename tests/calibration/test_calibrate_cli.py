@@ -76,7 +76,7 @@ def test_console_script_writes_every_output(calibrated):
     assert {int(r["n_per_cohort"]) for r in rows} == {2, 4}
     for r in rows:
         p = float(r["aad_p"])
-        assert 1 / 200 <= p <= 1 and float(r["aad"]) > 0 and float(r["aad_standardized"]) > 0
+        assert 1 / 200 <= p <= 1 and float(r["aad"]) > 0 and float(r["aad_mahalanobis"]) > 0
         assert r["significant"] == ("true" if p <= 0.05 else "false")
     info = json.loads((out / "calibration.json").read_text())
     assert info["n_reference_subjects"] == 8 and info["n_per_cohort"] == [2, 4]

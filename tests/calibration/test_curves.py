@@ -66,7 +66,7 @@ def test_rows_cover_every_condition_with_the_columns(rows):
     keys = {(r["artefact"], r["severity"], r["n_per_cohort"], r["repeat"]) for r in rows}
     assert len(keys) == len(rows)
     for r in rows:
-        assert 0 < r["aad_p"] <= 1 and r["aad"] >= 0 and r["aad_standardized"] >= 0
+        assert 0 < r["aad_p"] <= 1 and r["aad"] >= 0 and r["aad_mahalanobis"] >= 0
         assert r["significant"] == (r["aad_p"] <= 0.05)
         assert r["n_affected"] == (0 if r["severity"] == 0 else r["n_per_cohort"])
 
@@ -76,7 +76,7 @@ def test_null_rows_are_shared_by_every_artefact(rows):
     for r in rows:
         if r["severity"] == 0:
             key = (r["n_per_cohort"], r["repeat"])
-            stats = (r["aad"], r["aad_standardized"], r["aad_p"])
+            stats = (r["aad"], r["aad_mahalanobis"], r["aad_p"])
             assert null.setdefault(key, stats) == stats
 
 
@@ -184,7 +184,7 @@ def curve_rows(n: int, artefact: str, severities, means, repeats: int = 3, jitte
                     "n_per_cohort": n,
                     "repeat": r,
                     "aad": m + jitter * (r - (repeats - 1) / 2),
-                    "aad_standardized": 2 * m,
+                    "aad_mahalanobis": 2 * m,
                 }
             )
     return out
@@ -230,7 +230,7 @@ def test_nearest_cohort_size_and_statistic():
     assert equivalent_severity(TABLE, 0.25, n_per_cohort=30)["noise"] == pytest.approx(0.2)
     assert equivalent_severity(TABLE, 0.25, n_per_cohort=12)["noise"] == pytest.approx(0.075)
     assert set(equivalent_severity(TABLE, 0.25)) == {"noise"}  # n=40 only has noise
-    std = equivalent_severity(TABLE, 1.0, n_per_cohort=10, statistic="aad_standardized")
+    std = equivalent_severity(TABLE, 1.0, n_per_cohort=10, statistic="aad_mahalanobis")
     assert std["noise"] == pytest.approx(0.2)
 
 
@@ -343,3 +343,16 @@ def test_annotate_pairs_for_the_report(tmp_path):
     other = annotate_pairs(path, pairs, checkpoint_sha256="def")[0]
     assert "made with another checkpoint" in other["warning"]
     assert other["equivalent_severity"] == entry["equivalent_severity"]
+
+
+def test_a_table_written_before_the_rename_reads_under_the_new_column(tmp_path, rows):
+    old = calibration_csv_text(rows).replace("aad_mahalanobis", "aad_standardized", 1)
+    path = tmp_path / "calibration.csv"
+    path.write_text(old)
+    back = read_calibration_table(path)
+    assert "aad_standardized" not in back[0]
+    assert [float(r["aad_mahalanobis"]) for r in back] == [r["aad_mahalanobis"] for r in rows]
+    value = float(np.mean([r["aad_mahalanobis"] for r in rows if r["severity"] == 1.0]))
+    assert equivalent_severity(path, value, 12, statistic="aad_mahalanobis") == pytest.approx(
+        equivalent_severity(rows, value, 12, statistic="aad_mahalanobis")
+    )
