@@ -363,6 +363,69 @@ def setup(args: argparse.Namespace, data: Path) -> dict:
             "sha256": file_sha256(args.checkpoint), "training": sens.training_summary(ck)}  # fmt: skip
 
 
+def extract_pools(pools: dict[str, Path], kinds: list[str], ctx: dict, cache: Path) -> tuple:
+    """Every input kind of every pool, extracted once (the methods sharing an input share it).
+
+    Returns:
+        ``({kind: {pool: features}}, {kind: extraction seconds per subject})``.
+    """
+    feats: dict[str, dict[str, object]] = {k: {} for k in kinds}
+    seconds, n_subjects, t0 = dict.fromkeys(kinds, 0.0), 0, time.perf_counter()
+    for name, folder in pools.items():
+        cohort = load_cohort(folder)
+        n_subjects += len(cohort.subjects)
+        for kind in kinds:
+            feats[kind][name], sec = extract(kind, cohort, ctx, cache)
+            seconds[kind] += sec
+        print(f"{name}: extracted ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
+    return feats, {k: sec / max(1, n_subjects) for k, sec in seconds.items()}
+
+
+def evaluate(m: Method, f: dict, nulls: list, draws: dict, shifts: list, args) -> tuple:
+    """Score one method on every same-site split and shifted pair.
+
+    Returns:
+        ``(same_site_row, result_rows, scores, seconds_per_pair)``: the threshold comes from the
+        first half of ``nulls``; the FPR is measured on the second half.
+    """
+    n, ref = args.subjects, f["reference"]
+    t_test = time.perf_counter()
+    null = [m.test(rows_of(ref, idx[:n]), rows_of(ref, idx[n:]), r) for r, idx in enumerate(nulls)]
+    per_pair = (time.perf_counter() - t_test) / max(1, len(nulls))
+    n_cal = len(nulls) // 2
+    cal, held = null[:n_cal], null[n_cal:]
+    t = threshold([s for s, _ in cal], args.fpr)
+    has_p = null[0][1] is not None
+    null_row = {
+        "method": m.key,
+        "label": m.label,
+        "threshold": finite(t),
+        "calibration_pairs": len(cal),
+        "heldout_pairs": len(held),
+        "fpr_calibration": float(np.mean([s > t for s, _ in cal])),
+        "fpr_heldout": float(np.mean([s > t for s, _ in held])),
+        "fpr_nominal": float(np.mean([p < args.alpha for _, p in null])) if has_p else None,
+    }
+    scores, rows = {"same_site": [finite(s) for s, _ in null]}, []
+    for kind, label, _, _ in shifts:
+        res = [m.test(rows_of(ref, ia), rows_of(f[kind], ib), r)
+               for r, (ia, ib) in enumerate(draws[kind])]  # fmt: skip
+        sc = np.asarray([s for s, _ in res])
+        scores[kind] = [finite(s) for s in sc]
+        rows.append(
+            {
+                "method": m.key,
+                "shift": kind,
+                "severity": label,
+                "detection_rate": float(np.mean(sc > t)),
+                "nominal_rate": float(np.mean([p < args.alpha for _, p in res])) if has_p else None,
+                "median_score": finite(float(np.median(sc))),
+                "repeats": len(res),
+            }
+        )
+    return null_row, rows, scores, per_pair
+
+
 def run(args: argparse.Namespace) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -380,76 +443,28 @@ def run(args: argparse.Namespace) -> dict:
         if m.skipped:
             print(f"{m.label}: skipped: {m.skipped}", file=sys.stderr)
     n, shape = args.subjects, tuple(args.shape)
+    shifts = sens.shift_levels(args.shifts)
     pools = {"reference": sens.pool_folder(data, "reference", sens.REFERENCE, args.seed, 2 * n,
                                            shape)}  # fmt: skip
-    shifts = sens.shift_levels(args.shifts)
     for kind, _, changes, k in shifts:
         site = sens.REFERENCE.with_updates(name=kind, **changes)
         pools[kind] = sens.pool_folder(data, f"{kind}-{k}", site, args.seed + 1000 + k, n, shape)
     print(f"pools ready ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
-
-    # Every input kind is extracted once per pool; its seconds are shared by the methods using it.
     kinds = list(dict.fromkeys(m.inputs for m in active))
-    feats: dict[str, dict[str, object]] = {k: {} for k in kinds}
-    seconds = dict.fromkeys(kinds, 0.0)
-    n_subjects = 0
-    for name, folder in pools.items():
-        cohort = load_cohort(folder)
-        n_subjects += len(cohort.subjects)
-        for kind in kinds:
-            feats[kind][name], sec = extract(kind, cohort, ctx, cache)
-            seconds[kind] += sec
-        print(f"{name}: extracted ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
+    feats, per_subject = extract_pools(pools, kinds, ctx, cache)
 
     rng = np.random.default_rng(args.seed)
     nulls = [rng.choice(2 * n, 2 * n, replace=False) for _ in range(args.null_repeats)]
-    n_cal = args.null_repeats // 2
     draws = {kind: [(rng.choice(2 * n, n, replace=False), rng.choice(n, n, replace=False))
                     for _ in range(args.repeats)] for kind, *_ in shifts}  # fmt: skip
     results, same_site, timing, all_scores = [], [], [], {}
     for m in active:
-        f = feats[m.inputs]
-        ref = f["reference"]
-        null = []
-        t_test = time.perf_counter()
-        for r, idx in enumerate(nulls):
-            null.append(m.test(rows_of(ref, idx[:n]), rows_of(ref, idx[n:]), r))
-        per_pair = (time.perf_counter() - t_test) / max(1, len(nulls))
-        cal, held = null[:n_cal], null[n_cal:]
-        t = threshold([s for s, _ in cal], args.fpr)
-        has_p = null[0][1] is not None
-        same_site.append(
-            {
-                "method": m.key,
-                "label": m.label,
-                "threshold": finite(t),
-                "calibration_pairs": len(cal),
-                "heldout_pairs": len(held),
-                "fpr_calibration": float(np.mean([s > t for s, _ in cal])),
-                "fpr_heldout": float(np.mean([s > t for s, _ in held])) if held else None,
-                "fpr_nominal": float(np.mean([p < args.alpha for _, p in null])) if has_p else None,
-            }
-        )  # fmt: skip
-        all_scores[m.key] = {"same_site": [finite(s) for s, _ in null]}
-        for kind, label, _, _ in shifts:
-            res = [m.test(rows_of(ref, ia), rows_of(f[kind], ib), r)
-                   for r, (ia, ib) in enumerate(draws[kind])]  # fmt: skip
-            scores = np.asarray([s for s, _ in res])
-            all_scores[m.key][kind] = [finite(s) for s in scores]
-            results.append(
-                {
-                    "method": m.key,
-                    "shift": kind,
-                    "severity": label,
-                    "detection_rate": float(np.mean(scores > t)),
-                    "nominal_rate": (
-                        float(np.mean([p < args.alpha for _, p in res])) if has_p else None
-                    ),
-                    "median_score": finite(float(np.median(scores))),
-                    "repeats": len(res),
-                }
-            )
-        extract_s = seconds[m.inputs] / n_subjects
+        null_row, rows, all_scores[m.key], per_pair = evaluate(m, feats[m.inputs], nulls, draws,
+                                                               shifts, args)  # fmt: skip
+        same_site.append(null_row)
+        results += rows
+        ref = feats[m.inputs]["reference"]
+        extract_s = per_subject[m.inputs]
         pair_s = per_pair
         if m.key == "frd" and not args.quick:
             # What a frd-score user pays per comparison (a d x d square root per modality); the
