@@ -641,9 +641,11 @@ def markdown(result: dict) -> str:
         k = m["method"]
         cells = [f"{rate[(k, s)]['detection_rate']:.2f}" for s in shifts]
         held = null[k]["fpr_heldout"]
+        # Flag a held-out FPR more than two binomial SEs above the target.
+        high = held > fpr + 2 * math.sqrt(fpr * (1 - fpr) / null[k]["heldout_pairs"])
         lines.append(
             f"| {m['label']} | " + " | ".join(cells)
-            + f" | {'-' if held is None else f'{held:.3f}'} | "
+            + f" | {held:.3f}{' (above target)' if high else ''} | "
             f"{timing[k]['s_per_subject']:.3g} |"
         )  # fmt: skip
     skipped = [m for m in result["methods"] if m["status"] == "skipped"]

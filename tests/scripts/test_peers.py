@@ -184,3 +184,12 @@ def test_full_mode_needs_a_checkpoint(peers, capsys):
     with pytest.raises(SystemExit):
         peers.parse(["--out", "x"])
     assert "--checkpoint is required" in capsys.readouterr().err
+
+
+def test_markdown_flags_a_held_out_fpr_above_the_target(peers, no_peers):
+    result = json.loads((no_peers / "peers.json").read_text())
+    for row in result["same_site"]:
+        # 10 held-out pairs at 0.05: two binomial SEs above the target is 0.19.
+        row["fpr_heldout"] = 0.5 if row["method"] == "aad_latent" else 0.1
+    rows = [line for line in peers.markdown(result).splitlines() if "(above target)" in line]
+    assert len(rows) == 1 and rows[0].startswith("| latent AAD (seed) |")
