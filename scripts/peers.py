@@ -35,6 +35,10 @@ everything after it, measured over all pools in this run) + one pair's test seco
     python scripts/peers.py --quick --out /tmp/peers     # tiny, untrained encoder, seconds
 
 Writes ``peers.json``, ``peers.csv`` and ``peers.md`` (a section for BENCHMARKS.md) into --out.
+
+One file, like the other benchmark scripts: the peer adapters, the calibration and the writers
+serve this benchmark only, and users run it as one script. It imports aad_med and
+``scripts/sensitivity.py`` (the pools); aad_med never imports it or any peer.
 """
 
 from __future__ import annotations
