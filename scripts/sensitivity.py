@@ -219,6 +219,47 @@ def pvalue(name, blocks_a, idx_a, blocks_b, idx_b, n_perm: int, seed: int, refer
     return test_pair(name, blocks_a, idx_a, blocks_b, idx_b, n_perm, seed, reference)[0]
 
 
+def pool_folder(data: Path, name: str, site, seed: int, n: int, shape) -> Path:
+    """The folder of one synthetic pool, ``data/NAME-nN-seedS-XxYxZ``, written on first use (so a
+    ``--data`` folder is shared by every benchmark that names its pools this way)."""
+    folder = Path(data) / f"{name}-n{n}-seed{seed}-{'x'.join(map(str, shape))}"
+    if not (folder / "synthetic.json").exists():
+        generate_cohort(folder, n_subjects=n, site=site, seed=seed, shape=shape)
+    return folder
+
+
+def shift_levels(kinds, all_severities: bool = False) -> list[tuple[str, str, dict, int]]:
+    """``(kind, label, changes, k)`` of every shifted pool in order; pool ``k`` is named
+    ``KIND-k`` and seeded ``seed + 1000 + k`` (:func:`pool_folder`)."""
+    out = []
+    for kind in kinds:
+        for label, changes in SHIFTS[kind] if all_severities else SHIFTS[kind][-1:]:
+            out.append((kind, label, changes, len(out) + 1))
+    return out
+
+
+def quick_reference(model, prep, data: Path, seed: int, shape) -> tuple[dict, str]:
+    """``(feature_reference, source)`` for ``--quick``: fitted with
+    :func:`aad_med.embedding.standardize.reference_from_subjects` on 6 reference-site subjects
+    whose anatomy is independent of every pool (they stand in for the encoder's training set)."""
+    from aad_med.embedding.standardize import reference_from_subjects
+
+    folder = pool_folder(data, "train", REFERENCE, seed + 500, 6, shape)
+    reference = reference_from_subjects(model, load_cohort(folder), prep)
+    return reference, f"reference_from_subjects on {folder.name}"
+
+
+def training_summary(ck: dict) -> dict:
+    """What a checkpoint says about its training: epoch, validation loss, model, subjects."""
+    return {
+        "epoch": int(ck.get("epoch", -1)),
+        "val_loss": float(ck["best_loss"]) if "best_loss" in ck else None,
+        "model": ck.get("model_config"),
+        "train_subjects": len(ck.get("train_subject_ids", [])),
+        "val_subjects": len(ck.get("val_subject_ids", [])),
+    }
+
+
 def block_effects(ref: dict[str, np.ndarray], shifted: dict[str, np.ndarray]) -> list[dict]:
     """Per raw block: how many columns a shift moves and how far (Cohen's d, whole pools).
 
@@ -261,13 +302,7 @@ def run(args: argparse.Namespace) -> dict:
         encoder = str(args.checkpoint)
         key = file_sha256(args.checkpoint)
         ck = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
-        training = {
-            "epoch": int(ck.get("epoch", -1)),
-            "val_loss": float(ck["best_loss"]) if "best_loss" in ck else None,
-            "model": ck.get("model_config"),
-            "train_subjects": len(ck.get("train_subject_ids", [])),
-            "val_subjects": len(ck.get("val_subject_ids", [])),
-        }
+        training = training_summary(ck)
         if args.scale != "pooled":
             reference_from = str(args.feature_reference or args.checkpoint)
             if args.feature_reference:
@@ -281,23 +316,13 @@ def run(args: argparse.Namespace) -> dict:
     n_max = max(args.subjects)
     t0 = time.perf_counter()
     if args.quick and args.scale != "pooled":
-        from aad_med.embedding.standardize import reference_from_subjects
-
-        # Stands in for the encoder's training subjects: anatomy independent of every pool.
-        folder = data / f"train-n6-seed{args.seed + 500}-{'x'.join(map(str, shape))}"
-        if not (folder / "synthetic.json").exists():
-            generate_cohort(folder, n_subjects=6, site=REFERENCE, seed=args.seed + 500, shape=shape)
-        reference = reference_from_subjects(model, load_cohort(folder), prep)
-        reference_from = f"reference_from_subjects on {folder.name}"
+        reference, reference_from = quick_reference(model, prep, data, args.seed, shape)
     features = [label for f in args.features for label in with_scale(f, args.scale)] + (
         [FINGERPRINT] if args.fingerprint else []
     )
 
     def pool(name: str, site, seed: int, n: int) -> dict[str, np.ndarray]:
-        folder = data / f"{name}-n{n}-seed{seed}-{'x'.join(map(str, shape))}"
-        if not (folder / "synthetic.json").exists():
-            generate_cohort(folder, n_subjects=n, site=site, seed=seed, shape=shape)
-        return encode_pool(model, prep, folder, extent, key)
+        return encode_pool(model, prep, pool_folder(data, name, site, seed, n, shape), extent, key)
 
     ref = pool("reference", REFERENCE, args.seed, 2 * n_max)
     rng = np.random.default_rng(args.seed)
@@ -318,45 +343,39 @@ def run(args: argparse.Namespace) -> dict:
                  "repeats": args.null_repeats, "se": se}
             )  # fmt: skip
     print(f"same-site splits done ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
-    k = 0
-    for kind in args.shifts:
-        levels = SHIFTS[kind] if args.all_severities else SHIFTS[kind][-1:]
-        for label, changes in levels:
-            k += 1
-            site = REFERENCE.with_updates(name=kind, **changes)
-            shifted = pool(f"{kind}-{k}", site, args.seed + 1000 + k, n_max)
-            effects[label] = block_effects(ref, shifted)
-            for n in args.subjects:
-                draws = [
-                    (rng.choice(2 * n_max, n, replace=False), rng.choice(n_max, n, replace=False))
-                    for _ in range(args.repeats)
-                ]
-                for name in features:
-                    ps, drivers = [], {}
-                    for r, (ia, ib) in enumerate(draws):
-                        p, drv = test_pair(
-                            name, ref, ia, shifted, ib, args.permutations, r, reference
-                        )
-                        ps.append(p)
-                        if drv is not None and p < args.alpha:
-                            drivers[drv] = drivers.get(drv, 0) + 1
-                    ps = np.asarray(ps)
-                    rows.append(
-                        {
-                            "shift": kind,
-                            "severity": label,
-                            "target": label == SHIFTS[kind][-1][0],
-                            "params": changes,
-                            "n": n,
-                            "features": name,
-                            "scale": scale_of(name),
-                            "detection_rate": float(np.mean(ps < args.alpha)),
-                            "median_p": float(np.median(ps)),
-                            "repeats": args.repeats,
-                            **({"drivers": drivers} if name.startswith(OMNIBUS) else {}),
-                        }
-                    )
-            print(f"{label}: done ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
+    for kind, label, changes, k in shift_levels(args.shifts, args.all_severities):
+        site = REFERENCE.with_updates(name=kind, **changes)
+        shifted = pool(f"{kind}-{k}", site, args.seed + 1000 + k, n_max)
+        effects[label] = block_effects(ref, shifted)
+        for n in args.subjects:
+            draws = [
+                (rng.choice(2 * n_max, n, replace=False), rng.choice(n_max, n, replace=False))
+                for _ in range(args.repeats)
+            ]
+            for name in features:
+                ps, drivers = [], {}
+                for r, (ia, ib) in enumerate(draws):
+                    p, drv = test_pair(name, ref, ia, shifted, ib, args.permutations, r, reference)
+                    ps.append(p)
+                    if drv is not None and p < args.alpha:
+                        drivers[drv] = drivers.get(drv, 0) + 1
+                ps = np.asarray(ps)
+                rows.append(
+                    {
+                        "shift": kind,
+                        "severity": label,
+                        "target": label == SHIFTS[kind][-1][0],
+                        "params": changes,
+                        "n": n,
+                        "features": name,
+                        "scale": scale_of(name),
+                        "detection_rate": float(np.mean(ps < args.alpha)),
+                        "median_p": float(np.median(ps)),
+                        "repeats": args.repeats,
+                        **({"drivers": drivers} if name.startswith(OMNIBUS) else {}),
+                    }
+                )
+        print(f"{label}: done ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
     return {
         "command": "python scripts/sensitivity.py " + " ".join(map(shlex.quote, args.argv)),
         "encoder": encoder,
