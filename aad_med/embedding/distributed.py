@@ -156,6 +156,9 @@ def merge_shards(
             if all(p.fingerprints is not None for p in present)
             else None
         ),
+        quality=(
+            np.stack(pick("quality")) if all(p.quality is not None for p in present) else None
+        ),
         # Seconds summed over the ranks (CPU time of each phase, not wall time).
         timings={
             k: sum(p.timings.get(k, 0.0) for p in present) for p in present for k in p.timings
@@ -261,7 +264,12 @@ def embed_cohorts_distributed(
             )
     cached = {}
     if rank == 0 and use_cache:
-        cached = {n: e for n in names if (e := load_cached(entries[n])) is not None}
+        cached = {
+            n: e
+            for n in names
+            if (e := load_cached(entries[n])) is not None
+            and (e.quality is not None or not s.quality)
+        }
     cached = from_main(cached)
 
     try:
