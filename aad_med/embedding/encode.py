@@ -81,6 +81,9 @@ class EmbedSettings:
         quality: also compute every subject's image-quality row
             (:func:`aad_med.data.quality.quality_row`) from the volumes decoded for the
             embedding (the segmentation is then decoded too), kept in the preprocessed cache.
+        check_seg: also decode every subject's segmentation and check its voxels and labels,
+            so the embedding's one decode of each file does validation's voxel checks
+            (:class:`~aad_med.embedding.preprocessed.PreprocessedSubjects`).
     """
 
     device: str | torch.device = "cpu"
@@ -96,6 +99,7 @@ class EmbedSettings:
     preprocessed_max_bytes: int = DEFAULT_MAX_BYTES
     prefetch: bool = False
     quality: bool = False
+    check_seg: bool = False
 
     @classmethod
     def resolve(cls, settings: EmbedSettings | None, options: Mapping[str, Any]) -> EmbedSettings:
@@ -132,6 +136,7 @@ class CohortEmbedding:
             ``wait``, ``total``).
         quality: ``(n, 40)`` image-quality rows (:data:`aad_med.data.quality.QUALITY_COLUMNS`)
             computed from the same decoded volumes (``EmbedSettings.quality``), or ``None``.
+        seg_checked: every subject's segmentation was decoded and its voxels checked.
     """
 
     name: str
@@ -145,6 +150,7 @@ class CohortEmbedding:
     fingerprints: np.ndarray | None = field(default=None, repr=False)
     timings: dict[str, float] = field(default_factory=dict, repr=False)
     quality: np.ndarray | None = field(default=None, repr=False)
+    seg_checked: bool = False
 
     def __len__(self) -> int:
         return len(self.subject_ids)
@@ -322,8 +328,9 @@ def _subject_iterator(
     cache: PreprocessedCache | None = None,
     prefetch: bool = False,
     quality: bool = False,
+    check_seg: bool = False,
 ):
-    dataset = PreprocessedSubjects(records, preprocessing, cache, quality)
+    dataset = PreprocessedSubjects(records, preprocessing, cache, quality, check_seg)
     if num_workers <= 0 and not prefetch:
         for i in range(len(dataset)):
             yield dataset[i]
@@ -388,6 +395,7 @@ def embed_cohort(
     )
     ids, paths, n_patches, vectors, latent_means, fingerprints = [], [], [], [], [], []
     quality = []
+    seg_checked = True
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     bar = tqdm(
@@ -398,7 +406,13 @@ def embed_cohort(
         leave=False,
     )
     items = _subject_iterator(
-        cohort.subjects, preprocessing, num_workers, preprocessed_cache(s), s.prefetch, s.quality
+        cohort.subjects,
+        preprocessing,
+        num_workers,
+        preprocessed_cache(s),
+        s.prefetch,
+        s.quality,
+        s.check_seg,
     )
     try:
         t_wait = time.perf_counter()
@@ -409,6 +423,7 @@ def embed_cohort(
                 timings[phase] = timings.get(phase, 0.0) + float(sec)
             fingerprints.append(item.get("fingerprint"))
             quality.append(item.get("quality"))
+            seg_checked = seg_checked and bool(item.get("seg_checked", False))
             try:
                 enc = encode_subject(
                     model,
@@ -475,4 +490,5 @@ def embed_cohort(
             if s.quality and quality and all(q is not None for q in quality)
             else None
         ),
+        seg_checked=seg_checked and bool(ids),
     )

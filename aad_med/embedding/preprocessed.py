@@ -18,10 +18,11 @@ Modes (``aad-compare cache=off|read|write``): ``off`` neither reads nor writes, 
 existing entries and never writes (a shared or read-only cache), ``write`` reads and adds.
 
 Embedding items carry no segmentation. The seg file is decoded (and its labels checked) only
-when the image-quality metrics are asked for (``quality=True``): they leave tumour voxels out of
-the tissue classes, and are computed here from the volumes decoded once for the embedding, so the
-per-subject step of ``aad-compare`` reads no volume again and a second comparison reads them from
-this cache. No statistics and no encoder here.
+when asked for: ``check_seg=True`` (validation's voxel checks folded into this one decode of every
+file, ``seg_checked`` in the item and the entry) or ``quality=True`` (the image-quality metrics
+leave tumour voxels out of the tissue classes; they are computed here from the volumes decoded
+once for the embedding, so the per-subject step of ``aad-compare`` reads no volume again and a
+second comparison reads them from this cache). No statistics and no encoder here.
 """
 
 from __future__ import annotations
@@ -149,7 +150,9 @@ class PreprocessedCache:
             return
         path = self.path(key)
         try:
-            with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            # Atomic but not fsync'd: an entry lost or damaged by a crash is recomputed
+            # (get), so durability is not worth a folder fsync per subject (write_cache_entry).
+            with atomic_path(path, durable=False) as tmp, open(tmp, "wb") as f:
                 np.savez(f, **_to_arrays(item))
         except OSError as e:
             # A full or read-only disk costs speed, never the comparison.
@@ -187,6 +190,7 @@ def _to_arrays(item: Mapping[str, Any]) -> dict[str, np.ndarray]:
     out = {k: np.asarray(torch.as_tensor(item[k]).cpu(), dtype=t) for k, t in _ARRAYS.items()}
     out["subject_id"] = np.asarray(str(item["subject_id"]))
     out["has_seg"] = np.asarray(bool(item["has_seg"]))
+    out["seg_checked"] = np.asarray(bool(item.get("seg_checked", False)))
     if item.get("quality") is not None:
         out["quality"] = np.asarray(item["quality"], dtype=np.float64)
     return out
@@ -209,6 +213,7 @@ def _from_arrays(d: Mapping[str, np.ndarray]) -> dict:
             raise ValueError(f"quality row of dtype {quality.dtype} and shape {quality.shape}")
     return {
         "quality": quality,
+        "seg_checked": bool(d["seg_checked"]) if "seg_checked" in d else False,
         "subject_id": str(d["subject_id"]),
         "image": torch.from_numpy(np.ascontiguousarray(image)),
         "brain": torch.from_numpy(np.ascontiguousarray(brain)),
@@ -219,6 +224,15 @@ def _from_arrays(d: Mapping[str, np.ndarray]) -> dict:
         "spacing": [float(v) for v in d["spacing"]],
         "fingerprint": np.asarray(d["fingerprint"], dtype=np.float64),
     }
+
+
+def usable(quality: Any, seg_checked: bool, wanted: Any) -> bool:
+    """Whether a cached result (one subject's item, or a cohort's embedding) holds what
+    ``wanted`` (settings with ``quality`` and ``check_seg``) asks for: the quality rows, and a
+    segmentation decoded and checked (quality rows imply it)."""
+    if getattr(wanted, "quality", False) and quality is None:
+        return False
+    return bool(seg_checked) or quality is not None or not getattr(wanted, "check_seg", False)
 
 
 class PreprocessedSubjects(torch.utils.data.Dataset):
@@ -236,6 +250,9 @@ class PreprocessedSubjects(torch.utils.data.Dataset):
         preprocessing: the preprocessing settings.
         cache: the preprocessed-subject cache, or ``None``.
         quality: also decode the segmentation and compute the image-quality row.
+        check_seg: also decode the segmentation to check its voxels and labels (an
+            :class:`~aad_med.errors.InputError` naming the file); a cache entry written without
+            that check is recomputed.
 
     Raises (on item access):
         InputError: a subject's file is missing, unreadable or inconsistent (named).
@@ -247,13 +264,15 @@ class PreprocessedSubjects(torch.utils.data.Dataset):
         preprocessing: PreprocessingConfig,
         cache: PreprocessedCache | None = None,
         quality: bool = False,
+        check_seg: bool = False,
     ):
         self.records = list(records)
         self.preprocessing = preprocessing
         self.cache = cache
         self.quality = quality
+        self.check_seg = check_seg or quality
         self.load = LoadSubjectd(
-            load_seg=quality,
+            load_seg=self.check_seg,
             target_spacing=preprocessing.spacing,
             patch_size=preprocessing.patch_size,
         )
@@ -269,7 +288,7 @@ class PreprocessedSubjects(torch.utils.data.Dataset):
             key = subject_key(record, self.preprocessing)
             t0 = time.perf_counter()
             hit = self.cache.get(key)
-            if hit is not None and (hit["quality"] is not None or not self.quality):
+            if hit is not None and usable(hit["quality"], hit["seg_checked"], self):
                 hit["timings"] = {"cache_read": time.perf_counter() - t0}
                 return hit
         item = self.compute(record)
@@ -302,6 +321,7 @@ class PreprocessedSubjects(torch.utils.data.Dataset):
         item["has_seg"] = record.seg is not None
         item["fingerprint"] = fingerprint
         item["quality"] = quality
+        item["seg_checked"] = self.check_seg
         t4 = time.perf_counter()
         item["timings"] = {
             "decode": t1 - t0,

@@ -19,9 +19,9 @@ then the old results are replaced only once the new ones are complete.
 
 Cohorts are validated before torch, MONAI and matplotlib are imported, so bad headers, grids and
 layouts are reported in about a second. Voxels (NaN/Inf, empty volumes, segmentation labels) are
-checked by the embedding's one decode of each file when the per-subject step is on (it decodes the
-segmentation too), and beforehand by validation otherwise; either way every problem of every
-cohort is reported at once.
+checked by the embedding's one decode of each file (the segmentation included), or beforehand by
+validation with ``skip_invalid`` (which must know the bad subjects first); either way every
+problem of every cohort is reported at once and nothing is written.
 """
 
 from __future__ import annotations
@@ -308,11 +308,11 @@ def run_comparison(
             "written by aad-calibrate)",
         )
     checked = _cache_dir(s)
-    # With the per-subject step on, the embedding decodes every file of every subject once
-    # (the seg too, for the quality metrics) and checks its voxels as it goes, so validation
-    # reads headers only; the first bad voxel makes the whole validation run then, reporting
-    # every problem at once (_report_bad_voxels). Skipping subjects needs it beforehand.
-    fold = s.subjects and not s.skip_invalid
+    # The embedding decodes every file of every subject once (the seg too: check_seg) and
+    # checks its voxels as it goes, so validation reads headers only; the first bad voxel makes
+    # the whole validation run then, reporting every problem at once (_report_bad_voxels).
+    # Skipping invalid subjects needs the voxel checks beforehand.
+    fold = not s.skip_invalid
     validation_t0 = time.perf_counter()
     try:
         cohorts = load_cohorts(
@@ -683,6 +683,8 @@ def _compare_into(
         # The per-subject step's image-quality metrics from the volumes the embedding decodes
         # (and from the preprocessed cache on a second run) instead of reading them again.
         quality=s.subjects and full,
+        # Validation's voxel checks happen in this decode (run_comparison).
+        check_seg=not s.skip_invalid,
     )
     # Raw vectors first (a stored reference's are raw), then the standardisation: the
     # checkpoint's fixed scale, or one fitted jointly on every compared subject.

@@ -57,10 +57,10 @@ def test_second_checkpoint_skips_decoding_and_equals_an_uncached_run(setup, tmp_
     cached = CompareSettings(**FAST, cache_dir=tmp_path / "emb", preprocessed_dir=tmp_path / "pre")
     decodes = count_decodes(monkeypatch)
     first = run_comparison(first_ckpt, cohorts, tmp_path / "run1", cached)
-    # Validation decodes the 6 subjects' 5 files once, embedding their 4 channels once (the
-    # fingerprint reuses those arrays).
-    assert len(decodes) == 6 * 5 + 6 * 4
-    assert len(list((tmp_path / "emb" / "checked").glob("voxels-ok-*"))) == 6
+    # Validation reads headers; the embedding decodes the 6 subjects' 5 files once, checking
+    # their voxels (the seg too), and the fingerprint reuses those arrays.
+    assert len(decodes) == 6 * 5
+    assert not (tmp_path / "emb" / "checked").exists()  # markers only with skip_invalid
     assert len(list((tmp_path / "pre").glob("*.npz"))) == 6
     seconds = first["timings"]["seconds"]
     for phase in ("decode", "preprocessing", "fingerprint", "forward", "features", "statistics"):
@@ -100,8 +100,8 @@ def test_read_mode_writes_no_cache_entry(setup, tmp_path):
 def test_per_subject_step_reads_each_file_once_and_its_metrics_equal_a_fresh_read(
     setup, tmp_path, monkeypatch
 ):
-    """With the per-subject step on, validation reads headers only and the embedding decodes
-    every file (the seg too) once, computing the image-quality metrics from those arrays; a
+    """With the per-subject step on, the embedding decodes every file (the seg too) once,
+    computing the image-quality metrics from those arrays; a
     second comparison with another checkpoint decodes nothing and reads the same metrics from
     the preprocessed cache. The values equal the per-subject step reading the files itself."""
     import csv
