@@ -110,7 +110,11 @@ def compare(tree: Path, ckpt: Path, a: Path, b: Path, out: Path, cache: Path, *e
         *extra,
     ]
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env_for(tree, cache))
+    # cwd=tree: ``python -m`` puts the working folder first on sys.path, ahead of PYTHONPATH,
+    # so run from elsewhere the "old" tree would import this one's package.
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, env=env_for(tree, cache), cwd=str(tree)
+    )
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
@@ -193,6 +197,7 @@ def main(argv=None) -> int:
     res["vs_decode"] = {label: r["s_per_subject"] / dec for label, r in res["runs"].items()}
     default_runs = {
         "default-features-subjects": ["subjects=true"],
+        "default-features-nosubjects": ["subjects=false"],
         "multiscale+texture-nosubjects": [
             "embedding.features=multiscale+texture",
             "subjects=false",
