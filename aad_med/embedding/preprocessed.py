@@ -323,10 +323,7 @@ class PreprocessedSubjects(torch.utils.data.Dataset):
         item["quality"] = quality
         item["seg_checked"] = self.check_seg
         t4 = time.perf_counter()
-        item["timings"] = {
-            "decode": t1 - t0,
-            "fingerprint": t2 - t1,
-            "quality": t3 - t2,
-            "preprocessing": t4 - t3,
-        }
+        item["timings"] = {"decode": t1 - t0, "fingerprint": t2 - t1, "preprocessing": t4 - t3}
+        if self.quality:
+            item["timings"]["quality"] = t3 - t2
         return item
