@@ -15,7 +15,8 @@ B4 encoding: subjects/s embedding a cohort from ``.nii.gz``, the share of wall t
 B5 statistics: the vectorised AAD permutation test vs ``scipy.stats.permutation_test`` with the
    same statistic (time ratio, both p-values), 10,000 permutations at 2 x 1,000 x 256 (all
    threads and one thread), and ``compare_embeddings`` with every test at that size.
-B6 memory: peak RSS of a fresh process embedding N vs 10 N tiny subjects.
+B6 memory: peak RSS of a fresh process embedding N vs 10 N tiny subjects (with the per-subject
+image-quality rows, as aad-compare embeds).
 
 Model, patch size, batch sizes, cache mode and worker counts are read from ``configs/`` so the
 "default" rows measure what users get. Writes ``OUT/benchmark.json`` and ``OUT/benchmark.md``
@@ -835,7 +836,9 @@ def b6_child(cohort_dir: str, model_json: str, prep_json: str) -> None:
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     t0 = time.perf_counter()
-    emb = embed_cohort(model, cohort, prep, device="cpu", progress=False)
+    # quality=True: the image-quality rows aad-compare's per-subject step now takes from the
+    # embedding's decoded volumes (issue 17) are held per subject too.
+    emb = embed_cohort(model, cohort, prep, device="cpu", progress=False, quality=True)
     seconds = time.perf_counter() - t0
     done.set()
     sampler.join()

@@ -10,9 +10,17 @@ Measures, one thread each (OMP_NUM_THREADS=1), every command a fresh process:
 - ``decode``: ``nib.load(path).get_fdata(dtype=float32)`` of the four channels (stdlib zlib);
 - ``aad-compare`` with a negligible encoder (channels 4/4/4, latent 4, ``features=latent``) on
   2 x N subjects minus the same command on 2 x 2 small subjects (start-up, statistics,
-  figures): cache off (both trees), first run with an empty cache, second run with another
-  checkpoint (this tree);
-- the default encoder (``configs/model/conv_ae.yaml``, default features), cache off.
+  figures), divided by the 2 x N BraTS-size subjects (the small subjects, 64x64x48, hold 1/40
+  of a BraTS subject's voxels: their cost is start-up, not subjects), with the per-subject step
+  (``subjects=true``, the default: image-quality metrics) and without it (``subjects=false``:
+  the embedding's data path alone): cache off (both trees), first run with an empty cache,
+  second run with another checkpoint (this tree);
+- the default encoder (``configs/model/conv_ae.yaml``), cache off, on 2 x M subjects: the
+  default features with the per-subject step (what a user runs), and ``multiscale+texture``
+  (the default before issue 18) without it (the set-up of the first measurement).
+
+``--quick-old`` leaves out the old tree's runs with the per-subject step (its image-quality
+metrics take ~16 s per BraTS subject).
 
 The phantoms come from an independent generator (an ellipsoid brain with texture and noise),
 not from :mod:`aad_med.data.synthetic`. Writes ``encode_brats.json``.
@@ -104,7 +112,11 @@ def compare(tree: Path, ckpt: Path, a: Path, b: Path, out: Path, cache: Path, *e
         *extra,
     ]
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env_for(tree, cache))
+    # cwd=tree: ``python -m`` puts the working folder first on sys.path, ahead of PYTHONPATH,
+    # so run from elsewhere the "old" tree would import this one's package.
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, env=env_for(tree, cache), cwd=str(tree)
+    )
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
@@ -128,6 +140,7 @@ def main(argv=None) -> int:
     ap.add_argument("--subjects", type=int, default=8)
     ap.add_argument("--old", type=Path, default=None, help="checkout of the code before")
     ap.add_argument("--default-subjects", type=int, default=4)
+    ap.add_argument("--quick-old", action="store_true", help="old tree: no per-subject step runs")
     args = ap.parse_args(argv)
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
@@ -143,65 +156,78 @@ def main(argv=None) -> int:
     tiny = dict(channels=(4, 4, 4), latent_dim=4)
     ck = [checkpoint(out / f"tiny{i}.pt", i, **tiny) for i in range(2)]
     ck_default = checkpoint(out / "default.pt", 0)
-    res: dict = {"subjects_per_cohort": n, "shape": [240, 240, 155]}
+    res: dict = {"subjects_per_cohort": n, "shape": [240, 240, 155], "runs": {}}
     res["decode_s_per_subject"] = decode_seconds([data / "a", data / "b"])
     trees = {"new": REPO} | ({"old": args.old} if args.old else {})
     lat = ["embedding.features=latent", "regional=false", "decode_means=false"]
+    step = {"subjects": ["subjects=true"], "nosubjects": ["subjects=false"]}
 
-    def per_subject(tree, ckpt, cache, extra, cohorts=("a", "b"), small=("ta", "tb"), k=2 * n):
-        tag = f"{tree.name}-{time.perf_counter_ns()}"
-        big = compare(
-            tree, ckpt, data / cohorts[0], data / cohorts[1], out / f"r-{tag}", cache, *extra
-        )
-        start = compare(
-            tree, ckpt, data / small[0], data / small[1], out / f"s-{tag}", cache, *extra
-        )
-        return (big - start) / (k - 4), big, start
+    def off(name):
+        return ["embedding.cache=false"] if name == "old" else ["cache=off"]
 
-    for name, tree in trees.items():
-        off = ["embedding.cache=false"] if name == "old" else ["cache=off"]
-        s, big, start = per_subject(tree, ck[0], out / f"cache-off-{name}", off + lat)
-        res[f"{name}_cache_off_s_per_subject"] = s
-        res[f"{name}_cache_off_wall"] = [big, start]
-    cache = out / "cache-new"
-    shutil.rmtree(cache, ignore_errors=True)
-    # First run fills the cache (the small cohorts are preprocessed there too).
-    s1, big1, start1 = per_subject(REPO, ck[0], cache, lat)
-    s2, big2, start2 = per_subject(REPO, ck[1], cache, lat)
-    res.update(
-        new_first_s_per_subject=s1,
-        new_second_other_checkpoint_s_per_subject=s2,
-        new_first_wall=[big1, start1],
-        new_second_wall=[big2, start2],
-        second_vs_first_speedup=(big1 - start1) / max(big2 - start2, 1e-9),
-    )
-    res["data_path_vs_decode"] = {
-        k: res[f"{k}_cache_off_s_per_subject"] / res["decode_s_per_subject"] for k in trees
-    }
-    res["data_path_first_run_vs_decode"] = s1 / res["decode_s_per_subject"]
-    for run in sorted(out.glob("r-wt-scale-*")) + sorted(out.glob("r-" + REPO.name + "-*")):
+    def per_subject(label, tree, ckpt, cache, extra, cohorts=("a", "b"), k=2 * n):
+        run = out / f"r-{label}"
+        small = out / f"s-{label}"
+        for folder in (run, small):
+            shutil.rmtree(folder, ignore_errors=True)
+        big = compare(tree, ckpt, data / cohorts[0], data / cohorts[1], run, cache, *extra)
+        start = compare(tree, ckpt, data / "ta", data / "tb", small, cache, *extra)
         doc = json.loads((run / "distances.json").read_text())
-        res.setdefault("timings", {})[run.name] = doc.get("timings")
+        res["runs"][label] = {
+            "s_per_subject": (big - start) / k,
+            "wall": [big, start],
+            "timings": doc.get("timings"),
+        }
+        print(f"{label}: {(big - start) / k:.3f} s per subject", flush=True)
+        return (big - start) / k
+
     for name, tree in trees.items():
-        off = ["embedding.cache=false"] if name == "old" else ["cache=off"]
-        s, big, start = per_subject(
-            tree,
-            ck_default,
-            out / f"cache-off-{name}",
-            off,
-            ("da", "db"),
-            k=2 * args.default_subjects,
-        )
-        res[f"{name}_default_encoder_s_per_subject"] = s
+        for st, flag in step.items():
+            if name == "old" and st == "subjects" and args.quick_old:
+                continue
+            per_subject(
+                f"{name}-off-{st}", tree, ck[0], out / f"cache-off-{name}", off(name) + lat + flag
+            )
+    for st, flag in step.items():
+        cache = out / f"cache-new-{st}"
+        shutil.rmtree(cache, ignore_errors=True)
+        # First run fills the cache (the small cohorts are preprocessed there too).
+        first = per_subject(f"new-first-{st}", REPO, ck[0], cache, lat + flag)
+        second = per_subject(f"new-second-{st}", REPO, ck[1], cache, lat + flag)
+        res[f"second_vs_first_speedup_{st}"] = first / max(second, 1e-9)
+    dec = res["decode_s_per_subject"]
+    res["vs_decode"] = {label: r["s_per_subject"] / dec for label, r in res["runs"].items()}
+    default_runs = {
+        "default-features-subjects": ["subjects=true"],
+        "default-features-nosubjects": ["subjects=false"],
+        "multiscale+texture-nosubjects": [
+            "embedding.features=multiscale+texture",
+            "subjects=false",
+        ],
+    }
+    for name, tree in trees.items():
+        for label, extra in default_runs.items():
+            if name == "old" and label.endswith("-subjects") and args.quick_old:
+                continue
+            per_subject(
+                f"{name}-default-encoder-{label}",
+                tree,
+                ck_default,
+                out / f"cache-off-{name}",
+                off(name) + extra,
+                ("da", "db"),
+                k=2 * args.default_subjects,
+            )
+    runs = res["runs"]
     if "old" in trees:
-        res["default_encoder_speedup"] = (
-            res["old_default_encoder_s_per_subject"] / res["new_default_encoder_s_per_subject"]
-        )
-        res["cache_off_speedup"] = (
-            res["old_cache_off_s_per_subject"] / res["new_cache_off_s_per_subject"]
-        )
+        res["new_vs_old_speedup"] = {
+            label.removeprefix("new-"): runs[label.replace("new-", "old-", 1)]["s_per_subject"]
+            / runs[label]["s_per_subject"]
+            for label in runs
+            if label.startswith("new-") and label.replace("new-", "old-", 1) in runs
+        }
     (out / "encode_brats.json").write_text(json.dumps(res, indent=2))
-    print(json.dumps(res, indent=2))
+    print(json.dumps({k: v for k, v in res.items() if k != "runs"}, indent=2))
     return 0
 
 

@@ -351,9 +351,13 @@ def check_seg_labels(seg: np.ndarray, path: str | Path) -> np.ndarray:
         InputError: non-integer labels or labels outside :data:`SEG_LABELS`.
     """
     if seg.dtype.kind in "iu":
-        # Integer labels: a range check and a histogram instead of rounding and sorting.
+        # Integer labels: a range check, and a histogram instead of rounding and sorting only
+        # when the range holds a value that is not a label (SEG_LABELS is 0..4, so the range
+        # check alone decides; the histogram's intp copy was 0.1 s of a BraTS seg).
         lo, hi = int(seg.min()), int(seg.max())
-        if lo >= min(SEG_LABELS) and hi <= max(SEG_LABELS):
+        if set(range(lo, hi + 1)) <= set(SEG_LABELS):
+            labels = []
+        elif lo >= min(SEG_LABELS) and hi <= max(SEG_LABELS):
             counts = np.bincount((seg.ravel(order="K") - lo).astype(np.intp, copy=False))
             labels = np.flatnonzero(counts) + lo
         else:

@@ -129,14 +129,47 @@ def _efc(x: np.ndarray) -> float:
     return float((y * np.log(y)).sum()) / e_max
 
 
-def _inu_range(image: np.ndarray, mask: np.ndarray, wm: np.ndarray) -> float:
-    idx = np.argwhere(mask)
-    extent = int((idx.max(0) - idx.min(0) + 1).max())
-    sigma = max(extent / 8.0, 1.0)
-    w = wm.astype(np.float64)
-    num = ndimage.gaussian_filter(image * w, sigma, mode="constant")
-    den = ndimage.gaussian_filter(w, sigma, mode="constant")
-    field = num[wm] / den[wm]
+class WMSmoothing:
+    """The parts of ``inu_range`` every channel of a subject shares: the Gaussian width (from the
+    brain mask), the WM mask's bounding box and the smoothed WM indicator ``g_s * 1_W`` at the WM
+    voxels. :func:`subject_quality` builds it once for the four channels.
+
+    Only the bounding box of the WM is filtered: ``I·1_W`` and ``1_W`` are zero outside it, and
+    ``mode="constant"`` pads with zeros, so every separable pass gives the same float64 values
+    at the WM voxels as filtering the whole frame (bit-identical, tested against the full-frame
+    computation), on a third of the voxels at BraTS size.
+    """
+
+    def __init__(self, mask: np.ndarray, wm: np.ndarray):
+        idx = np.argwhere(mask)
+        extent = int((idx.max(0) - idx.min(0) + 1).max())
+        self.sigma = max(extent / 8.0, 1.0)
+        self.wm = wm
+        self.box = _bounding_box(wm)
+        self.weight = wm[self.box].astype(np.float64)
+        self.inside = wm[self.box]
+        den = ndimage.gaussian_filter(self.weight, self.sigma, mode="constant")
+        self.den = den[self.inside]
+
+    def field(self, image: np.ndarray) -> np.ndarray:
+        """``g_s * (I·1_W) / g_s * 1_W`` at the WM voxels (C order)."""
+        num = ndimage.gaussian_filter(image[self.box] * self.weight, self.sigma, mode="constant")
+        return num[self.inside] / self.den
+
+
+def _bounding_box(mask: np.ndarray) -> tuple[slice, ...]:
+    """The smallest box holding every true voxel of a non-empty ``mask``."""
+    box = []
+    for axis in range(mask.ndim):
+        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        box.append(slice(int(hit[0]), int(hit[-1]) + 1))
+    return tuple(box)
+
+
+def _inu_range(
+    image: np.ndarray, mask: np.ndarray, wm: np.ndarray, smoothing: WMSmoothing | None = None
+) -> float:
+    field = (smoothing or WMSmoothing(mask, wm)).field(image)
     med = float(np.median(field))
     if med <= 0:
         return math.nan
@@ -148,6 +181,7 @@ def image_quality(
     image: np.ndarray,
     mask: np.ndarray,
     tissues: np.ndarray,
+    smoothing: WMSmoothing | None = None,
 ) -> tuple[dict[str, float], dict[str, str]]:
     """The IQMs of one channel (module docstring gives the formulas).
 
@@ -155,6 +189,8 @@ def image_quality(
         image: raw intensities ``(X, Y, Z)``.
         mask: brain mask (bool), same shape.
         tissues: labels from :func:`tissue_classes` (1 CSF, 2 GM, 3 WM), same shape.
+        smoothing: the subject's :class:`WMSmoothing` of ``mask`` and the WM of ``tissues``
+            (shared by its channels); built here when ``None``.
 
     Returns:
         ``(metrics, notes)``: ``metrics`` has every key of :data:`METRICS` (float, NaN when
@@ -185,7 +221,7 @@ def image_quality(
     m["cjv"] = _ratio(sd_w + sd_g, abs(mu_w - mu_g))
     m["efc"] = _efc(img[mask])
     wm = tissues == WM
-    m["inu_range"] = _inu_range(img, mask, wm) if n_w > 0 else math.nan
+    m["inu_range"] = _inu_range(img, mask, wm, smoothing) if n_w > 0 else math.nan
     background = img[~mask]
     if background.size == 0 or not np.any(background != 0):
         m["fber"] = math.nan
@@ -223,14 +259,52 @@ def subject_quality(
         ValueError: the brain mask is empty or has fewer than 3 distinct T1 values.
     """
     loaded = load_subject(record, max_voxels=max_voxels)
-    mask = np.any(loaded.image != 0, axis=0)
-    tissues = tissue_classes(loaded.image[CHANNELS.index("t1")], mask, loaded.seg)
+    return quality_of_arrays(loaded.image, loaded.seg)
+
+
+def quality_of_arrays(
+    image: np.ndarray, seg: np.ndarray | None
+) -> tuple[dict[str, float], dict[str, str]]:
+    """:func:`subject_quality` of a subject already in memory (the arrays
+    :func:`aad_med.data.io.load_subject` returns), so a stage that decoded the volumes for
+    another purpose (the embedding) does not read them again.
+
+    Args:
+        image: ``(4, X, Y, Z)`` raw intensities in :data:`aad_med.CHANNELS` order.
+        seg: ``(X, Y, Z)`` tumour labels, or ``None``.
+
+    Raises:
+        ValueError: as :func:`subject_quality`.
+    """
+    mask = np.any(image != 0, axis=0)
+    tissues = tissue_classes(image[CHANNELS.index("t1")], mask, seg)
+    wm = tissues == WM
+    smoothing = WMSmoothing(mask, wm) if mask.any() and wm.any() else None
     metrics, notes = {}, {}
     for c, ch in enumerate(CHANNELS):
-        m, n = image_quality(loaded.image[c], mask, tissues)
+        m, n = image_quality(image[c], mask, tissues, smoothing)
         metrics.update({f"{ch}_{k}": v for k, v in m.items()})
         notes.update({f"{ch}_{k}": v for k, v in n.items()})
     return metrics, notes
+
+
+QUALITY_COLUMNS = tuple(f"{ch}_{k}" for ch in CHANNELS for k in METRICS)
+"""Columns of a subject's IQM row (:func:`quality_row`, :func:`cohort_quality`)."""
+
+
+def quality_row(image: np.ndarray, seg: np.ndarray | None) -> tuple[np.ndarray, str | None]:
+    """A subject's IQMs as one float64 row in :data:`QUALITY_COLUMNS` order, from arrays in
+    memory (:func:`quality_of_arrays`).
+
+    Returns:
+        ``(row, problem)``: all NaN with the reason when the metrics are undefined (empty brain
+        mask, too few T1 values), else ``problem`` is ``None``.
+    """
+    try:
+        metrics, _ = quality_of_arrays(image, seg)
+    except ValueError as e:
+        return np.full(len(QUALITY_COLUMNS), np.nan), str(e)
+    return np.array([metrics[c] for c in QUALITY_COLUMNS], dtype=np.float64), None
 
 
 def cohort_quality(
@@ -245,7 +319,7 @@ def cohort_quality(
     Raises:
         InputError, ValueError: as :func:`subject_quality` (the subject is named by the loader).
     """
-    columns = [f"{ch}_{k}" for ch in CHANNELS for k in METRICS]
+    columns = list(QUALITY_COLUMNS)
     values = np.full((len(records), len(columns)), np.nan)
     notes = []
     for i, rec in enumerate(records):

@@ -31,6 +31,7 @@ from aad_med.embedding.encode import (
     embed_cohort,
 )
 from aad_med.embedding.features import FeatureSet, get_feature_set
+from aad_med.embedding.preprocessed import usable
 from aad_med.embedding.regional import RegionalLatents
 from aad_med.io_utils import cache_key, file_stats, read_cache_entry, write_cache_entry
 
@@ -70,7 +71,10 @@ def _to_arrays(e: CohortEmbedding) -> dict[str, np.ndarray]:
         "latent_means": e.latent_means,
         "features": np.array(e.features),
         "has_regional": np.array(e.regional is not None),
+        "seg_checked": np.array(e.seg_checked),
     }
+    if e.quality is not None:
+        out["quality"] = e.quality
     if e.regional is not None:
         r = e.regional
         out.update(
@@ -114,6 +118,8 @@ def _from_arrays(d: Mapping[str, np.ndarray]) -> CohortEmbedding:
         latent_means=np.asarray(d["latent_means"], dtype=np.float64),
         features=str(d["features"]),
         regional=regional,
+        quality=np.asarray(d["quality"], dtype=np.float64) if "quality" in d else None,
+        seg_checked=bool(d["seg_checked"]) if "seg_checked" in d else False,
     )
 
 
@@ -149,6 +155,8 @@ def _check_embedding(e: CohortEmbedding, cohort: Cohort | None, features: str | 
         raise ValueError("empty embedding")
     if not (np.isfinite(e.vectors).all() and np.isfinite(e.latent_means).all()):
         raise ValueError("non-finite values")
+    if e.quality is not None and (e.quality.ndim != 2 or e.quality.shape[0] != n):
+        raise ValueError(f"quality rows of shape {e.quality.shape} for {n} subjects")
     if features is not None and e.features != features:
         raise ValueError(f"feature set {e.features!r}, expected {features!r}")
     if cohort is not None and e.subject_ids != [r.subject_id for r in cohort.subjects]:
@@ -226,7 +234,9 @@ def embed_cohorts(
                 s.keep_positions,
             )
             cached = load_cached(entry, cohort, feature_set.name)
-            if cached is not None:
+            # An entry written without the quality rows or seg check asked for now is embedded
+            # again (the preprocessed cache makes that cheap) and replaced.
+            if cached is not None and usable(cached.quality, cached.seg_checked, s):
                 log.info("cohort %s: embeddings read from cache %s", name, entry)
                 cached.name = name
                 out[name] = cached

@@ -40,6 +40,7 @@ from aad_med.embedding.cache import (
 from aad_med.embedding.cache import embed_cohorts as embed_cohorts_single
 from aad_med.embedding.encode import CohortEmbedding, EmbedSettings, embed_cohort
 from aad_med.embedding.features import get_feature_set
+from aad_med.embedding.preprocessed import usable
 from aad_med.embedding.regional import AFFINE_TOLERANCE, RegionalLatents
 from aad_med.errors import AADError
 
@@ -156,6 +157,10 @@ def merge_shards(
             if all(p.fingerprints is not None for p in present)
             else None
         ),
+        quality=(
+            np.stack(pick("quality")) if all(p.quality is not None for p in present) else None
+        ),
+        seg_checked=all(p.seg_checked for p in present),
         # Seconds summed over the ranks (CPU time of each phase, not wall time).
         timings={
             k: sum(p.timings.get(k, 0.0) for p in present) for p in present for k in p.timings
@@ -261,7 +266,11 @@ def embed_cohorts_distributed(
             )
     cached = {}
     if rank == 0 and use_cache:
-        cached = {n: e for n in names if (e := load_cached(entries[n])) is not None}
+        cached = {
+            n: e
+            for n in names
+            if (e := load_cached(entries[n])) is not None and usable(e.quality, e.seg_checked, s)
+        }
     cached = from_main(cached)
 
     try:

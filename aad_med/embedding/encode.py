@@ -78,6 +78,12 @@ class EmbedSettings:
             next subject while the current one is encoded. Off by default: on two shared,
             busy cores it measured no gain (BENCHMARKS.md, "Encoding at BraTS size"); it can
             help where a core is idle while the encoder runs.
+        quality: also compute every subject's image-quality row
+            (:func:`aad_med.data.quality.quality_row`) from the volumes decoded for the
+            embedding (the segmentation is then decoded too), kept in the preprocessed cache.
+        check_seg: also decode every subject's segmentation and check its voxels and labels,
+            so the embedding's one decode of each file does validation's voxel checks
+            (:class:`~aad_med.embedding.preprocessed.PreprocessedSubjects`).
     """
 
     device: str | torch.device = "cpu"
@@ -92,6 +98,8 @@ class EmbedSettings:
     preprocessed_dir: str | Path | None = None
     preprocessed_max_bytes: int = DEFAULT_MAX_BYTES
     prefetch: bool = False
+    quality: bool = False
+    check_seg: bool = False
 
     @classmethod
     def resolve(cls, settings: EmbedSettings | None, options: Mapping[str, Any]) -> EmbedSettings:
@@ -123,8 +131,12 @@ class CohortEmbedding:
         regional: position-resolved latents for the regional map (``keep_positions=True``).
         fingerprints: ``(n, 28)`` raw-intensity fingerprints computed from the same decoded
             volumes (:func:`aad_med.data.intensity.fingerprint_row`), or ``None``.
-        timings: seconds spent per phase (``decode``, ``fingerprint``, ``preprocessing``,
-            ``cache_read``, ``cache_write``, ``forward``, ``features``, ``wait``, ``total``).
+        timings: seconds spent per phase (``decode``, ``fingerprint``, ``quality``,
+            ``preprocessing``, ``cache_read``, ``cache_write``, ``forward``, ``features``,
+            ``wait``, ``total``).
+        quality: ``(n, 40)`` image-quality rows (:data:`aad_med.data.quality.QUALITY_COLUMNS`)
+            computed from the same decoded volumes (``EmbedSettings.quality``), or ``None``.
+        seg_checked: every subject's segmentation was decoded and its voxels checked.
     """
 
     name: str
@@ -137,6 +149,8 @@ class CohortEmbedding:
     regional: RegionalLatents | None = field(default=None, repr=False)
     fingerprints: np.ndarray | None = field(default=None, repr=False)
     timings: dict[str, float] = field(default_factory=dict, repr=False)
+    quality: np.ndarray | None = field(default=None, repr=False)
+    seg_checked: bool = False
 
     def __len__(self) -> int:
         return len(self.subject_ids)
@@ -313,8 +327,10 @@ def _subject_iterator(
     num_workers: int,
     cache: PreprocessedCache | None = None,
     prefetch: bool = False,
+    quality: bool = False,
+    check_seg: bool = False,
 ):
-    dataset = PreprocessedSubjects(records, preprocessing, cache)
+    dataset = PreprocessedSubjects(records, preprocessing, cache, quality, check_seg)
     if num_workers <= 0 and not prefetch:
         for i in range(len(dataset)):
             yield dataset[i]
@@ -378,6 +394,8 @@ def embed_cohort(
         else None
     )
     ids, paths, n_patches, vectors, latent_means, fingerprints = [], [], [], [], [], []
+    quality = []
+    seg_checked = True
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     bar = tqdm(
@@ -388,7 +406,13 @@ def embed_cohort(
         leave=False,
     )
     items = _subject_iterator(
-        cohort.subjects, preprocessing, num_workers, preprocessed_cache(s), s.prefetch
+        cohort.subjects,
+        preprocessing,
+        num_workers,
+        preprocessed_cache(s),
+        s.prefetch,
+        s.quality,
+        s.check_seg,
     )
     try:
         t_wait = time.perf_counter()
@@ -398,6 +422,8 @@ def embed_cohort(
             for phase, sec in item.pop("timings", {}).items():
                 timings[phase] = timings.get(phase, 0.0) + float(sec)
             fingerprints.append(item.get("fingerprint"))
+            quality.append(item.get("quality"))
+            seg_checked = seg_checked and bool(item.get("seg_checked", False))
             try:
                 enc = encode_subject(
                     model,
@@ -459,4 +485,10 @@ def embed_cohort(
             else None
         ),
         timings=timings,
+        quality=(
+            np.stack(quality)
+            if s.quality and quality and all(q is not None for q in quality)
+            else None
+        ),
+        seg_checked=seg_checked and bool(ids),
     )

@@ -17,8 +17,12 @@ same cohorts with another encoder or feature set need not decode a single volume
 Modes (``aad-compare cache=off|read|write``): ``off`` neither reads nor writes, ``read`` uses
 existing entries and never writes (a shared or read-only cache), ``write`` reads and adds.
 
-Embedding items carry no segmentation: nothing in embedding reads it, so the seg file is not
-decoded. No statistics and no encoder here.
+Embedding items carry no segmentation. The seg file is decoded (and its labels checked) only
+when asked for: ``check_seg=True`` (validation's voxel checks folded into this one decode of every
+file, ``seg_checked`` in the item and the entry) or ``quality=True`` (the image-quality metrics
+leave tumour voxels out of the tissue classes; they are computed here from the volumes decoded
+once for the embedding, so the per-subject step of ``aad-compare`` reads no volume again and a
+second comparison reads them from this cache). No statistics and no encoder here.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ import torch
 
 from aad_med.data.intensity import FINGERPRINT_PERCENTILES, fingerprint_row
 from aad_med.data.preprocessing import PreprocessingConfig
+from aad_med.data.quality import QUALITY_COLUMNS, quality_row
 from aad_med.data.records import SubjectRecord
 from aad_med.data.transforms import PREPROCESSED_KEYS, FusedPreprocessd, LoadSubjectd
 from aad_med.errors import ConfigError
@@ -54,7 +59,9 @@ DEFAULT_MAX_BYTES = 20 * 1024**3
 EMBED_KEYS = (*(k for k in PREPROCESSED_KEYS if k != "seg"), "fingerprint")
 """Keys of an embedding item: those of :data:`aad_med.data.transforms.PREPROCESSED_KEYS` but
 ``seg``, plus ``fingerprint`` (``(4 * 7,)`` float64, :func:`aad_med.data.intensity.fingerprint_row`
-of the raw image). Items also carry ``timings``: seconds per phase for this subject."""
+of the raw image). Items also carry ``timings``: seconds per phase for this subject, and, when
+asked for, ``quality``: the subject's image-quality row
+(:func:`aad_med.data.quality.quality_row`, :data:`~aad_med.data.quality.QUALITY_COLUMNS`)."""
 
 _ARRAYS = {
     "image": np.float32,
@@ -143,7 +150,9 @@ class PreprocessedCache:
             return
         path = self.path(key)
         try:
-            with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            # Atomic but not fsync'd: an entry lost or damaged by a crash is recomputed
+            # (get), so durability is not worth a folder fsync per subject (write_cache_entry).
+            with atomic_path(path, durable=False) as tmp, open(tmp, "wb") as f:
                 np.savez(f, **_to_arrays(item))
         except OSError as e:
             # A full or read-only disk costs speed, never the comparison.
@@ -181,6 +190,9 @@ def _to_arrays(item: Mapping[str, Any]) -> dict[str, np.ndarray]:
     out = {k: np.asarray(torch.as_tensor(item[k]).cpu(), dtype=t) for k, t in _ARRAYS.items()}
     out["subject_id"] = np.asarray(str(item["subject_id"]))
     out["has_seg"] = np.asarray(bool(item["has_seg"]))
+    out["seg_checked"] = np.asarray(bool(item.get("seg_checked", False)))
+    if item.get("quality") is not None:
+        out["quality"] = np.asarray(item["quality"], dtype=np.float64)
     return out
 
 
@@ -194,7 +206,14 @@ def _from_arrays(d: Mapping[str, np.ndarray]) -> dict:
     image, brain = d["image"], d["brain"]
     if image.ndim != 4 or brain.shape != (1, *image.shape[1:]) or d["affine"].shape != (4, 4):
         raise ValueError(f"inconsistent shapes image {image.shape}, brain {brain.shape}")
+    quality = None
+    if "quality" in d:
+        quality = d["quality"]
+        if quality.dtype != np.float64 or quality.shape != (len(QUALITY_COLUMNS),):
+            raise ValueError(f"quality row of dtype {quality.dtype} and shape {quality.shape}")
     return {
+        "quality": quality,
+        "seg_checked": bool(d["seg_checked"]) if "seg_checked" in d else False,
         "subject_id": str(d["subject_id"]),
         "image": torch.from_numpy(np.ascontiguousarray(image)),
         "brain": torch.from_numpy(np.ascontiguousarray(brain)),
@@ -207,13 +226,33 @@ def _from_arrays(d: Mapping[str, np.ndarray]) -> dict:
     }
 
 
+def usable(quality: Any, seg_checked: bool, wanted: Any) -> bool:
+    """Whether a cached result (one subject's item, or a cohort's embedding) holds what
+    ``wanted`` (settings with ``quality`` and ``check_seg``) asks for: the quality rows, and a
+    segmentation decoded and checked (quality rows imply it)."""
+    if getattr(wanted, "quality", False) and quality is None:
+        return False
+    return bool(seg_checked) or quality is not None or not getattr(wanted, "check_seg", False)
+
+
 class PreprocessedSubjects(torch.utils.data.Dataset):
     """Subject records -> embedding items (:data:`EMBED_KEYS` plus ``timings``), through
     ``cache`` when given.
 
-    Each volume is decoded once: the intensity fingerprint is computed from the same decoded
-    arrays the preprocessing then normalises. ``timings`` holds the seconds of ``decode``,
-    ``fingerprint`` and ``preprocessing`` (``cache_read`` instead on a hit).
+    Each volume is decoded once: the intensity fingerprint (and, with ``quality``, the
+    image-quality row) is computed from the same decoded arrays the preprocessing then
+    normalises. ``timings`` holds the seconds of ``decode``, ``fingerprint``, ``quality`` and
+    ``preprocessing`` (``cache_read`` instead on a hit; a hit without the quality row asked for
+    is recomputed and replaced).
+
+    Args:
+        records: the subjects.
+        preprocessing: the preprocessing settings.
+        cache: the preprocessed-subject cache, or ``None``.
+        quality: also decode the segmentation and compute the image-quality row.
+        check_seg: also decode the segmentation to check its voxels and labels (an
+            :class:`~aad_med.errors.InputError` naming the file); a cache entry written without
+            that check is recomputed.
 
     Raises (on item access):
         InputError: a subject's file is missing, unreadable or inconsistent (named).
@@ -224,12 +263,16 @@ class PreprocessedSubjects(torch.utils.data.Dataset):
         records: Sequence[SubjectRecord],
         preprocessing: PreprocessingConfig,
         cache: PreprocessedCache | None = None,
+        quality: bool = False,
+        check_seg: bool = False,
     ):
         self.records = list(records)
         self.preprocessing = preprocessing
         self.cache = cache
+        self.quality = quality
+        self.check_seg = check_seg or quality
         self.load = LoadSubjectd(
-            load_seg=False,
+            load_seg=self.check_seg,
             target_spacing=preprocessing.spacing,
             patch_size=preprocessing.patch_size,
         )
@@ -245,7 +288,7 @@ class PreprocessedSubjects(torch.utils.data.Dataset):
             key = subject_key(record, self.preprocessing)
             t0 = time.perf_counter()
             hit = self.cache.get(key)
-            if hit is not None:
+            if hit is not None and usable(hit["quality"], hit["seg_checked"], self):
                 hit["timings"] = {"cache_read": time.perf_counter() - t0}
                 return hit
         item = self.compute(record)
@@ -260,13 +303,27 @@ class PreprocessedSubjects(torch.utils.data.Dataset):
         t0 = time.perf_counter()
         loaded = self.load(record.as_dict())
         t1 = time.perf_counter()
-        fingerprint = fingerprint_row(loaded["image"].as_tensor().numpy())
+        raw = loaded["image"].as_tensor().numpy()
+        fingerprint = fingerprint_row(raw)
         t2 = time.perf_counter()
+        quality = None
+        if self.quality:
+            seg = loaded["seg"].as_tensor().numpy()[0] if loaded["has_seg"] else None
+            quality, problem = quality_row(raw, seg)
+            if problem is not None:
+                log.warning(
+                    "subject %s: image-quality metrics undefined (%s)", record.subject_id, problem
+                )
+        t3 = time.perf_counter()
         item = self.prepare(loaded)
-        del loaded
+        del loaded, raw
         item.pop("seg", None)
         item["has_seg"] = record.seg is not None
         item["fingerprint"] = fingerprint
-        t3 = time.perf_counter()
-        item["timings"] = {"decode": t1 - t0, "fingerprint": t2 - t1, "preprocessing": t3 - t2}
+        item["quality"] = quality
+        item["seg_checked"] = self.check_seg
+        t4 = time.perf_counter()
+        item["timings"] = {"decode": t1 - t0, "fingerprint": t2 - t1, "preprocessing": t4 - t3}
+        if self.quality:
+            item["timings"]["quality"] = t3 - t2
         return item

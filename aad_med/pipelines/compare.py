@@ -17,8 +17,11 @@ place only when everything succeeded, so a run folder never holds a half-written
 run folder already holding results is refused before anything is read, unless ``overwrite``;
 then the old results are replaced only once the new ones are complete.
 
-Cohorts are validated before torch, MONAI and matplotlib are imported, so bad input is reported
-in about a second rather than after the heavy imports.
+Cohorts are validated before torch, MONAI and matplotlib are imported, so bad headers, grids and
+layouts are reported in about a second. Voxels (NaN/Inf, empty volumes, segmentation labels) are
+checked by the embedding's one decode of each file (the segmentation included), or beforehand by
+validation with ``skip_invalid`` (which must know the bad subjects first); either way every
+problem of every cohort is reported at once and nothing is written.
 """
 
 from __future__ import annotations
@@ -141,10 +144,11 @@ def load_cohorts(
     skip_invalid: bool = False,
     checked_dir: str | Path | None = None,
     record_checked: bool = True,
+    check_voxels: bool = True,
 ) -> dict[str, Cohort]:
     """Discover and validate every cohort; all problems of all cohorts are reported together
-    (``checked_dir``: subjects whose voxels already passed are not decoded again,
-    :func:`aad_med.data.validation.validate_cohort`).
+    (``checked_dir``: subjects whose voxels already passed are not decoded again;
+    ``check_voxels=False``: headers and grids only, :func:`aad_med.data.validation.validate_cohort`).
 
     Raises:
         CohortError: invalid subjects, unknown layouts, or a cohort with fewer than 2 subjects.
@@ -156,6 +160,7 @@ def load_cohorts(
             cohort = load_cohort(
                 path,
                 skip_invalid=skip_invalid,
+                check_voxels=check_voxels,
                 checked_dir=checked_dir,
                 record_checked=record_checked,
             )
@@ -303,12 +308,24 @@ def run_comparison(
             "written by aad-calibrate)",
         )
     checked = _cache_dir(s)
-    cohorts = load_cohorts(
-        cohort_paths,
-        s.skip_invalid,
-        checked_dir=None if checked is None else checked / "checked",
-        record_checked=_cache_mode(s) == "write",
-    )
+    # The embedding decodes every file of every subject once (the seg too: check_seg) and
+    # checks its voxels as it goes, so validation reads headers only; the first bad voxel makes
+    # the whole validation run then, reporting every problem at once (_report_bad_voxels).
+    # Skipping invalid subjects needs the voxel checks beforehand.
+    fold = not s.skip_invalid
+    validation_t0 = time.perf_counter()
+    try:
+        cohorts = load_cohorts(
+            cohort_paths,
+            s.skip_invalid,
+            checked_dir=None if checked is None else checked / "checked",
+            record_checked=_cache_mode(s) == "write",
+            check_voxels=not fold,
+        )
+    except CohortError:
+        if fold:  # the voxel problems of the same cohorts belong in the same report
+            load_cohorts(cohort_paths, check_voxels=True)
+        raise
     check_output_folder(run_dir, cohort_paths.values())
     caveats = input_caveats(cohort_paths, cohorts, ckpt_paths, s.n_permutations)
     for caveat in caveats:
@@ -326,6 +343,8 @@ def run_comparison(
     from aad_med.training.checkpoint import load_model_from_checkpoint
 
     timer = PhaseTimer()
+    timer.start = validation_t0  # the total covers validation too
+    timer.add("validation", time.perf_counter() - validation_t0)
     device = resolve_device(s.device)
     run_dir.mkdir(parents=True, exist_ok=True)
     # Only the run holding the folder may call other runs' temporary folders stale.
@@ -339,8 +358,9 @@ def run_comparison(
             model, preprocessing, ckpt = load_model_from_checkpoint(path, device)
             target = tmp if i == 0 else tmp / "encoders" / f"encoder{i}"
             target.mkdir(parents=True, exist_ok=True)
+            compare_into = _compare_into if not fold or i else _report_bad_voxels(cohort_paths)
             results.append(
-                _compare_into(
+                compare_into(
                     target,
                     model,
                     preprocessing,
@@ -383,10 +403,11 @@ def run_comparison(
                     result, cohorts, s, tmp, reference, computed_fingerprints
                 )
         if s.subjects:
-            _add_subjects(
-                result, tmp, subject_input, cohorts, fingerprints or computed_fingerprints, s,
-                reference,
-            )  # fmt: skip
+            with timer.phase("subjects"):
+                _add_subjects(
+                    result, tmp, subject_input, cohorts, fingerprints or computed_fingerprints, s,
+                    reference,
+                )  # fmt: skip
         if s.calibration:
             from aad_med.calibration.equivalence import add_equivalent_severity
 
@@ -407,6 +428,22 @@ def run_comparison(
     finally:
         release_lock()
     return result
+
+
+def _report_bad_voxels(cohort_paths: Mapping[str, str | Path]):
+    """:func:`_compare_into` that, when a subject's file fails its voxel checks during the
+    embedding (an :class:`InputError` naming the file), validates every cohort's voxels and
+    raises the :class:`CohortError` that lists every problem, as validation before the
+    embedding would have (nothing is written: the run's folder is still a temporary one)."""
+
+    def run(*args, **kwargs) -> dict:
+        try:
+            return _compare_into(*args, **kwargs)
+        except InputError as e:
+            load_cohorts(cohort_paths, check_voxels=True)
+            raise CohortError([str(e)]) from e
+
+    return run
 
 
 INTENSITY_KEYS = ("intensity_distance", "intensity_p", "intensity_p_fdr", "intensity_null_ratio")
@@ -536,7 +573,7 @@ def _add_subjects(result, tmp, subject_input, cohorts, fingerprints, s, referenc
     """The per-subject step (:func:`aad_med.pipelines.subjects.add_subjects`)."""
     from aad_med.pipelines.subjects import SubjectSettings, add_subjects
 
-    vectors, ids, blocks = subject_input
+    vectors, ids, blocks, quality = subject_input
     given = fingerprints or {}
     if any(name not in given for name in cohorts) or (
         reference is not None and reference.name not in given
@@ -561,9 +598,10 @@ def _add_subjects(result, tmp, subject_input, cohorts, fingerprints, s, referenc
         {name: c.subjects for name, c in cohorts.items()},
         {name: fingerprints[name] for name in vectors},
         SubjectSettings(reference_cohort=s.reference_cohort),
-        known_quality=(
-            {reference.name: reference.arrays["quality"]} if reference is not None else None
-        ),
+        known_quality={
+            **({reference.name: reference.arrays["quality"]} if reference is not None else {}),
+            **quality,
+        },
         drift=reference is not None and len(vectors) > 2,
     )
 
@@ -642,6 +680,11 @@ def _compare_into(
             None if mode == "off" else Path(s.preprocessed_dir or default_preprocessed_dir())
         ),
         preprocessed_max_bytes=int(s.preprocessed_max_gb * 1024**3),
+        # The per-subject step's image-quality metrics from the volumes the embedding decodes
+        # (and from the preprocessed cache on a second run) instead of reading them again.
+        quality=s.subjects and full,
+        # Validation's voxel checks happen in this decode (run_comparison).
+        check_seg=not s.skip_invalid,
     )
     # Raw vectors first (a stored reference's are raw), then the standardisation: the
     # checkpoint's fixed scale, or one fitted jointly on every compared subject.
@@ -653,6 +696,7 @@ def _compare_into(
     for e in embs.values():
         timer.add_embedding(e.timings)
     computed = {n: e.fingerprints for n, e in embs.items() if e.fingerprints is not None}
+    quality = {n: e.quality for n, e in embs.items() if e.quality is not None}
     if reference is not None:
         embs = {reference.name: reference.embedding(), **embs}
     raw = {n: e.vectors for n, e in embs.items()}
@@ -748,6 +792,7 @@ def _compare_into(
         {n: e.vectors for n, e in embs.items()},
         {n: e.subject_ids for n, e in embs.items()},
         final_blocks(feature_set, raw),
+        quality,
     )
 
     figures_t0 = time.perf_counter()

@@ -312,7 +312,8 @@ def add_subjects(
         records: ``{cohort: subject records}`` of the cohorts read from files (IQMs and
             thumbnails); a cohort missing here (a stored reference) uses ``known_quality``.
         settings: the step's options; ``reference_cohort`` ``None`` means the first cohort.
-        known_quality: ``{cohort: (n, Q)}`` IQMs already computed (a stored reference).
+        known_quality: ``{cohort: (n, Q)}`` IQMs already computed (a stored reference, or the
+            embedding's from the volumes it decoded); such a cohort's files are not read for them.
         drift: also plot the AAD of each later cohort against the reference, in order.
 
     Raises:
@@ -327,7 +328,7 @@ def add_subjects(
         q_values: dict[str, np.ndarray] = {}
         q_columns: list[str] | None = None
         for name in names:
-            if name in records:
+            if name in records and name not in (known_quality or {}):
                 q_columns, q_values[name] = subject_quality_table(records[name])
         if known_quality:
             for name, v in known_quality.items():

@@ -3,11 +3,14 @@
 the determinism checks drop it like ``provenance.command``).
 
 Phases: ``decode`` (reading and inflating the volumes), ``preprocessing`` (orientation, crop,
-z-score), ``fingerprint`` (raw intensity percentiles), ``cache_read``/``cache_write`` (the
+z-score), ``fingerprint`` (raw intensity percentiles), ``quality`` (the image-quality metrics
+of the per-subject step, from the same decoded volumes), ``cache_read``/``cache_write`` (the
 preprocessed-subject cache), ``forward`` (the encoder), ``features`` (patch grid and feature
 reduction), ``embedding_wait`` (the encoder waiting for data: the data-path time left after
-overlapping it with encoding), ``embedding`` (the whole embedding step), ``statistics``,
-``intensity`` (the fingerprint statistic), ``figures_report``, and ``total``. Data-path phases
+overlapping it with encoding), ``embedding`` (the whole embedding step), ``validation`` (reading
+and checking the cohorts before the embedding), ``statistics``, ``intensity`` (the fingerprint
+statistic), ``subjects`` (the rest of the per-subject step: tables, thumbnails, plots),
+``figures_report``, and ``total``. Data-path phases
 measured in a prefetch thread or worker overlap with ``forward``, so phases need not add up to
 ``total``. Nothing here reads or writes files.
 """
@@ -25,6 +28,7 @@ EMBED_PHASES = {
     "decode": "decode",
     "preprocessing": "preprocessing",
     "fingerprint": "fingerprint",
+    "quality": "quality",
     "cache_read": "cache_read",
     "cache_write": "cache_write",
     "forward": "forward",

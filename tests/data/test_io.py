@@ -185,3 +185,29 @@ def test_corrupt_gzip_payload_is_named(tmp_path):
     path.write_bytes(bytes(raw))
     with pytest.raises(InputError, match=r"a\.nii\.gz.*(truncated or corrupt|could not read)"):
         io.load_volume(ImageSource(path))
+
+
+@pytest.mark.parametrize(
+    ("values", "bad"),
+    [
+        ([0, 1, 2, 4], None),
+        ([0, 0, 0], None),
+        ([2, 3], None),
+        ([0, 4, 5], "{5}"),
+        ([-1, 0, 2], "{-1}"),
+        ([0, 7, 300], "{7, 300}"),
+    ],
+)
+@pytest.mark.parametrize("dtype", [np.int16, np.uint16, np.int32, np.float32])
+def test_check_seg_labels_range_shortcut_agrees_with_the_label_set(values, bad, dtype):
+    from aad_med.data.io import check_seg_labels
+
+    if np.dtype(dtype).kind == "u" and min(values) < 0:
+        pytest.skip("negative label in an unsigned type")
+    seg = np.asfortranarray(np.resize(np.array(values, dtype=dtype), (6, 5, 4)))
+    if bad is None:
+        out = check_seg_labels(seg, "s.nii.gz")
+        assert out.dtype == np.int16 and np.array_equal(out, seg.astype(np.int16))
+    else:
+        with pytest.raises(InputError, match=rf"s.nii.gz: segmentation labels \{bad}"):
+            check_seg_labels(seg, "s.nii.gz")

@@ -137,3 +137,53 @@ def test_subject_quality_reads_a_synthetic_subject(tmp_path):
     # T1 tissue order: CSF < GM < WM, so the T1 WM/GM contrast is finite and positive.
     assert m["t1_cnr"] > 0.5 and 0 < m["t1_wm2max"] <= 1
     assert all(math.isfinite(v) for k, v in m.items() if not k.endswith("fber"))
+
+
+def _full_frame_field(image, mask, wm):
+    """The INU field as first written: both Gaussians over the whole frame."""
+    idx = np.argwhere(mask)
+    sigma = max(int((idx.max(0) - idx.min(0) + 1).max()) / 8.0, 1.0)
+    w = wm.astype(np.float64)
+    num = ndimage.gaussian_filter(image * w, sigma, mode="constant")
+    den = ndimage.gaussian_filter(w, sigma, mode="constant")
+    return num[wm] / den[wm]
+
+
+@pytest.mark.parametrize("touch_edge", [False, True])
+def test_inu_field_on_the_wm_box_is_bit_identical_to_the_full_frame(touch_edge):
+    from aad_med.data.quality import WMSmoothing
+
+    img, mask, truth = _phantom(noise=5.0, seed=3)
+    rng = np.random.default_rng(1)
+    wm = (truth == 3) & (rng.random(SHAPE) < 0.8)  # ragged, off-centre WM
+    wm[:, :14] = False
+    img = img * (1 + 0.3 * np.linspace(0, 1, SHAPE[0]))[:, None, None] - 7.0 * mask
+    if touch_edge:
+        mask = mask | (np.indices(SHAPE)[2] == SHAPE[2] - 1)
+        wm[25:30, 20:25, -3:] = True
+    s = WMSmoothing(mask, wm)
+    assert any(sl.stop - sl.start < n for sl, n in zip(s.box, SHAPE, strict=True))
+    assert np.array_equal(s.field(img), _full_frame_field(img, mask, wm))
+
+
+def test_subject_quality_shares_one_smoothing_and_equals_per_channel_calls():
+    from aad_med.data.quality import QUALITY_COLUMNS, quality_of_arrays, quality_row
+
+    img, mask, truth = _phantom(noise=3.0, seed=4)
+    rng = np.random.default_rng(2)
+    image = np.stack([img * (1 + 0.2 * k) + rng.normal(0, 1, SHAPE) * mask for k in range(4)])
+    image = image.astype(np.float32)
+    metrics, _ = quality_of_arrays(image, None)
+    brain = np.any(image != 0, axis=0)
+    tissues = tissue_classes(image[CHANNELS.index("t1")], brain)
+    for c, ch in enumerate(CHANNELS):
+        alone, _ = image_quality(image[c], brain, tissues)
+        for k in METRICS:
+            assert metrics[f"{ch}_{k}"] == alone[k] or (
+                math.isnan(alone[k]) and math.isnan(metrics[f"{ch}_{k}"])
+            )
+    row, problem = quality_row(image, None)
+    assert problem is None and row.shape == (len(QUALITY_COLUMNS),)
+    assert row[QUALITY_COLUMNS.index("flair_inu_range")] == metrics["flair_inu_range"]
+    empty, problem = quality_row(np.zeros_like(image), None)
+    assert np.isnan(empty).all() and ("empty" in problem or "distinct" in problem)

@@ -158,3 +158,43 @@ def test_input_texture_is_a_normalised_variogram_inside_the_brain(model):
     # Gain-free.
     v3 = _vector("input_texture", _stream(model, 3.0 * white, _cells(8))).reshape(4, 3)
     np.testing.assert_allclose(v3, v, rtol=1e-6)
+
+
+def _input_texture_add_as_first_written(acc, batch):
+    """The variogram sums as first written (torch boolean indexing), kept to pin the faster
+    numpy pair selection to the same float64 bits."""
+    x = batch.patches.detach().to(torch.float64).cpu()
+    moments = np.zeros((x.shape[1], 3))
+    diffs = np.zeros((x.shape[1], len(input_texture.LAGS), 2))
+    for c in range(x.shape[1]):
+        v = x[:, c]
+        m = v != 0
+        moments[c] = [float(m.sum()), float(v.sum()), float((v * v).sum())]
+        for li, k in enumerate(input_texture.LAGS):
+            for axis in (1, 2, 3):
+                if v.shape[axis] <= k:
+                    continue
+                n = v.shape[axis]
+                hi, lo = v.narrow(axis, k, n - k), v.narrow(axis, 0, n - k)
+                both = m.narrow(axis, k, n - k) & m.narrow(axis, 0, n - k)
+                d = (hi - lo)[both]
+                diffs[c, li] += [float((d * d).sum()), float(d.numel())]
+    if acc.moments is None:
+        acc.moments, acc.diffs = moments, diffs
+    else:
+        acc.moments += moments
+        acc.diffs += diffs
+
+
+def test_input_texture_sums_are_bit_identical_to_the_first_implementation():
+    rng = np.random.default_rng(7)
+    fast = input_texture.InputTextureAccumulator()
+    slow = input_texture.InputTextureAccumulator()
+    for shape in [(5, 4, 12, 12, 12), (3, 4, 12, 3, 12), (2, 4, 2, 12, 12)]:
+        x = torch.from_numpy(rng.standard_normal(shape).astype(np.float32) * 3 + 1)
+        x[x.abs() < 0.8] = 0  # ragged foreground
+        batch = PatchBatch(None, x, None, None, None)
+        fast.add(batch)
+        _input_texture_add_as_first_written(slow, batch)
+    assert np.array_equal(fast.moments, slow.moments) and np.array_equal(fast.diffs, slow.diffs)
+    assert np.array_equal(fast.vector(), slow.vector())

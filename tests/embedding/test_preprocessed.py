@@ -190,3 +190,34 @@ def test_extract_patches_equals_advanced_indexing():
     ].permute(1, 0, 2, 3, 4)
     assert torch.equal(extract_patches(image, pos, p), ref)
     assert extract_patches(image, pos[:0], p).shape == (0, 4, p, p, p)
+
+
+def test_check_seg_decodes_the_seg_once_refuses_bad_labels_and_heals_unchecked_entries(
+    model, cohorts, preprocessing, tmp_path, monkeypatch
+):
+    import nibabel as nib
+
+    from aad_med.errors import InputError
+
+    cohort = cohorts["siteA"]
+    kw = dict(features="latent", progress=False, preprocessed_dir=tmp_path / "pre")
+    decodes = count_decodes(monkeypatch)
+    unchecked = embed_cohort(model, cohort, preprocessing, **kw)
+    assert len(decodes) == 3 * 4 and not unchecked.seg_checked
+    decodes.clear()
+    # Entries written without the seg check are not trusted for it: decoded again, replaced.
+    checked = embed_cohort(model, cohort, preprocessing, check_seg=True, **kw)
+    assert len(decodes) == 3 * 5 and checked.seg_checked
+    np.testing.assert_array_equal(checked.vectors, unchecked.vectors)
+    decodes.clear()
+    assert embed_cohort(model, cohort, preprocessing, check_seg=True, **kw).seg_checked
+    assert decodes == []
+    # A seg label outside the accepted set is refused by the embedding's decode, naming the file.
+    bad = cohort.subjects[1].seg.path
+    img = nib.load(bad)
+    data = np.asarray(img.dataobj).astype(np.int16)
+    data[0, 0, 0] = 9
+    nib.save(nib.Nifti1Image(data, img.affine), bad)
+    with pytest.raises(InputError, match="segmentation labels") as err:
+        embed_cohort(model, cohort, preprocessing, check_seg=True, **kw)
+    assert str(bad) in str(err.value)

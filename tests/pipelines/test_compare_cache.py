@@ -57,10 +57,10 @@ def test_second_checkpoint_skips_decoding_and_equals_an_uncached_run(setup, tmp_
     cached = CompareSettings(**FAST, cache_dir=tmp_path / "emb", preprocessed_dir=tmp_path / "pre")
     decodes = count_decodes(monkeypatch)
     first = run_comparison(first_ckpt, cohorts, tmp_path / "run1", cached)
-    # Validation decodes the 6 subjects' 5 files once, embedding their 4 channels once (the
-    # fingerprint reuses those arrays).
-    assert len(decodes) == 6 * 5 + 6 * 4
-    assert len(list((tmp_path / "emb" / "checked").glob("voxels-ok-*"))) == 6
+    # Validation reads headers; the embedding decodes the 6 subjects' 5 files once, checking
+    # their voxels (the seg too), and the fingerprint reuses those arrays.
+    assert len(decodes) == 6 * 5
+    assert not (tmp_path / "emb" / "checked").exists()  # markers only with skip_invalid
     assert len(list((tmp_path / "pre").glob("*.npz"))) == 6
     seconds = first["timings"]["seconds"]
     for phase in ("decode", "preprocessing", "fingerprint", "forward", "features", "statistics"):
@@ -95,3 +95,52 @@ def test_read_mode_writes_no_cache_entry(setup, tmp_path):
     result = run_comparison(ckpt, cohorts, tmp_path / "run", s)
     assert np.isfinite(result["pairs"][0]["aad"])
     assert not list(tmp_path.glob("emb/*")) and not list(tmp_path.glob("pre/*"))
+
+
+def test_per_subject_step_reads_each_file_once_and_its_metrics_equal_a_fresh_read(
+    setup, tmp_path, monkeypatch
+):
+    """With the per-subject step on, the embedding decodes every file (the seg too) once,
+    computing the image-quality metrics from those arrays; a
+    second comparison with another checkpoint decodes nothing and reads the same metrics from
+    the preprocessed cache. The values equal the per-subject step reading the files itself."""
+    import csv
+
+    from aad_med.data.layouts import discover_cohort
+    from aad_med.pipelines.subjects import subject_quality_table
+    from aad_med.plots import subjects as subject_plots
+
+    _, cohorts, (first_ckpt, second_ckpt) = setup
+    s = CompareSettings(
+        **{**FAST, "subjects": True}, cache_dir=tmp_path / "emb", preprocessed_dir=tmp_path / "pre"
+    )
+    decodes = count_decodes(monkeypatch)
+    real_thumbnails = subject_plots.plot_thumbnails
+
+    def thumbnails(*args, **kwargs):
+        # Thumbnails (a few subjects' mid-slices) still come from the files: not counted here.
+        n = len(decodes)
+        out = real_thumbnails(*args, **kwargs)
+        del decodes[n:]
+        return out
+
+    monkeypatch.setattr(subject_plots, "plot_thumbnails", thumbnails)
+    first = run_comparison(first_ckpt, cohorts, tmp_path / "run1", s)
+    assert sorted(map(str, decodes)) == sorted(
+        str(f) for c in cohorts.values() for r in discover_cohort(c).subjects for f in r.files
+    )
+    assert len(decodes) == 6 * 5
+    assert first["timings"]["seconds"]["quality"] > 0
+    decodes.clear()
+    run_comparison(second_ckpt, cohorts, tmp_path / "run2", s)
+    assert decodes == []
+
+    def table(run):
+        with open(tmp_path / run / "subjects.csv", newline="") as f:
+            return list(csv.DictReader(f))
+
+    columns, expected = subject_quality_table(discover_cohort(cohorts["b"]).subjects)
+    for run in ("run1", "run2"):
+        rows = [r for r in table(run) if r["cohort"] == "b"]
+        got = np.array([[float(r[c]) if r[c] else np.nan for c in columns] for r in rows])
+        np.testing.assert_array_equal(got, expected)
