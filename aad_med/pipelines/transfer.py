@@ -45,24 +45,21 @@ DISTANCES: tuple[str, ...] = (
     "mmd",
     "energy",
     "intensity",
-    "segmenter_aad",
     "confidence_aad",
 )
 """Distances related to the drop: the AAD of the default features and its bias-corrected form,
 the seed's AAD (mean patch latents), MMD² and energy distance of the default features, the
-intensity fingerprint AAD, and two task-aware distances read off the segmenter trained here
+intensity fingerprint AAD, and a task-aware distance read off the segmenter trained here
 (:data:`SEGMENTER_DISTANCES`)."""
 
-SEGMENTER_DISTANCES: dict[str, str] = {
-    "segmenter_aad": "bottleneck",
-    "confidence_aad": "confidence",
-}
+SEGMENTER_DISTANCES: dict[str, str] = {"confidence_aad": "confidence"}
 """Distances computed from the trained segmenter's own per-subject features (blocks of
-:data:`aad_med.segmentation.evaluation.TASK_FEATURES`): the bias-corrected AAD of its pooled
-bottleneck (the "task features" of FRD-style distances) and of its per-region confidence around
-the predicted boundary (a difference of confidences). Bias-corrected because a prediction must
-not grow with a small target's sampling noise. ``None`` when no segmenter is trained here
-(``performance=CSV``): there is no model to read them from."""
+:data:`aad_med.segmentation.evaluation.TASK_FEATURES`): the bias-corrected AAD of its per-region
+confidence around the predicted boundary (a difference of confidences). Bias-corrected because a
+prediction must not grow with a small target's sampling noise. ``None`` when no segmenter is
+trained here (``performance=CSV``): there is no model to read them from. (The AAD of its pooled
+bottleneck features was measured too and dropped: it saw noise and brain size the segmenter
+shrugs off, and missed the bias field that cost Dice; BENCHMARKS.md.)"""
 
 RESULT_PATTERNS = (
     "transfer.json",

@@ -18,7 +18,6 @@ LABELS: dict[str, str] = {
     "mmd": "MMD²",
     "energy": "energy distance",
     "intensity": "intensity fingerprint distance",
-    "segmenter_aad": "segmenter-feature AAD",
     "confidence_aad": "segmenter-confidence AAD",
 }
 """How each distance is named in prose and on axes."""
@@ -30,7 +29,6 @@ MEANINGS: dict[str, str] = {
     "energy": "the energy distance of the default features",
     "intensity": "the AAD of the raw per-channel intensity percentiles (before normalisation)",
     "aad_unbiased": "the AAD with its sampling-noise floor removed (0 when below it)",
-    "segmenter_aad": "the bias-corrected AAD of the trained segmenter's pooled bottleneck features",
     "confidence_aad": "the bias-corrected AAD of the segmenter's per-region confidence around its "
     "predicted boundary",
 }

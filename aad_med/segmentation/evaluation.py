@@ -9,11 +9,11 @@ segmenter's spacing, cropped to the brain), the space the network sees. HD95 is 
 region is empty in the truth or the prediction. Subjects without a segmentation are listed as
 unscored, never counted as 0.
 
-With ``task_features`` the same inference pass also pools the segmenter's own features per
-subject (:data:`TASK_FEATURES`): the bottleneck activations averaged over every window
-(``bottleneck``), and per region the model's mean confidence around its predicted boundary
-(``confidence``) and its predicted volume (``volume``). Distances between cohorts of these
-vectors are task-aware: they see what the segmenter sees.
+With ``task_features`` the same inference pass also reads the segmenter's own per-subject
+features (:data:`TASK_FEATURES`): per region, its mean confidence around its predicted boundary
+(:func:`boundary_confidence`). Distances between cohorts of these vectors are task-aware: they
+see what the segmenter sees. (Its pooled bottleneck features, the "task features" of FRD-style
+distances, were measured too and predicted the Dice drop worse: BENCHMARKS.md.)
 
 Reads images only through the data stage; writes nothing.
 """
@@ -37,7 +37,7 @@ from aad_med.segmentation.regions import region_masks
 
 log = logging.getLogger("aad_med.segmentation")
 
-TASK_FEATURES: tuple[str, ...] = ("bottleneck", "confidence", "volume")
+TASK_FEATURES: tuple[str, ...] = ("confidence",)
 """Per-subject task feature blocks of :func:`evaluate_cohort` (``task_features=True``)."""
 
 
@@ -111,41 +111,26 @@ def predict_subject(
     return (logits > 0).to(torch.uint8)
 
 
-class _TaskFeatureRecorder:
-    """Pools the segmenter's bottleneck window by window during one subject's sliding-window pass
-    (a forward hook: no second inference), and reads its confidence from the logits."""
+def boundary_confidence(logits: torch.Tensor) -> np.ndarray:
+    """Per region, the model's mean confidence ``|2p - 1|`` over the voxels it gives any tumour
+    probability (``p > 0.1``): the band around its predicted boundary, where a shift it cannot
+    handle shows first (a difference of confidences predicts accuracy loss: Guillory et al.
+    2021). A region with no such voxel is confidently absent: 1.
 
-    def __init__(self, model: Segmenter):
-        self.pooled: list[torch.Tensor] = []
-        self._handle = model.bottleneck().register_forward_hook(self._hook)
+    Args:
+        logits: ``(R, X, Y, Z)`` region logits of one subject.
 
-    def _hook(self, module, inputs, output) -> None:
-        self.pooled.append(output.detach().float().mean(dim=(2, 3, 4)).cpu())
-
-    def subject(self, logits: torch.Tensor) -> dict[str, np.ndarray]:
-        """The subject's feature blocks (:data:`TASK_FEATURES`), then reset for the next one."""
-        bottleneck = torch.cat(self.pooled).double().mean(dim=0)
-        self.pooled = []
-        prob = torch.sigmoid(logits.double()).flatten(1)
-        # Confidence |2p - 1| over the voxels the model gives any tumour probability (p > 0.1):
-        # the band around its predicted boundary, where a shift it cannot handle shows first
-        # (the difference of confidences predicts accuracy loss: Guillory et al. 2021). A region
-        # with no such voxel is confidently absent: 1.
-        near = prob > 0.1
-        confidence = torch.where(
-            near.any(dim=1),
-            ((2 * prob - 1).abs() * near).sum(dim=1) / near.sum(dim=1).clamp(min=1),
-            torch.ones(prob.shape[0], dtype=torch.float64),
-        )
-        volume = torch.log1p((prob > 0.5).sum(dim=1).double())
-        return {
-            "bottleneck": bottleneck.numpy(),
-            "confidence": confidence.numpy(),
-            "volume": volume.numpy(),
-        }
-
-    def close(self) -> None:
-        self._handle.remove()
+    Returns:
+        ``(R,)`` float64 in [0, 1].
+    """
+    prob = torch.sigmoid(logits.double()).flatten(1)
+    near = prob > 0.1
+    confidence = torch.where(
+        near.any(dim=1),
+        ((2 * prob - 1).abs() * near).sum(dim=1) / near.sum(dim=1).clamp(min=1),
+        torch.ones(prob.shape[0], dtype=torch.float64),
+    )
+    return confidence.numpy()
 
 
 def evaluate_cohort(
@@ -171,8 +156,8 @@ def evaluate_cohort(
         sw_batch_size, overlap: sliding-window settings.
         hd95: also compute the 95th percentile Hausdorff distance.
         progress: a tqdm bar over subjects.
-        task_features: also pool the segmenter's own features per subject
-            (:data:`TASK_FEATURES`; the model needs a ``bottleneck()`` module).
+        task_features: also read the segmenter's own features per subject
+            (:data:`TASK_FEATURES`).
 
     Raises:
         ConfigError: no subject of ``records`` has a segmentation.
@@ -188,27 +173,20 @@ def evaluate_cohort(
     dataset = build_eval_dataset(labelled, preprocessing, cache="none")
     ids, dice_rows, hd_rows = [], [], []
     feature_rows: dict[str, list[np.ndarray]] = {k: [] for k in TASK_FEATURES}
-    recorder = _TaskFeatureRecorder(model) if task_features else None
     items = range(len(dataset))
     if progress:
         from tqdm.auto import tqdm
 
         items = tqdm(items, desc="segmenting", unit="subject", leave=False)
-    try:
-        for i in items:
-            item = dataset[i]
-            ids.append(str(item["subject_id"]))
-            logits = predict_logits(
-                model, item["image"], preprocessing.patch_size, device,
-                sw_batch_size, overlap,
-            )  # fmt: skip
-            if recorder is not None:
-                for k, v in recorder.subject(logits).items():
-                    feature_rows[k].append(v)
-            _score_subject(logits, item["seg"], regions, convention, hd95, dice_rows, hd_rows)
-    finally:
-        if recorder is not None:
-            recorder.close()
+    for i in items:
+        item = dataset[i]
+        ids.append(str(item["subject_id"]))
+        logits = predict_logits(
+            model, item["image"], preprocessing.patch_size, device, sw_batch_size, overlap
+        )
+        if task_features:
+            feature_rows["confidence"].append(boundary_confidence(logits))
+        _score_subject(logits, item["seg"], regions, convention, hd95, dice_rows, hd_rows)
     if unscored:
         log.info("%d subject(s) without a segmentation were not scored", len(unscored))
     return CohortScores(

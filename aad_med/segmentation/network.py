@@ -136,17 +136,6 @@ class Segmenter(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 
-    def bottleneck(self) -> nn.Module:
-        """The deepest encoder block: its output is the segmenter's own (task) features, which
-        :func:`aad_med.segmentation.evaluation.evaluate_cohort` pools per subject."""
-        if self.config.architecture == "unet":
-            # MONAI UNet nests each level as Sequential(down, SkipConnection(next level), up)
-            block = self.net.model
-            for _ in self.config.strides:
-                block = block[1].submodule
-            return block
-        return self.net.down_layers[-1]
-
     def model_config(self) -> dict:
         """Primitives that rebuild this network (:meth:`SegmenterConfig.from_dict`)."""
         return {"kind": "segmenter", **self.config.to_dict()}

@@ -33,23 +33,6 @@ def test_output_has_one_channel_per_region(config, regions):
     assert out.shape == (2, regions, 16, 16, 16)
 
 
-@pytest.mark.parametrize(
-    "config, channels, edge",
-    [
-        (SegmenterConfig(**TINY), 16, 4),  # 16 / (2 * 2)
-        (SegmenterConfig(channels=(4, 8, 16, 32), strides=(2, 2, 2), num_res_units=1), 32, 2),
-        (SegmenterConfig(architecture="segresnet", init_filters=8), 64, 2),  # 8 * 2**3, 16 / 8
-    ],
-    ids=["unet_2_levels", "unet_3_levels", "segresnet"],
-)
-def test_bottleneck_is_the_deepest_block(config, channels, edge):
-    model = build_segmenter(config)
-    seen = []
-    model.bottleneck().register_forward_hook(lambda m, i, o: seen.append(tuple(o.shape)))
-    model(torch.zeros(1, 4, 16, 16, 16))
-    assert seen == [(1, channels, edge, edge, edge)]
-
-
 def test_impossible_settings_are_refused():
     with pytest.raises(ConfigError, match="strides"):
         SegmenterConfig(channels=(4, 8, 16), strides=(2,))
