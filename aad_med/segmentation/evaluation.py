@@ -72,7 +72,7 @@ class CohortScores:
 
 @torch.no_grad()
 def predict_logits(
-    model: Segmenter | torch.nn.Module,
+    model: Segmenter,
     image: torch.Tensor,
     patch_size: int,
     device: torch.device,
@@ -80,8 +80,8 @@ def predict_logits(
     overlap: float = 0.25,
 ) -> torch.Tensor:
     """Region logits ``(R, X, Y, Z)`` (CPU, float32) of one preprocessed ``(4, X, Y, Z)`` image by
-    Gaussian-weighted sliding-window inference (bf16 autocast on CUDA); ``model`` may be any
-    callable on window batches."""
+    Gaussian-weighted sliding-window inference (bf16 autocast on CUDA); a voxel is in a region
+    where its logit is > 0."""
     from monai.inferers import sliding_window_inference
 
     x = image[None].to(device, torch.float32)
@@ -95,20 +95,6 @@ def predict_logits(
             x, (patch_size,) * 3, sw_batch_size, model, overlap=overlap, mode="gaussian"
         )
     return logits.float()[0].cpu()
-
-
-def predict_subject(
-    model: Segmenter,
-    image: torch.Tensor,
-    patch_size: int,
-    device: torch.device,
-    sw_batch_size: int = 4,
-    overlap: float = 0.25,
-) -> torch.Tensor:
-    """Binary region masks ``(R, X, Y, Z)`` (CPU, uint8) of one preprocessed image (see
-    :func:`predict_logits`)."""
-    logits = predict_logits(model, image, patch_size, device, sw_batch_size, overlap)
-    return (logits > 0).to(torch.uint8)
 
 
 def boundary_confidence(logits: torch.Tensor) -> np.ndarray:
