@@ -55,8 +55,11 @@ def run_selection(
     srcs = load_named_cohorts(sources)
     # Distance of the target to each whole source: the data a model would be trained on.
     per_source = {}
+    embedded: dict = {}  # the target is embedded once for all sources
     for name, cohort in srcs.items():
-        per_source[name] = pair_distances(checkpoint, cohort, {target_name: tgt}, s)[target_name]
+        per_source[name] = pair_distances(checkpoint, cohort, {target_name: tgt}, s, embedded)[
+            target_name
+        ]
     rows = [
         {
             "name": n,
@@ -134,10 +137,11 @@ def selection_suite(
     require_segmentations({**srcs, **tgts})
     dice: dict[str, dict[str, float]] = {}
     distances: dict[str, dict] = {}
+    embedded: dict = {}  # each target is embedded once for all sources
     for name, cohort in srcs.items():
         scored = train_and_score(cohort, tgts, s, run_dir / "sources" / name, name)
         dice[name] = {t: float(np.mean(list(scored.scores[t].values()))) for t in tgts}
-        distances[name] = pair_distances(checkpoint, cohort, tgts, s)
+        distances[name] = pair_distances(checkpoint, cohort, tgts, s, embedded)
         for t in tgts:
             distances[name][t].update(
                 segmenter_distances(scored.features[name], scored.features[t])

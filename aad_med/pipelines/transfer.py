@@ -226,10 +226,14 @@ def pair_distances(
     reference: Cohort,
     others: Mapping[str, Cohort],
     s: TransferSettings,
+    embedded: dict | None = None,
 ) -> dict[str, dict[str, float | None]]:
     """Every distance of :data:`DISTANCES` (plus the AAD's p-value and interval) between
     ``reference`` and each cohort of ``others``, each pair standardised on its own as
     ``aad-compare`` does.
+
+    ``embedded`` (a dict the caller keeps) holds the embeddings of ``others`` by name across
+    calls, so that source selection embeds each target once, not once per candidate source.
 
     Returns:
         ``{name: {"aad", "aad_unbiased", "aad_p", "aad_ci95", "latent_aad", "mmd", "energy",
@@ -262,7 +266,12 @@ def pair_distances(
     )
     out = {}
     for name, cohort in others.items():
-        emb = embed(cohort, name)
+        if embedded is not None and name in embedded:
+            emb = embedded[name]
+        else:
+            emb = embed(cohort, name)
+            if embedded is not None:
+                embedded[name] = emb
         pair = feature_set.finalize({"ref": ref.vectors.copy(), "other": emb.vectors.copy()})
         stats = compare_embeddings(
             pair,

@@ -222,7 +222,17 @@ def test_bad_inputs_leave_nothing_behind(transfer_data, tmp_path):
     assert not out.exists()
 
 
-def test_source_selection_ranks_and_verifies(transfer_data, tmp_path):
+def test_source_selection_ranks_and_verifies(transfer_data, tmp_path, monkeypatch):
+    import aad_med.embedding.encode as encode
+
+    embedded = []
+    real = encode.embed_cohort
+
+    def counting(*args, **kwargs):
+        embedded.append(kwargs.get("name"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(encode, "embed_cohort", counting)
     sources = {"ref": transfer_data["same"], "blurred": transfer_data["blurred"]}
     run_selection(
         transfer_data["encoder"], ("mine", transfer_data["source"]), sources, tmp_path / "sel",
@@ -230,6 +240,8 @@ def test_source_selection_ranks_and_verifies(transfer_data, tmp_path):
     )  # fmt: skip
     on_disk = json.loads((tmp_path / "sel" / "transfer.json").read_text())
     assert on_disk["mode"] == "selection" and on_disk["target"]["name"] == "mine"
+    # the target is embedded once, each source once (as the reference of its pair)
+    assert sorted(embedded) == ["mine", "reference", "reference"]
     # 3-subject sources hold out 1 subject each: too few for the segmenter's bias-corrected
     # distances, which are then None and rank nothing
     for r in on_disk["sources"]:
