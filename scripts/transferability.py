@@ -181,6 +181,8 @@ def summarise(runs: dict[int, dict]) -> dict:
     the same-site check."""
     per_distance = {}
     for d in DISTANCES:
+        if not any(d in r["correlations"] for r in runs.values()):
+            continue
         rows = [r["correlations"].get(d, {}) for r in runs.values()]
         rhos = [c.get("spearman") for c in rows if c.get("spearman") is not None]
         per_distance[d] = {
@@ -193,11 +195,19 @@ def summarise(runs: dict[int, dict]) -> dict:
                 for r in runs.values()
             ],
         }
-    scored = [d for d in DISTANCES if per_distance[d]["spearman_mean"] is not None]
+    scored = [d for d in per_distance if per_distance[d]["spearman_mean"] is not None]
     best = max(scored, key=lambda d: per_distance[d]["spearman_mean"]) if scored else None
+    # The issue's check (target mean inside the source's own interval) and the two-sample one
+    # (the drop's own interval holds 0).
     same_site = [
         {"seed": s, "target": t["name"], "dice_drop": t["dice_drop"],
-         "within_source_ci95": t["within_source_ci95"]}
+         "dice_drop_ci95": t.get("dice_drop_ci95"),
+         "source_ci95": r["source"]["dice_ci95"],
+         "within_source_ci95": t["within_source_ci95"],
+         "drop_ci_holds_zero": (
+             None if t.get("dice_drop_ci95") is None
+             else bool(t["dice_drop_ci95"][0] <= 0 <= t["dice_drop_ci95"][1])
+         )}
         for s, r in runs.items() for t in r["targets"] if TARGETS[t["name"]][0] == "same site"
     ]  # fmt: skip
     return {"distances": per_distance, "best": best, "same_site": same_site}
@@ -222,6 +232,8 @@ def markdown(result: dict) -> str:
         f"{first['settings']['segmenter']['max_epochs']} epochs; score = WT Dice. Encoder: "
         f"{result['encoder']}. Wall time {result['seconds']:.0f} s on {result['device']}.",
         "",
+        f"Distances of seed {seeds[0]}; drops of every seed.",
+        "",
         "| target | kind | "
         + " | ".join(f"Dice drop (seed {s})" for s in seeds)
         + " | "
@@ -231,43 +243,55 @@ def markdown(result: dict) -> str:
     ]
     for i, t in enumerate(first["targets"]):
         drops = " | ".join(f"{runs[s]['targets'][i]['dice_drop']:+.3f}" for s in seeds)
-        dist = " | ".join(f"{t['distances'][d]:.3g}" for d in DISTANCES)
+        dist = " | ".join(
+            "n/a" if t["distances"].get(d) is None else f"{t['distances'][d]:.3g}"
+            for d in DISTANCES
+        )
         lines.append(f"| {t['name']} | {TARGETS[t['name']][0]} | {drops} | {dist} |")
     lines += [
         "",
-        "| distance | Spearman ρ [95% CI] per seed | Kendall τ per seed |",
-        "|---|---|---|",
+        "| distance | mean ρ | Spearman ρ [95% CI] per seed | Kendall τ per seed |",
+        "|---|---|---|---|",
     ]
-    for d in DISTANCES:
+    for d in summ["distances"]:
         s = summ["distances"][d]
         rho = "; ".join(
             "n/a" if r is None else f"{r:.2f} [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else f"{r:.2f}"
             for r, ci in zip(s["spearman_by_seed"], s["spearman_ci95_by_seed"], strict=True)
         )
         tau = "; ".join("n/a" if t is None else f"{t:.2f}" for t in s["kendall_by_seed"])
-        lines.append(f"| {LABELS[d]} | {rho} | {tau} |")
+        mean = "n/a" if s["spearman_mean"] is None else f"{s['spearman_mean']:.2f}"
+        lines.append(f"| {LABELS[d]} | {mean} | {rho} | {tau} |")
     lines += [
         "",
         f"Best predictor (mean ρ over seeds): **{LABELS.get(summ['best'], summ['best'])}**.",
         "",
     ]
-    for d in DISTANCES:
+    for d in summ["distances"]:
         m = summ["distances"][d]["misses"]
         if m and m[0]:
             lines.append(
                 f"- {LABELS[d]}, farthest from its fit (seed {seeds[0]}): " + "; ".join(m[0])
             )
     inside = [x for x in summ["same_site"] if x["within_source_ci95"]]
+    zero = [x for x in summ["same_site"] if x["drop_ci_holds_zero"]]
     lines += [
         "",
         f"Same-site targets inside the source's own 95% Dice interval: {len(inside)} of "
-        f"{len(summ['same_site'])} ("
-        + ", ".join(
-            f"{x['target']} seed {x['seed']}: drop {x['dice_drop']:+.3f}" for x in summ["same_site"]
-        )
-        + ").",
+        f"{len(summ['same_site'])}; whose drop interval (both cohorts resampled) holds 0: "
+        f"{len(zero)} of {len(summ['same_site'])}.",
         "",
+        "| seed | target | drop [95% CI] | source Dice 95% CI | inside source CI |",
+        "|---|---|---|---|---|",
     ]
+    for x in summ["same_site"]:
+        ci = x["dice_drop_ci95"]
+        src = x["source_ci95"]
+        lines.append(
+            f"| {x['seed']} | {x['target']} | {x['dice_drop']:+.3f} [{ci[0]:+.3f}, {ci[1]:+.3f}] "
+            f"| [{src[0]:.3f}, {src[1]:.3f}] | {'yes' if x['within_source_ci95'] else 'no'} |"
+        )
+    lines.append("")
     return "\n".join(lines)
 
 
@@ -286,11 +310,10 @@ def run_selection_check(args, out: Path, encoder: Path, targets: dict[str, Path]
         sources[name] = folder
     settings = settings_for(args, args.seeds[0])
     settings.segmenter.test_fraction = max(
-        settings.segmenter.test_fraction, 1 / args.selection_subjects
+        args.selection_test_fraction, 2 / args.selection_subjects
     )
-    # The quick subset of targets (12, every shift kind) keeps the cost at one scoring pass each.
-    chosen = {n: targets[n] for n in QUICK_TARGETS if n in targets}
-    return selection_suite(encoder, sources, chosen, out / "selection", settings)
+    # Every target of the suite: each source's segmenter is trained once and scored on all.
+    return selection_suite(encoder, sources, targets, out / "selection", settings)
 
 
 def selection_markdown(sel: dict) -> str:
@@ -301,12 +324,26 @@ def selection_markdown(sel: dict) -> str:
         f"Candidate sources: {', '.join(sel['dice'])} (one segmenter each, same settings); "
         f"{len(next(iter(sel['dice'].values())))} targets.",
         "",
-        "| distance | top-1 (closest source scored best) | mean rank correlation |",
-        "|---|---|---|",
+        "| distance | top-1 (closest source scored best) | mean regret (Dice) | "
+        "mean rank correlation |",
+        "|---|---|---|---|",
     ]
     for d, row in sel["summary"].items():
         rho = "n/a" if row["spearman_mean"] is None else f"{row['spearman_mean']:.2f}"
-        lines.append(f"| {LABELS[d]} | {row['top1_rate']:.0%} of {row['n_targets']} | {rho} |")
+        lines.append(
+            f"| {LABELS[d]} | {row['top1_rate']:.0%} of {row['n_targets']} | "
+            f"{row['regret_mean']:.3f} | {rho} |"
+        )
+    targets = list(next(iter(sel["dice"].values())))
+    lines += [
+        "",
+        "| target | " + " | ".join(f"Dice of {s}" for s in sel["dice"]) + " |",
+        "|" + "---|" * (1 + len(sel["dice"])),
+    ]
+    for t in targets:
+        lines.append(
+            f"| {t} | " + " | ".join(f"{sel['dice'][s][t]:.3f}" for s in sel["dice"]) + " |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -363,7 +400,7 @@ def write_outputs(out: Path, result: dict) -> None:
     write_json(out / "transferability.json", result)
     rows = [
         [seed, t["name"], TARGETS[t["name"]][0], repr(t["dice_mean"]), repr(t["dice_drop"]),
-         *(repr(t["distances"][d]) for d in DISTANCES)]
+         *("" if t["distances"].get(d) is None else repr(t["distances"][d]) for d in DISTANCES)]
         for seed, r in result["runs"].items() for t in r["targets"]
     ]  # fmt: skip
     write_table_csv(out / "transferability.csv",
@@ -394,6 +431,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         help="also check source selection (one segmenter per candidate source)",
     )
     p.add_argument("--selection-subjects", type=int, default=12)
+    p.add_argument(
+        "--selection-test-fraction",
+        type=float,
+        default=0.25,
+        help="held-out share of each candidate source (at least 2 subjects)",
+    )
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)

@@ -191,6 +191,35 @@ def fit_monotone(
     return MonotoneFit(kx, ky, residuals, boots, seed=int(seed))
 
 
+def drop_interval(
+    source_scores: ArrayLike,
+    target_scores: ArrayLike,
+    n_bootstrap: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of the drop (source mean − target mean), both cohorts'
+    subjects resampled independently: a drop whose interval holds 0 is no measurable loss.
+
+    Raises:
+        ConfigError: an empty or non-finite side, or ``n_bootstrap < 1``.
+    """
+    a = np.asarray(source_scores, dtype=np.float64).reshape(-1)
+    b = np.asarray(target_scores, dtype=np.float64).reshape(-1)
+    if a.size == 0 or b.size == 0:
+        raise ConfigError("a drop interval needs scores on both sides")
+    if not (np.all(np.isfinite(a)) and np.all(np.isfinite(b))):
+        raise ConfigError("scores must be finite numbers")
+    if int(n_bootstrap) < 1:
+        raise ConfigError(f"n_bootstrap must be >= 1, got {n_bootstrap}")
+    rng = np.random.default_rng([int(seed), 23])
+    boots = a[rng.integers(0, a.size, (int(n_bootstrap), a.size))].mean(axis=1) - b[
+        rng.integers(0, b.size, (int(n_bootstrap), b.size))
+    ].mean(axis=1)
+    lo, hi = np.quantile(boots, [(1 - level) / 2, (1 + level) / 2])
+    return float(lo), float(hi)
+
+
 # ---------------------------------------------------------------------------------------------
 # Source selection
 
@@ -221,8 +250,10 @@ def selection_agreement(distances: Mapping[str, float], scores: Mapping[str, flo
     """How well a distance ranks candidate sources for one target.
 
     Returns:
-        ``{"ranking": closest first, "best": best-scoring source, "top1": bool, "spearman": rank
-        correlation of −distance with the score (None below 3 sources or when constant)}``.
+        ``{"ranking": closest first, "best": best-scoring source, "top1": bool, "regret": the
+        best score minus the closest source's score (0 on a hit: what trusting the distance
+        cost), "spearman": rank correlation of −distance with the score (None below 3 sources
+        or when constant)}``.
     """
     names = list(distances)
     hit = top1_hit(distances, scores)
@@ -232,10 +263,12 @@ def selection_agreement(distances: Mapping[str, float], scores: Mapping[str, flo
     if len(names) >= MIN_POINTS:
         r, _ = _rank_pair(-d, s)
         rho = None if not np.isfinite(r) else r
+    ranking = rank_sources(distances)
     return {
-        "ranking": rank_sources(distances),
+        "ranking": ranking,
         "best": names[int(np.argmax(s))],
         "top1": hit,
+        "regret": float(s.max() - float(scores[ranking[0]])),
         "spearman": rho,
     }
 

@@ -19,6 +19,7 @@ from aad_med.pipelines.transfer import (
     check_names,
     load_named_cohorts,
     pair_distances,
+    segmenter_distances,
     settings_record,
     train_and_score,
 )
@@ -54,13 +55,16 @@ def run_selection(
     srcs = load_named_cohorts(sources)
     # Distance of the target to each whole source: the data a model would be trained on.
     per_source = {}
+    embedded: dict = {}  # the target is embedded once for all sources
     for name, cohort in srcs.items():
-        per_source[name] = pair_distances(checkpoint, cohort, {target_name: tgt}, s)[target_name]
+        per_source[name] = pair_distances(checkpoint, cohort, {target_name: tgt}, s, embedded)[
+            target_name
+        ]
     rows = [
         {
             "name": n,
             "n": len(srcs[n].subjects),
-            "distances": {k: per_source[n][k] for k in DISTANCES},
+            "distances": {k: per_source[n].get(k) for k in DISTANCES},
         }
         for n in srcs
     ]
@@ -72,24 +76,32 @@ def run_selection(
             "path": str(Path(target_path).resolve()),
         },
         "sources": rows,
-        "rankings": {
-            d: rank_sources({r["name"]: r["distances"][d] for r in rows}) for d in DISTANCES
-        },
+        "rankings": {},
         "verified": bool(s.verify),
         "settings": settings_record(s, checkpoint),
     }
     if s.verify:
         for row in rows:
             name = row["name"]
-            _, _, scores, _ = train_and_score(
+            scored = train_and_score(
                 srcs[name], {target_name: tgt}, s, run_dir / "sources" / name, name
+            )
+            scores = scored.scores
+            # the task-aware distances exist once this source's segmenter does
+            row["distances"].update(
+                segmenter_distances(scored.features[name], scored.features[target_name])
             )
             row["dice_on_target"] = float(np.mean(list(scores[target_name].values())))
             row["dice_own_test"] = float(np.mean(list(scores[name].values())))
+    known = [d for d in DISTANCES if all(r["distances"][d] is not None for r in rows)]
+    result["rankings"] = {
+        d: rank_sources({r["name"]: r["distances"][d] for r in rows}) for d in known
+    }
+    if s.verify:
         achieved = {r["name"]: r["dice_on_target"] for r in rows}
         result["selection"] = {
             d: selection_agreement({r["name"]: r["distances"][d] for r in rows}, achieved)
-            for d in DISTANCES
+            for d in known
         }
     write_selection_outputs(run_dir, result)
     return result
@@ -109,7 +121,7 @@ def selection_suite(
     Returns:
         ``{"dice": {source: {target: mean score}}, "distances": {source: {target: {...}}},
         "per_target": {distance: {target: selection_agreement}}, "summary": {distance:
-        {"top1_rate", "spearman_mean", "n_targets"}}}``.
+        {"top1_rate", "regret_mean", "spearman_mean", "n_targets"}}}``.
     """
     from aad_med.distances.transfer import selection_agreement, top1_hit_rate
     from aad_med.pipelines.transfer import require_segmentations
@@ -125,13 +137,20 @@ def selection_suite(
     require_segmentations({**srcs, **tgts})
     dice: dict[str, dict[str, float]] = {}
     distances: dict[str, dict] = {}
+    embedded: dict = {}  # each target is embedded once for all sources
     for name, cohort in srcs.items():
-        _, _, scores, _ = train_and_score(cohort, tgts, s, run_dir / "sources" / name, name)
-        dice[name] = {t: float(np.mean(list(scores[t].values()))) for t in tgts}
-        distances[name] = pair_distances(checkpoint, cohort, tgts, s)
+        scored = train_and_score(cohort, tgts, s, run_dir / "sources" / name, name)
+        dice[name] = {t: float(np.mean(list(scored.scores[t].values()))) for t in tgts}
+        distances[name] = pair_distances(checkpoint, cohort, tgts, s, embedded)
+        for t in tgts:
+            distances[name][t].update(
+                segmenter_distances(scored.features[name], scored.features[t])
+            )
     per_target: dict[str, dict] = {}
     summary: dict[str, dict] = {}
     for d in DISTANCES:
+        if any(distances[src][t][d] is None for src in srcs for t in tgts):
+            continue  # a segmenter distance without enough held-out subjects
         per_target[d] = {
             t: selection_agreement(
                 {src: distances[src][t][d] for src in srcs}, {src: dice[src][t] for src in srcs}
@@ -141,6 +160,7 @@ def selection_suite(
         rhos = [a["spearman"] for a in per_target[d].values() if a["spearman"] is not None]
         summary[d] = {
             "top1_rate": top1_hit_rate(list(per_target[d].values())),
+            "regret_mean": float(np.mean([a["regret"] for a in per_target[d].values()])),
             "spearman_mean": float(np.mean(rhos)) if rhos else None,
             "n_targets": len(tgts),
         }

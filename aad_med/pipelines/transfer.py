@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from aad_med import DEFAULT_FEATURES
 from aad_med.data.records import Cohort, SubjectRecord
 from aad_med.errors import ConfigError
 from aad_med.pipelines.performance import read_performance, scores_for
@@ -37,9 +38,28 @@ from aad_med.segmentation.training import SegmentationSettings, split_train_test
 
 log = logging.getLogger("aad_med.transfer")
 
-DISTANCES: tuple[str, ...] = ("aad", "latent_aad", "mmd", "energy", "intensity")
-"""Distances related to the drop: the AAD of the default features, the seed's AAD (mean patch
-latents), MMD² and energy distance of the default features, the intensity fingerprint AAD."""
+DISTANCES: tuple[str, ...] = (
+    "aad",
+    "aad_unbiased",
+    "latent_aad",
+    "mmd",
+    "energy",
+    "intensity",
+    "confidence_aad",
+)
+"""Distances related to the drop: the AAD of the default features and its bias-corrected form,
+the seed's AAD (mean patch latents), MMD² and energy distance of the default features, the
+intensity fingerprint AAD, and a task-aware distance read off the segmenter trained here
+(:data:`SEGMENTER_DISTANCES`)."""
+
+SEGMENTER_DISTANCES: dict[str, str] = {"confidence_aad": "confidence"}
+"""Distances computed from the trained segmenter's own per-subject features (blocks of
+:data:`aad_med.segmentation.evaluation.TASK_FEATURES`): the bias-corrected AAD of its per-region
+confidence around the predicted boundary (a difference of confidences). Bias-corrected because a
+prediction must not grow with a small target's sampling noise. ``None`` when no segmenter is
+trained here (``performance=CSV``): there is no model to read them from. (The AAD of its pooled
+bottleneck features was measured too and dropped: it saw noise and brain size the segmenter
+shrugs off, and missed the bias field that cost Dice; BENCHMARKS.md.)"""
 
 RESULT_PATTERNS = (
     "transfer.json",
@@ -72,7 +92,7 @@ class TransferSettings:
     """
 
     segmenter: SegmentationSettings = field(default_factory=SegmentationSettings)
-    features: str = "multiscale+texture"
+    features: str = DEFAULT_FEATURES
     n_permutations: int = 199
     n_bootstrap: int = 500
     correlation_bootstrap: int = 2000
@@ -115,16 +135,34 @@ def _subset(cohort: Cohort, ids: Sequence[str]) -> Cohort:
 # scores
 
 
+@dataclass
+class Scored:
+    """What :func:`train_and_score` leaves: the split, per-subject scores, per-region means and
+    the segmenter's task features of every scored cohort.
+
+    Attributes:
+        train, test: the source's training and held-out records.
+        scores: ``{cohort: {subject: score}}`` (the source's held-out subjects under its name).
+        regions: ``{cohort: {region: mean Dice, ...}}``.
+        features: ``{cohort: {block: (n, F)}}`` (:data:`~aad_med.segmentation.evaluation.TASK_FEATURES`).
+    """
+
+    train: list[SubjectRecord]
+    test: list[SubjectRecord]
+    scores: dict[str, dict[str, float]]
+    regions: dict[str, dict[str, float]]
+    features: dict[str, dict[str, np.ndarray]]
+
+
 def train_and_score(
     source: Cohort,
     targets: Mapping[str, Cohort],
     s: TransferSettings,
     run_dir: Path,
     source_name: str,
-) -> tuple[list[SubjectRecord], list[SubjectRecord], dict[str, dict[str, float]], dict]:
-    """Train on the source's training split, score its test split and every target.
-
-    Returns ``(train records, test records, {cohort: {subject: score}}, per-region means)``."""
+) -> Scored:
+    """Train on the source's training split, score its test split and every target, and pool
+    the segmenter's task features of each (the same inference pass)."""
     from aad_med.segmentation import evaluate_cohort, train_segmenter
     from aad_med.segmentation.training import device_for
 
@@ -146,6 +184,7 @@ def train_and_score(
     device = device_for(seg.device)
     scores: dict[str, dict[str, float]] = {}
     regions: dict[str, dict[str, float]] = {}
+    features: dict[str, dict[str, np.ndarray]] = {}
     for name, records, layout in [
         (source_name, test, source.layout),
         *((n, c.subjects, c.layout) for n, c in targets.items()),
@@ -160,7 +199,9 @@ def train_and_score(
             seg.sw_overlap,
             seg.hd95,
             s.progress,
+            task_features=True,
         )
+        features[name] = result.features
         score = result.score(seg.score_region)
         scores[name] = dict(zip(result.subject_ids, score.tolist(), strict=True))
         regions[name] = {r: float(result.dice[:, i].mean()) for i, r in enumerate(result.regions)}
@@ -173,7 +214,7 @@ def train_and_score(
         log.info(
             "%s: %s Dice %.3f over %d subjects", name, seg.score_region, score.mean(), len(score)
         )
-    return train, test, scores, regions
+    return Scored(train, test, scores, regions, features)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -185,13 +226,18 @@ def pair_distances(
     reference: Cohort,
     others: Mapping[str, Cohort],
     s: TransferSettings,
+    embedded: dict | None = None,
 ) -> dict[str, dict[str, float | None]]:
     """Every distance of :data:`DISTANCES` (plus the AAD's p-value and interval) between
     ``reference`` and each cohort of ``others``, each pair standardised on its own as
     ``aad-compare`` does.
 
+    ``embedded`` (a dict the caller keeps) holds the embeddings of ``others`` by name across
+    calls, so that source selection embeds each target once, not once per candidate source.
+
     Returns:
-        ``{name: {"aad", "aad_p", "aad_ci95", "latent_aad", "mmd", "energy", "intensity"}}``.
+        ``{name: {"aad", "aad_unbiased", "aad_p", "aad_ci95", "latent_aad", "mmd", "energy",
+        "intensity"}}`` (the segmenter's distances are added by the caller).
     """
     from aad_med.data.intensity import intensity_fingerprint
     from aad_med.distances import aad, compare_embeddings
@@ -220,7 +266,12 @@ def pair_distances(
     )
     out = {}
     for name, cohort in others.items():
-        emb = embed(cohort, name)
+        if embedded is not None and name in embedded:
+            emb = embedded[name]
+        else:
+            emb = embed(cohort, name)
+            if embedded is not None:
+                embedded[name] = emb
         pair = feature_set.finalize({"ref": ref.vectors.copy(), "other": emb.vectors.copy()})
         stats = compare_embeddings(
             pair,
@@ -237,6 +288,7 @@ def pair_distances(
         fp = standardize_jointly({"ref": ref_fp, "other": other_fp})
         out[name] = {
             "aad": stats["aad"],
+            "aad_unbiased": stats["aad_unbiased"],
             "aad_p": stats["aad_p"],
             "aad_ci95": stats["aad_ci95"],
             "latent_aad": aad(ref.latent_means, emb.latent_means),
@@ -245,6 +297,30 @@ def pair_distances(
             "intensity": aad(fp["ref"], fp["other"]),
         }
         log.info("%s: AAD %.4g, latent AAD %.4g", name, out[name]["aad"], out[name]["latent_aad"])
+    return out
+
+
+def segmenter_distances(
+    reference: Mapping[str, np.ndarray], other: Mapping[str, np.ndarray] | None
+) -> dict[str, float | None]:
+    """The :data:`SEGMENTER_DISTANCES` between two cohorts' task features (each pair z-scored
+    jointly, as the intensity fingerprint is; bias-corrected AAD); ``None`` values without
+    features or with fewer than 2 subjects on a side.
+
+    Args:
+        reference: ``{block: (n_ref, F)}`` of the source's held-out subjects.
+        other: the same blocks of the other cohort, or ``None``.
+    """
+    from aad_med.distances import aad_unbiased
+    from aad_med.embedding.acquisition import standardize_jointly
+
+    out: dict[str, float | None] = {}
+    for name, block in SEGMENTER_DISTANCES.items():
+        if other is None or reference is None or min(len(reference[block]), len(other[block])) < 2:
+            out[name] = None  # no segmenter here, or too few subjects for a bias correction
+            continue
+        z = standardize_jointly({"ref": reference[block], "other": other[block]})
+        out[name] = aad_unbiased(z["ref"], z["other"])
     return out
 
 
@@ -310,6 +386,7 @@ def run_transfer(
         ConfigError / InputError / CohortError / CheckpointError: bad inputs, before any
             training or writing.
     """
+    from aad_med.distances.transfer import drop_interval
     from aad_med.report.transfer import write_transfer_outputs
     from aad_med.segmentation import summarize_scores
     from aad_med.training.checkpoint import load_checkpoint
@@ -329,6 +406,7 @@ def run_transfer(
         require_segmentations({source_name: src, **tgts})
 
     regions: dict = {}
+    features: dict = {}
     if perf is not None:
         scores = {
             n: scores_for(perf, n, c, s.performance) for n, c in {source_name: src, **tgts}.items()
@@ -336,8 +414,14 @@ def run_transfer(
         test = [r for r in src.subjects if r.subject_id in scores[source_name]]
         n_train = None
     else:
-        train, test, scores, regions = train_and_score(src, tgts, s, run_dir, source_name)
-        n_train = len(train)
+        scored = train_and_score(src, tgts, s, run_dir, source_name)
+        test, scores, regions, features = (
+            scored.test,
+            scored.scores,
+            scored.regions,
+            scored.features,
+        )
+        n_train = len(scored.train)
     test_cohort = _subset(src, [r.subject_id for r in test])
     if len(test_cohort.subjects) < 2:
         raise ConfigError(
@@ -346,6 +430,8 @@ def run_transfer(
             "subjects)"
         )
     distances = pair_distances(checkpoint, test_cohort, tgts, s)
+    for name in tgts:
+        distances[name].update(segmenter_distances(features.get(source_name), features.get(name)))
 
     src_summary = summarize_scores(list(scores[source_name].values()), s.n_bootstrap, s.seed)
     target_rows = []
@@ -359,7 +445,15 @@ def run_transfer(
                 "dice_mean": summ["mean"],
                 "dice_ci95": summ["ci95"],
                 "dice_drop": src_summary["mean"] - summ["mean"],
-                "distances": {k: d[k] for k in DISTANCES},
+                "dice_drop_ci95": list(
+                    drop_interval(
+                        list(scores[source_name].values()),
+                        list(scores[name].values()),
+                        s.n_bootstrap,
+                        s.seed + 1 + i,
+                    )
+                ),  # fmt: skip
+                "distances": {k: d.get(k) for k in DISTANCES},
                 "aad_p": d["aad_p"],
                 "aad_ci95": d["aad_ci95"],
                 "regions": regions.get(name),

@@ -13,10 +13,12 @@ from aad_med.report.serialize import write_json, write_table_csv
 
 LABELS: dict[str, str] = {
     "aad": "AAD",
+    "aad_unbiased": "bias-corrected AAD",
     "latent_aad": "latent AAD",
     "mmd": "MMD²",
     "energy": "energy distance",
     "intensity": "intensity fingerprint distance",
+    "confidence_aad": "segmenter-confidence AAD",
 }
 """How each distance is named in prose and on axes."""
 
@@ -26,7 +28,15 @@ MEANINGS: dict[str, str] = {
     "mmd": "the squared maximum mean discrepancy of the default features",
     "energy": "the energy distance of the default features",
     "intensity": "the AAD of the raw per-channel intensity percentiles (before normalisation)",
+    "aad_unbiased": "the AAD with its sampling-noise floor removed (0 when below it)",
+    "confidence_aad": "the bias-corrected AAD of the segmenter's per-region confidence around its "
+    "predicted boundary",
 }
+
+
+def _cell(value) -> str:
+    """A CSV cell: the exact float, or empty for a distance not computed in this mode."""
+    return "" if value is None else repr(value)
 
 
 def _strength(rho: float) -> str:
@@ -191,7 +201,7 @@ def write_transfer_outputs(
     header = ["target", "n", "dice_mean", "dice_ci95_lo", "dice_ci95_hi", "dice_drop", *LABELS]
     rows = [
         [t["name"], t["n"], repr(t["dice_mean"]), repr(t["dice_ci95"][0]), repr(t["dice_ci95"][1]),
-         repr(t["dice_drop"]), *(repr(t["distances"][d]) for d in LABELS)]
+         repr(t["dice_drop"]), *(_cell(t["distances"].get(d)) for d in LABELS)]
         for t in result["targets"]
     ]  # fmt: skip
     write_table_csv(run_dir / "transfer.csv", header, rows)
@@ -240,7 +250,7 @@ def write_selection_outputs(run_dir: str | Path, result: dict) -> None:
         [
             r["name"],
             r["n"],
-            *(repr(r["distances"][d]) for d in LABELS),
+            *(_cell(r["distances"].get(d)) for d in LABELS),
             repr(r.get("dice_on_target")),
         ]
         for r in result["sources"]

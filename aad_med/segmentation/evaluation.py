@@ -9,6 +9,12 @@ segmenter's spacing, cropped to the brain), the space the network sees. HD95 is 
 region is empty in the truth or the prediction. Subjects without a segmentation are listed as
 unscored, never counted as 0.
 
+With ``task_features`` the same inference pass also reads the segmenter's own per-subject
+features (:data:`TASK_FEATURES`): per region, its mean confidence around its predicted boundary
+(:func:`boundary_confidence`). Distances between cohorts of these vectors are task-aware: they
+see what the segmenter sees. (Its pooled bottleneck features, the "task features" of FRD-style
+distances, were measured too and predicted the Dice drop worse: BENCHMARKS.md.)
+
 Reads images only through the data stage; writes nothing.
 """
 
@@ -31,6 +37,9 @@ from aad_med.segmentation.regions import region_masks
 
 log = logging.getLogger("aad_med.segmentation")
 
+TASK_FEATURES: tuple[str, ...] = ("confidence",)
+"""Per-subject task feature blocks of :func:`evaluate_cohort` (``task_features=True``)."""
+
 
 @dataclass
 class CohortScores:
@@ -42,6 +51,8 @@ class CohortScores:
         dice: ``(n, R)`` Dice per subject and region.
         hd95: ``(n, R)`` HD95 in mm of the preprocessed grid, or ``None`` when not computed.
         unscored: subjects left out because they have no segmentation.
+        features: ``{block: (n, F)}`` task features (:data:`TASK_FEATURES`), or ``None`` when
+            not asked for.
     """
 
     regions: tuple[str, ...]
@@ -49,6 +60,7 @@ class CohortScores:
     dice: np.ndarray
     hd95: np.ndarray | None = None
     unscored: list[str] = field(default_factory=list)
+    features: dict[str, np.ndarray] | None = None
 
     def __len__(self) -> int:
         return len(self.subject_ids)
@@ -59,7 +71,7 @@ class CohortScores:
 
 
 @torch.no_grad()
-def predict_subject(
+def predict_logits(
     model: Segmenter,
     image: torch.Tensor,
     patch_size: int,
@@ -67,8 +79,9 @@ def predict_subject(
     sw_batch_size: int = 4,
     overlap: float = 0.25,
 ) -> torch.Tensor:
-    """Binary region masks ``(R, X, Y, Z)`` (CPU, uint8) of one preprocessed ``(4, X, Y, Z)`` image
-    by Gaussian-weighted sliding-window inference (bf16 autocast on CUDA)."""
+    """Region logits ``(R, X, Y, Z)`` (CPU, float32) of one preprocessed ``(4, X, Y, Z)`` image by
+    Gaussian-weighted sliding-window inference (bf16 autocast on CUDA); a voxel is in a region
+    where its logit is > 0."""
     from monai.inferers import sliding_window_inference
 
     x = image[None].to(device, torch.float32)
@@ -81,7 +94,29 @@ def predict_subject(
         logits = sliding_window_inference(
             x, (patch_size,) * 3, sw_batch_size, model, overlap=overlap, mode="gaussian"
         )
-    return (logits.float()[0] > 0).to(torch.uint8).cpu()
+    return logits.float()[0].cpu()
+
+
+def boundary_confidence(logits: torch.Tensor) -> np.ndarray:
+    """Per region, the model's mean confidence ``|2p - 1|`` over the voxels it gives any tumour
+    probability (``p > 0.1``): the band around its predicted boundary, where a shift it cannot
+    handle shows first (a difference of confidences predicts accuracy loss: Guillory et al.
+    2021). A region with no such voxel is confidently absent: 1.
+
+    Args:
+        logits: ``(R, X, Y, Z)`` region logits of one subject.
+
+    Returns:
+        ``(R,)`` float64 in [0, 1].
+    """
+    prob = torch.sigmoid(logits.double()).flatten(1)
+    near = prob > 0.1
+    confidence = torch.where(
+        near.any(dim=1),
+        ((2 * prob - 1).abs() * near).sum(dim=1) / near.sum(dim=1).clamp(min=1),
+        torch.ones(prob.shape[0], dtype=torch.float64),
+    )
+    return confidence.numpy()
 
 
 def evaluate_cohort(
@@ -94,6 +129,7 @@ def evaluate_cohort(
     overlap: float = 0.25,
     hd95: bool = False,
     progress: bool = False,
+    task_features: bool = False,
 ) -> CohortScores:
     """Dice (and optionally HD95) of every subject with a segmentation.
 
@@ -106,13 +142,13 @@ def evaluate_cohort(
         sw_batch_size, overlap: sliding-window settings.
         hd95: also compute the 95th percentile Hausdorff distance.
         progress: a tqdm bar over subjects.
+        task_features: also read the segmenter's own features per subject
+            (:data:`TASK_FEATURES`).
 
     Raises:
         ConfigError: no subject of ``records`` has a segmentation.
         InputError: a file of a subject cannot be read (named).
     """
-    from monai.metrics import compute_dice, compute_hausdorff_distance
-
     device = torch.device(device)
     model = model.to(device).eval()
     regions = tuple(model.regions)
@@ -122,6 +158,7 @@ def evaluate_cohort(
         raise ConfigError("no subject has a segmentation (seg) file, so none can be scored")
     dataset = build_eval_dataset(labelled, preprocessing, cache="none")
     ids, dice_rows, hd_rows = [], [], []
+    feature_rows: dict[str, list[np.ndarray]] = {k: [] for k in TASK_FEATURES}
     items = range(len(dataset))
     if progress:
         from tqdm.auto import tqdm
@@ -129,24 +166,13 @@ def evaluate_cohort(
         items = tqdm(items, desc="segmenting", unit="subject", leave=False)
     for i in items:
         item = dataset[i]
-        pred = predict_subject(
+        ids.append(str(item["subject_id"]))
+        logits = predict_logits(
             model, item["image"], preprocessing.patch_size, device, sw_batch_size, overlap
         )
-        truth = region_masks(torch.as_tensor(item["seg"])[None], regions, convention)
-        pred = pred[None].float()
-        dice_rows.append(
-            compute_dice(pred, truth, include_background=True, ignore_empty=False)[0].numpy()
-        )
-        if hd95:
-            empty = (pred.sum(dim=(2, 3, 4)) == 0) | (truth.sum(dim=(2, 3, 4)) == 0)
-            hd = torch.full((len(regions),), math.nan)
-            if not bool(empty.all()):
-                hd = compute_hausdorff_distance(
-                    pred, truth, include_background=True, percentile=95
-                )[0].float()
-                hd[empty[0]] = math.nan
-            hd_rows.append(hd.numpy())
-        ids.append(str(item["subject_id"]))
+        if task_features:
+            feature_rows["confidence"].append(boundary_confidence(logits))
+        _score_subject(logits, item["seg"], regions, convention, hd95, dice_rows, hd_rows)
     if unscored:
         log.info("%d subject(s) without a segmentation were not scored", len(unscored))
     return CohortScores(
@@ -155,7 +181,36 @@ def evaluate_cohort(
         dice=np.asarray(dice_rows, dtype=np.float64).reshape(len(ids), len(regions)),
         hd95=np.asarray(hd_rows, dtype=np.float64) if hd95 else None,
         unscored=unscored,
+        features={k: np.stack(v) for k, v in feature_rows.items()} if task_features else None,
     )
+
+
+def _score_subject(
+    logits: torch.Tensor,
+    seg,
+    regions: Sequence[str],
+    convention: str,
+    hd95: bool,
+    dice_rows: list,
+    hd_rows: list,
+) -> None:
+    """Append one subject's Dice row (and HD95 row) for the thresholded ``logits``."""
+    from monai.metrics import compute_dice, compute_hausdorff_distance
+
+    pred = (logits > 0).float()[None]
+    truth = region_masks(torch.as_tensor(seg)[None], regions, convention)
+    dice_rows.append(
+        compute_dice(pred, truth, include_background=True, ignore_empty=False)[0].numpy()
+    )
+    if hd95:
+        empty = (pred.sum(dim=(2, 3, 4)) == 0) | (truth.sum(dim=(2, 3, 4)) == 0)
+        hd = torch.full((len(regions),), math.nan)
+        if not bool(empty.all()):
+            hd = compute_hausdorff_distance(pred, truth, include_background=True, percentile=95)[
+                0
+            ].float()
+            hd[empty[0]] = math.nan
+        hd_rows.append(hd.numpy())
 
 
 def summarize_scores(

@@ -9,6 +9,7 @@ import pytest
 from scipy import stats
 
 from aad_med.distances.transfer import (
+    drop_interval,
     fit_monotone,
     rank_correlations,
     rank_sources,
@@ -114,10 +115,31 @@ def test_source_ranking_and_selection_scores():
     sel = selection_agreement(dist, {"a": 0.5, "b": 0.8, "c": 0.7})
     assert sel["ranking"] == ["b", "c", "a"] and sel["best"] == "b"
     assert sel["spearman"] == pytest.approx(1.0)
+    assert sel["regret"] == 0.0
     miss = selection_agreement(dist, {"a": 0.9, "b": 0.1, "c": 0.5})
     assert miss["spearman"] == pytest.approx(-1.0) and not miss["top1"]
+    assert miss["regret"] == pytest.approx(0.8)  # picked b (0.1), a scored 0.9
     assert top1_hit_rate([sel, miss, sel, sel]) == pytest.approx(0.75)
     with pytest.raises(ConfigError):
         top1_hit(dist, {"a": 1.0})
     with pytest.raises(ConfigError):
         top1_hit_rate([])
+
+
+def test_drop_interval_holds_the_drop_and_zero_only_without_a_loss():
+    rng = np.random.default_rng(3)
+    src = rng.normal(0.85, 0.05, 16)
+    same = rng.normal(0.85, 0.05, 16)
+    worse = rng.normal(0.65, 0.05, 16)
+    lo, hi = drop_interval(src, same, 2000, seed=0)
+    assert lo < src.mean() - same.mean() < hi and lo < 0 < hi
+    lo, hi = drop_interval(src, worse, 2000, seed=0)
+    assert 0 < lo < src.mean() - worse.mean() < hi
+    assert drop_interval(src, worse, 500, seed=1) == drop_interval(src, worse, 500, seed=1)
+    # wider with fewer subjects
+    lo4, hi4 = drop_interval(src[:4], worse[:4], 2000, seed=0)
+    assert hi4 - lo4 > hi - lo
+    with pytest.raises(ConfigError):
+        drop_interval([], worse)
+    with pytest.raises(ConfigError):
+        drop_interval(src, [0.5, float("nan")])

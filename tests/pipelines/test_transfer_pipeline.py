@@ -19,7 +19,12 @@ from aad_med.data.synthetic import generate_cohort
 from aad_med.errors import AADError, InputError
 from aad_med.pipelines.performance import read_performance
 from aad_med.pipelines.selection import run_selection
-from aad_med.pipelines.transfer import DISTANCES, run_transfer
+from aad_med.pipelines.transfer import (
+    DISTANCES,
+    SEGMENTER_DISTANCES,
+    run_transfer,
+    segmenter_distances,
+)
 
 TARGETS = ("same", "noisy", "blurred")
 transfer_data = transfer_factory.transfer_data  # the shared fixture
@@ -60,42 +65,63 @@ def test_transfer_json_contract(trained_run):
         assert t["n"] == 3
         assert t["dice_drop"] == pytest.approx(src["dice_mean"] - t["dice_mean"])
         assert t["dice_ci95"][0] <= t["dice_mean"] <= t["dice_ci95"][1]
+        assert t["dice_drop_ci95"][0] <= t["dice_drop"] <= t["dice_drop_ci95"][1]
         assert set(t["distances"]) == set(DISTANCES)
         assert t["distances"]["aad"] > 0 and t["distances"]["latent_aad"] > 0
+        # bias-corrected distances: never negative, never above the plain AAD's scale of noise
+        for d in ("aad_unbiased", *SEGMENTER_DISTANCES):
+            assert t["distances"][d] >= 0, d
+        assert t["distances"]["aad_unbiased"] <= t["distances"]["aad"]
     assert set(on_disk["correlations"]) == set(DISTANCES)
     for d, c in on_disk["correlations"].items():
         assert {"spearman", "spearman_ci95", "kendall"} <= set(c)
         x = [t["distances"][d] for t in on_disk["targets"]]
         y = [t["dice_drop"] for t in on_disk["targets"]]
+        if d in ("aad_unbiased", *SEGMENTER_DISTANCES) and np.ptp(x) == 0:
+            # all three below their noise floor (0): no rank correlation exists
+            assert c["spearman"] is None, d
+            continue
         assert c["spearman"] is not None, d
         assert c["spearman"] == pytest.approx(stats.spearmanr(x, y).statistic)
 
 
-def test_files_beside_the_json_agree_with_it(trained_run):
+def test_segmenter_distances_come_from_the_trained_segmenter(trained_run, transfer_data):
+    """confidence_aad recomputed from the saved segmenter's own features."""
+    from aad_med.data.validation import load_cohort
+    from aad_med.segmentation import evaluate_cohort, load_segmenter
+
     out, result = trained_run
-    rows = _csv_rows(out / "transfer.csv")
-    assert [r["target"] for r in rows] == list(TARGETS)
-    for row, t in zip(rows, result["targets"], strict=True):
-        assert float(row["dice_drop"]) == pytest.approx(t["dice_drop"])
-        assert float(row["aad"]) == pytest.approx(t["distances"]["aad"])
-    scores = _csv_rows(out / "scores.csv")
+    model, ckpt = load_segmenter(out / "segmenter" / "checkpoints" / "last.pt")
+    from aad_med.data.preprocessing import PreprocessingConfig
+
+    prep = PreprocessingConfig.from_dict(ckpt["preprocessing"])
+    src = load_cohort(transfer_data["source"])
+    test = [r for r in src.subjects if r.subject_id in set(ckpt["test_subject_ids"])]
+    ref = evaluate_cohort(model, test, prep, task_features=True).features
     for t in result["targets"]:
-        mine = [float(r["score"]) for r in scores if r["cohort"] == t["name"]]
-        assert len(mine) == 3 and np.mean(mine) == pytest.approx(t["dice_mean"])
-    for d in DISTANCES:
-        assert (out / "plots" / f"drop_vs_{d}.png").stat().st_size > 1000
-    md = (out / "transfer.md").read_text()
-    assert "Spearman" in md and "src" in md and "drop_vs_aad.png" in md
+        other = evaluate_cohort(
+            model, load_cohort(transfer_data[t["name"]]).subjects, prep, task_features=True
+        ).features
+        assert segmenter_distances(ref, other) == pytest.approx(
+            {d: t["distances"][d] for d in SEGMENTER_DISTANCES}
+        )
+    # a cohort against itself is at distance 0; a missing side gives None
+    assert segmenter_distances(ref, ref) == {d: 0.0 for d in SEGMENTER_DISTANCES}
+    assert segmenter_distances(ref, None) == {d: None for d in SEGMENTER_DISTANCES}
 
 
-def test_source_test_subjects_were_not_trained_on(trained_run):
-    from aad_med.segmentation import load_segmenter
-
-    out, _ = trained_run
-    _, ckpt = load_segmenter(out / "segmenter" / "checkpoints" / "last.pt")
-    tested = {r["subject_id"] for r in _csv_rows(out / "scores.csv") if r["cohort"] == "src"}
-    assert len(tested) == 2 and not tested & set(ckpt["train_subject_ids"])
-    assert set(ckpt["test_subject_ids"]) == tested
+def test_confidence_distance_grows_with_a_confidence_shift():
+    rng = np.random.default_rng(0)
+    ref = {"confidence": rng.normal(0.8, 0.02, (20, 3))}
+    same = {"confidence": rng.normal(0.8, 0.02, (20, 3))}
+    near = {"confidence": rng.normal(0.78, 0.02, (20, 3))}
+    far = {"confidence": rng.normal(0.6, 0.02, (20, 3))}
+    d = [segmenter_distances(ref, x)["confidence_aad"] for x in (same, near, far)]
+    assert d[0] < d[1] < d[2] and d[2] > 2
+    # one subject on a side: no bias correction possible, so no distance
+    assert segmenter_distances(ref, {"confidence": far["confidence"][:1]}) == {
+        "confidence_aad": None
+    }
 
 
 def _write_perf(path, data, source_ids, target_scores):
@@ -136,6 +162,15 @@ def test_own_scores_replace_training(transfer_data, tmp_path):
     noisy = next(t for t in result["targets"] if t["name"] == "noisy")
     assert alone["targets"][0]["distances"] == pytest.approx(noisy["distances"])
     assert alone["correlations"]["aad"]["spearman"] is None  # one target: no correlation
+    # no segmenter trained: its distances are None, left out of the correlations and plots,
+    # and empty in the CSV
+    for t in result["targets"]:
+        assert all(t["distances"][d] is None for d in SEGMENTER_DISTANCES)
+    assert not set(SEGMENTER_DISTANCES) & set(result["correlations"])
+    assert not any((out / "plots" / f"drop_vs_{d}.png").exists() for d in SEGMENTER_DISTANCES)
+    rows = _csv_rows(out / "transfer.csv")
+    assert all(r[d] == "" for r in rows for d in SEGMENTER_DISTANCES)
+    assert all(float(r["aad"]) > 0 for r in rows)
 
 
 @pytest.mark.parametrize(
@@ -187,7 +222,17 @@ def test_bad_inputs_leave_nothing_behind(transfer_data, tmp_path):
     assert not out.exists()
 
 
-def test_source_selection_ranks_and_verifies(transfer_data, tmp_path):
+def test_source_selection_ranks_and_verifies(transfer_data, tmp_path, monkeypatch):
+    import aad_med.embedding.encode as encode
+
+    embedded = []
+    real = encode.embed_cohort
+
+    def counting(*args, **kwargs):
+        embedded.append(kwargs.get("name"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(encode, "embed_cohort", counting)
     sources = {"ref": transfer_data["same"], "blurred": transfer_data["blurred"]}
     run_selection(
         transfer_data["encoder"], ("mine", transfer_data["source"]), sources, tmp_path / "sel",
@@ -195,7 +240,15 @@ def test_source_selection_ranks_and_verifies(transfer_data, tmp_path):
     )  # fmt: skip
     on_disk = json.loads((tmp_path / "sel" / "transfer.json").read_text())
     assert on_disk["mode"] == "selection" and on_disk["target"]["name"] == "mine"
-    for d in DISTANCES:
+    # the target is embedded once, each source once (as the reference of its pair)
+    assert sorted(embedded) == ["mine", "reference", "reference"]
+    # 3-subject sources hold out 1 subject each: too few for the segmenter's bias-corrected
+    # distances, which are then None and rank nothing
+    for r in on_disk["sources"]:
+        assert all(r["distances"][d] is None for d in SEGMENTER_DISTANCES)
+    assert set(on_disk["rankings"]) == set(on_disk["selection"])
+    assert set(on_disk["rankings"]) == set(DISTANCES) - set(SEGMENTER_DISTANCES)
+    for d in on_disk["rankings"]:
         ranking = on_disk["rankings"][d]
         dist = {r["name"]: r["distances"][d] for r in on_disk["sources"]}
         assert sorted(ranking) == ["blurred", "ref"]

@@ -43,6 +43,13 @@ def test_quick_mode_writes_a_consistent_summary(transferability, tmp_path):
     summary = result["summary"]["distances"]
     for d in ("aad", "latent_aad", "mmd", "energy", "intensity"):
         assert summary[d]["spearman_by_seed"] == [run["correlations"][d]["spearman"]]
+    # the segmenter's own distances are computed in every target of a trained run
+    for t in run["targets"]:
+        assert t["distances"]["confidence_aad"] >= 0
+    same = result["summary"]["same_site"]
+    assert [x["target"] for x in same] == ["same_site_1"]
+    lo, hi = same[0]["dice_drop_ci95"]
+    assert same[0]["drop_ci_holds_zero"] == (lo <= 0 <= hi)
     scored = {d: s["spearman_mean"] for d, s in summary.items() if s["spearman_mean"] is not None}
     assert scored
     assert result["summary"]["best"] == max(scored, key=scored.get)
@@ -61,5 +68,8 @@ def test_quick_mode_writes_a_consistent_summary(transferability, tmp_path):
         for t, verdict in per_target.items():
             dice = {src: sel["dice"][src][t] for src in sel["dice"]}
             assert verdict["top1"] == (dice[verdict["ranking"][0]] >= max(dice.values()))
+            assert verdict["regret"] == pytest.approx(
+                max(dice.values()) - dice[verdict["ranking"][0]]
+            )
         rate = sum(v["top1"] for v in per_target.values()) / len(per_target)
         assert sel["summary"][d]["top1_rate"] == pytest.approx(rate)

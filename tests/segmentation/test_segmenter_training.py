@@ -20,6 +20,7 @@ from aad_med.segmentation import (
     summarize_scores,
     train_segmenter,
 )
+from aad_med.segmentation.evaluation import boundary_confidence
 from aad_med.segmentation.training import SegmentationSettings, split_train_test
 
 seg_cohort = seg_factory.seg_cohort  # the shared fixtures
@@ -71,6 +72,31 @@ def test_empty_region_scores_one_when_nothing_predicted(tmp_path):
     scores = evaluate_cohort(_Constant(-10.0), healthy.subjects, settings.preprocessing, hd95=True)
     assert np.all(scores.dice == 1.0)
     assert scores.hd95 is not None and np.all(np.isnan(scores.hd95))
+
+
+@pytest.mark.parametrize(
+    "logit, confidence",
+    [(10.0, 1.0), (0.0, 0.0), (-10.0, 1.0)],  # sure inside / p = 0.5 everywhere / sure outside
+)
+def test_task_features_read_the_models_confidence(seg_records, logit, confidence):
+    settings = _settings()
+    scores = evaluate_cohort(
+        _Constant(logit), seg_records, settings.preprocessing, task_features=True
+    )
+    assert set(scores.features) == {"confidence"}
+    assert scores.features["confidence"].shape == (len(seg_records), 3)
+    np.testing.assert_allclose(scores.features["confidence"], confidence, atol=1e-3)
+    plain = evaluate_cohort(_Constant(logit), seg_records, settings.preprocessing)
+    assert plain.features is None
+    np.testing.assert_array_equal(plain.dice, scores.dice)
+
+
+def test_boundary_confidence_is_read_where_the_model_sees_tumour():
+    logits = torch.full((2, 4, 4, 4), -10.0)  # region 0: nothing; region 1: a boundary band
+    logits[1, :2] = 10.0  # sure tumour: confidence ~1
+    logits[1, 2] = 0.0  # p = 0.5: confidence 0
+    # region 1: 32 sure voxels and 16 unsure ones among the 48 with p > 0.1
+    np.testing.assert_allclose(boundary_confidence(logits), [1.0, 32 / 48], atol=1e-3)
 
 
 def test_summary_interval():
