@@ -355,9 +355,11 @@ def check_seg_labels(seg: np.ndarray, path: str | Path) -> np.ndarray:
         # when the range holds a value that is not a label (SEG_LABELS is 0..4, so the range
         # check alone decides; the histogram's intp copy was 0.1 s of a BraTS seg).
         lo, hi = int(seg.min()), int(seg.max())
-        if set(range(lo, hi + 1)) <= set(SEG_LABELS):
+        in_range = lo >= min(SEG_LABELS) and hi <= max(SEG_LABELS)
+        # The range test comes first: a hostile seg can span the whole int64 range.
+        if in_range and set(range(lo, hi + 1)) <= set(SEG_LABELS):
             labels = []
-        elif lo >= min(SEG_LABELS) and hi <= max(SEG_LABELS):
+        elif in_range:
             counts = np.bincount((seg.ravel(order="K") - lo).astype(np.intp, copy=False))
             labels = np.flatnonzero(counts) + lo
         else:

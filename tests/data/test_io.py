@@ -211,3 +211,14 @@ def test_check_seg_labels_range_shortcut_agrees_with_the_label_set(values, bad, 
     else:
         with pytest.raises(InputError, match=rf"s.nii.gz: segmentation labels \{bad}"):
             check_seg_labels(seg, "s.nii.gz")
+
+
+def test_check_seg_labels_refuses_a_seg_spanning_the_whole_integer_range():
+    # Found by the fuzz test: the range shortcut once built a set of every integer in
+    # [min, max] before checking the bounds, which took all the memory for such a seg.
+    from aad_med.data.io import check_seg_labels
+
+    info = np.iinfo(np.int64)
+    seg = np.array([info.min, 0, 1, info.max], dtype=np.int64).reshape(1, 2, 2)
+    with pytest.raises(InputError, match=r"s.nii.gz: segmentation labels"):
+        check_seg_labels(seg, "s.nii.gz")
