@@ -1,6 +1,6 @@
 """aad-med: the Autoencoder Average Distance between cohorts of volumetric brain MRI.
 
-The package reads as the pipeline: ``data`` (cohort discovery, validation, MONAI transforms,
+The package reads as the pipeline: ``data`` (cohort discovery, validation, MONAI transforms, patches,
 artefacts, synthetic cohorts) -> ``models`` (the autoencoder) -> ``training`` (loop,
 checkpoints) -> ``embedding`` (cohort -> per-subject vectors) -> ``distances`` (AAD and its
 statistics) -> ``calibration`` -> ``plots`` / ``report`` (figures, writers). ``pipelines`` holds

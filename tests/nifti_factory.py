@@ -9,6 +9,9 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from aad_med import CHANNELS
+from aad_med.data.records import ImageSource, SubjectRecord
+
 TINY_SHAPE = (24, 28, 20)
 BRATS2021_SUFFIX = {"t1": "t1", "t1ce": "t1ce", "t2": "t2", "flair": "flair"}
 BRATS2023_SUFFIX = {"t1": "t1n", "t1ce": "t1c", "t2": "t2w", "flair": "t2f"}
@@ -204,3 +207,29 @@ def write_absurd_header(path: Path, dims=(32767, 32767, 32767), nifti2: bool = F
         fh.write(b"\0" * (int(hdr["vox_offset"]) - fh.tell()))
         fh.write(np.ones(16, np.float32).tobytes())
     return path
+
+
+def write_subject(
+    root: Path,
+    sid: str,
+    affine=None,
+    with_seg: bool = True,
+    seed: int = 0,
+    shape=TINY_SHAPE,
+    flip_axes: tuple[int, ...] = (),
+) -> SubjectRecord:
+    """Write one subject in the BraTS 2021 layout; ``flip_axes`` flips the stored voxel order."""
+    folder = Path(root) / sid
+    images = {}
+    for i, ch in enumerate(CHANNELS):
+        data = brain_like(shape, seed * 10 + i, scale=1 + i)
+        if flip_axes:
+            data = np.flip(data, flip_axes).copy()
+        images[ch] = ImageSource(write_nifti(folder / f"{sid}_{ch}.nii.gz", data, affine))
+    seg = None
+    if with_seg:
+        s = tumour_like(shape)
+        if flip_axes:
+            s = np.flip(s, flip_axes).copy()
+        seg = ImageSource(write_nifti(folder / f"{sid}_seg.nii.gz", s, affine, dtype=np.int16))
+    return SubjectRecord(sid, images, seg)

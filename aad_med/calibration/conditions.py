@@ -25,11 +25,7 @@ from aad_med.calibration.curves import ConditionEmbeddings
 from aad_med.data.artefacts import apply_artefact, artefact_seed
 from aad_med.data.preprocessing import PreprocessingConfig
 from aad_med.data.records import SubjectRecord
-from aad_med.data.transforms import (
-    AddBrainMaskd,
-    SafeCompose,
-    monai_transforms,
-)
+from aad_med.data.transforms import AddBrainMaskd, SafeCompose, monai_transforms
 from aad_med.device import resolve_device
 from aad_med.embedding.encode import check_model_matches, encode_subject
 from aad_med.embedding.features import FeatureSet, get_feature_set

@@ -19,7 +19,7 @@ Which cache to use:
   pass (embedding a cohort once) where a cache would only cost memory.
 
 All three give identical items. Training datasets also cache the look-up tables of the patch
-sampler (:data:`~aad_med.data.transforms.SAMPLING_KEYS`: brain integral image, brain and tumour
+sampler (:data:`~aad_med.data.patches.SAMPLING_KEYS`: brain integral image, brain and tumour
 voxel indices), so cached epochs only draw and cut patches; this adds about a third to the
 memory of each cached subject. Their disk-cache entries have their own keys, so evaluation
 entries (without the tables) are unchanged and never mixed up with them.
@@ -55,17 +55,14 @@ import torch
 from monai.data import CacheDataset, Dataset, PersistentDataset
 from monai.transforms import Compose
 
+from aad_med.data.patches import PATCH_KEYS, SAMPLING_KEYS, AddSamplingIndexd, train_transforms
 from aad_med.data.preprocessing import PreprocessingConfig
 from aad_med.data.records import SubjectRecord
 from aad_med.data.transforms import (
-    PATCH_KEYS,
     PREPROCESSED_KEYS,
-    SAMPLING_KEYS,
-    AddSamplingIndexd,
     SafeCompose,
     deterministic_transforms,
     find_project_error,
-    train_transforms,
 )
 from aad_med.errors import AADError, ConfigError, InputError
 from aad_med.io_utils import CacheWarning, cache_key, file_digest
@@ -359,11 +356,11 @@ def build_subject_dataset(
         cache_dir: folder of the disk cache (required for ``"disk"``; created if missing).
         num_workers: threads used to fill the memory cache.
         sampling_index: also compute (and cache) the patch sampler's look-up tables
-            (:data:`~aad_med.data.transforms.SAMPLING_KEYS`), for training.
+            (:data:`~aad_med.data.patches.SAMPLING_KEYS`), for training.
 
     Returns:
         A dataset whose item ``i`` is the dict of :data:`PREPROCESSED_KEYS` for ``records[i]``
-        (plus :data:`~aad_med.data.transforms.SAMPLING_KEYS` with ``sampling_index``).
+        (plus :data:`~aad_med.data.patches.SAMPLING_KEYS` with ``sampling_index``).
 
     Raises:
         ConfigError: unknown cache mode, or ``"disk"`` without ``cache_dir``.
@@ -484,7 +481,7 @@ def build_train_dataset(
         cache: ``"memory"``, ``"disk"`` or ``"none"``.
         cache_dir: disk cache folder (``cache="disk"``).
         tumour_ratio: share of patches centred on the tumour for subjects with a seg.
-        augment: ``None`` (off) or a dict like :data:`aad_med.data.transforms.DEFAULT_AUGMENT`.
+        augment: ``None`` (off) or a dict like :data:`aad_med.data.patches.DEFAULT_AUGMENT`.
         num_workers: threads used to fill the memory cache.
         seed: patch sampling seed.
     """
@@ -503,7 +500,7 @@ def build_eval_dataset(
     num_workers: int = 0,
 ) -> torch.utils.data.Dataset:
     """Preprocessed subjects one by one (keys :data:`PREPROCESSED_KEYS`), for embedding with
-    :func:`aad_med.data.transforms.eval_patch_grid`. Same arguments as
+    :func:`aad_med.data.patches.eval_patch_grid`. Same arguments as
     :func:`build_subject_dataset`; ``"none"`` suits a single pass."""
     return build_subject_dataset(records, cfg, cache, cache_dir, num_workers)
 

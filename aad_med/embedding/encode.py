@@ -28,9 +28,9 @@ import torch
 from tqdm.auto import tqdm
 
 from aad_med import DEFAULT_FEATURES
+from aad_med.data.patches import eval_patch_positions, extract_patches
 from aad_med.data.preprocessing import PreprocessingConfig
 from aad_med.data.records import Cohort, SubjectRecord
-from aad_med.data.transforms import eval_patch_positions, extract_patches
 from aad_med.device import resolve_device
 from aad_med.embedding.features import (
     FeatureSet,
@@ -248,7 +248,7 @@ def encode_subject(
 ) -> SubjectEncoding:
     """Encode one preprocessed subject (keys of ``PREPROCESSED_KEYS``) on its evaluation grid.
 
-    The grid is :func:`~aad_med.data.transforms.eval_patch_positions` with the preprocessing's
+    The grid is :func:`~aad_med.data.patches.eval_patch_positions` with the preprocessing's
     stride and minimum brain fraction; patches go through ``model.encode`` ``batch_size`` at a
     time (inference mode, bf16 autocast on CUDA) and are reduced by ``feature_set``. The model
     must already be on ``device`` and in eval mode.

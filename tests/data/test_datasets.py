@@ -23,9 +23,10 @@ from aad_med.data.datasets import (
     record_hash,
     train_collate,
 )
+from aad_med.data.patches import DEFAULT_AUGMENT, SAMPLING_KEYS
 from aad_med.data.preprocessing import PreprocessingConfig
 from aad_med.data.records import ImageSource, SubjectRecord
-from aad_med.data.transforms import DEFAULT_AUGMENT, PREPROCESSED_KEYS, SAMPLING_KEYS
+from aad_med.data.transforms import PREPROCESSED_KEYS
 from aad_med.errors import ConfigError, InputError
 
 CFG = PreprocessingConfig(patch_size=8, min_brain_fraction=0.4)

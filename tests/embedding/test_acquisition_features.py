@@ -11,8 +11,8 @@ import torch
 
 from aad_med.data.datasets import build_eval_dataset
 from aad_med.data.intensity import intensity_fingerprint
+from aad_med.data.patches import eval_patch_positions, extract_patches
 from aad_med.data.preprocessing import PreprocessingConfig
-from aad_med.data.transforms import eval_patch_positions, extract_patches
 from aad_med.data.validation import load_cohort
 from aad_med.distances import aad_permutation_test
 from aad_med.embedding import available_feature_sets, embed_cohorts, get_feature_set

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from aad_med.data.datasets import build_eval_dataset
+from aad_med.data.patches import eval_patch_grid, eval_patch_positions
 from aad_med.data.preprocessing import PreprocessingConfig
-from aad_med.data.transforms import eval_patch_grid, eval_patch_positions
 from aad_med.embedding import (
     embed_cohort,
     embed_cohorts,

@@ -175,7 +175,7 @@ def test_single_encoder_pass_gives_the_two_pass_vectors(model, cohorts, preproce
 
 
 def test_extract_patches_equals_advanced_indexing():
-    from aad_med.data.transforms import extract_patches
+    from aad_med.data.patches import extract_patches
 
     g = torch.Generator().manual_seed(0)
     image = torch.randn(4, 20, 22, 18, generator=g)
