@@ -75,20 +75,12 @@ def checkpoint(path: Path, seed: int, **model) -> Path:
 
     from aad_med.data.preprocessing import PreprocessingConfig
     from aad_med.models import ConvAutoencoder
-    from aad_med.training.checkpoint import CHECKPOINT_FORMAT, FORMAT_VERSION, save_checkpoint
+    from aad_med.training.checkpoint import save_model_checkpoint
 
     torch.manual_seed(seed)
     m = ConvAutoencoder(patch_size=32, **model)
-    state = {
-        "format": CHECKPOINT_FORMAT,
-        "format_version": FORMAT_VERSION,
-        "model_state": m.state_dict(),
-        "model_config": m.model_config(),
-        "preprocessing": PreprocessingConfig(patch_size=32).to_dict(),
-        "train_subject_ids": [],
-        "train_subjects": [],
-    }
-    return save_checkpoint(path, state)
+    prep = PreprocessingConfig(patch_size=32).to_dict()
+    return save_model_checkpoint(path, m, prep, train_subject_ids=[], train_subjects=[])
 
 
 def env_for(tree: Path, cache: Path) -> dict:

@@ -37,12 +37,13 @@ import torch
 from aad_med.data.preprocessing import PreprocessingConfig
 from aad_med.data.synthetic import SITES, generate_cohort
 from aad_med.data.validation import load_cohort
+from aad_med.examples import quick_model
 from aad_med.pipelines.transfer import DISTANCES, TransferSettings, run_transfer
 from aad_med.report.serialize import write_json, write_table_csv
 from aad_med.report.transfer import LABELS, misses
 from aad_med.segmentation.network import SegmenterConfig
 from aad_med.segmentation.training import SegmentationSettings
-from aad_med.training.checkpoint import CHECKPOINT_FORMAT, FORMAT_VERSION, save_checkpoint
+from aad_med.training.checkpoint import save_model_checkpoint
 
 REFERENCE = SITES["reference"]
 
@@ -83,28 +84,9 @@ QUICK_TARGETS = (
 )  # fmt: skip
 
 
-def _checkpoint(path: Path, model, prep: PreprocessingConfig, **extra) -> Path:
-    return save_checkpoint(
-        path,
-        {
-            "format": CHECKPOINT_FORMAT,
-            "format_version": FORMAT_VERSION,
-            "model_state": model.state_dict(),
-            "model_config": model.model_config(),
-            "preprocessing": prep.to_dict(),
-            **extra,
-        },
-    )
-
-
 def untrained_encoder(path: Path) -> Path:
     """A tiny untrained encoder on 8³ patches (``--quick``: the plumbing, not the science)."""
-    from aad_med.models import ConvAutoencoder
-
-    torch.manual_seed(0)
-    model = ConvAutoencoder(channels=(4, 8), strides=(2, 2), latent_dim=6, patch_size=8,
-                            num_res_units=0, norm="BATCH")  # fmt: skip
-    return _checkpoint(path, model.eval(), PreprocessingConfig(patch_size=8))
+    return save_model_checkpoint(path, quick_model(), PreprocessingConfig(patch_size=8).to_dict())
 
 
 def train_encoder(folder: Path, out: Path, patch: int, epochs: int, seed: int = 0) -> Path:

@@ -5,7 +5,7 @@ something."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -14,27 +14,9 @@ from aad_med.data.datasets import build_train_dataset, train_collate
 from aad_med.data.preprocessing import PreprocessingConfig
 from aad_med.data.validation import load_cohort
 from aad_med.models import ConvAutoencoder
-from aad_med.training.checkpoint import CHECKPOINT_FORMAT, FORMAT_VERSION, save_checkpoint
+from aad_med.training.checkpoint import save_model_checkpoint
 
 TINY_PATCH = 8
-
-
-def save_model_checkpoint(
-    path: Path, model: ConvAutoencoder, preprocessing: Mapping, **state: object
-) -> Path:
-    """Save ``model`` with ``preprocessing`` (a ``PreprocessingConfig.to_dict()``) as
-    ``aad-train`` does; ``state`` adds further keys (training subjects, ...)."""
-    return save_checkpoint(
-        path,
-        {
-            "format": CHECKPOINT_FORMAT,
-            "format_version": FORMAT_VERSION,
-            "model_state": model.state_dict(),
-            "model_config": model.model_config(),
-            "preprocessing": dict(preprocessing),
-            **state,
-        },
-    )
 
 
 def write_tiny_checkpoint(

@@ -310,7 +310,7 @@ def run_comparison(
     checked = _cache_dir(s)
     # The embedding decodes every file of every subject once (the seg too: check_seg) and
     # checks its voxels as it goes, so validation reads headers only; the first bad voxel makes
-    # the whole validation run then, reporting every problem at once (_report_bad_voxels).
+    # the whole validation run then, reporting every problem at once (_raise_every_voxel_problem).
     # Skipping invalid subjects needs the voxel checks beforehand.
     fold = not s.skip_invalid
     validation_t0 = time.perf_counter()
@@ -358,24 +358,28 @@ def run_comparison(
             model, preprocessing, ckpt = load_model_from_checkpoint(path, device)
             target = tmp if i == 0 else tmp / "encoders" / f"encoder{i}"
             target.mkdir(parents=True, exist_ok=True)
-            compare_into = _compare_into if not fold or i else _report_bad_voxels(cohort_paths)
-            results.append(
-                compare_into(
-                    target,
-                    model,
-                    preprocessing,
-                    ckpt,
-                    path,
-                    cohorts,
-                    cohort_paths,
-                    device,
-                    s,
-                    full=i == 0,
-                    return_samples=multi,
-                    reference=reference,
-                    timer=timer,
+            try:
+                results.append(
+                    _compare_into(
+                        target,
+                        model,
+                        preprocessing,
+                        ckpt,
+                        path,
+                        cohorts,
+                        cohort_paths,
+                        device,
+                        s,
+                        full=i == 0,
+                        return_samples=multi,
+                        reference=reference,
+                        timer=timer,
+                    )
                 )
-            )
+            except InputError as e:
+                if fold and i == 0:  # the first encoder's embedding decodes every file
+                    _raise_every_voxel_problem(cohort_paths, e)
+                raise
         result = results[0]
         images = result.pop("_images", {})
         subject_input = result.pop("_subjects", None)
@@ -430,20 +434,12 @@ def run_comparison(
     return result
 
 
-def _report_bad_voxels(cohort_paths: Mapping[str, str | Path]):
-    """:func:`_compare_into` that, when a subject's file fails its voxel checks during the
-    embedding (an :class:`InputError` naming the file), validates every cohort's voxels and
-    raises the :class:`CohortError` that lists every problem, as validation before the
-    embedding would have (nothing is written: the run's folder is still a temporary one)."""
-
-    def run(*args, **kwargs) -> dict:
-        try:
-            return _compare_into(*args, **kwargs)
-        except InputError as e:
-            load_cohorts(cohort_paths, check_voxels=True)
-            raise CohortError([str(e)]) from e
-
-    return run
+def _raise_every_voxel_problem(cohort_paths: Mapping[str, str | Path], error: InputError):
+    """After a file failed its voxel checks during the embedding (``error`` names it), validate
+    every cohort's voxels and raise the :class:`CohortError` listing every problem, as validation
+    before the embedding would have (nothing is written: the run's folder is still temporary)."""
+    load_cohorts(cohort_paths, check_voxels=True)
+    raise CohortError([str(error)]) from error
 
 
 INTENSITY_KEYS = ("intensity_distance", "intensity_p", "intensity_p_fdr", "intensity_null_ratio")

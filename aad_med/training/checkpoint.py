@@ -131,6 +131,27 @@ def save_checkpoint(path: str | Path, state: Mapping) -> Path:
     return path
 
 
+def save_model_checkpoint(
+    path: str | Path, model: torch.nn.Module, preprocessing: Mapping, **extra: object
+) -> Path:
+    """Save ``model`` alone (no optimiser or RNG state) in ``aad-train``'s checkpoint format, with
+    ``preprocessing`` (a ``PreprocessingConfig.to_dict()``); ``extra`` adds further keys.
+
+    For encoders built outside ``aad-train``: benchmark scripts and test factories.
+    """
+    return save_checkpoint(
+        path,
+        {
+            "format": CHECKPOINT_FORMAT,
+            "format_version": FORMAT_VERSION,
+            "model_state": model.state_dict(),
+            "model_config": model.model_config(),
+            "preprocessing": dict(preprocessing),
+            **extra,
+        },
+    )
+
+
 def copy_checkpoint(src: str | Path, dst: str | Path) -> Path:
     """Atomically make ``dst`` a copy of ``src`` (hard link when possible, else a byte copy)."""
     src, dst = Path(src), Path(dst)
