@@ -3,7 +3,7 @@
 Per-channel foreground (non-zero) intensity percentiles of the raw images, *before* any
 normalisation: what z-scoring removes before the encoder sees anything (a global gain, a smooth
 bias field). ``aad-compare`` reports it as its own statistic beside the AAD
-(:func:`aad_med.pipelines.compare.intensity_statistics`); it is never an encoder feature.
+(:func:`aad_med.pipelines.intensity_step.intensity_statistics`); it is never an encoder feature.
 
 :func:`cached_fingerprint` keeps a cohort's fingerprints in the embedding cache folder under a key
 of every subject's files, so a rerun does not read the volumes again. No statistics here.

@@ -3,14 +3,17 @@ cohorts, embed (cached), compute the statistics, and write every output into a r
 
 The stages do the work: :mod:`aad_med.embedding` (vectors), :mod:`aad_med.distances` (numbers),
 :mod:`aad_med.data.intensity` (the raw-image fingerprint), :mod:`aad_med.calibration`
-(equivalent severities), :mod:`aad_med.pipelines.subjects` (``subjects.csv``: which subjects
-are different), :mod:`aad_med.pipelines.reference` (a stored reference, ``reference=REF``),
-:mod:`aad_med.plots.comparison` (figures) and :mod:`aad_med.report` (writers). This module only orders them and stages the run folder; the command line is
-:mod:`aad_med.cli.compare`. It is longer than ~450 lines because it orders every step of this command (validation, run
-folder, encoders, statistics, omnibus, per-subject step, intensity, calibration, figures); the
-logic of the larger steps lives in its own module (subjects, omnibus_step, feature_scale,
-caveats, sharded, timings), and the regional map and intensity statistic are short functions
-here. It is the first module to slim further.
+(equivalent severities), :mod:`aad_med.pipelines.reference` (a stored reference,
+``reference=REF``), :mod:`aad_med.plots.comparison` (figures) and :mod:`aad_med.report`
+(writers). Each step of this command has its own module in this package, in the order they run:
+:mod:`~aad_med.pipelines.caveats` (what to keep in mind about the inputs),
+:mod:`~aad_med.pipelines.encoder_step` (one checkpoint: embedding, statistics, omnibus, figures;
+with :mod:`~aad_med.pipelines.feature_scale`, :mod:`~aad_med.pipelines.omnibus_step`,
+:mod:`~aad_med.pipelines.regional_step` and :mod:`~aad_med.pipelines.sharded`),
+:mod:`~aad_med.pipelines.intensity_step` (the intensity fingerprint statistic),
+:mod:`~aad_med.pipelines.subjects` (``subjects.csv``: which subjects are different) and
+:mod:`~aad_med.pipelines.timings`. This module validates the inputs, orders the steps, combines
+several encoders and stages the run folder; the command line is :mod:`aad_med.cli.compare`.
 
 All outputs are first written into a hidden temporary folder inside the run folder and moved into
 place only when everything succeeded, so a run folder never holds a half-written result set. A
@@ -26,8 +29,6 @@ problem of every cohort is reported at once and nothing is written.
 
 from __future__ import annotations
 
-import dataclasses
-import datetime as _dt
 import logging
 import re
 import secrets
@@ -37,8 +38,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
-
-import numpy as np
 
 from aad_med import DEFAULT_FEATURES
 from aad_med.data.records import Cohort
@@ -56,14 +55,11 @@ from aad_med.provenance import provenance
 from aad_med.report.document import write_report
 from aad_med.report.serialize import (
     write_distances_json,
-    write_matrix_csv,
-    write_nifti,
-    write_table_csv,
 )
-from aad_med.report.text import DEFINITIONS, INTENSITY_EXPLANATION, overlap_warning
+from aad_med.report.text import overlap_warning
 
 if TYPE_CHECKING:
-    from aad_med.embedding.encode import CohortEmbedding
+    pass
 
 log = logging.getLogger("aad_med.compare")
 
@@ -117,6 +113,20 @@ class CompareSettings:
     reference_cohort: str | None = None
     reference: str | Path | None = None
     extra: dict = field(default_factory=dict)
+
+    def resolved_cache_mode(self) -> str:
+        """``off``, ``read`` or ``write`` (``cache=true`` is ``write``)."""
+        from aad_med.embedding.preprocessed import cache_mode
+
+        return cache_mode(self.cache)
+
+    def resolved_cache_dir(self) -> Path | None:
+        """The embedding cache folder of these settings (``None``: caching off)."""
+        if self.resolved_cache_mode() == "off":
+            return None
+        from aad_med.embedding.cache import default_cache_dir
+
+        return Path(self.cache_dir) if self.cache_dir else default_cache_dir()
 
 
 def check_cohort_names(names: Sequence[str]) -> None:
@@ -215,10 +225,6 @@ def train_overlap(cohort: Cohort, ckpt: Mapping) -> int:
     return count
 
 
-def _pair_tag(a: str, b: str) -> str:
-    return f"{a}_vs_{b}"
-
-
 def check_compare_dir(run_dir: str | Path, overwrite: bool) -> None:
     """Refuse a run folder that already holds comparison results unless ``overwrite``.
 
@@ -307,7 +313,7 @@ def run_comparison(
             "calibration file does not exist (give the calibration.json or calibration.csv "
             "written by aad-calibrate)",
         )
-    checked = _cache_dir(s)
+    checked = s.resolved_cache_dir()
     # The embedding decodes every file of every subject once (the seg too: check_seg) and
     # checks its voxels as it goes, so validation reads headers only; the first bad voxel makes
     # the whole validation run then, reporting every problem at once (_raise_every_voxel_problem).
@@ -319,7 +325,7 @@ def run_comparison(
             cohort_paths,
             s.skip_invalid,
             checked_dir=None if checked is None else checked / "checked",
-            record_checked=_cache_mode(s) == "write",
+            record_checked=s.resolved_cache_mode() == "write",
             check_voxels=not fold,
         )
     except CohortError:
@@ -339,6 +345,8 @@ def run_comparison(
     # Heavy imports only once the inputs are known to be valid.
     from aad_med.device import resolve_device
     from aad_med.distances import combine_encoder_runs
+    from aad_med.pipelines.encoder_step import compare_with_encoder
+    from aad_med.pipelines.intensity_step import add_intensity
     from aad_med.pipelines.timings import PhaseTimer
     from aad_med.training.checkpoint import load_model_from_checkpoint
 
@@ -360,7 +368,7 @@ def run_comparison(
             target.mkdir(parents=True, exist_ok=True)
             try:
                 results.append(
-                    _compare_into(
+                    compare_with_encoder(
                         target,
                         model,
                         preprocessing,
@@ -403,7 +411,7 @@ def run_comparison(
         fingerprints = None
         if s.intensity:
             with timer.phase("intensity"):
-                fingerprints = _add_intensity(
+                fingerprints = add_intensity(
                     result, cohorts, s, tmp, reference, computed_fingerprints
                 )
         if s.subjects:
@@ -442,129 +450,6 @@ def _raise_every_voxel_problem(cohort_paths: Mapping[str, str | Path], error: In
     raise CohortError([str(error)]) from error
 
 
-INTENSITY_KEYS = ("intensity_distance", "intensity_p", "intensity_p_fdr", "intensity_null_ratio")
-"""Per-pair keys of the intensity fingerprint statistic (its own statistic, not an AAD)."""
-
-
-def intensity_statistics(
-    cohorts: Mapping[str, Cohort],
-    s: CompareSettings,
-    known: Mapping[str, np.ndarray] | None = None,
-    fingerprints: Mapping[str, np.ndarray] | None = None,
-) -> tuple[dict[str, np.ndarray], dict[tuple[str, str], dict], float]:
-    """The intensity fingerprint statistic of every pair of cohorts.
-
-    Each subject's raw volumes are read once more for their per-channel foreground percentiles
-    before any normalisation (:func:`aad_med.data.intensity.intensity_fingerprint`); the
-    columns are z-scored over all compared subjects together (a transform symmetric in the
-    subjects, so permutation p-values stay exact) and compared with the AAD permutation test
-    (same permutation count and seed as the main statistics).
-
-    With ``s.cache`` the fingerprints are kept in the embedding cache folder, so a rerun does
-    not read the volumes again (:func:`aad_med.data.intensity.cached_fingerprint`). ``known``
-    holds fingerprints already computed (a stored reference's), placed first.
-
-    ``fingerprints`` (per cohort, computed by the embedding from the volumes it decoded) are
-    used instead of reading the volumes again.
-
-    Returns:
-        ``(raw fingerprints per cohort, {(a, b): INTENSITY_KEYS values}, seconds spent reading)``.
-    """
-    from aad_med.data.intensity import cached_fingerprint
-    from aad_med.distances import compare_embeddings
-    from aad_med.embedding.acquisition import standardize_jointly
-
-    t0 = time.perf_counter()
-    cache_dir = _cache_dir(s)
-    given = fingerprints or {}
-    write = _cache_mode(s) == "write"
-    raw = dict(known or {})
-    raw.update(
-        {
-            name: given[name] if name in given else cached_fingerprint(c, cache_dir, write=write)
-            for name, c in cohorts.items()
-        }
-    )
-    seconds = time.perf_counter() - t0
-    stats = compare_embeddings(
-        standardize_jointly(raw),
-        n_permutations=s.n_permutations,
-        n_bootstrap=s.n_bootstrap,
-        seed=s.seed,
-        tests=("aad",),
-    )
-    pairs = {
-        (p["a"], p["b"]): {
-            "intensity_distance": p["aad"],
-            "intensity_p": p["aad_p"],
-            "intensity_p_fdr": p["aad_p_fdr"],
-            "intensity_null_ratio": p["aad_null_ratio"],
-        }
-        for p in stats["pairs"]
-    }
-    return raw, pairs, seconds
-
-
-def _cache_dir(s: CompareSettings) -> Path | None:
-    """The embedding cache folder of these settings (``None``: caching off)."""
-    if _cache_mode(s) == "off":
-        return None
-    from aad_med.embedding.cache import default_cache_dir
-
-    return Path(s.cache_dir) if s.cache_dir else default_cache_dir()
-
-
-def _cache_mode(s: CompareSettings) -> str:
-    from aad_med.embedding.preprocessed import cache_mode
-
-    return cache_mode(s.cache)
-
-
-def _add_intensity(
-    result: dict,
-    cohorts: Mapping[str, Cohort],
-    s: CompareSettings,
-    tmp: Path,
-    reference=None,
-    fingerprints: Mapping[str, np.ndarray] | None = None,
-) -> dict[str, np.ndarray]:
-    """Intensity fingerprint statistic into ``result`` and ``intensity_fingerprint.csv``;
-    returns the raw fingerprints (a stored ``reference``'s first). ``fingerprints`` computed by
-    the embedding are used instead of reading the volumes again."""
-    from aad_med import CHANNELS
-    from aad_med.data.intensity import FINGERPRINT_PERCENTILES, fingerprint_columns
-
-    known = {reference.name: reference.arrays["fingerprint"]} if reference is not None else None
-    raw, pairs, seconds = intensity_statistics(cohorts, s, known, fingerprints)
-    ids = {name: c.subject_ids for name, c in cohorts.items()}
-    if reference is not None:
-        ids = {reference.name: reference.subject_ids, **ids}
-    n = sum(len(v) for v in ids.values())
-    # Logged, not written to distances.json: two runs of one comparison give the same file.
-    log.info("intensity fingerprint of %d subjects in %.2f s", n, seconds)
-    for pair in result["pairs"]:
-        pair.update(pairs[(pair["a"], pair["b"])])
-    columns = fingerprint_columns()
-    rows = [
-        [sid, name, *(repr(float(v)) for v in raw[name][i])]
-        for name, subject_ids in ids.items()
-        for i, sid in enumerate(subject_ids)
-    ]
-    write_table_csv(tmp / "intensity_fingerprint.csv", ["subject_id", "cohort", *columns], rows)
-    result["intensity"] = {
-        "description": INTENSITY_EXPLANATION,
-        "percentiles": list(FINGERPRINT_PERCENTILES),
-        "channels": list(CHANNELS),
-        "columns": columns,
-        "cohort_medians": {
-            name: dict(zip(columns, np.median(v, axis=0).tolist(), strict=True))
-            for name, v in raw.items()
-        },
-        "file": "intensity_fingerprint.csv",
-    }
-    return raw
-
-
 def _add_subjects(result, tmp, subject_input, cohorts, fingerprints, s, reference) -> None:
     """The per-subject step (:func:`aad_med.pipelines.subjects.add_subjects`)."""
     from aad_med.pipelines.subjects import SubjectSettings, add_subjects
@@ -576,11 +461,11 @@ def _add_subjects(result, tmp, subject_input, cohorts, fingerprints, s, referenc
     ):
         from aad_med.data.intensity import cached_fingerprint
 
-        write = _cache_mode(s) == "write"
+        write = s.resolved_cache_mode() == "write"
         fingerprints = {
             name: given[name]
             if name in given
-            else cached_fingerprint(c, _cache_dir(s), write=write)
+            else cached_fingerprint(c, s.resolved_cache_dir(), write=write)
             for name, c in cohorts.items()
         }
         if reference is not None:
@@ -609,293 +494,3 @@ def _warn_overlap(result: dict) -> None:
         log.warning("WARNING: %s", warning)
         log.warning("!" * 80)
     result["train_overlap_warning"] = warning
-
-
-def _compare_into(
-    tmp,
-    model,
-    preprocessing,
-    ckpt,
-    ckpt_path,
-    cohorts,
-    cohort_paths,
-    device,
-    s,
-    full: bool = True,
-    return_samples: bool = False,
-    reference=None,
-    timer=None,
-) -> dict:
-    """Embed and compare with one encoder; write the embeddings (and, when ``full``, figures,
-    decoded means and the regional map) into ``tmp``. The caller writes ``distances.json`` and
-    the report. With a stored ``reference`` (:mod:`aad_med.pipelines.reference`) its raw
-    vectors come first and are standardised jointly with the new cohorts'."""
-    from aad_med.distances import compare_embeddings
-    from aad_med.embedding.cache import finalize_vectors
-    from aad_med.embedding.decode import decode_mean_difference
-    from aad_med.embedding.encode import EmbedSettings
-    from aad_med.embedding.features import get_feature_set
-    from aad_med.embedding.io import write_embeddings_csv, write_embeddings_npz
-    from aad_med.pipelines.feature_scale import attach_reference
-    from aad_med.pipelines.omnibus_step import add_omnibus, omnibus_fingerprints
-    from aad_med.pipelines.reference import raw_feature_set
-    from aad_med.plots.images import plot_mean_difference
-
-    feature_set = get_feature_set(s.features)
-    if reference is not None:
-        reference.check_preprocessing(preprocessing.to_dict())
-    overlaps = {name: train_overlap(c, ckpt) for name, c in cohorts.items()}
-    from aad_med.embedding.preprocessed import default_preprocessed_dir
-    from aad_med.pipelines.timings import PhaseTimer
-
-    timer = timer if timer is not None else PhaseTimer()
-    cache_dir = _cache_dir(s)
-    scale = attach_reference(
-        feature_set,
-        ckpt,
-        model,
-        preprocessing,
-        s.scale_reference,
-        file_digest(ckpt_path) if cache_dir else None,
-        cache_dir,
-        device,
-        s.batch_size,
-    )
-    mode = _cache_mode(s)
-    embed = EmbedSettings(
-        device=device,
-        batch_size=s.batch_size,
-        features=feature_set,
-        keep_positions=s.regional and reference is None,
-        num_workers=s.num_workers,
-        progress=s.progress,
-        checkpoint_hash=file_digest(ckpt_path) if cache_dir else None,
-        cache_dir=cache_dir,
-        cache_mode=mode,
-        preprocessed_dir=(
-            None if mode == "off" else Path(s.preprocessed_dir or default_preprocessed_dir())
-        ),
-        preprocessed_max_bytes=int(s.preprocessed_max_gb * 1024**3),
-        # The per-subject step's image-quality metrics from the volumes the embedding decodes
-        # (and from the preprocessed cache on a second run) instead of reading them again.
-        quality=s.subjects and full,
-        # Validation's voxel checks happen in this decode (run_comparison).
-        check_seg=not s.skip_invalid,
-    )
-    # Raw vectors first (a stored reference's are raw), then the standardisation: the
-    # checkpoint's fixed scale, or one fitted jointly on every compared subject.
-    raw_settings = dataclasses.replace(embed, features=raw_feature_set(feature_set))
-    with timer.phase("embedding"):
-        embs: dict[str, CohortEmbedding] = _embed(
-            model, cohorts, preprocessing, raw_settings, ckpt_path
-        )
-    for e in embs.values():
-        timer.add_embedding(e.timings)
-    computed = {n: e.fingerprints for n, e in embs.items() if e.fingerprints is not None}
-    quality = {n: e.quality for n, e in embs.items() if e.quality is not None}
-    if reference is not None:
-        embs = {reference.name: reference.embedding(), **embs}
-    raw = {n: e.vectors for n, e in embs.items()}
-    finalize_vectors(feature_set, embs)
-    names = list(embs)
-    stats_t0 = time.perf_counter()
-    stats = compare_embeddings(
-        {n: e.vectors for n, e in embs.items()},
-        n_permutations=s.n_permutations,
-        n_bootstrap=s.n_bootstrap,
-        seed=s.seed,
-        tests=None if s.tests is None else tuple(s.tests),
-        return_samples=return_samples,
-    )
-    result: dict = {
-        "checkpoint": str(ckpt_path.resolve()),
-        "checkpoint_sha256": file_digest(ckpt_path),
-        "latent_dim": int(embs[names[0]].latent_means.shape[1]),
-        # The feature set of every statistic below (embeddings.csv holds its vectors).
-        "features": feature_set.name,
-        "features_description": feature_set.description,
-        "dim": int(embs[names[0]].dim),
-        "created": _dt.datetime.now().isoformat(timespec="seconds"),
-        "settings": {
-            "n_permutations": s.n_permutations,
-            "n_bootstrap": s.n_bootstrap,
-            "seed": s.seed,
-            "tests": stats.get("tests"),
-            "device": str(device),
-        },
-        "preprocessing": preprocessing.to_dict(),
-    }
-    result.update(stats)
-    # Fixed scale of the vectors: checkpoint / reference (the same pair, the same AAD in any
-    # call) or pooled (depends on the other cohorts); raw for latent.
-    result["scale"] = scale
-    fingerprints = (
-        omnibus_fingerprints(cohorts, embs, cache_dir, computed, write=mode == "write")
-        if s.intensity
-        else None
-    )
-    # Handed on to the intensity statistic and the per-subject step, which read no volume and
-    # write no cache entry again.
-    if fingerprints is not None or computed:
-        result["_fingerprints"] = dict(fingerprints) if fingerprints is not None else computed
-    if fingerprints is not None and reference is not None:
-        # A stored reference is not re-read: its fingerprint travels in the reference file.
-        fingerprints = {reference.name: reference.arrays["fingerprint"], **fingerprints}
-    add_omnibus(
-        result["pairs"],
-        {n: e.vectors for n, e in embs.items()},
-        fingerprints,
-        s.n_permutations,
-        s.seed,
-    )
-    # The prose explaining each statistic comes from report/text.py alone; each encoder's
-    # distances.json records what made it.
-    result["definitions"] = dict(DEFINITIONS)
-    result["provenance"] = provenance(ckpt_path)
-    if feature_set.name != "latent":
-        add_latent_aad(result["pairs"], {n: e.latent_means for n, e in embs.items()}, s)
-    timer.add("statistics", time.perf_counter() - stats_t0)
-    for name in names:
-        info = dict(result.get("cohorts", {}).get(name, {}))
-        if reference is not None and name == reference.name:
-            info.update(reference.cohort_info())
-        else:
-            info.update(
-                {
-                    "path": str(Path(cohort_paths[name]).resolve()),
-                    "layout": cohorts[name].layout,
-                    "train_overlap": overlaps[name],
-                    "skipped": list(cohorts[name].skipped),
-                }
-            )
-        info["n_subjects"] = len(embs[name])
-        info["n_patches_mean"] = float(np.mean(embs[name].n_patches))
-        result.setdefault("cohorts", {})[name] = info
-    write_embeddings_csv(tmp / "embeddings.csv", embs)
-    write_embeddings_npz(tmp / "embeddings.npz", embs)
-    write_matrix_csv(
-        tmp / "pairwise_aad.csv",
-        result["pairwise_aad"]["names"],
-        np.asarray(result["pairwise_aad"]["matrix"]),
-    )
-
-    if not full:
-        return result
-    from aad_med.pipelines.subjects import final_blocks
-    from aad_med.plots.comparison import comparison_figures
-
-    result["_subjects"] = (
-        {n: e.vectors for n, e in embs.items()},
-        {n: e.subject_ids for n, e in embs.items()},
-        final_blocks(feature_set, raw),
-        quality,
-    )
-
-    figures_t0 = time.perf_counter()
-    result["_images"] = comparison_figures(tmp, embs, result, s.bands_bootstrap, s.seed)
-    if s.decode_means:
-        for pair in result["pairs"]:
-            a, b = pair["a"], pair["b"]
-            diff = decode_mean_difference(
-                model, embs[a].latent_means.mean(0), embs[b].latent_means.mean(0), device
-            )
-            tag = _pair_tag(a, b)
-            write_nifti(tmp / f"mean_difference_{tag}.nii.gz", diff)
-            plot_mean_difference(
-                diff,
-                tmp / f"mean_difference_{tag}.png",
-                preprocessing.channels,
-                title=f"decode(mean {b}) − decode(mean {a})",
-            )
-            pair["mean_difference_png"] = f"mean_difference_{tag}.png"
-    result["regional"] = _regional(tmp, embs, result, s)
-    timer.add("figures_report", time.perf_counter() - figures_t0)
-    return result
-
-
-def _embed(model, cohorts, preprocessing, embed, ckpt_path) -> dict[str, CohortEmbedding]:
-    """Embed every cohort (sharded across ranks under torchrun: :mod:`aad_med.pipelines.sharded`)."""
-    from aad_med.pipelines.sharded import embed as sharded_embed
-
-    return sharded_embed(model, cohorts, preprocessing, embed, ckpt_path)
-
-
-LATENT_KEYS = (
-    "latent_aad",
-    "latent_aad_unbiased",
-    "latent_aad_p",
-    "latent_aad_p_fdr",
-    "latent_aad_ci95",
-    "latent_aad_null_median",
-    "latent_aad_null_ratio",
-)
-"""Per-pair keys of the seed's AAD (mean patch latents) when another feature set is used."""
-
-
-def add_latent_aad(
-    pairs: Sequence[dict], latent_means: Mapping[str, np.ndarray], s: CompareSettings
-) -> None:
-    """Add the seed's AAD of every pair (:data:`LATENT_KEYS`), computed on the plain latent means
-    with the same permutation count, bootstrap count and seed as the main statistics."""
-    from aad_med.distances import compare_embeddings
-
-    latent = compare_embeddings(
-        latent_means,
-        n_permutations=s.n_permutations,
-        n_bootstrap=s.n_bootstrap,
-        seed=s.seed,
-        tests=("aad",),
-    )
-    by_pair = {(lp["a"], lp["b"]): lp for lp in latent["pairs"]}
-    for pair in pairs:
-        lp = by_pair[(pair["a"], pair["b"])]
-        pair.update({key: lp[key.removeprefix("latent_")] for key in LATENT_KEYS})
-
-
-def _regional(tmp: Path, embs: Mapping[str, CohortEmbedding], result: Mapping, s) -> dict:
-    from aad_med.embedding.regional import regional_aad_map, shared_space_problem
-    from aad_med.plots.images import plot_regional_aad
-
-    if not s.regional:
-        return {
-            "available": False,
-            "note": "The regional AAD map was not requested (regional=false).",
-        }
-    regions = {n: e.regional for n, e in embs.items() if e.regional is not None}
-    if len(regions) != len(embs):
-        return {
-            "available": False,
-            "note": "The regional AAD map was skipped: positions were not kept for every cohort.",
-        }
-    problem = shared_space_problem(regions)
-    if problem:
-        log.info(problem)
-        return {"available": False, "note": problem}
-    maps, images, pair_names = [], [], []
-    background = None
-    for k, pair in enumerate(result["pairs"]):
-        a, b = pair["a"], pair["b"]
-        m, bg = regional_aad_map(regions[a], regions[b])
-        background = bg if background is None else background
-        maps.append(m)
-        pair_names.append([a, b])
-        png = "regional_aad.png" if k == 0 else f"regional_aad_{_pair_tag(a, b)}.png"
-        plot_regional_aad(m, bg, tmp / png, title=f"Regional AAD, {a} vs {b}")
-        images.append(
-            {
-                "png": png,
-                "caption": f"AAD between the mean patch latents of {a} and "
-                f"{b} at each position of the patch grid, over the cohorts' mean FLAIR.",
-            }
-        )
-    affine = regions[result["pairs"][0]["a"]].ras_affine
-    data = maps[0] if len(maps) == 1 else np.stack(maps)
-    write_nifti(tmp / "regional_aad.nii.gz", data, affine)
-    note = (
-        "All cohorts share one image space, so the AAD was also computed position by "
-        "position on the evaluation grid (cells of "
-        f"{regions[result['pairs'][0]['a']].cell_size} voxels; cells with fewer than 2 "
-        "subjects per cohort are empty). regional_aad.nii.gz holds "
-        + ("the map." if len(maps) == 1 else "one volume per pair, in the order of 'pairs'.")
-    )
-    return {"available": True, "note": note, "pairs": pair_names, "images": images}

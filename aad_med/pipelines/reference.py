@@ -262,7 +262,6 @@ def fit_reference(
     from aad_med.io_utils import file_digest, to_jsonable, write_bytes_atomic, write_json_atomic
     from aad_med.pipelines.compare import (
         CompareSettings,
-        _cache_dir,
         check_cohort_names,
         load_cohorts,
         train_overlap,
@@ -290,7 +289,7 @@ def fit_reference(
     device = resolve_device(s.device)
     model, preprocessing, ckpt = load_model_from_checkpoint(checkpoint, device)
     cs = CompareSettings(cache=s.cache, cache_dir=s.cache_dir)
-    cache_dir = _cache_dir(cs)
+    cache_dir = cs.resolved_cache_dir()
     sha = file_digest(checkpoint)
     fs = get_feature_set(s.features)
     embed = EmbedSettings(

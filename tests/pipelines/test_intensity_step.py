@@ -10,7 +10,8 @@ from aad_med.data.intensity import intensity_fingerprint
 from aad_med.data.validation import load_cohort
 from aad_med.distances import aad_permutation_test
 from aad_med.embedding.acquisition import standardize_jointly
-from aad_med.pipelines.compare import INTENSITY_KEYS, CompareSettings, intensity_statistics
+from aad_med.pipelines.compare import CompareSettings
+from aad_med.pipelines.intensity_step import INTENSITY_KEYS, intensity_statistics
 from tests.nifti_factory import write_brats_cohort
 
 
