@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping
+from itertools import combinations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -39,10 +40,12 @@ def intensity_statistics(
     """The intensity fingerprint statistic of every pair of cohorts.
 
     Each subject's raw volumes are read once more for their per-channel foreground percentiles
-    before any normalisation (:func:`aad_med.data.intensity.intensity_fingerprint`); the
-    columns are z-scored over all compared subjects together (a transform symmetric in the
-    subjects, so permutation p-values stay exact) and compared with the AAD permutation test
-    (same permutation count and seed as the main statistics).
+    before any normalisation (:func:`aad_med.data.intensity.intensity_fingerprint`). For each
+    pair the columns are z-scored over the pair's subjects (a transform symmetric in them, so
+    permutation p-values stay exact) and compared with the AAD permutation test (same
+    permutation count and seed as the main statistics, generators seeded by the cohort names):
+    a pair gets the same distance and p-value in any call, whatever other cohorts are compared
+    with it. The p-values are then adjusted across the pairs (Benjamini-Hochberg).
 
     With ``s.cache`` the fingerprints are kept in the embedding cache folder, so a rerun does
     not read the volumes again (:func:`aad_med.data.intensity.cached_fingerprint`). ``known``
@@ -56,6 +59,7 @@ def intensity_statistics(
     """
     from aad_med.data.intensity import cached_fingerprint
     from aad_med.distances import compare_embeddings
+    from aad_med.distances.univariate import bh_fdr
     from aad_med.embedding.acquisition import standardize_jointly
 
     t0 = time.perf_counter()
@@ -70,22 +74,26 @@ def intensity_statistics(
         }
     )
     seconds = time.perf_counter() - t0
-    stats = compare_embeddings(
-        standardize_jointly(raw),
-        n_permutations=s.n_permutations,
-        n_bootstrap=s.n_bootstrap,
-        seed=s.seed,
-        tests=("aad",),
-    )
-    pairs = {
-        (p["a"], p["b"]): {
+    pairs = {}
+    for a, b in combinations(raw, 2):
+        # Standardised over this pair alone: with the scale of every compared subject, adding a
+        # third cohort would change this pair's distance (as the omnibus's fingerprint does).
+        (p,) = compare_embeddings(
+            standardize_jointly({a: raw[a], b: raw[b]}),
+            n_permutations=s.n_permutations,
+            n_bootstrap=s.n_bootstrap,
+            seed=s.seed,
+            tests=("aad",),
+        )["pairs"]
+        pairs[(a, b)] = {
             "intensity_distance": p["aad"],
             "intensity_p": p["aad_p"],
-            "intensity_p_fdr": p["aad_p_fdr"],
             "intensity_null_ratio": p["aad_null_ratio"],
         }
-        for p in stats["pairs"]
-    }
+    for values, q in zip(
+        pairs.values(), bh_fdr([v["intensity_p"] for v in pairs.values()]), strict=True
+    ):
+        values["intensity_p_fdr"] = float(q)
     return raw, pairs, seconds
 
 

@@ -95,8 +95,8 @@ DEFINITIONS: dict[str, str] = {
     "permutation p-value (same permutations count and seed), FDR-adjusted p-value and ratio "
     "to its null median.",
     "intensity_distance": "Distance between the cohorts' mean intensity fingerprints (per "
-    "channel, the 1st to 99th foreground percentiles of the raw images, each z-scored over all "
-    "compared subjects); intensity_fingerprint.csv holds the raw values. Not an AAD: no encoder "
+    "channel, the 1st to 99th foreground percentiles of the raw images, each z-scored over the "
+    "pair's subjects, so a pair gets the same value whatever else is compared); intensity_fingerprint.csv holds the raw values. Not an AAD: no encoder "
     "is involved.",
     "intensity_p": "Permutation p-value of intensity_distance (label shuffles, same count and "
     "seed as aad_p); intensity_p_fdr is the same p adjusted across pairs. Small p: the raw "
@@ -122,8 +122,8 @@ DEFINITIONS: dict[str, str] = {
     "gain, contrast or bias field; mmd, energy: the shape or spread of the features' "
     "distribution).",
     "omnibus_components": "Each omnibus component's own permutation p-value, from the same "
-    "shuffles as omnibus_p (aad equals aad_p up to the shuffles' seed; fingerprint is over the "
-    "pair, not all cohorts, unlike intensity_p). Uncorrected: read the verdict from omnibus_p.",
+    "shuffles as omnibus_p (aad equals aad_p up to the shuffles' seed; fingerprint equals "
+    "intensity_p up to the shuffles' seed). Uncorrected: read the verdict from omnibus_p.",
     "omnibus_statistics": "Each omnibus component's observed value (AAD; fingerprint distance "
     "after standardising over the pair; unbiased MMD²; energy distance).",
     "omnibus_combine": "How the omnibus combines its components' p-values: min_p (reacts to "

@@ -300,6 +300,7 @@ def test_intensity_fingerprint_recomputes_from_its_csv(three_sites):
     import csv
 
     from aad_med.distances import compare_embeddings
+    from aad_med.distances.univariate import bh_fdr
     from aad_med.embedding.acquisition import standardize_jointly
 
     out, res = three_sites["out"], three_sites["result"]
@@ -311,12 +312,21 @@ def test_intensity_fingerprint_recomputes_from_its_csv(three_sites):
     for row in rows[1:]:
         raw.setdefault(row[1], []).append([float(v) for v in row[2:]])
     assert {k: len(v) for k, v in raw.items()} == {"site_a": 10, "site_a2": 10, "site_b": 10}
-    again = compare_embeddings(
-        standardize_jointly(raw), n_permutations=499, n_bootstrap=300, seed=0, tests=("aad",)
-    )
-    for p, q in zip(res["pairs"], again["pairs"], strict=True):
+    # Each pair standardised over its own subjects, then the p-values adjusted across pairs.
+    again = [
+        compare_embeddings(
+            standardize_jointly({p["a"]: raw[p["a"]], p["b"]: raw[p["b"]]}),
+            n_permutations=499,
+            n_bootstrap=300,
+            seed=0,
+            tests=("aad",),
+        )["pairs"][0]
+        for p in res["pairs"]
+    ]
+    q_values = bh_fdr([q["aad_p"] for q in again])
+    for p, q, q_value in zip(res["pairs"], again, q_values, strict=True):
         assert p["intensity_distance"] == pytest.approx(q["aad"], rel=1e-12)
-        assert p["intensity_p"] == q["aad_p"] and p["intensity_p_fdr"] == q["aad_p_fdr"]
+        assert p["intensity_p"] == q["aad_p"] and p["intensity_p_fdr"] == q_value
     pairs = {(p["a"], p["b"]): p for p in res["pairs"]}
     # site_b's scanner doubles the FLAIR gain: its raw FLAIR percentiles are higher.
     assert pairs[("site_a", "site_b")]["intensity_p"] < 0.01

@@ -53,6 +53,18 @@ def test_is_the_aad_permutation_test_on_jointly_standardised_fingerprints(cohort
     assert pairs[("a", "bright")]["intensity_distance"] == pytest.approx(direct.statistic)
 
 
+def test_a_pair_gets_the_same_numbers_whatever_else_is_compared(cohorts):
+    settings = CompareSettings(n_permutations=99, n_bootstrap=20, seed=3)
+    _, alone, _ = intensity_statistics({k: cohorts[k] for k in ("a", "bright")}, settings)
+    _, three, _ = intensity_statistics(cohorts, settings)
+    for key in ("intensity_distance", "intensity_p", "intensity_null_ratio"):
+        assert three[("a", "bright")][key] == alone[("a", "bright")][key]
+    # The adjustment is across the pairs of the call: with three pairs, q >= p.
+    q, p = three[("a", "bright")]["intensity_p_fdr"], three[("a", "bright")]["intensity_p"]
+    assert alone[("a", "bright")]["intensity_p_fdr"] == alone[("a", "bright")]["intensity_p"]
+    assert q >= p and q <= 1.0
+
+
 def test_fingerprints_are_cached_by_file(cohorts, tmp_path):
     from aad_med.data.intensity import cached_fingerprint
 
