@@ -3,8 +3,10 @@
 
 The cohorts are those of ``scripts/sensitivity.py`` (same pool names and seeds, so ``--data``
 can point at a folder that benchmark wrote): a reference pool of ``2n`` subjects and one pool of
-``n`` per shift (single acquisition shifts and a population shift, at the target severity),
-written as NIfTI by :mod:`aad_med.data.synthetic`. Every method reads the same files.
+``n`` per shift (single acquisition shifts and a population shift, at the target severity; with
+``--all-severities`` also at the milder severity of :data:`sensitivity.SHIFTS`, where a method
+more sensitive than aad-med's default would show), written as NIfTI by
+:mod:`aad_med.data.synthetic`. Every method reads the same files.
 
 Methods (a peer whose package does not import is skipped, with the reason, in every output):
 
@@ -385,6 +387,21 @@ def extract_pools(pools: dict[str, Path], kinds: list[str], ctx: dict, cache: Pa
     return feats, {k: sec / max(1, n_subjects) for k, sec in seconds.items()}
 
 
+def shift_cases(kinds: list[str], all_severities: bool) -> list[tuple[str, str, str, dict, int]]:
+    """``(case, kind, label, changes, k)`` of every shifted pool, in order. The target severity
+    of each kind keeps the pool ``KIND-k`` (``k`` its position) and the case name ``KIND`` of a
+    target-only run, so its pools, caches and rows are those of that run; the milder severities
+    (``all_severities``) follow as pools ``k = len(kinds) + 1, ...`` and cases ``KIND@LABEL``."""
+    cases = [(kind, kind, *sens.SHIFTS[kind][-1], k) for k, kind in enumerate(kinds, 1)]
+    if all_severities:
+        milder = [
+            (kind, label, changes) for kind in kinds for label, changes in sens.SHIFTS[kind][:-1]
+        ]
+        for j, (kind, label, changes) in enumerate(milder, len(kinds) + 1):
+            cases.append((f"{kind}@{label}", kind, label, changes, j))
+    return cases
+
+
 def evaluate(m: Method, f: dict, nulls: list, draws: dict, shifts: list, args) -> tuple:
     """Score one method on every same-site split and shifted pair.
 
@@ -411,15 +428,16 @@ def evaluate(m: Method, f: dict, nulls: list, draws: dict, shifts: list, args) -
         "fpr_nominal": float(np.mean([p < args.alpha for _, p in null])) if has_p else None,
     }
     scores, rows = {"same_site": [finite(s) for s, _ in null]}, []
-    for kind, label, _, _ in shifts:
-        res = [m.test(rows_of(ref, ia), rows_of(f[kind], ib), r)
-               for r, (ia, ib) in enumerate(draws[kind])]  # fmt: skip
+    for case, kind, label, _, _ in shifts:
+        res = [m.test(rows_of(ref, ia), rows_of(f[case], ib), r)
+               for r, (ia, ib) in enumerate(draws[case])]  # fmt: skip
         sc = np.asarray([s for s, _ in res])
-        scores[kind] = [finite(s) for s in sc]
+        scores[case] = [finite(s) for s in sc]
         rows.append(
             {
                 "method": m.key,
-                "shift": kind,
+                "shift": case,
+                "kind": kind,
                 "severity": label,
                 "detection_rate": float(np.mean(sc > t)),
                 "nominal_rate": float(np.mean([p < args.alpha for _, p in res])) if has_p else None,
@@ -447,20 +465,20 @@ def run(args: argparse.Namespace) -> dict:
         if m.skipped:
             print(f"{m.label}: skipped: {m.skipped}", file=sys.stderr)
     n, shape = args.subjects, tuple(args.shape)
-    shifts = sens.shift_levels(args.shifts)
+    shifts = shift_cases(args.shifts, args.all_severities)
     pools = {"reference": sens.pool_folder(data, "reference", sens.REFERENCE, args.seed, 2 * n,
                                            shape)}  # fmt: skip
-    for kind, _, changes, k in shifts:
+    for case, kind, _, changes, k in shifts:
         site = sens.REFERENCE.with_updates(name=kind, **changes)
-        pools[kind] = sens.pool_folder(data, f"{kind}-{k}", site, args.seed + 1000 + k, n, shape)
+        pools[case] = sens.pool_folder(data, f"{kind}-{k}", site, args.seed + 1000 + k, n, shape)
     print(f"pools ready ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
     kinds = list(dict.fromkeys(m.inputs for m in active))
     feats, per_subject = extract_pools(pools, kinds, ctx, cache)
 
     rng = np.random.default_rng(args.seed)
     nulls = [rng.choice(2 * n, 2 * n, replace=False) for _ in range(args.null_repeats)]
-    draws = {kind: [(rng.choice(2 * n, n, replace=False), rng.choice(n, n, replace=False))
-                    for _ in range(args.repeats)] for kind, *_ in shifts}  # fmt: skip
+    draws = {case: [(rng.choice(2 * n, n, replace=False), rng.choice(n, n, replace=False))
+                    for _ in range(args.repeats)] for case, *_ in shifts}  # fmt: skip
     results, same_site, timing, all_scores, frd_check = [], [], [], {}, None
     paired = side_by_side(pools["reference"], kinds, ctx, args.timing_subjects)
     print(f"side-by-side timing done ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
@@ -575,11 +593,16 @@ def verdicts(result: dict) -> dict:
     shifts = list(dict.fromkeys(r["shift"] for r in result["results"]))
     ran = [m["method"] for m in result["methods"] if m["status"] == "ran"]
     peers = [m for m in ran if m not in ("aad_default", "aad_latent")]
-    missed = {}
+    missed, above = {}, {}
     for s in shifts:
         seen_by = [m for m in peers if rate.get((m, s), 0.0) >= MIN_RATE]
         if seen_by and rate.get(("aad_default", s), 0.0) < MIN_RATE:
             missed[s] = seen_by
+        # Any peer detecting more often than the default, however little (milder severities).
+        higher = {m: rate[(m, s)] for m in peers if rate.get((m, s), 0.0) > rate.get(
+            ("aad_default", s), 1.0)}  # fmt: skip
+        if higher:
+            above[s] = {"default": rate[("aad_default", s)], "peers": higher}
     per_subject = {t["method"]: t["s_per_subject"] for t in result["timing"]}
     speed = paired = None
     if "aad_default" in per_subject and "frd" in per_subject:
@@ -587,7 +610,8 @@ def verdicts(result: dict) -> dict:
         sbs = result.get("side_by_side", {}).get("s_per_subject", {})
         if sbs.get("aad") and sbs.get("radiomics"):
             paired = sbs["radiomics"] / sbs["aad"]
-    return {"peers_ran": peers, "missed_by_default": missed, "frd_over_default_time": speed,
+    return {"peers_ran": peers, "missed_by_default": missed, "above_default": above,
+            "frd_over_default_time": speed,
             "frd_over_default_extraction_side_by_side": paired,
             "aad_default_ran": "aad_default" in ran}  # fmt: skip
 
@@ -615,6 +639,7 @@ def write_csv(path: Path, result: dict) -> None:
 def markdown(result: dict) -> str:
     shifts = list(dict.fromkeys(r["shift"] for r in result["results"]))
     sev = {r["shift"]: r["severity"] for r in result["results"]}
+    kind = {r["shift"]: r.get("kind", r["shift"]) for r in result["results"]}
     rate = {(r["method"], r["shift"]): r for r in result["results"]}
     null = {r["method"]: r for r in result["same_site"]}
     timing = {t["method"]: t for t in result["timing"]}
@@ -635,7 +660,7 @@ def markdown(result: dict) -> str:
         "",
         f"### Detection rate at a calibrated FPR of {fpr:g}",
         "",
-        "| method | " + " | ".join(f"{s} ({sev[s]})" for s in shifts)
+        "| method | " + " | ".join(f"{kind[s]} ({sev[s]})" for s in shifts)
         + " | FPR (held out) | s per subject |",
         "|---" * (len(shifts) + 3) + "|",
     ]  # fmt: skip
@@ -662,7 +687,9 @@ def markdown(result: dict) -> str:
             "",
             f"### At the nominal p < {result['alpha']:g} (methods with a p-value)",
             "",
-            "| method | " + " | ".join(shifts) + " | same-site rate (all splits) |",
+            "| method | "
+            + " | ".join(f"{kind[s]} ({sev[s]})" for s in shifts)
+            + " | same-site rate (all splits) |",
             "|---" * (len(shifts) + 2) + "|",
         ]
         for m in nominal:
@@ -682,6 +709,10 @@ def markdown(result: dict) -> str:
     else:
         lines.append(f"* aad-med's default detects (rate >= {MIN_RATE}) every shift any peer "
                      f"that ran detects, at the same calibrated FPR.")  # fmt: skip
+    for s, row in v.get("above_default", {}).items():
+        lines.append(f"* {s}: detected more often than by aad-med's default "
+                     f"({row['default']:.2f}) by "
+                     + ", ".join(f"{m} ({r:.2f})" for m, r in row["peers"].items()) + ".")  # fmt: skip
     if v["frd_over_default_time"] is not None:
         ratio = v["frd_over_default_time"]
         word = "faster" if ratio > 1 else "slower"
@@ -713,6 +744,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--alpha", type=float, default=0.05, help="nominal level of the p-value rows")
     p.add_argument("--permutations", type=int, default=10000, help="aad-med's (stats=default)")
     p.add_argument("--shifts", nargs="+", default=list(SHIFTS), choices=list(sens.SHIFTS))
+    p.add_argument(
+        "--all-severities",
+        action="store_true",
+        help="also the milder severity of every shift (pools added after the target "
+        "ones, which keep their names and caches)",
+    )
     p.add_argument("--methods", nargs="+", default=list(METHOD_KEYS), choices=list(METHOD_KEYS))
     p.add_argument("--frd-channels", nargs="+", choices=list(CHANNELS),
                    help="channels FRD-score reads (seconds per image each; default all four; t1 with --quick)")  # fmt: skip

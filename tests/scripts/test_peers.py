@@ -193,3 +193,30 @@ def test_markdown_flags_a_held_out_fpr_above_the_target(peers, no_peers):
         row["fpr_heldout"] = 0.5 if row["method"] == "aad_latent" else 0.1
     rows = [line for line in peers.markdown(result).splitlines() if "(above target)" in line]
     assert len(rows) == 1 and rows[0].startswith("| latent AAD (seed) |")
+
+
+def test_all_severities_add_the_milder_pools_after_the_target_ones(peers):
+    target = peers.shift_cases(["noise", "population"], False)
+    both = peers.shift_cases(["noise", "population"], True)
+    # The target pools keep their case names and pool numbers (their data and caches are reused).
+    assert both[: len(target)] == target
+    assert [(c, k) for c, *_, k in target] == [("noise", 1), ("population", 2)]
+    milder = both[len(target) :]
+    assert [(kind, k) for _, kind, *_, k in milder] == [("noise", 3), ("population", 4)]
+    for case, kind, label, changes, _ in milder:
+        assert case == f"{kind}@{label}" and (label, changes) == peers.sens.SHIFTS[kind][0]
+
+
+def test_a_quick_all_severities_run_scores_every_case(peers, tmp_path):
+    with pytest.MonkeyPatch.context() as mp:
+        for modules in PEER_MODULES.values():
+            for name in modules:
+                mp.setitem(sys.modules, name, None)
+        args = ["--quick", "--all-severities", "--out", str(tmp_path), "--threads", "1"]
+        assert peers.main(args) == 0
+    result = json.loads((tmp_path / "peers.json").read_text())
+    cases = {r["shift"] for r in result["results"] if r["method"] == "aad_default"}
+    assert cases == {c for c, *_ in peers.shift_cases(["noise", "population"], True)}
+    for r in result["results"]:
+        assert r["shift"] in result["scores"][r["method"]]
+    assert "noise (noise 6%)" in (tmp_path / "peers.md").read_text()
