@@ -27,7 +27,8 @@ def resolve_device(
         key: the config key named in error messages (``trainer.device`` in training).
 
     Raises:
-        ConfigError: ``cuda`` requested where no GPU is visible, or an unknown value.
+        ConfigError: ``cuda`` requested where no GPU is visible, ``cuda:N`` in a process of a
+            torchrun job (every rank would take GPU N), or an unknown value.
     """
     if isinstance(preference, torch.device):
         preference = str(preference)
@@ -37,6 +38,12 @@ def resolve_device(
     if preference == "cpu":
         return torch.device("cpu")
     if preference.startswith("cuda"):
+        if preference != "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise ConfigError(
+                f"{key}={preference} under torchrun would put every process on one GPU; use "
+                f"{key}=cuda (each process takes cuda:LOCAL_RANK) and choose the GPUs with "
+                "CUDA_VISIBLE_DEVICES"
+            )
         if not torch.cuda.is_available():
             raise ConfigError(f"{key}=cuda but no CUDA GPU is visible; use {key}=cpu or auto")
         if preference == "cuda":

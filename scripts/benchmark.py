@@ -1218,10 +1218,13 @@ def run(args) -> dict:
     unknown = set(only) - set(SECTIONS)
     if unknown:
         raise SystemExit(f"benchmark: unknown sections {sorted(unknown)}; choose from {SECTIONS}")
-    pref = args.device
-    if pref == "auto":
-        pref = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(pref)
+    from aad_med.device import resolve_device
+    from aad_med.errors import ConfigError
+
+    try:  # one line, before anything is measured, when --device cuda finds no GPU
+        device = resolve_device(args.device, key="--device")
+    except ConfigError as e:
+        raise SystemExit(f"benchmark: {e}") from None
     defaults = project_defaults()
     if sizes.patch_size:
         defaults["data"]["patch_size"] = defaults["model"]["patch_size"] = sizes.patch_size

@@ -28,3 +28,16 @@ def test_cuda_means_this_ranks_gpu(monkeypatch):
     assert resolve_device("auto") == torch.device("cuda", 1)
     assert resolve_device("cuda", local_rank=0) == torch.device("cuda", 0)
     assert resolve_device("cuda:1") == torch.device("cuda:1")
+
+
+def test_an_explicit_gpu_index_is_refused_under_torchrun(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    # Every rank would take cuda:1 (NCCL: duplicate GPU); plain cuda is this rank's own.
+    with pytest.raises(ConfigError, match="trainer.device=cuda:1 under torchrun.*CUDA_VISIBLE"):
+        resolve_device("cuda:1", key="trainer.device")
+    assert resolve_device("cuda") == torch.device("cuda", 1)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert resolve_device("cuda:1") == torch.device("cuda:1")

@@ -288,27 +288,31 @@ def _run(cfg, run_dir, settings, prep, samples, info: DistInfo) -> FitResult:
         metadata=metadata,
     )
     result = trainer.fit()
-    if info.is_main and bool(cfg.get("feature_reference", True)):
+    # Rank 0's work after training (the feature reference: ~5 s of CPU per subject at BraTS
+    # size, plots) must not hold the other ranks in a collective: a barrier after it would pass
+    # the process group's timeout (1800 s) at a few hundred subjects and abort the job.
+    barrier(info)
+    if not info.is_main:
+        return result
+    if bool(cfg.get("feature_reference", True)):
         add_feature_reference(
             run_dir / "checkpoints" / "best.pt",
             [*train_records, *val_records],
             prep,
             info.device,
         )
-    if info.is_main:
-        from aad_med.plots.training import plot_loss_curve, plot_reconstructions
+    from aad_med.plots.training import plot_loss_curve, plot_reconstructions
 
-        plot_loss_curve(result.history, run_dir / "loss_curve.png")
-        pair = trainer.sample_reconstructions(3)
-        if pair is not None:
-            plot_reconstructions(*pair, run_dir / "reconstructions.png", channels=prep.channels)
-        log.info(
-            "done: %d epoch(s), best loss %.5g; checkpoints in %s",
-            len(result.history),
-            result.best_loss,
-            run_dir / "checkpoints",
-        )
-    barrier(info)
+    plot_loss_curve(result.history, run_dir / "loss_curve.png")
+    pair = trainer.sample_reconstructions(3)
+    if pair is not None:
+        plot_reconstructions(*pair, run_dir / "reconstructions.png", channels=prep.channels)
+    log.info(
+        "done: %d epoch(s), best loss %.5g; checkpoints in %s",
+        len(result.history),
+        result.best_loss,
+        run_dir / "checkpoints",
+    )
     return result
 
 

@@ -309,7 +309,10 @@ class Trainer:
             sampler=self.train_sampler,
             collate_fn=collate_fn,
             num_workers=settings.num_workers,
-            pin_memory=cuda,
+            # Not pinned: _rebatch's torch.cat copies every batch into new pageable memory, so a
+            # pinned batch buys nothing, and trainer.cache_on_device yields CUDA tensors, which
+            # cannot be pinned (RuntimeError on the first batch).
+            pin_memory=False,
             persistent_workers=False,
         )
         self.val_loader = None
@@ -327,7 +330,7 @@ class Trainer:
                 sampler=val_sampler,
                 collate_fn=collate_fn,
                 num_workers=settings.num_workers,
-                pin_memory=cuda,
+                pin_memory=False,  # as the training loader's
             )
         local_patches = len(self.train_sampler) * self.samples_per_subject
         self.steps_per_epoch = max(1, math.ceil(local_patches / self.local_batch))
@@ -556,7 +559,8 @@ class Trainer:
         self.model.eval()
         with _autocast(self.device, self.bf16):
             x_hat = self.model(self._to_device(x))
-        return x.float().numpy(), x_hat.float().cpu().numpy()
+        # The collated patches are on the GPU with trainer.cache_on_device.
+        return x.float().cpu().numpy(), x_hat.float().cpu().numpy()
 
     def _log_images(self) -> None:
         if not (self.info.is_main and self.logger.log_images_enabled):

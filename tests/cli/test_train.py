@@ -301,3 +301,19 @@ def test_torchrun_two_gloo_processes_agree_with_one(cohort, tmp_path):
     epoch_lines = [ln for ln in (ddp / "train.log").read_text().splitlines() if "train_loss" in ln]
     assert len(epoch_lines) == 2, "rank 0 alone logs"
     assert (ddp / ".hydra" / "config.yaml").read_text() != ""
+
+
+@pytest.mark.gpu
+def test_cuda_training_with_the_cache_on_the_gpu_writes_every_plot(cohort, tmp_path):
+    """trainer.cache_on_device keeps the patches on the GPU: the loaders must not pin them and
+    the reconstruction figure must copy them back (both crashed before anything ran on CUDA)."""
+    run = tmp_path / "run"
+    args = tiny_overrides(
+        cohort,
+        tmp_path,
+        **{"trainer": "gpu", "trainer.max_epochs": 1, "trainer.cache_on_device": "true"},
+    )
+    proc = _run([*args, f"hydra.run.dir={run}"])
+    assert proc.returncode == 0, proc.stderr
+    assert (run / "reconstructions.png").read_bytes()[:4] == b"\x89PNG"
+    assert load_checkpoint(run / "checkpoints" / "best.pt")["feature_reference"]["n_subjects"] == 5
