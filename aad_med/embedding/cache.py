@@ -2,7 +2,8 @@
 permutation counts, other pairs) never re-encodes.
 
 A cohort's cache entry is keyed by the checkpoint file's SHA-256, the preprocessing config, the
-feature set, whether positions were kept, and every subject's files (path, size, modification
+feature set, whether positions were kept, the image-quality metrics' version
+(:data:`aad_med.data.quality.QUALITY_VERSION`: entries may hold their rows), and every subject's files (path, size, modification
 time and content digest, :func:`aad_med.io_utils.file_stats`): change any of them and the entry is
 simply not found. Entries are ``.npz`` files read with ``allow_pickle=False``, written atomically.
 The cache heals: an entry that cannot be read or does not hold this cohort's embedding (truncated,
@@ -24,6 +25,7 @@ import numpy as np
 import torch
 
 from aad_med.data.preprocessing import PreprocessingConfig
+from aad_med.data.quality import QUALITY_VERSION
 from aad_med.data.records import Cohort
 from aad_med.embedding.encode import (
     CohortEmbedding,
@@ -56,6 +58,7 @@ def cohort_cache_key(
         "preprocessing": preprocessing.to_dict(),
         "features": features,
         "keep_positions": bool(keep_positions),
+        "quality": QUALITY_VERSION,
         "subjects": subjects,
     }
     return cache_key(payload)

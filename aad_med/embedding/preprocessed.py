@@ -6,8 +6,9 @@ same cohorts with another encoder or feature set need not decode a single volume
 :data:`EMBED_KEYS`) and times each phase; :class:`PreprocessedCache` keeps its results:
 
 - key: :func:`aad_med.io_utils.cache_key` of the subject's record, its files (path, size,
-  modification time: :func:`aad_med.io_utils.file_stats`), the preprocessing settings and
-  :data:`PREPROCESSED_VERSION`; change any of them and the entry is simply not found;
+  modification time: :func:`aad_med.io_utils.file_stats`), the preprocessing settings,
+  :data:`PREPROCESSED_VERSION` and :data:`aad_med.data.quality.QUALITY_VERSION`; change any of
+  them and the entry is simply not found;
 - format: one uncompressed ``.npz`` per subject, read with ``allow_pickle=False``, written
   atomically (about 60 MB for a BraTS subject cropped to its brain);
 - size bound: the least recently used entries are deleted once the folder holds more than
@@ -40,7 +41,7 @@ import torch
 
 from aad_med.data.intensity import FINGERPRINT_PERCENTILES, fingerprint_row
 from aad_med.data.preprocessing import PreprocessingConfig
-from aad_med.data.quality import QUALITY_COLUMNS, quality_row
+from aad_med.data.quality import QUALITY_COLUMNS, QUALITY_VERSION, quality_row
 from aad_med.data.records import SubjectRecord
 from aad_med.data.transforms import PREPROCESSED_KEYS, FusedPreprocessd, LoadSubjectd
 from aad_med.errors import ConfigError
@@ -103,6 +104,7 @@ def subject_key(record: SubjectRecord, preprocessing: PreprocessingConfig) -> st
         "files": file_stats(record.files),
         "preprocessing": preprocessing.to_dict(),
         "fingerprint_percentiles": list(FINGERPRINT_PERCENTILES),
+        "quality": QUALITY_VERSION,  # entries hold the quality row when asked for
     }
     return cache_key(payload)
 

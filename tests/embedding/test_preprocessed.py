@@ -126,6 +126,21 @@ def test_changed_file_or_settings_change_the_key(cohorts, preprocessing, tmp_pat
     assert subject_key(rec, preprocessing) != key
 
 
+def test_another_quality_definition_changes_the_keys(cohorts, preprocessing, monkeypatch):
+    # Entries hold quality rows: rows of another metric definition must never be read back.
+    import aad_med.embedding.cache as embedding_cache
+    import aad_med.embedding.preprocessed as preprocessed
+
+    rec = cohorts["siteA"].subjects[0]
+    key = subject_key(rec, preprocessing)
+    args = (cohorts["siteA"], "ckpt", preprocessing, "latent", False)
+    cohort_key = embedding_cache.cohort_cache_key(*args)
+    monkeypatch.setattr(preprocessed, "QUALITY_VERSION", preprocessed.QUALITY_VERSION + 1)
+    monkeypatch.setattr(embedding_cache, "QUALITY_VERSION", preprocessed.QUALITY_VERSION)
+    assert subject_key(rec, preprocessing) != key
+    assert embedding_cache.cohort_cache_key(*args) != cohort_key
+
+
 @pytest.mark.parametrize(
     "value,mode",
     [(True, "write"), (False, "off"), ("off", "off"), ("READ", "read"), ("write", "write")],
