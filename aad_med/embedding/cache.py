@@ -35,7 +35,13 @@ from aad_med.embedding.encode import (
 from aad_med.embedding.features import FeatureSet, get_feature_set
 from aad_med.embedding.preprocessed import usable
 from aad_med.embedding.regional import RegionalLatents
-from aad_med.io_utils import cache_key, file_stats, read_cache_entry, write_cache_entry
+from aad_med.io_utils import (
+    DigestMemo,
+    cache_key,
+    file_stats,
+    read_cache_entry,
+    write_cache_entry,
+)
 
 log = logging.getLogger(__name__)
 
@@ -49,9 +55,13 @@ def cohort_cache_key(
     preprocessing: PreprocessingConfig,
     features: str,
     keep_positions: bool,
+    memo: DigestMemo | None = None,
 ) -> str:
-    """Hex key of one cohort's embedding (see the module docstring for what it covers)."""
-    subjects = [[rec.subject_id, file_stats(rec.files), rec.as_dict()] for rec in cohort.subjects]
+    """Hex key of one cohort's embedding (see the module docstring for what it covers); ``memo``
+    keeps the files' digests across runs (:class:`aad_med.io_utils.DigestMemo`)."""
+    subjects = [
+        [rec.subject_id, file_stats(rec.files, memo), rec.as_dict()] for rec in cohort.subjects
+    ]
     payload = {
         "v": CACHE_VERSION,
         "checkpoint": checkpoint_hash,
@@ -133,9 +143,15 @@ def cache_entry(
     preprocessing: PreprocessingConfig,
     features: str,
     keep_positions: bool,
+    write_digests: bool = False,
 ) -> Path:
-    """Where one cohort's embedding is cached in ``cache_dir`` (:func:`cohort_cache_key`)."""
-    key = cohort_cache_key(cohort, checkpoint_hash, preprocessing, features, keep_positions)
+    """Where one cohort's embedding is cached in ``cache_dir`` (:func:`cohort_cache_key`).
+
+    The input files' digests are looked up in ``cache_dir/digests``
+    (:class:`aad_med.io_utils.DigestMemo`) and, with ``write_digests``, added there.
+    """
+    memo = DigestMemo(Path(cache_dir) / "digests", write=write_digests)
+    key = cohort_cache_key(cohort, checkpoint_hash, preprocessing, features, keep_positions, memo)
     return Path(cache_dir) / f"{key}.npz"
 
 
@@ -235,6 +251,7 @@ def embed_cohorts(
                 preprocessing,
                 feature_set.name,
                 s.keep_positions,
+                write_digests=s.cache_mode == "write",
             )
             cached = load_cached(entry, cohort, feature_set.name)
             # An entry written without the quality rows or seg check asked for now is embedded

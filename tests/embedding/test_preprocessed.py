@@ -115,6 +115,32 @@ def test_size_bound_evicts_least_recently_used(cohorts, preprocessing, tmp_path)
     assert sorted(p.stem for p in (tmp_path / "c").glob("*.npz")) == ["k0", "k2"]
 
 
+def test_a_second_run_takes_the_input_digests_from_the_cache_folder(
+    model, cohorts, preprocessing, tmp_path, monkeypatch
+):
+    import aad_med.io_utils as io_utils
+
+    cohort = cohorts["siteA"]
+    kw = dict(features="latent", progress=False, preprocessed_dir=tmp_path / "pre")
+    monkeypatch.setattr(io_utils, "_DIGESTS", {})
+    first = embed_cohort(model, cohort, preprocessing, **kw)
+    memos = list((tmp_path / "pre" / "digests").glob("*.json"))
+    assert len(memos) == len(cohort.subjects)  # one per subject's group of files
+    hashed = []
+    monkeypatch.setattr(io_utils, "_DIGESTS", {})  # a new process
+    monkeypatch.setattr(io_utils, "file_sha256", lambda p, *a: hashed.append(p) or "0" * 64)
+    again = embed_cohort(model, cohort, preprocessing, **kw)
+    assert hashed == [] and "cache_read" in again.timings
+    np.testing.assert_array_equal(again.vectors, first.vectors)
+    # Read mode never writes, not even digests.
+    monkeypatch.setattr(io_utils, "_DIGESTS", {})
+    embed_cohort(
+        model, cohort, preprocessing, features="latent", progress=False,
+        preprocessed_dir=tmp_path / "ro", cache_mode="read",
+    )  # fmt: skip
+    assert not (tmp_path / "ro").exists()
+
+
 def test_changed_file_or_settings_change_the_key(cohorts, preprocessing, tmp_path):
     rec = cohorts["siteA"].subjects[0]
     key = subject_key(rec, preprocessing)
