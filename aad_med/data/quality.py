@@ -5,15 +5,17 @@ data. Pure numpy/scipy on arrays, plus :func:`subject_quality`, which reads one 
 :func:`aad_med.data.io.load_subject`. No statistics across subjects and no file writing here.
 
 Sampling grid. A subject's metrics (:func:`quality_of_arrays`, :func:`subject_quality`) are
-computed on every ``s``-th voxel along each axis, ``s`` the smallest stride whose grid holds at
-most :data:`SAMPLE_VOXELS` (2²¹) voxels (:func:`sample_stride`): ``s = 1``, every voxel, up to
-128³; ``s = 2`` at BraTS size (1/8 of the voxels, 2 mm apart). Every formula below is then
+computed on every ``k``-th voxel along each axis, ``k`` the smallest stride whose grid holds at
+most :data:`SAMPLE_VOXELS` (2²¹) voxels (:func:`sample_stride`): ``k = 1``, every voxel, up to
+128³; ``k = 2`` at BraTS size (1/8 of the voxels, 2 mm apart). Every formula below is then
 over the grid's voxels (masks, classes, means, percentiles), except that EFC counts each grid
-voxel ``s³`` times (its sums and ``N``), so it estimates the full volume's value. Against the
-full grid (BraTS-size phantoms, synthetic cohorts, the MNI152 T1; BENCHMARKS.md "Encoding at
-BraTS size"): SNR, CNR, CJV and WM2MAX within about 1.5 %, EFC within 0.01 %. It makes a BraTS
-subject's 40 metrics cost ~0.1 s instead of ~2 s on one core. :func:`image_quality` and
-:func:`tissue_classes` use every voxel they are given.
+voxel ``k³`` times (its sums and ``N``), so it estimates the full volume's value. Against every
+voxel (BraTS-size synthetic subjects of six sites and a bias-field sweep, BraTS-size phantoms,
+the MNI152 T1 under four bias fields; BENCHMARKS.md "Encoding at BraTS size"): SNR, CNR, CJV
+and WM2MAX within 1.4 %, EFC within 0.013 %, ``inu_range`` within 0.0013 (up to 13 % of
+near-flat fields' 0.002-0.01; at most 1.9 % over the sweep's bias fields, ordered the same).
+A BraTS subject's 40 metrics cost 0.06-0.1 s instead of 3.5-5 s on one core.
+:func:`image_quality` and :func:`tissue_classes` use every voxel they are given.
 
 Tissue classes. :func:`tissue_classes` runs a 3-class k-means on the T1 intensities of the
 brain mask (non-zero voxels of any channel), tumour voxels (``seg > 0``) left out, and labels
@@ -40,10 +42,10 @@ mean and population standard deviation of ``I`` over mask ``X``, ``n_X`` its vox
   ``W``; ``inu_range`` is its 95th minus 5th percentile over ``W`` (like MRIQC's ``inu_range``
   on its N4 field). 0 for a flat field; larger is worse. The convolution runs on a coarse grid
   (:class:`WMSmoothing`: blocks of ``f = ⌊s/4⌋`` voxels, the Gaussian narrowed by the blocks'
-  own blur, trilinear read-back at the WM voxels); ``f = 1``, exact, when ``s < 8`` (volumes up to
-  about 64³ of brain). Against the exact full-frame convolution: within 1 % of the value on
-  BraTS-size phantoms and the MNI152 T1 (within 5 % together with the sampling grid; both
-  order bias-field severities the same).
+  own blur, trilinear read-back at the WM voxels); ``f = 1``, exact, when ``s < 8`` (a brain
+  under 64 voxels across). Against the exact full-frame convolution on every voxel: within 1.1 %
+  (0.0016) on synthetic subjects, BraTS-size phantoms and the MNI152 T1, same order of
+  bias-field severities.
 * ``fber``: ``mean(I² over B) / mean(I² over the background)`` (MRIQC). BraTS is skull-stripped:
   the background is exactly zero by construction, which is not air noise, so ``fber`` is NaN
   with the reason in ``notes["fber"]``; it is computed only when the background has non-zero
