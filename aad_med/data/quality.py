@@ -12,7 +12,7 @@ over the grid's voxels (masks, classes, means, percentiles), except that EFC cou
 voxel ``k³`` times (its sums and ``N``), so it estimates the full volume's value. Against every
 voxel (BraTS-size synthetic subjects of six sites and a bias-field sweep, BraTS-size phantoms,
 the MNI152 T1 under four bias fields; BENCHMARKS.md "Encoding at BraTS size"): SNR, CNR, CJV
-and WM2MAX within 1.4 %, EFC within 0.013 %, ``inu_range`` within 0.0013 (up to 13 % of
+and WM2MAX within 1.4 %, EFC within 0.015 %, ``inu_range`` within 0.0013 (up to 13 % of
 near-flat fields' 0.002-0.01; at most 1.9 % over the sweep's bias fields, ordered the same).
 A BraTS subject's 40 metrics cost 0.06-0.1 s instead of 3.5-5 s on one core.
 :func:`image_quality` and :func:`tissue_classes` use every voxel they are given.
