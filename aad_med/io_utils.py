@@ -1,6 +1,7 @@
 """Small file helpers every stage shares, each written once: the atomic writer, JSON-ready
-conversion, file hashes, the cache key of a set of files and the reading/writing of a cache entry
-that heals (:func:`read_cache_entry`, :func:`write_cache_entry`).
+conversion, file hashes (remembered across runs by :class:`DigestMemo`), the cache key of a set
+of files and the reading/writing of a cache entry that heals (:func:`read_cache_entry`,
+:func:`write_cache_entry`).
 
 Nothing here knows about cohorts, models or statistics; it must not import torch, MONAI or
 matplotlib (the console scripts validate their input before those heavy imports).

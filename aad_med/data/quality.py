@@ -84,8 +84,9 @@ METRICS = (
 """Keys of :func:`image_quality`'s ``metrics`` dict, in table order."""
 
 QUALITY_VERSION = 2
-"""Bumped whenever a metric's values change (2: ``inu_range`` on the coarse grid); the embedding's
-caches hold it in their keys, so rows computed under another definition are never read back."""
+"""Bumped whenever a metric's values change (2: the sampling grid and ``inu_range`` on the coarse
+grid); the embedding's caches hold it in their keys, so rows of another definition are never
+read back."""
 
 CSF, GM, WM = 1, 2, 3
 
