@@ -1,6 +1,7 @@
 """Small file helpers every stage shares, each written once: the atomic writer, JSON-ready
-conversion, file hashes, the cache key of a set of files and the reading/writing of a cache entry
-that heals (:func:`read_cache_entry`, :func:`write_cache_entry`).
+conversion, file hashes (remembered across runs by :class:`DigestMemo`), the cache key of a set
+of files and the reading/writing of a cache entry that heals (:func:`read_cache_entry`,
+:func:`write_cache_entry`).
 
 Nothing here knows about cohorts, models or statistics; it must not import torch, MONAI or
 matplotlib (the console scripts validate their input before those heavy imports).
@@ -185,6 +186,20 @@ time, which the kernel sets on every write and no user tool can restore (``cp -p
 and ``touch`` restore only the modification time)."""
 
 
+def _identity(path: str | Path) -> tuple:
+    """What :func:`file_digest` remembers a digest under: the file's identity and its
+    status-change time (any write moves it)."""
+    st = os.stat(path)
+    return (
+        os.path.realpath(path),
+        st.st_dev,
+        st.st_ino,
+        st.st_size,
+        st.st_mtime_ns,
+        st.st_ctime_ns,
+    )
+
+
 def file_digest(path: str | Path) -> str:
     """SHA-256 of a file's bytes (as :func:`file_sha256`), remembered per process while the file
     is unchanged: for cache keys (the content, not its size and mtime) and for the checkpoint
@@ -197,37 +212,120 @@ def file_digest(path: str | Path) -> str:
     shared CPU): hashing costs 0.04-0.05 of decoding them (21 ms vs 440-490 ms); for
     uncompressed ``.nii`` (17.8 MB each) it costs 1.7x nibabel's ``get_fdata`` (113 vs 68 ms),
     still small beside resampling and encoding. Memoised per process (:data:`_DIGESTS`), so the
-    embedding, intensity and training caches of one run hash a file once.
+    embedding, intensity and training caches of one run hash a file once; across runs,
+    :class:`DigestMemo` (the embedding caches use one).
 
     Raises:
         OSError: the file cannot be read.
     """
-    st = os.stat(path)
-    memo = (
-        os.path.realpath(path),
-        st.st_dev,
-        st.st_ino,
-        st.st_size,
-        st.st_mtime_ns,
-        st.st_ctime_ns,
-    )
+    memo = _identity(path)
     if memo not in _DIGESTS:
-        _DIGESTS[memo] = file_sha256(path)
+        digest = file_sha256(path)
+        # A file written while it was read has moved on: its digest is not remembered.
+        if _identity(path) != memo:
+            return digest
+        _DIGESTS[memo] = digest
     return _DIGESTS[memo]
 
 
-def file_stats(paths: Iterable[str | Path]) -> list[list]:
+class DigestMemo:
+    """Digests of input files kept across runs in a folder (a cache's ``digests/``), so a second
+    comparison of the same cohorts does not hash every input again (16 BraTS subjects: 0.5 s).
+
+    One small JSON file per group of files (a subject's), named by the :func:`cache_key` of
+    the files' identities (:func:`_identity`: real path, device, inode, size, modification and
+    status-change times); a file is found again only while all of them are unchanged. The
+    status-change time is set by the kernel on every write and cannot be restored (``cp -p``,
+    ``rsync -t``, ``touch`` and ``os.utime`` restore only the modification time), so an edited
+    or replaced file is hashed again. The memo heals: a missing, unreadable or malformed file
+    (not JSON, other identities, not 64 hex digits) is ignored and, when ``write``, rewritten
+    atomically. Never pickle; never fails a run (a folder that cannot be written is skipped).
+
+    Args:
+        folder: where the memo files live (created on the first write).
+        write: add memo files (``False`` for a read-only cache).
+    """
+
+    def __init__(self, folder: str | Path, write: bool = True):
+        self.folder = Path(folder)
+        self.write = write
+
+    def _path(self, identities: list) -> Path:
+        return self.folder / f"{cache_key(identities)}.json"
+
+    def digests(self, paths: Iterable[str | Path]) -> list[str]:
+        """The SHA-256 of each file, from the process memo, this folder or the bytes.
+
+        Raises:
+            OSError: a file cannot be read.
+        """
+        paths = list(paths)
+        identities = [list(_identity(p)) for p in paths]
+        known = [_DIGESTS.get(tuple(i)) for i in identities]
+        if all(d is not None for d in known):
+            return known
+        path = self._path(identities)
+        stored = self._read(path, identities)
+        if stored is not None:
+            for i, d in zip(identities, stored, strict=True):
+                _DIGESTS[tuple(i)] = d
+            return stored
+        digests = [file_digest(p) for p in paths]
+        if self.write and all(tuple(i) in _DIGESTS for i in identities):
+            doc = {"files": identities, "sha256": digests}
+            with contextlib.suppress(OSError):
+                self.folder.mkdir(parents=True, exist_ok=True)
+                with atomic_path(path, durable=False) as tmp:
+                    tmp.write_text(json.dumps(doc), encoding="utf-8")
+        return digests
+
+    @staticmethod
+    def _read(path: Path, identities: list) -> list[str] | None:
+        try:
+            doc = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        if not isinstance(doc, dict) or doc.get("files") != identities:
+            return None
+        digests = doc.get("sha256")
+        if not isinstance(digests, list) or len(digests) != len(identities):
+            return None
+        for d in digests:
+            if not (isinstance(d, str) and len(d) == 64 and set(d) <= set("0123456789abcdef")):
+                return None
+        return digests
+
+
+def file_stats(paths: Iterable[str | Path], memo: DigestMemo | None = None) -> list[list]:
     """``[resolved path, size, modification time in ns, SHA-256 of the content]`` per file
     (``[path, None, None, None]`` for one that cannot be read): what a cache key covers so that
     an edited file invalidates it, even one whose size and mtime were restored
-    (:func:`file_digest`)."""
+    (:func:`file_digest`). ``memo`` keeps the digests across runs (:class:`DigestMemo`)."""
+    paths = list(paths)
     out = []
     for p in paths:
         try:
             st = os.stat(p)
-            out.append([str(Path(p).resolve()), st.st_size, st.st_mtime_ns, file_digest(p)])
+            out.append([str(Path(p).resolve()), st.st_size, st.st_mtime_ns, None])
         except OSError:
             out.append([str(p), None, None, None])
+    readable = [i for i, row in enumerate(out) if row[1] is not None]
+    try:
+        if memo is not None:
+            digests = memo.digests([paths[i] for i in readable])
+        else:
+            digests = [file_digest(paths[i]) for i in readable]
+    except OSError:  # unreadable content: hashed one by one to find which
+        digests = []
+        for i in readable:
+            try:
+                digests.append(file_digest(paths[i]))
+            except OSError:
+                out[i] = [str(paths[i]), None, None, None]
+                digests.append(None)
+    for i, d in zip(readable, digests, strict=True):
+        if d is not None:
+            out[i][3] = d
     return out
 
 

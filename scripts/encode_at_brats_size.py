@@ -7,7 +7,8 @@ takes just to load the same four channels, for this tree and, with ``--old``, an
 
 Measures, one thread each (OMP_NUM_THREADS=1), every command a fresh process:
 
-- ``decode``: ``nib.load(path).get_fdata(dtype=float32)`` of the four channels (stdlib zlib);
+- ``decode``: ``nib.load(path).get_fdata(dtype=float32)`` of the four channels (stdlib zlib),
+  at the start (the ratios' baseline) and again at the end, with the load average at both;
 - ``aad-compare`` with a negligible encoder (channels 4/4/4, latent 4, ``features=latent``) on
   2 x N subjects minus the same command on 2 x 2 small subjects (start-up, statistics,
   figures), divided by the 2 x N BraTS-size subjects (the small subjects, 64x64x48, hold 1/40
@@ -149,6 +150,7 @@ def main(argv=None) -> int:
     ck = [checkpoint(out / f"tiny{i}.pt", i, **tiny) for i in range(2)]
     ck_default = checkpoint(out / "default.pt", 0)
     res: dict = {"subjects_per_cohort": n, "shape": [240, 240, 155], "runs": {}}
+    res["loadavg_start"] = os.getloadavg()
     res["decode_s_per_subject"] = decode_seconds([data / "a", data / "b"])
     trees = {"new": REPO} | ({"old": args.old} if args.old else {})
     lat = ["embedding.features=latent", "regional=false", "decode_means=false"]
@@ -210,6 +212,9 @@ def main(argv=None) -> int:
                 ("da", "db"),
                 k=2 * args.default_subjects,
             )
+    # The decode baseline again at the end: shared cores drift during a run of many minutes.
+    res["decode_s_per_subject_end"] = decode_seconds([data / "a", data / "b"])
+    res["loadavg_end"] = os.getloadavg()
     runs = res["runs"]
     if "old" in trees:
         res["new_vs_old_speedup"] = {

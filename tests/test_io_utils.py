@@ -86,3 +86,112 @@ def test_results_are_made_durable_and_cache_entries_are_not(tmp_path, monkeypatc
     assert io_utils.write_cache_entry(tmp_path / "c" / "e.bin", lambda f: f.write(b"x"), "test")
     assert (tmp_path / "c" / "e.bin").read_bytes() == b"x" and synced == []
     assert not list((tmp_path / "c").glob(".*tmp*"))
+
+
+def _fresh_process(monkeypatch):
+    """Forget the in-process digests (a new run) and count the files hashed from now on."""
+    import aad_med.io_utils as io_utils
+
+    monkeypatch.setattr(io_utils, "_DIGESTS", {})
+    hashed = []
+    real = io_utils.file_sha256
+
+    def counting(path, *args, **kwargs):
+        hashed.append(os.path.basename(path))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(io_utils, "file_sha256", counting)
+    return hashed
+
+
+def _subject(tmp_path, n=3):
+    folder = tmp_path / "subject"
+    folder.mkdir()
+    files = []
+    for i in range(n):
+        files.append(folder / f"ch{i}.nii.gz")
+        files[-1].write_bytes(bytes([i]) * (1000 + i))
+    return files
+
+
+def test_digest_memo_spares_a_second_run_the_hashing(tmp_path, monkeypatch):
+    from aad_med.io_utils import DigestMemo
+
+    files = _subject(tmp_path)
+    memo = DigestMemo(tmp_path / "cache" / "digests")
+    hashed = _fresh_process(monkeypatch)
+    first = file_stats(files, memo)
+    assert sorted(hashed) == ["ch0.nii.gz", "ch1.nii.gz", "ch2.nii.gz"]
+    assert [row[3] for row in first] == [hashlib.sha256(f.read_bytes()).hexdigest() for f in files]
+    assert len(list((tmp_path / "cache" / "digests").glob("*.json"))) == 1
+    hashed = _fresh_process(monkeypatch)
+    assert file_stats(files, memo) == first and hashed == []
+    # Without the memo a new process hashes again (the memo is what saves it).
+    hashed = _fresh_process(monkeypatch)
+    assert file_stats(files) == first and len(hashed) == 3
+
+
+def test_digest_memo_rehashes_a_copy_and_an_edit_with_restored_mtime(tmp_path, monkeypatch):
+    import shutil
+
+    from aad_med.io_utils import DigestMemo
+
+    files = _subject(tmp_path)
+    memo = DigestMemo(tmp_path / "digests")
+    _fresh_process(monkeypatch)
+    before = file_stats(files, memo)
+    # cp -p: same bytes, size and mtime at another path/inode: hashed, not taken from the memo.
+    copy = tmp_path / "copy"
+    shutil.copytree(files[0].parent, copy)  # copy2 keeps the modification times
+    copies = [copy / f.name for f in files]
+    hashed = _fresh_process(monkeypatch)
+    assert [r[3] for r in file_stats(copies, memo)] == [r[3] for r in before]
+    assert len(hashed) == 3
+    # An in-place edit of the same size whose mtime is restored: the status-change time moved.
+    st = files[1].stat()
+    files[1].write_bytes(b"\xff" * st.st_size)
+    os.utime(files[1], ns=(st.st_atime_ns, st.st_mtime_ns))
+    hashed = _fresh_process(monkeypatch)
+    after = file_stats(files, memo)
+    assert after[1][1:3] == before[1][1:3]  # size and mtime as before...
+    assert after[1][3] == hashlib.sha256(b"\xff" * st.st_size).hexdigest() != before[1][3]
+    assert len(hashed) == 3  # ...yet the subject's group was not found: all three hashed
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        b"not json",
+        b"",
+        b'{"files": [], "sha256": []}',
+        b"[1, 2]",
+        "wrong digest",
+    ],
+)
+def test_a_damaged_digest_memo_is_ignored_and_rewritten(tmp_path, monkeypatch, damage):
+    from aad_med.io_utils import DigestMemo
+
+    files = _subject(tmp_path)
+    memo = DigestMemo(tmp_path / "digests")
+    _fresh_process(monkeypatch)
+    good = file_stats(files, memo)
+    (entry,) = (tmp_path / "digests").glob("*.json")
+    if damage == "wrong digest":  # right identities, a digest that is not 64 hex digits
+        doc = json.loads(entry.read_text())
+        doc["sha256"][0] = "x" * 64
+        damage = json.dumps(doc).encode()
+    entry.write_bytes(damage)
+    hashed = _fresh_process(monkeypatch)
+    assert file_stats(files, memo) == good and len(hashed) == 3
+    assert json.loads(entry.read_text())["sha256"] == [row[3] for row in good]  # healed
+
+
+def test_a_read_only_digest_memo_writes_nothing(tmp_path, monkeypatch):
+    from aad_med.io_utils import DigestMemo
+
+    files = _subject(tmp_path)
+    _fresh_process(monkeypatch)
+    rows = file_stats(files, DigestMemo(tmp_path / "digests", write=False))
+    assert all(len(r[3]) == 64 for r in rows) and not (tmp_path / "digests").exists()
+    files[2].unlink()
+    assert file_stats(files, DigestMemo(tmp_path / "d2"))[2] == [str(files[2]), None, None, None]

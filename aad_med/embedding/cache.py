@@ -2,7 +2,8 @@
 permutation counts, other pairs) never re-encodes.
 
 A cohort's cache entry is keyed by the checkpoint file's SHA-256, the preprocessing config, the
-feature set, whether positions were kept, and every subject's files (path, size, modification
+feature set, whether positions were kept, the image-quality metrics' version
+(:data:`aad_med.data.quality.QUALITY_VERSION`: entries may hold their rows), and every subject's files (path, size, modification
 time and content digest, :func:`aad_med.io_utils.file_stats`): change any of them and the entry is
 simply not found. Entries are ``.npz`` files read with ``allow_pickle=False``, written atomically.
 The cache heals: an entry that cannot be read or does not hold this cohort's embedding (truncated,
@@ -24,6 +25,7 @@ import numpy as np
 import torch
 
 from aad_med.data.preprocessing import PreprocessingConfig
+from aad_med.data.quality import QUALITY_VERSION
 from aad_med.data.records import Cohort
 from aad_med.embedding.encode import (
     CohortEmbedding,
@@ -33,7 +35,13 @@ from aad_med.embedding.encode import (
 from aad_med.embedding.features import FeatureSet, get_feature_set
 from aad_med.embedding.preprocessed import usable
 from aad_med.embedding.regional import RegionalLatents
-from aad_med.io_utils import cache_key, file_stats, read_cache_entry, write_cache_entry
+from aad_med.io_utils import (
+    DigestMemo,
+    cache_key,
+    file_stats,
+    read_cache_entry,
+    write_cache_entry,
+)
 
 log = logging.getLogger(__name__)
 
@@ -47,15 +55,20 @@ def cohort_cache_key(
     preprocessing: PreprocessingConfig,
     features: str,
     keep_positions: bool,
+    memo: DigestMemo | None = None,
 ) -> str:
-    """Hex key of one cohort's embedding (see the module docstring for what it covers)."""
-    subjects = [[rec.subject_id, file_stats(rec.files), rec.as_dict()] for rec in cohort.subjects]
+    """Hex key of one cohort's embedding (see the module docstring for what it covers); ``memo``
+    keeps the files' digests across runs (:class:`aad_med.io_utils.DigestMemo`)."""
+    subjects = [
+        [rec.subject_id, file_stats(rec.files, memo), rec.as_dict()] for rec in cohort.subjects
+    ]
     payload = {
         "v": CACHE_VERSION,
         "checkpoint": checkpoint_hash,
         "preprocessing": preprocessing.to_dict(),
         "features": features,
         "keep_positions": bool(keep_positions),
+        "quality": QUALITY_VERSION,
         "subjects": subjects,
     }
     return cache_key(payload)
@@ -130,9 +143,15 @@ def cache_entry(
     preprocessing: PreprocessingConfig,
     features: str,
     keep_positions: bool,
+    write_digests: bool = False,
 ) -> Path:
-    """Where one cohort's embedding is cached in ``cache_dir`` (:func:`cohort_cache_key`)."""
-    key = cohort_cache_key(cohort, checkpoint_hash, preprocessing, features, keep_positions)
+    """Where one cohort's embedding is cached in ``cache_dir`` (:func:`cohort_cache_key`).
+
+    The input files' digests are looked up in ``cache_dir/digests``
+    (:class:`aad_med.io_utils.DigestMemo`) and, with ``write_digests``, added there.
+    """
+    memo = DigestMemo(Path(cache_dir) / "digests", write=write_digests)
+    key = cohort_cache_key(cohort, checkpoint_hash, preprocessing, features, keep_positions, memo)
     return Path(cache_dir) / f"{key}.npz"
 
 
@@ -232,6 +251,7 @@ def embed_cohorts(
                 preprocessing,
                 feature_set.name,
                 s.keep_positions,
+                write_digests=s.cache_mode == "write",
             )
             cached = load_cached(entry, cohort, feature_set.name)
             # An entry written without the quality rows or seg check asked for now is embedded

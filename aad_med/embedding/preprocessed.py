@@ -6,8 +6,9 @@ same cohorts with another encoder or feature set need not decode a single volume
 :data:`EMBED_KEYS`) and times each phase; :class:`PreprocessedCache` keeps its results:
 
 - key: :func:`aad_med.io_utils.cache_key` of the subject's record, its files (path, size,
-  modification time: :func:`aad_med.io_utils.file_stats`), the preprocessing settings and
-  :data:`PREPROCESSED_VERSION`; change any of them and the entry is simply not found;
+  modification time: :func:`aad_med.io_utils.file_stats`), the preprocessing settings,
+  :data:`PREPROCESSED_VERSION` and :data:`aad_med.data.quality.QUALITY_VERSION`; change any of
+  them and the entry is simply not found;
 - format: one uncompressed ``.npz`` per subject, read with ``allow_pickle=False``, written
   atomically (about 60 MB for a BraTS subject cropped to its brain);
 - size bound: the least recently used entries are deleted once the folder holds more than
@@ -40,11 +41,11 @@ import torch
 
 from aad_med.data.intensity import FINGERPRINT_PERCENTILES, fingerprint_row
 from aad_med.data.preprocessing import PreprocessingConfig
-from aad_med.data.quality import QUALITY_COLUMNS, quality_row
+from aad_med.data.quality import QUALITY_COLUMNS, QUALITY_VERSION, quality_row
 from aad_med.data.records import SubjectRecord
 from aad_med.data.transforms import PREPROCESSED_KEYS, FusedPreprocessd, LoadSubjectd
 from aad_med.errors import ConfigError
-from aad_med.io_utils import atomic_path, cache_key, file_stats
+from aad_med.io_utils import DigestMemo, atomic_path, cache_key, file_stats
 
 log = logging.getLogger(__name__)
 
@@ -95,14 +96,18 @@ def default_preprocessed_dir() -> Path:
     return Path(root) / "preprocessed"
 
 
-def subject_key(record: SubjectRecord, preprocessing: PreprocessingConfig) -> str:
-    """The cache key of one subject's preprocessed item."""
+def subject_key(
+    record: SubjectRecord, preprocessing: PreprocessingConfig, memo: DigestMemo | None = None
+) -> str:
+    """The cache key of one subject's preprocessed item (``memo``: the files' digests kept
+    across runs, :class:`aad_med.io_utils.DigestMemo`)."""
     payload = {
         "v": PREPROCESSED_VERSION,
         "record": record.as_dict(),
-        "files": file_stats(record.files),
+        "files": file_stats(record.files, memo),
         "preprocessing": preprocessing.to_dict(),
         "fingerprint_percentiles": list(FINGERPRINT_PERCENTILES),
+        "quality": QUALITY_VERSION,  # entries hold the quality row when asked for
     }
     return cache_key(payload)
 
@@ -269,6 +274,11 @@ class PreprocessedSubjects(torch.utils.data.Dataset):
         self.records = list(records)
         self.preprocessing = preprocessing
         self.cache = cache
+        # The inputs' digests (the keys' content part) kept next to the entries, so a second
+        # comparison does not hash every input file again.
+        self.digests = (
+            DigestMemo(cache.root / "digests", write=cache.mode == "write") if cache else None
+        )
         self.quality = quality
         self.check_seg = check_seg or quality
         self.load = LoadSubjectd(
@@ -285,7 +295,7 @@ class PreprocessedSubjects(torch.utils.data.Dataset):
         record = self.records[i]
         key = None
         if self.cache is not None:
-            key = subject_key(record, self.preprocessing)
+            key = subject_key(record, self.preprocessing, self.digests)
             t0 = time.perf_counter()
             hit = self.cache.get(key)
             if hit is not None and usable(hit["quality"], hit["seg_checked"], self):

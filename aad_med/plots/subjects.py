@@ -82,8 +82,8 @@ def plot_thumbnails(record, path: str | Path, title: str = "") -> Path:
     fig = new_figure(1.9 * image.shape[0], 2.2)
     axes = fig.subplots(1, image.shape[0], squeeze=False)[0]
     for c, ax in enumerate(axes):
-        vol = np.asarray(image[c], dtype=np.float64)
-        sl = np.rot90(vol[:, :, vol.shape[2] // 2])
+        vol = image[c]  # the loader's float32: no float64 copy of the volume for a display range
+        sl = np.rot90(np.asarray(vol[:, :, vol.shape[2] // 2], dtype=np.float64))
         fg = vol[vol != 0]
         hi = float(np.percentile(fg, 99.5)) if fg.size else 1.0
         ax.imshow(sl, cmap="gray", vmin=0.0, vmax=hi or 1.0, interpolation="nearest")

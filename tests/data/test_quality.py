@@ -140,7 +140,7 @@ def test_subject_quality_reads_a_synthetic_subject(tmp_path):
 
 
 def _full_frame_field(image, mask, wm):
-    """The INU field as first written: both Gaussians over the whole frame."""
+    """The INU field as first written: both Gaussians over the whole frame, every voxel."""
     idx = np.argwhere(mask)
     sigma = max(int((idx.max(0) - idx.min(0) + 1).max()) / 8.0, 1.0)
     w = wm.astype(np.float64)
@@ -149,10 +149,14 @@ def _full_frame_field(image, mask, wm):
     return num[wm] / den[wm]
 
 
-@pytest.mark.parametrize("touch_edge", [False, True])
-def test_inu_field_on_the_wm_box_is_bit_identical_to_the_full_frame(touch_edge):
-    from aad_med.data.quality import WMSmoothing
+def _smoothing(mask, wm):
+    from aad_med.data.quality import WMSmoothing, inu_sigma
 
+    return WMSmoothing(mask.shape, np.flatnonzero(wm), inu_sigma(mask))
+
+
+@pytest.mark.parametrize("touch_edge", [False, True])
+def test_inu_field_of_a_small_brain_is_bit_identical_to_the_full_frame(touch_edge):
     img, mask, truth = _phantom(noise=5.0, seed=3)
     rng = np.random.default_rng(1)
     wm = (truth == 3) & (rng.random(SHAPE) < 0.8)  # ragged, off-centre WM
@@ -161,9 +165,120 @@ def test_inu_field_on_the_wm_box_is_bit_identical_to_the_full_frame(touch_edge):
     if touch_edge:
         mask = mask | (np.indices(SHAPE)[2] == SHAPE[2] - 1)
         wm[25:30, 20:25, -3:] = True
-    s = WMSmoothing(mask, wm)
-    assert any(sl.stop - sl.start < n for sl, n in zip(s.box, SHAPE, strict=True))
-    assert np.array_equal(s.field(img), _full_frame_field(img, mask, wm))
+    s = _smoothing(mask, wm)
+    assert s.factor == 1  # s = 36/8 < 8: no coarse grid
+    assert np.array_equal(s.field(img[wm]), _full_frame_field(img, mask, wm))
+
+
+def _large_phantom(bias: float, shape=(96, 100, 90), seed: int = 0):
+    """An ellipsoid brain of up to 90 voxels (s = 11.25, blocks of 2), WM core, tilted bias field."""
+    idx = np.indices(shape) - (np.array(shape)[:, None, None, None] - 1) / 2
+    r = np.sqrt(((idx / np.array([40, 45, 38])[:, None, None, None]) ** 2).sum(0))
+    truth = np.choose(np.digitize(r, [0.55, 0.8, 1.0]), [3, 2, 1, 0]).astype(np.uint8)
+    mask = truth > 0
+    rng = np.random.default_rng(seed)
+    field = np.exp(bias * (idx[0] / 48 + 0.5 * (idx[2] / 45) ** 2))
+    img = np.choose(truth, [0.0, 20.0, 60.0, 100.0]) * field + 3 * rng.standard_normal(shape)
+    return np.where(mask, img, 0.0), mask, truth
+
+
+def _inu(field):
+    p5, med, p95 = np.percentile(field, [5, 50, 95])
+    return (p95 - p5) / med
+
+
+@pytest.mark.parametrize("bias", [0.0, 0.2, 0.6])
+def test_coarse_inu_field_is_close_to_the_exact_convolution(bias):
+    img, mask, truth = _large_phantom(bias)
+    wm = truth == 3
+    s = _smoothing(mask, wm)
+    assert s.factor == 2 and s.sigma == pytest.approx(90 / 8)  # the 90-voxel edge
+    exact = _full_frame_field(img, mask, wm)
+    coarse = s.field(img[wm])
+    # The field itself within 0.2 % of the exact one at every WM voxel...
+    np.testing.assert_allclose(coarse, exact, rtol=2e-3)
+    # ...and the metric within 2 % (or 0.002 on a flat field, where it is all noise).
+    assert _inu(coarse) == pytest.approx(_inu(exact), rel=0.02, abs=2e-3)
+
+
+def test_stronger_bias_gives_larger_inu_range_on_the_coarse_grid():
+    values = []
+    for bias in (0.0, 0.1, 0.2, 0.4, 0.8):
+        img, mask, truth = _large_phantom(bias)
+        m, _ = image_quality(img, mask, truth)
+        values.append(m["inu_range"])
+    assert values[0] < 0.01 and all(np.diff(values) > 0), values
+
+
+def test_sorted_percentiles_equal_numpy():
+    from aad_med.data.quality import _percentiles_of_sorted
+
+    rng = np.random.default_rng(5)
+    for n in (1, 2, 7, 1000, 12345):
+        x = np.sort(rng.normal(100, 30, n))
+        q = [0, 5, 16.6, 50, 95, 99.95, 100]
+        np.testing.assert_array_equal(_percentiles_of_sorted(x, q), np.percentile(x, q))
+
+
+def _lloyd_reference(x, n_iter=100):
+    """The k-means as first written: a pass over every value per iteration."""
+    centres = np.quantile(x, [1 / 6, 1 / 2, 5 / 6])
+    for _ in range(n_iter):
+        lab = np.searchsorted((centres[:-1] + centres[1:]) / 2, x)
+        new = np.array([x[lab == c].mean() if np.any(lab == c) else centres[c] for c in range(3)])
+        if np.allclose(new, centres, rtol=0, atol=1e-9 * (1 + np.abs(centres).max())):
+            break
+        centres = np.sort(new)
+    return np.searchsorted((centres[:-1] + centres[1:]) / 2, x) + 1
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_tissue_classes_equal_the_per_voxel_lloyd(seed):
+    rng = np.random.default_rng(seed)
+    t1 = np.concatenate(
+        [rng.normal(m, s, n) for m, s, n in ((30, 10, 3000), (70, 12, 5000), (110, 8, 4000))]
+    )
+    t1 = np.round(rng.permutation(t1)).reshape(12, 20, 50)  # integer-valued, ties on the cuts
+    mask = np.ones(t1.shape, bool)
+    mask[0] = False
+    lab = tissue_classes(t1, mask)
+    assert np.array_equal(lab[mask], _lloyd_reference(t1[mask]))
+    assert np.all(lab[~mask] == 0)
+
+
+def test_sample_stride_and_the_sampled_metrics_stay_close():
+    from aad_med.data.quality import quality_of_arrays, sample_stride
+
+    assert sample_stride((128, 128, 128)) == 1
+    assert sample_stride((129, 128, 128)) == 2
+    assert sample_stride((240, 240, 155)) == 2
+    img, mask, truth = _large_phantom(0.3)
+    image = np.stack([img * (1 + 0.3 * k) for k in range(4)]).astype(np.float32)
+    seg = np.zeros(img.shape, np.int16)
+    seg[40:50, 45:55, 40:50] = 2
+    full, _ = quality_of_arrays(image, seg, stride=1)
+    sampled, notes = quality_of_arrays(image, seg, stride=2)
+    for key, value in full.items():
+        if key.endswith("fber"):
+            assert math.isnan(sampled[key]) and key in notes
+        elif key.endswith("efc"):  # counts each grid voxel 8 times: same N, same scale
+            assert sampled[key] == pytest.approx(value, rel=1e-3), key
+        else:
+            assert sampled[key] == pytest.approx(value, rel=0.03, abs=1e-3), key
+
+
+def test_efc_counts_a_grid_voxel_for_the_voxels_it_stands_for():
+    from aad_med.data.quality import _efc
+
+    rng = np.random.default_rng(3)
+    x = rng.gamma(4.0, 25.0, 5000)
+    x[:50] = 0.0
+    y = x / np.sqrt((x**2).sum())
+    n = x.size
+    expected = (y[y > 0] * np.log(y[y > 0])).sum() / (np.sqrt(n) * np.log(1 / np.sqrt(n)))
+    assert _efc(x) == pytest.approx(expected, rel=1e-12)
+    # Each value repeated 8 times is the same image at 8x the voxels: scale=8 gives its EFC.
+    assert _efc(x, 8) == pytest.approx(_efc(np.repeat(x, 8)), rel=1e-12)
 
 
 def test_subject_quality_shares_one_smoothing_and_equals_per_channel_calls():

@@ -115,6 +115,32 @@ def test_size_bound_evicts_least_recently_used(cohorts, preprocessing, tmp_path)
     assert sorted(p.stem for p in (tmp_path / "c").glob("*.npz")) == ["k0", "k2"]
 
 
+def test_a_second_run_takes_the_input_digests_from_the_cache_folder(
+    model, cohorts, preprocessing, tmp_path, monkeypatch
+):
+    import aad_med.io_utils as io_utils
+
+    cohort = cohorts["siteA"]
+    kw = dict(features="latent", progress=False, preprocessed_dir=tmp_path / "pre")
+    monkeypatch.setattr(io_utils, "_DIGESTS", {})
+    first = embed_cohort(model, cohort, preprocessing, **kw)
+    memos = list((tmp_path / "pre" / "digests").glob("*.json"))
+    assert len(memos) == len(cohort.subjects)  # one per subject's group of files
+    hashed = []
+    monkeypatch.setattr(io_utils, "_DIGESTS", {})  # a new process
+    monkeypatch.setattr(io_utils, "file_sha256", lambda p, *a: hashed.append(p) or "0" * 64)
+    again = embed_cohort(model, cohort, preprocessing, **kw)
+    assert hashed == [] and "cache_read" in again.timings
+    np.testing.assert_array_equal(again.vectors, first.vectors)
+    # Read mode never writes, not even digests.
+    monkeypatch.setattr(io_utils, "_DIGESTS", {})
+    embed_cohort(
+        model, cohort, preprocessing, features="latent", progress=False,
+        preprocessed_dir=tmp_path / "ro", cache_mode="read",
+    )  # fmt: skip
+    assert not (tmp_path / "ro").exists()
+
+
 def test_changed_file_or_settings_change_the_key(cohorts, preprocessing, tmp_path):
     rec = cohorts["siteA"].subjects[0]
     key = subject_key(rec, preprocessing)
@@ -124,6 +150,21 @@ def test_changed_file_or_settings_change_the_key(cohorts, preprocessing, tmp_pat
     st = path.stat()
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
     assert subject_key(rec, preprocessing) != key
+
+
+def test_another_quality_definition_changes_the_keys(cohorts, preprocessing, monkeypatch):
+    # Entries hold quality rows: rows of another metric definition must never be read back.
+    import aad_med.embedding.cache as embedding_cache
+    import aad_med.embedding.preprocessed as preprocessed
+
+    rec = cohorts["siteA"].subjects[0]
+    key = subject_key(rec, preprocessing)
+    args = (cohorts["siteA"], "ckpt", preprocessing, "latent", False)
+    cohort_key = embedding_cache.cohort_cache_key(*args)
+    monkeypatch.setattr(preprocessed, "QUALITY_VERSION", preprocessed.QUALITY_VERSION + 1)
+    monkeypatch.setattr(embedding_cache, "QUALITY_VERSION", preprocessed.QUALITY_VERSION)
+    assert subject_key(rec, preprocessing) != key
+    assert embedding_cache.cohort_cache_key(*args) != cohort_key
 
 
 @pytest.mark.parametrize(
