@@ -267,3 +267,14 @@ def test_embed_settings_are_the_one_option_list(model, cohorts, preprocessing):
         model, cohorts["siteA"], preprocessing, batch_size=5, features="latent", progress=False
     )
     np.testing.assert_array_equal(by_object.vectors, by_keywords.vectors)
+
+
+def test_cuda_encoding_runs_in_full_precision_and_restores_the_flags(recwarn):
+    # The flags are process-wide: checked without a GPU, so CI checks what a GPU run relies on
+    # (vectors equal to the CPU's up to rounding, to be mixed in caches and references).
+    before = torch.backends.cudnn.allow_tf32
+    with encode_mod._full_precision(torch.device("cuda")):
+        assert torch.backends.cudnn.allow_tf32 is False
+        assert not torch.is_autocast_enabled("cuda")
+    assert torch.backends.cudnn.allow_tf32 is before
+    assert not [w for w in recwarn if "tf32" in str(w.message).lower()]
