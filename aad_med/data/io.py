@@ -445,6 +445,32 @@ def read_stored(img: nib.Nifti1Image, path: str | Path, volume: int | None) -> n
         ) from None
 
 
+def read_mid_slice(source: ImageSource, max_voxels: int = MAX_VOXELS) -> np.ndarray:
+    """The middle slice along the third stored axis, ``(X, Y)`` float32, as the whole volume's
+    ``[:, :, Z // 2]`` would give it. nibabel's array proxy reads only the bytes of that slice
+    (a ``.nii.gz`` is inflated up to it, not past it): a report thumbnail at BraTS size costs
+    0.1 s instead of decoding four volumes (0.28 s).
+
+    Raises:
+        InputError: unreadable, truncated or corrupt file (named).
+    """
+    img = read_header(source.path, max_voxels)
+    index: tuple = (slice(None), slice(None), img.shape[2] // 2)
+    if source.volume is not None:
+        index += (source.volume,)
+    try:
+        with np.errstate(all="ignore"):
+            return np.asarray(img.dataobj[index], dtype=np.float32)
+    except PermissionError:
+        raise InputError(source.path, "permission denied (file is not readable)") from None
+    except (EOFError, zlib.error, gzip.BadGzipFile) as e:
+        raise InputError(source.path, f"truncated or corrupt file ({_short(e)})") from None
+    except (OSError, ValueError, TypeError, MemoryError, OverflowError) as e:
+        raise InputError(
+            source.path, f"could not read voxel data, file truncated? ({_short(e)})"
+        ) from None
+
+
 _TILE = 32
 
 

@@ -71,20 +71,21 @@ def plot_quality(
 
 
 def plot_thumbnails(record, path: str | Path, title: str = "") -> Path:
-    """The middle axial slice of each channel of one subject, read from its raw files.
+    """The middle slice along the third stored axis of each channel of one subject, read from its
+    raw files (only that slice is read: :func:`aad_med.data.io.read_mid_slice`); the grey range
+    is 0 to the 99.5th percentile of the slice's non-zero voxels.
 
     Raises:
         InputError: a file cannot be read (named by the loader).
     """
-    from aad_med.data.io import load_subject
+    from aad_med.data.io import read_mid_slice
 
-    image = load_subject(record, load_seg=False).image
-    fig = new_figure(1.9 * image.shape[0], 2.2)
-    axes = fig.subplots(1, image.shape[0], squeeze=False)[0]
+    slices = [read_mid_slice(record.images[ch]) for ch in CHANNELS]
+    fig = new_figure(1.9 * len(slices), 2.2)
+    axes = fig.subplots(1, len(slices), squeeze=False)[0]
     for c, ax in enumerate(axes):
-        vol = image[c]  # the loader's float32: no float64 copy of the volume for a display range
-        sl = np.rot90(np.asarray(vol[:, :, vol.shape[2] // 2], dtype=np.float64))
-        fg = vol[vol != 0]
+        sl = np.rot90(slices[c].astype(np.float64))
+        fg = sl[sl != 0]
         hi = float(np.percentile(fg, 99.5)) if fg.size else 1.0
         ax.imshow(sl, cmap="gray", vmin=0.0, vmax=hi or 1.0, interpolation="nearest")
         ax.set_xticks([])

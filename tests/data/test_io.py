@@ -187,6 +187,33 @@ def test_corrupt_gzip_payload_is_named(tmp_path):
         io.load_volume(ImageSource(path))
 
 
+def test_mid_slice_is_the_volumes_middle_slice(tmp_path):
+    data = (brain_like() / 2).astype(np.int16)
+    img = nib.Nifti1Image(data, np.eye(4))
+    img.header.set_slope_inter(0.5, 10)
+    path = tmp_path / "scaled.nii.gz"
+    nib.save(img, str(path))
+    vol, _ = io.load_volume(ImageSource(path))
+    mid = io.read_mid_slice(ImageSource(path))
+    assert mid.dtype == np.float32
+    np.testing.assert_array_equal(mid, vol[:, :, vol.shape[2] // 2])
+    # One volume of a 4D (Decathlon) file: channel c of the factory is scaled by c + 1.
+    write_msd_cohort(tmp_path / "msd", n=1)
+    (rec,) = discover_cohort(tmp_path / "msd").subjects
+    whole = io.load_subject(rec, load_seg=False).image
+    for c, ch in enumerate(CHANNELS):
+        z = whole.shape[3] // 2
+        np.testing.assert_array_equal(io.read_mid_slice(rec.images[ch]), whole[c][:, :, z])
+
+
+def test_mid_slice_of_a_truncated_file_is_named(tmp_path):
+    path = write_nifti(tmp_path / "a.nii.gz", brain_like(SHAPE))
+    raw = path.read_bytes()
+    path.write_bytes(raw[: len(raw) // 3])
+    with pytest.raises(InputError, match=r"a\.nii\.gz.*(truncated or corrupt|could not read)"):
+        io.read_mid_slice(ImageSource(path))
+
+
 @pytest.mark.parametrize(
     ("values", "bad"),
     [
