@@ -136,11 +136,14 @@ def selection_suite(
     tgts = load_named_cohorts(targets)
     require_segmentations({**srcs, **tgts})
     dice: dict[str, dict[str, float]] = {}
+    dice_subjects: dict[str, dict[str, dict[str, float]]] = {}
     distances: dict[str, dict] = {}
     embedded: dict = {}  # each target is embedded once for all sources
     for name, cohort in srcs.items():
         scored = train_and_score(cohort, tgts, s, run_dir / "sources" / name, name)
         dice[name] = {t: float(np.mean(list(scored.scores[t].values()))) for t in tgts}
+        # per subject: every source's model scores the same target subjects (a paired design)
+        dice_subjects[name] = {t: dict(scored.scores[t]) for t in tgts}
         distances[name] = pair_distances(checkpoint, cohort, tgts, s, embedded)
         for t in tgts:
             distances[name][t].update(
@@ -164,4 +167,10 @@ def selection_suite(
             "spearman_mean": float(np.mean(rhos)) if rhos else None,
             "n_targets": len(tgts),
         }
-    return {"dice": dice, "distances": distances, "per_target": per_target, "summary": summary}
+    return {
+        "dice": dice,
+        "dice_subjects": dice_subjects,
+        "distances": distances,
+        "per_target": per_target,
+        "summary": summary,
+    }
