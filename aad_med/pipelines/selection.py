@@ -1,8 +1,9 @@
 """Source selection for ``aad-transfer target=DIR sources.NAME=DIR ...``: which candidate
 training cohort is closest to a target, by every distance of
 :data:`aad_med.pipelines.transfer.DISTANCES`; with ``verify`` one segmenter per source checks
-whether the closest source really scores best on the target (top-1) and how the distance ranking
-correlates with the achieved Dice."""
+whether the closest source really scores best on the target (top-1, strict and within the
+sampling noise of the target's subjects) and how the distance ranking correlates with the
+achieved Dice."""
 
 from __future__ import annotations
 
@@ -80,6 +81,7 @@ def run_selection(
         "verified": bool(s.verify),
         "settings": settings_record(s, checkpoint),
     }
+    on_target: dict[str, dict[str, float]] = {}  # per subject: the paired bootstrap of ties
     if s.verify:
         for row in rows:
             name = row["name"]
@@ -93,6 +95,7 @@ def run_selection(
             )
             row["dice_on_target"] = float(np.mean(list(scores[target_name].values())))
             row["dice_own_test"] = float(np.mean(list(scores[name].values())))
+            on_target[name] = dict(scores[target_name])
     known = [d for d in DISTANCES if all(r["distances"][d] is not None for r in rows)]
     result["rankings"] = {
         d: rank_sources({r["name"]: r["distances"][d] for r in rows}) for d in known
@@ -100,7 +103,13 @@ def run_selection(
     if s.verify:
         achieved = {r["name"]: r["dice_on_target"] for r in rows}
         result["selection"] = {
-            d: selection_agreement({r["name"]: r["distances"][d] for r in rows}, achieved)
+            d: selection_agreement(
+                {r["name"]: r["distances"][d] for r in rows},
+                achieved,
+                on_target,
+                s.n_bootstrap,
+                s.seed,
+            )
             for d in known
         }
     write_selection_outputs(run_dir, result)
@@ -120,8 +129,11 @@ def selection_suite(
 
     Returns:
         ``{"dice": {source: {target: mean score}}, "distances": {source: {target: {...}}},
-        "per_target": {distance: {target: selection_agreement}}, "summary": {distance:
-        {"top1_rate", "regret_mean", "spearman_mean", "n_targets"}}}``.
+        "dice_subjects": {source: {target: {subject: score}}}, "per_target": {distance:
+        {target: selection_agreement}}, "summary": {distance: {"top1_rate",
+        "top1_within_noise_rate", "regret_mean", "spearman_mean", "n_targets"}}}``. Strict top-1
+        counts a miss however small; within noise, a miss whose paired bootstrap interval of
+        Dice(best) − Dice(chosen) over the target's subjects holds 0 counts as a hit.
     """
     from aad_med.distances.transfer import selection_agreement, top1_hit_rate
     from aad_med.pipelines.transfer import require_segmentations
@@ -156,13 +168,19 @@ def selection_suite(
             continue  # a segmenter distance without enough held-out subjects
         per_target[d] = {
             t: selection_agreement(
-                {src: distances[src][t][d] for src in srcs}, {src: dice[src][t] for src in srcs}
+                {src: distances[src][t][d] for src in srcs},
+                {src: dice[src][t] for src in srcs},
+                {src: dice_subjects[src][t] for src in srcs},
+                s.n_bootstrap,
+                s.seed + i,
             )
-            for t in tgts
+            for i, t in enumerate(tgts)
         }
-        rhos = [a["spearman"] for a in per_target[d].values() if a["spearman"] is not None]
+        verdicts = list(per_target[d].values())
+        rhos = [a["spearman"] for a in verdicts if a["spearman"] is not None]
         summary[d] = {
-            "top1_rate": top1_hit_rate(list(per_target[d].values())),
+            "top1_rate": top1_hit_rate(verdicts),
+            "top1_within_noise_rate": top1_hit_rate(verdicts, "top1_within_noise"),
             "regret_mean": float(np.mean([a["regret"] for a in per_target[d].values()])),
             "spearman_mean": float(np.mean(rhos)) if rhos else None,
             "n_targets": len(tgts),
