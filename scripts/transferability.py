@@ -322,6 +322,12 @@ def selection_markdown(sel: dict) -> str:
             f"| {LABELS[d]} | {row['top1_rate']:.0%} of {row['n_targets']} | "
             f"{'n/a' if noise is None else f'{noise:.0%}'} | {row['regret_mean']:.3f} | {rho} |"
         )
+    chance = sel.get("chance")
+    if chance:
+        lines.append(
+            f"| *a random pick (chance)* | {chance['top1_rate']:.0%} | "
+            f"{chance['top1_within_noise_rate']:.0%} | | |"
+        )
     for d, verdicts in sel["per_target"].items():
         missed = [
             f"{t} (picked {v['ranking'][0]}, {v['best']} +{v['regret']:.4f} "
@@ -464,6 +470,11 @@ def main(argv: list[str] | None = None) -> int:
     best = result["summary"]["best"]
     print(f"wrote {Path(result['args']['out']) / 'transferability.md'}; best predictor: {best}")
     if result["selection"]:
+        chance = result["selection"]["chance"]
+        print(
+            f"selection by a random pick: strict top-1 {chance['top1_rate']:.0%}, within noise "
+            f"{chance['top1_within_noise_rate']:.0%}"
+        )
         for d, row in result["selection"]["summary"].items():
             print(
                 f"selection by {d}: strict top-1 {row['top1_rate']:.0%}, within noise "

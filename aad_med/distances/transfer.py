@@ -360,6 +360,41 @@ def selection_agreement(
     return out
 
 
+def tied_with_best(
+    scores: Mapping[str, float],
+    subject_scores: Mapping[str, Mapping[str, float]],
+    n_bootstrap: int = 2000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> list[str]:
+    """The sources a pick would count as "top-1 within noise" for one target: the best-scoring
+    source and every source whose paired interval of Dice(best) − Dice(source) holds 0 (the
+    same interval, seed for seed, that :func:`selection_agreement` computes for a chosen
+    source). Their share of all sources is what a random pick scores within noise: the chance
+    level a distance's within-noise rate must beat.
+
+    Raises:
+        ConfigError: the mappings name different sources or subjects.
+    """
+    names = list(scores)
+    if set(subject_scores) != set(names):
+        raise ConfigError(
+            f"per-subject scores name sources {sorted(subject_scores)}, scores {sorted(names)}"
+        )
+    per = _aligned(subject_scores, names)
+    top = max(float(v) for v in scores.values())
+    best = names[int(np.argmax([float(scores[n]) for n in names]))]
+    tied = []
+    for n in names:
+        if float(scores[n]) >= top:
+            tied.append(n)
+            continue
+        lo, hi = paired_gap_interval(per[best], per[n], n_bootstrap, seed, level)
+        if lo <= 0.0 <= hi:
+            tied.append(n)
+    return tied
+
+
 def top1_hit_rate(selections: Sequence[Mapping], key: str = "top1") -> float:
     """Share of targets whose closest source was (one of) the best (from
     :func:`selection_agreement`); ``key="top1_within_noise"`` counts ties within the sampling

@@ -134,8 +134,10 @@ def selection_suite(
         "top1_within_noise_rate", "regret_mean", "spearman_mean", "n_targets"}}}``. Strict top-1
         counts a miss however small; within noise, a miss whose paired bootstrap interval of
         Dice(best) − Dice(chosen) over the target's subjects holds 0 counts as a hit.
+        ``"chance": {"top1_rate", "top1_within_noise_rate", "tied_with_best": {target:
+        [sources]}}`` is what a random pick of a source would score.
     """
-    from aad_med.distances.transfer import selection_agreement, top1_hit_rate
+    from aad_med.distances.transfer import selection_agreement, tied_with_best, top1_hit_rate
     from aad_med.pipelines.transfer import require_segmentations
 
     s = settings or TransferSettings()
@@ -185,8 +187,27 @@ def selection_suite(
             "spearman_mean": float(np.mean(rhos)) if rhos else None,
             "n_targets": len(tgts),
         }
+    # What a random pick scores, strict and within noise: the level a distance must beat.
+    tied = [
+        tied_with_best(
+            {src: dice[src][t] for src in srcs},
+            {src: dice_subjects[src][t] for src in srcs},
+            s.n_bootstrap,
+            s.seed + i,
+        )
+        for i, t in enumerate(tgts)
+    ]
+    best_share = [
+        sum(dice[src][t] >= max(dice[x][t] for x in srcs) for src in srcs) / len(srcs) for t in tgts
+    ]
+    chance = {
+        "top1_rate": float(np.mean(best_share)),
+        "top1_within_noise_rate": float(np.mean([len(x) / len(srcs) for x in tied])),
+        "tied_with_best": dict(zip(tgts, tied, strict=True)),
+    }
     return {
         "dice": dice,
+        "chance": chance,
         "dice_subjects": dice_subjects,
         "distances": distances,
         "per_target": per_target,

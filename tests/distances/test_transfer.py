@@ -15,6 +15,7 @@ from aad_med.distances.transfer import (
     rank_correlations,
     rank_sources,
     selection_agreement,
+    tied_with_best,
     top1_hit,
     top1_hit_rate,
 )
@@ -191,6 +192,28 @@ def test_selection_within_noise_separates_clear_misses_from_ties():
     with pytest.raises(ConfigError, match="different subjects"):
         selection_agreement(dist, {k: float(v.mean()) for k, v in clear.items()},
                             {**shuffled, "c": _subjects(base[:-1])})  # fmt: skip
+
+
+def test_tied_with_best_is_the_chance_level_of_a_pick():
+    rng = np.random.default_rng(6)
+    base = rng.uniform(0.4, 0.95, 16)
+    per_subject = {
+        "a": base + 0.001 + rng.normal(0, 0.03, 16),  # tied with b
+        "b": base,
+        "c": base - 0.10,  # clearly worse
+    }
+    means = {k: float(v.mean()) for k, v in per_subject.items()}
+    subj = {k: _subjects(v) for k, v in per_subject.items()}
+    best = max(means, key=means.get)
+    tied = tied_with_best(means, subj, n_bootstrap=2000, seed=3)
+    assert set(tied) == {"a", "b"} and best in tied
+    # a distance that picks any source gets "within noise" exactly when that source is tied
+    for pick, dist in (("a", {"a": 0, "b": 1, "c": 2}), ("b", {"a": 1, "b": 0, "c": 2}),
+                       ("c", {"a": 1, "b": 2, "c": 0})):  # fmt: skip
+        v = selection_agreement(dist, means, subj, n_bootstrap=2000, seed=3)
+        assert v["ranking"][0] == pick and v["top1_within_noise"] == (pick in tied)
+    with pytest.raises(ConfigError):
+        tied_with_best(means, {"a": subj["a"], "b": subj["b"]})
 
 
 def test_paired_gap_interval_uses_the_pairing():
