@@ -19,8 +19,9 @@ source's own interval.
 
 Without ``--checkpoint`` an encoder is trained first (``--encoder-epochs``, the project's loop)
 on a separate reference cohort (seed 99). Writes ``transferability.json``, ``.csv`` and ``.md``
-(a BENCHMARKS.md section) into ``--out``, and each seed's ``aad-transfer`` outputs in
-``--out/seed<N>/``.
+(a BENCHMARKS.md section) into ``--out`` (with ``--selection`` also
+``transferability_selection.csv``: one verdict per distance and target), and each seed's
+``aad-transfer`` outputs in ``--out/seed<N>/``.
 """
 
 from __future__ import annotations
@@ -306,16 +307,40 @@ def selection_markdown(sel: dict) -> str:
         f"Candidate sources: {', '.join(sel['dice'])} (one segmenter each, same settings); "
         f"{len(next(iter(sel['dice'].values())))} targets.",
         "",
-        "| distance | top-1 (closest source scored best) | mean regret (Dice) | "
-        "mean rank correlation |",
-        "|---|---|---|---|",
+        "Strict top-1: the closest source scored the best mean Dice. Within noise: it did, or "
+        "the paired bootstrap interval of Dice(best) − Dice(chosen) over the target's subjects "
+        "(every source's model scores the same subjects) holds 0.",
+        "",
+        "| distance | strict top-1 (closest source scored best) | top-1 within noise | "
+        "mean regret (Dice) | mean rank correlation |",
+        "|---|---|---|---|---|",
     ]
     for d, row in sel["summary"].items():
         rho = "n/a" if row["spearman_mean"] is None else f"{row['spearman_mean']:.2f}"
+        noise = row.get("top1_within_noise_rate")
         lines.append(
             f"| {LABELS[d]} | {row['top1_rate']:.0%} of {row['n_targets']} | "
-            f"{row['regret_mean']:.3f} | {rho} |"
+            f"{'n/a' if noise is None else f'{noise:.0%}'} | {row['regret_mean']:.3f} | {rho} |"
         )
+    chance = sel.get("chance")
+    if chance:
+        lines.append(
+            f"| *a random pick (chance)* | {chance['top1_rate']:.0%} | "
+            f"{chance['top1_within_noise_rate']:.0%} | | |"
+        )
+    for d, verdicts in sel["per_target"].items():
+        missed = [
+            f"{t} (picked {v['ranking'][0]}, {v['best']} +{v['regret']:.4f} "
+            f"[{v['regret_ci95'][0]:+.4f}, {v['regret_ci95'][1]:+.4f}]"
+            f"{', within noise' if v['top1_within_noise'] else ''})"
+            for t, v in verdicts.items()
+            if not v["top1"] and v.get("regret_ci95") is not None
+        ]
+        if missed:
+            lines += [
+                "",
+                f"Misses of {LABELS[d]} (regret [95% paired interval]): " + "; ".join(missed),
+            ]
     targets = list(next(iter(sel["dice"].values())))
     lines += [
         "",
@@ -388,6 +413,16 @@ def write_outputs(out: Path, result: dict) -> None:
     write_table_csv(out / "transferability.csv",
                     ["seed", "target", "kind", "dice_mean", "dice_drop", *DISTANCES], rows)  # fmt: skip
     selection = result.get("selection")
+    if selection:
+        sel_rows = [
+            [d, t, v["ranking"][0], v["best"], repr(v["regret"]),
+             *(repr(x) for x in v.get("regret_ci95") or ("", "")),
+             int(v["top1"]), int(v["top1_within_noise"])]
+            for d, verdicts in selection["per_target"].items() for t, v in verdicts.items()
+        ]  # fmt: skip
+        write_table_csv(out / "transferability_selection.csv",
+                        ["distance", "target", "chosen", "best", "regret", "regret_ci95_lo",
+                         "regret_ci95_hi", "top1", "top1_within_noise"], sel_rows)  # fmt: skip
     text = markdown(result) + (selection_markdown(selection) if selection else "")
     (out / "transferability.md").write_text(text, encoding="utf-8")
 
@@ -434,6 +469,17 @@ def main(argv: list[str] | None = None) -> int:
     result = run(parse(argv))
     best = result["summary"]["best"]
     print(f"wrote {Path(result['args']['out']) / 'transferability.md'}; best predictor: {best}")
+    if result["selection"]:
+        chance = result["selection"]["chance"]
+        print(
+            f"selection by a random pick: strict top-1 {chance['top1_rate']:.0%}, within noise "
+            f"{chance['top1_within_noise_rate']:.0%}"
+        )
+        for d, row in result["selection"]["summary"].items():
+            print(
+                f"selection by {d}: strict top-1 {row['top1_rate']:.0%}, within noise "
+                f"{row['top1_within_noise_rate']:.0%} of {row['n_targets']} targets"
+            )
     return 0
 
 

@@ -4,7 +4,8 @@ Given one distance per target cohort (source → target) and the model's perform
 target, this module measures how well the distance orders the drops (Spearman and Kendall rank
 correlation with a bootstrap interval over targets), fits a monotone (isotonic, non-decreasing)
 curve that predicts the drop from a distance with an interval, and scores source selection
-(does the closest source give the best model: top-1 hit rate, rank correlation).
+(does the closest source give the best model: top-1 hit rate, strict and within the sampling
+noise of the target's subjects, rank correlation).
 
 Pure numpy/scipy on arrays: never touches files and writes no prose.
 """
@@ -246,14 +247,85 @@ def top1_hit(distances: Mapping[str, float], scores: Mapping[str, float]) -> boo
     return bool(float(scores[chosen]) >= max(float(v) for v in scores.values()))
 
 
-def selection_agreement(distances: Mapping[str, float], scores: Mapping[str, float]) -> dict:
+def paired_gap_interval(
+    best: ArrayLike,
+    chosen: ArrayLike,
+    n_bootstrap: int = 2000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of mean(best − chosen) over the subjects of one target,
+    each subject scored by both sources' models (a paired design: one resample of the subjects
+    serves both sides, so what the subjects share cancels).
+
+    Args:
+        best: per-subject scores of the best-scoring source's model.
+        chosen: the same subjects' scores (same order) of the chosen source's model.
+        n_bootstrap: subject resamples.
+        seed: bootstrap seed.
+        level: interval coverage.
+
+    Raises:
+        ConfigError: lengths differ, no subjects, non-finite values, or ``n_bootstrap < 1``.
+    """
+    a, b = _pair_arrays(best, chosen)
+    if a.size == 0:
+        raise ConfigError("a paired gap interval needs at least one subject")
+    if int(n_bootstrap) < 1:
+        raise ConfigError(f"n_bootstrap must be >= 1, got {n_bootstrap}")
+    diff = a - b
+    rng = np.random.default_rng([int(seed), 29])
+    boots = diff[rng.integers(0, diff.size, (int(n_bootstrap), diff.size))].mean(axis=1)
+    lo, hi = np.quantile(boots, [(1 - level) / 2, (1 + level) / 2])
+    return float(lo), float(hi)
+
+
+def _aligned(subject_scores: Mapping[str, Mapping[str, float]], names: Sequence[str]) -> dict:
+    """Each source's per-subject scores as arrays in one shared subject order."""
+    ids = sorted(subject_scores[names[0]])
+    for n in names:
+        if sorted(subject_scores[n]) != ids:
+            raise ConfigError(
+                f"per-subject scores of sources {names[0]!r} and {n!r} name different subjects: "
+                "every source's model must score the same target subjects"
+            )
+    return {n: np.array([float(subject_scores[n][i]) for i in ids]) for n in names}
+
+
+def selection_agreement(
+    distances: Mapping[str, float],
+    scores: Mapping[str, float],
+    subject_scores: Mapping[str, Mapping[str, float]] | None = None,
+    n_bootstrap: int = 2000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> dict:
     """How well a distance ranks candidate sources for one target.
+
+    "The best source" is only as sharp as the target's subjects allow: two sources whose Dice
+    differ by less than the sampling noise are tied in all but name. With ``subject_scores``
+    (every source's model scored on the same target subjects) a paired bootstrap over those
+    subjects gives an interval of Dice(best) − Dice(chosen); a miss whose interval holds 0 is
+    counted *within noise*. The strict ``top1`` is kept as it is.
+
+    Args:
+        distances: ``{source: distance to the target}``.
+        scores: ``{source: mean score on the target}``.
+        subject_scores: ``{source: {subject: score}}`` on the target (optional).
+        n_bootstrap: subject resamples of the gap interval.
+        seed: bootstrap seed.
+        level: interval coverage.
 
     Returns:
         ``{"ranking": closest first, "best": best-scoring source, "top1": bool, "regret": the
         best score minus the closest source's score (0 on a hit: what trusting the distance
         cost), "spearman": rank correlation of −distance with the score (None below 3 sources
-        or when constant)}``.
+        or when constant)}``; with ``subject_scores`` also ``"regret_ci95"`` (paired bootstrap
+        interval of the regret, ``[0, 0]`` on a hit) and ``"top1_within_noise"`` (a hit, or the
+        interval holds 0).
+
+    Raises:
+        ConfigError: the mappings name different sources or subjects.
     """
     names = list(distances)
     hit = top1_hit(distances, scores)
@@ -264,17 +336,76 @@ def selection_agreement(distances: Mapping[str, float], scores: Mapping[str, flo
         r, _ = _rank_pair(-d, s)
         rho = None if not np.isfinite(r) else r
     ranking = rank_sources(distances)
-    return {
+    best = names[int(np.argmax(s))]
+    out = {
         "ranking": ranking,
-        "best": names[int(np.argmax(s))],
+        "best": best,
         "top1": hit,
         "regret": float(s.max() - float(scores[ranking[0]])),
         "spearman": rho,
     }
+    if subject_scores is not None:
+        if set(subject_scores) != set(distances):
+            raise ConfigError(
+                f"per-subject scores name sources {sorted(subject_scores)}, "
+                f"distances {sorted(distances)}"
+            )
+        per = _aligned(subject_scores, names)
+        if hit:
+            ci = (0.0, 0.0)
+        else:
+            ci = paired_gap_interval(per[best], per[ranking[0]], n_bootstrap, seed, level)
+        out["regret_ci95"] = [ci[0], ci[1]]
+        out["top1_within_noise"] = bool(hit or ci[0] <= 0.0 <= ci[1])
+    return out
 
 
-def top1_hit_rate(selections: Sequence[Mapping]) -> float:
-    """Share of targets whose closest source was (one of) the best (from :func:`selection_agreement`)."""
+def tied_with_best(
+    scores: Mapping[str, float],
+    subject_scores: Mapping[str, Mapping[str, float]],
+    n_bootstrap: int = 2000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> list[str]:
+    """The sources a pick would count as "top-1 within noise" for one target: the best-scoring
+    source and every source whose paired interval of Dice(best) − Dice(source) holds 0 (the
+    same interval, seed for seed, that :func:`selection_agreement` computes for a chosen
+    source). Their share of all sources is what a random pick scores within noise: the chance
+    level a distance's within-noise rate must beat.
+
+    Raises:
+        ConfigError: the mappings name different sources or subjects.
+    """
+    names = list(scores)
+    if set(subject_scores) != set(names):
+        raise ConfigError(
+            f"per-subject scores name sources {sorted(subject_scores)}, scores {sorted(names)}"
+        )
+    per = _aligned(subject_scores, names)
+    top = max(float(v) for v in scores.values())
+    best = names[int(np.argmax([float(scores[n]) for n in names]))]
+    tied = []
+    for n in names:
+        if float(scores[n]) >= top:
+            tied.append(n)
+            continue
+        lo, hi = paired_gap_interval(per[best], per[n], n_bootstrap, seed, level)
+        if lo <= 0.0 <= hi:
+            tied.append(n)
+    return tied
+
+
+def top1_hit_rate(selections: Sequence[Mapping], key: str = "top1") -> float:
+    """Share of targets whose closest source was (one of) the best (from
+    :func:`selection_agreement`); ``key="top1_within_noise"`` counts ties within the sampling
+    noise as hits too."""
     if not selections:
         raise ConfigError("no targets to score source selection on")
-    return float(np.mean([bool(s["top1"]) for s in selections]))
+    if key not in ("top1", "top1_within_noise"):
+        raise ConfigError(f"unknown selection verdict {key!r}")
+    missing = [i for i, s in enumerate(selections) if key not in s]
+    if missing:
+        raise ConfigError(
+            f"{len(missing)} selection verdict(s) lack {key!r} (no per-subject scores)"
+        )
+    return float(np.mean([bool(s[key]) for s in selections]))

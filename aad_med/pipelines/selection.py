@@ -1,8 +1,9 @@
 """Source selection for ``aad-transfer target=DIR sources.NAME=DIR ...``: which candidate
 training cohort is closest to a target, by every distance of
 :data:`aad_med.pipelines.transfer.DISTANCES`; with ``verify`` one segmenter per source checks
-whether the closest source really scores best on the target (top-1) and how the distance ranking
-correlates with the achieved Dice."""
+whether the closest source really scores best on the target (top-1, strict and within the
+sampling noise of the target's subjects) and how the distance ranking correlates with the
+achieved Dice."""
 
 from __future__ import annotations
 
@@ -80,6 +81,7 @@ def run_selection(
         "verified": bool(s.verify),
         "settings": settings_record(s, checkpoint),
     }
+    on_target: dict[str, dict[str, float]] = {}  # per subject: the paired bootstrap of ties
     if s.verify:
         for row in rows:
             name = row["name"]
@@ -93,6 +95,7 @@ def run_selection(
             )
             row["dice_on_target"] = float(np.mean(list(scores[target_name].values())))
             row["dice_own_test"] = float(np.mean(list(scores[name].values())))
+            on_target[name] = dict(scores[target_name])
     known = [d for d in DISTANCES if all(r["distances"][d] is not None for r in rows)]
     result["rankings"] = {
         d: rank_sources({r["name"]: r["distances"][d] for r in rows}) for d in known
@@ -100,7 +103,13 @@ def run_selection(
     if s.verify:
         achieved = {r["name"]: r["dice_on_target"] for r in rows}
         result["selection"] = {
-            d: selection_agreement({r["name"]: r["distances"][d] for r in rows}, achieved)
+            d: selection_agreement(
+                {r["name"]: r["distances"][d] for r in rows},
+                achieved,
+                on_target,
+                s.n_bootstrap,
+                s.seed,
+            )
             for d in known
         }
     write_selection_outputs(run_dir, result)
@@ -120,10 +129,15 @@ def selection_suite(
 
     Returns:
         ``{"dice": {source: {target: mean score}}, "distances": {source: {target: {...}}},
-        "per_target": {distance: {target: selection_agreement}}, "summary": {distance:
-        {"top1_rate", "regret_mean", "spearman_mean", "n_targets"}}}``.
+        "dice_subjects": {source: {target: {subject: score}}}, "per_target": {distance:
+        {target: selection_agreement}}, "summary": {distance: {"top1_rate",
+        "top1_within_noise_rate", "regret_mean", "spearman_mean", "n_targets"}}}``. Strict top-1
+        counts a miss however small; within noise, a miss whose paired bootstrap interval of
+        Dice(best) − Dice(chosen) over the target's subjects holds 0 counts as a hit.
+        ``"chance": {"top1_rate", "top1_within_noise_rate", "tied_with_best": {target:
+        [sources]}}`` is what a random pick of a source would score.
     """
-    from aad_med.distances.transfer import selection_agreement, top1_hit_rate
+    from aad_med.distances.transfer import selection_agreement, tied_with_best, top1_hit_rate
     from aad_med.pipelines.transfer import require_segmentations
 
     s = settings or TransferSettings()
@@ -136,11 +150,14 @@ def selection_suite(
     tgts = load_named_cohorts(targets)
     require_segmentations({**srcs, **tgts})
     dice: dict[str, dict[str, float]] = {}
+    dice_subjects: dict[str, dict[str, dict[str, float]]] = {}
     distances: dict[str, dict] = {}
     embedded: dict = {}  # each target is embedded once for all sources
     for name, cohort in srcs.items():
         scored = train_and_score(cohort, tgts, s, run_dir / "sources" / name, name)
         dice[name] = {t: float(np.mean(list(scored.scores[t].values()))) for t in tgts}
+        # per subject: every source's model scores the same target subjects (a paired design)
+        dice_subjects[name] = {t: dict(scored.scores[t]) for t in tgts}
         distances[name] = pair_distances(checkpoint, cohort, tgts, s, embedded)
         for t in tgts:
             distances[name][t].update(
@@ -153,15 +170,46 @@ def selection_suite(
             continue  # a segmenter distance without enough held-out subjects
         per_target[d] = {
             t: selection_agreement(
-                {src: distances[src][t][d] for src in srcs}, {src: dice[src][t] for src in srcs}
+                {src: distances[src][t][d] for src in srcs},
+                {src: dice[src][t] for src in srcs},
+                {src: dice_subjects[src][t] for src in srcs},
+                s.n_bootstrap,
+                s.seed + i,
             )
-            for t in tgts
+            for i, t in enumerate(tgts)
         }
-        rhos = [a["spearman"] for a in per_target[d].values() if a["spearman"] is not None]
+        verdicts = list(per_target[d].values())
+        rhos = [a["spearman"] for a in verdicts if a["spearman"] is not None]
         summary[d] = {
-            "top1_rate": top1_hit_rate(list(per_target[d].values())),
+            "top1_rate": top1_hit_rate(verdicts),
+            "top1_within_noise_rate": top1_hit_rate(verdicts, "top1_within_noise"),
             "regret_mean": float(np.mean([a["regret"] for a in per_target[d].values()])),
             "spearman_mean": float(np.mean(rhos)) if rhos else None,
             "n_targets": len(tgts),
         }
-    return {"dice": dice, "distances": distances, "per_target": per_target, "summary": summary}
+    # What a random pick scores, strict and within noise: the level a distance must beat.
+    tied = [
+        tied_with_best(
+            {src: dice[src][t] for src in srcs},
+            {src: dice_subjects[src][t] for src in srcs},
+            s.n_bootstrap,
+            s.seed + i,
+        )
+        for i, t in enumerate(tgts)
+    ]
+    best_share = [
+        sum(dice[src][t] >= max(dice[x][t] for x in srcs) for src in srcs) / len(srcs) for t in tgts
+    ]
+    chance = {
+        "top1_rate": float(np.mean(best_share)),
+        "top1_within_noise_rate": float(np.mean([len(x) / len(srcs) for x in tied])),
+        "tied_with_best": dict(zip(tgts, tied, strict=True)),
+    }
+    return {
+        "dice": dice,
+        "chance": chance,
+        "dice_subjects": dice_subjects,
+        "distances": distances,
+        "per_target": per_target,
+        "summary": summary,
+    }

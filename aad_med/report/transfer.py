@@ -218,6 +218,20 @@ def write_transfer_outputs(
     write_json(run_dir / "transfer.json", result)
 
 
+def _verdict(sel: Mapping, n_subjects: int) -> str:
+    """A selection verdict in words: a hit, a miss within the sampling noise, or a real loss."""
+    if sel["top1"]:
+        return "the best"
+    text = f"not the best: {sel['regret']:.4f} Dice below {sel['best']}"
+    ci = sel.get("regret_ci95")
+    if ci is None:
+        return text
+    text += f", 95% interval {ci[0]:+.4f} to {ci[1]:+.4f} over the {n_subjects} target subjects"
+    if sel.get("top1_within_noise"):
+        return text + ": a tie within the sampling noise"
+    return text + ": a real loss"
+
+
 def selection_markdown(result: Mapping) -> str:
     """The plain-words section of a source-selection run."""
     tgt = result["target"]
@@ -234,8 +248,8 @@ def selection_markdown(result: Mapping) -> str:
         for d, sel in result["selection"].items():
             rho = "n/a" if sel["spearman"] is None else f"{sel['spearman']:.2f}"
             lines.append(
-                f"- {LABELS[d]}: picked {sel['ranking'][0]} "
-                f"({'the best' if sel['top1'] else 'not the best'}); rank correlation {rho}"
+                f"- {LABELS[d]}: picked {sel['ranking'][0]} ({_verdict(sel, tgt['n'])}); "
+                f"rank correlation {rho}"
             )
     else:
         lines += ["", "Not verified (verify=true trains one segmenter per source to check)."]

@@ -1,6 +1,6 @@
 """Relating distances to performance drops (aad_med.distances.transfer): rank correlations
 against scipy, bootstrap intervals, the isotonic fit against scikit-learn's, the prediction
-interval, and source-selection scores."""
+interval, and source-selection scores (strict and within the subjects' sampling noise)."""
 
 from __future__ import annotations
 
@@ -11,9 +11,11 @@ from scipy import stats
 from aad_med.distances.transfer import (
     drop_interval,
     fit_monotone,
+    paired_gap_interval,
     rank_correlations,
     rank_sources,
     selection_agreement,
+    tied_with_best,
     top1_hit,
     top1_hit_rate,
 )
@@ -143,3 +145,89 @@ def test_drop_interval_holds_the_drop_and_zero_only_without_a_loss():
         drop_interval([], worse)
     with pytest.raises(ConfigError):
         drop_interval(src, [0.5, float("nan")])
+
+
+def _subjects(values) -> dict[str, float]:
+    return {f"s{i:02d}": float(v) for i, v in enumerate(values)}
+
+
+def test_selection_within_noise_separates_clear_misses_from_ties():
+    rng = np.random.default_rng(4)
+    base = rng.uniform(0.4, 0.95, 16)  # subjects differ far more than the sources do
+    dist = {"a": 0.9, "b": 0.2, "c": 0.5}  # every distance picks b
+    # a clear winner (a, +0.10 on every subject) that was not chosen: a real miss
+    clear = {"a": base + 0.10, "b": base + rng.normal(0, 0.01, 16), "c": base - 0.2}
+    # a and b differ by 0.001 on average but 0.03 per subject: a tie, whoever wins
+    tie_diff = rng.normal(0, 0.03, 16)
+    tie_diff += 0.001 - tie_diff.mean()
+    tie = {"a": base + tie_diff, "b": base, "c": base - 0.2}
+    # b chosen and best: a hit
+    hit = {"a": base - 0.05, "b": base, "c": base - 0.2}
+    verdicts = []
+    for per_subject in (clear, tie, hit):
+        means = {k: float(v.mean()) for k, v in per_subject.items()}
+        subj = {k: _subjects(v) for k, v in per_subject.items()}
+        verdicts.append(selection_agreement(dist, means, subj, n_bootstrap=2000, seed=0))
+    v_clear, v_tie, v_hit = verdicts
+    assert not v_clear["top1"] and not v_clear["top1_within_noise"]
+    assert v_clear["best"] == "a" and 0.05 < v_clear["regret_ci95"][0] < v_clear["regret"]
+    assert not v_tie["top1"] and v_tie["top1_within_noise"]
+    assert v_tie["best"] == "a" and v_tie["regret"] == pytest.approx(0.001)
+    assert v_tie["regret_ci95"][0] < 0 < v_tie["regret_ci95"][1]
+    assert v_hit["top1"] and v_hit["top1_within_noise"] and v_hit["regret_ci95"] == [0.0, 0.0]
+    # the strict rate is the same with or without per-subject scores; within noise adds the tie
+    plain = [selection_agreement(dist, {k: float(v.mean()) for k, v in ps.items()})
+             for ps in (clear, tie, hit)]  # fmt: skip
+    assert "top1_within_noise" not in plain[0]
+    assert top1_hit_rate(verdicts) == top1_hit_rate(plain) == pytest.approx(1 / 3)
+    assert top1_hit_rate(verdicts, "top1_within_noise") == pytest.approx(2 / 3)
+    with pytest.raises(ConfigError, match="lack"):
+        top1_hit_rate(plain, "top1_within_noise")
+    # subjects are matched by id, not by position
+    shuffled = {k: dict(reversed(list(_subjects(v).items()))) for k, v in clear.items()}
+    again = selection_agreement(
+        dist, {k: float(v.mean()) for k, v in clear.items()}, shuffled, n_bootstrap=2000, seed=0
+    )
+    assert again["regret_ci95"] == pytest.approx(v_clear["regret_ci95"])
+    with pytest.raises(ConfigError, match="different subjects"):
+        selection_agreement(dist, {k: float(v.mean()) for k, v in clear.items()},
+                            {**shuffled, "c": _subjects(base[:-1])})  # fmt: skip
+
+
+def test_tied_with_best_is_the_chance_level_of_a_pick():
+    rng = np.random.default_rng(6)
+    base = rng.uniform(0.4, 0.95, 16)
+    per_subject = {
+        "a": base + 0.001 + rng.normal(0, 0.03, 16),  # tied with b
+        "b": base,
+        "c": base - 0.10,  # clearly worse
+    }
+    means = {k: float(v.mean()) for k, v in per_subject.items()}
+    subj = {k: _subjects(v) for k, v in per_subject.items()}
+    best = max(means, key=means.get)
+    tied = tied_with_best(means, subj, n_bootstrap=2000, seed=3)
+    assert set(tied) == {"a", "b"} and best in tied
+    # a distance that picks any source gets "within noise" exactly when that source is tied
+    for pick, dist in (("a", {"a": 0, "b": 1, "c": 2}), ("b", {"a": 1, "b": 0, "c": 2}),
+                       ("c", {"a": 1, "b": 2, "c": 0})):  # fmt: skip
+        v = selection_agreement(dist, means, subj, n_bootstrap=2000, seed=3)
+        assert v["ranking"][0] == pick and v["top1_within_noise"] == (pick in tied)
+    with pytest.raises(ConfigError):
+        tied_with_best(means, {"a": subj["a"], "b": subj["b"]})
+
+
+def test_paired_gap_interval_uses_the_pairing():
+    rng = np.random.default_rng(5)
+    best = rng.uniform(0.3, 0.95, 16)
+    chosen = best - 0.01 + rng.normal(0, 0.002, 16)  # 0.01 worse on every subject
+    lo, hi = paired_gap_interval(best, chosen, 2000, seed=0)
+    assert 0 < lo < np.mean(best - chosen) < hi < 0.02
+    # unpaired, the subjects' own spread would swamp the 0.01 gap
+    assert drop_interval(best, chosen, 2000, seed=0)[0] < 0
+    assert paired_gap_interval(best, chosen, 500, seed=1) == paired_gap_interval(
+        best, chosen, 500, seed=1
+    )
+    with pytest.raises(ConfigError):
+        paired_gap_interval(best, chosen[:-1])
+    with pytest.raises(ConfigError):
+        paired_gap_interval([], [])

@@ -25,6 +25,7 @@ from aad_med.pipelines.transfer import (
     run_transfer,
     segmenter_distances,
 )
+from aad_med.report.transfer import LABELS
 
 TARGETS = ("same", "noisy", "blurred")
 transfer_data = transfer_factory.transfer_data  # the shared fixture
@@ -256,6 +257,19 @@ def test_source_selection_ranks_and_verifies(transfer_data, tmp_path, monkeypatc
         sel = on_disk["selection"][d]
         achieved = {r["name"]: r["dice_on_target"] for r in on_disk["sources"]}
         assert sel["top1"] == (achieved[ranking[0]] >= max(achieved.values()))
+        # a tie within the target subjects' noise is counted apart, never instead of top1
+        lo, hi = sel["regret_ci95"]
+        assert sel["top1_within_noise"] == (sel["top1"] or lo <= 0 <= hi)
+        assert (lo, hi) == (0.0, 0.0) if sel["top1"] else lo <= sel["regret"] <= hi
+    md = (tmp_path / "sel" / "transfer.md").read_text()
+    for d, sel in on_disk["selection"].items():
+        words = (
+            "(the best)" if sel["top1"]
+            else "a tie within the sampling noise" if sel["top1_within_noise"]
+            else "a real loss"
+        )  # fmt: skip
+        line = next(x for x in md.splitlines() if x.startswith(f"- {LABELS[d]}: picked"))
+        assert words in line
     for name in sources:
         assert (
             tmp_path / "sel" / "sources" / name / "segmenter" / "checkpoints" / "last.pt"

@@ -8,6 +8,7 @@ import importlib.util
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "transferability.py"
@@ -73,3 +74,32 @@ def test_quick_mode_writes_a_consistent_summary(transferability, tmp_path):
             )
         rate = sum(v["top1"] for v in per_target.values()) / len(per_target)
         assert sel["summary"][d]["top1_rate"] == pytest.approx(rate)
+        # within noise: a hit, or a miss whose paired interval over the subjects holds 0
+        for t, verdict in per_target.items():
+            lo, hi = verdict["regret_ci95"]
+            assert verdict["top1_within_noise"] == (verdict["top1"] or lo <= 0 <= hi)
+            scores = {src: sel["dice_subjects"][src][t] for src in sel["dice"]}
+            assert all(
+                np.mean(list(scores[src].values())) == pytest.approx(sel["dice"][src][t])
+                for src in scores
+            )
+            # the chance level counts the same ties: a pick is within noise iff it is tied
+            assert verdict["top1_within_noise"] == (
+                verdict["ranking"][0] in sel["chance"]["tied_with_best"][t]
+            )
+        noise = sum(v["top1_within_noise"] for v in per_target.values()) / len(per_target)
+        assert sel["summary"][d]["top1_within_noise_rate"] == pytest.approx(noise)
+        assert noise >= rate
+    n_src = len(sel["dice"])
+    tied = sel["chance"]["tied_with_best"]
+    assert sel["chance"]["top1_within_noise_rate"] == pytest.approx(
+        np.mean([len(tied[t]) / n_src for t in transferability.QUICK_TARGETS])
+    )
+    assert "random pick" in md
+    with open(out / "transferability_selection.csv", newline="") as f:
+        sel_rows = list(csv.DictReader(f))
+    assert len(sel_rows) == sum(len(p) for p in sel["per_target"].values())
+    for row in sel_rows:
+        verdict = sel["per_target"][row["distance"]][row["target"]]
+        assert int(row["top1_within_noise"]) == verdict["top1_within_noise"]
+    assert "within noise" in md
