@@ -30,7 +30,8 @@ import os
 import stat
 import struct
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -427,14 +428,21 @@ def read_stored(img: nib.Nifti1Image, path: str | Path, volume: int | None) -> n
         InputError: unreadable, truncated or corrupt file (named).
     """
     shape = img.shape
+    with _reading_voxels(path):
+        data = _stored_array(img, path)
+        if volume is None:
+            return data.reshape(shape[:3], order="A")
+        if volume == -1:
+            return data
+        return data[..., volume]
+
+
+@contextmanager
+def _reading_voxels(path: str | Path) -> Iterator[None]:
+    """Turn what reading a file's voxels can raise into one :class:`InputError` naming it."""
     try:
         with np.errstate(all="ignore"):
-            data = _stored_array(img, path)
-            if volume is None:
-                return data.reshape(shape[:3], order="A")
-            if volume == -1:
-                return data
-            return data[..., volume]
+            yield
     except PermissionError:
         raise InputError(path, "permission denied (file is not readable)") from None
     except (EOFError, zlib.error, gzip.BadGzipFile, _InflateError) as e:
@@ -458,17 +466,8 @@ def read_mid_slice(source: ImageSource, max_voxels: int = MAX_VOXELS) -> np.ndar
     index: tuple = (slice(None), slice(None), img.shape[2] // 2)
     if source.volume is not None:
         index += (source.volume,)
-    try:
-        with np.errstate(all="ignore"):
-            return np.asarray(img.dataobj[index], dtype=np.float32)
-    except PermissionError:
-        raise InputError(source.path, "permission denied (file is not readable)") from None
-    except (EOFError, zlib.error, gzip.BadGzipFile) as e:
-        raise InputError(source.path, f"truncated or corrupt file ({_short(e)})") from None
-    except (OSError, ValueError, TypeError, MemoryError, OverflowError) as e:
-        raise InputError(
-            source.path, f"could not read voxel data, file truncated? ({_short(e)})"
-        ) from None
+    with _reading_voxels(source.path):
+        return np.asarray(img.dataobj[index], dtype=np.float32)
 
 
 _TILE = 32
