@@ -1,17 +1,22 @@
 #!/usr/bin/env bash
-# Every check aad-med needs from a GPU, as one prepared run (at most about 9 minutes):
+# Every check aad-med needs from a GPU, as one prepared run (about 10 minutes at most):
 # the CUDA and cuDNN versions, the gpu-marked tests, a short aad-train and aad-compare on CUDA,
 # the same comparison on the CPU (are the vectors the same?), and scripts/benchmark.py on
 # CUDA. Each step has its own time limit and the run goes on when one fails; summary.txt says
-# which passed. Figures go to $OUT (the device tool's folder; default outputs/gpu_checks).
+# which passed. Results go to $OUT (the device tool's folder; default outputs/gpu_checks), in
+# at most 8 files because the device tool returns no more: summary.txt, log.txt (every step's
+# output, appended as each step ends, so a run cut short still returns what it did),
+# cuda_vs_cpu.json and the benchmark's json/md for B3+B4 and for B2.
 #
 #   bash scripts/device_deps.sh                      # here, once: stage the missing packages
-#   device run: carry=[".devdeps"], command="bash scripts/gpu_checks.sh", timeout_s=590
+#   device run: carry=[".devdeps"], command="bash scripts/gpu_checks.sh", timeout_s=600
 #
 # The sections of scripts/benchmark.py that a GPU changes run (B2 training step variants, B3
-# loader, B4 encoding); the CPU-only ones (B1, B5, B6) are measured on the CPU machines.
+# loader, B4 encoding at 240x240x155); the CPU-only ones (B1, B5, B6) are measured on the CPU
+# machines. B2 runs last and alone: its torch.compile variants are the slowest to start, and a
+# benchmark writes its files only at its end.
 #
-# BENCHMARKS.md's GPU rows take their figures from benchmark.md and cuda_vs_cpu.json.
+# BENCHMARKS.md's GPU rows take their figures from these files.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-outputs/gpu_checks}
@@ -21,18 +26,21 @@ PY=${PYTHON:-python3}
 WORK=$(mktemp -d)
 summary="$OUT/summary.txt"
 : > "$summary"
+: > "$OUT/log.txt"
 
-step() {  # step NAME SECONDS COMMAND...: run with a limit, log to $OUT/NAME.txt, record status
+step() {  # step NAME SECONDS COMMAND...: run with a limit, append its output to log.txt
   local name=$1 limit=$2
   shift 2
   local t0=$SECONDS
-  timeout "$limit" "$@" > "$OUT/$name.txt" 2>&1
+  timeout "$limit" "$@" > "$WORK/$name.txt" 2>&1
   local rc=$?
+  { echo "===== $name (exit $rc, $((SECONDS - t0)) s)"; tail -c 20000 "$WORK/$name.txt"; } \
+    >> "$OUT/log.txt"
   echo "$name: $([ $rc -eq 0 ] && echo PASS || echo "FAIL (exit $rc)") in $((SECONDS - t0)) s" \
     | tee -a "$summary"
 }
 
-step env 30 $PY - <<'PY'
+step env 60 $PY - <<'PY'
 import torch
 print("torch", torch.__version__, "cuda", torch.version.cuda)
 print("cuda available", torch.cuda.is_available())
@@ -41,20 +49,23 @@ print("device", torch.cuda.get_device_name(0))
 v = torch.backends.cudnn.version()
 print("cudnn", v)
 assert v is not None and v >= 91500, f"cuDNN {v} < 9.15 (91500)"
-import monai, nibabel, hydra
-print("monai", monai.__version__, "nibabel", nibabel.__version__, "hydra", hydra.__version__)
+import monai, nibabel, hydra, numpy, scipy
+print("monai", monai.__version__, "nibabel", nibabel.__version__, "hydra", hydra.__version__,
+      "numpy", numpy.__version__, "scipy", scipy.__version__)
 try:
     import isal
     print("isal", isal.__version__)
 except ImportError:
     print("isal missing: zlib decoding")
+import aad_med.cli.compare, aad_med.cli.train  # every import the checks below need
 PY
 
 step pytest_gpu 120 $PY -m pytest -m gpu -q -p no:cacheprovider tests
 
 # A short real run on CUDA: two synthetic sites at the default volume size, the default model.
-$PY -m aad_med.cli.synth "$WORK/site_a" --n-subjects 12 --site reference --seed 0 > /dev/null
-$PY -m aad_med.cli.synth "$WORK/site_b" --n-subjects 12 --site scanner_b --seed 1 > /dev/null
+step synth 60 bash -c "
+  $PY -m aad_med.cli.synth $WORK/site_a --n-subjects 12 --site reference --seed 0 &&
+  $PY -m aad_med.cli.synth $WORK/site_b --n-subjects 12 --site scanner_b --seed 1"
 step train_compare 150 bash -c "
   $PY -m aad_med.cli.train 'data.cohorts=[$WORK/site_a]' trainer=gpu trainer.max_epochs=3 \
       trainer.progress=false hydra.run.dir=$WORK/train &&
@@ -84,6 +95,10 @@ rel = abs(pair["cuda"]["aad"] - pair["cpu"]["aad"]) / max(abs(pair["cpu"]["aad"]
 assert rel < 1e-3, f"AAD differs between CUDA and CPU by {rel:.2e} (relative)"
 PY
 
-step benchmark 220 $PY scripts/benchmark.py --device cuda --only B2,B3,B4 --out "$WORK/bench" --tmp "$WORK/tmp"
-cp "$WORK"/bench/benchmark.md "$WORK"/bench/benchmark.json "$OUT"/ 2>/dev/null
+bench() {  # NAME SECTIONS -> a command line: one benchmark run, its json/md copied to $OUT
+  echo "$PY scripts/benchmark.py --device cuda --only $2 --out $WORK/$1 --tmp $WORK &&
+    cp $WORK/$1/benchmark.json $OUT/$1.json && cp $WORK/$1/benchmark.md $OUT/$1.md"
+}
+step bench_b3_b4 130 bash -c "$(bench bench_b3_b4 B3,B4)"
+step bench_b2 150 bash -c "$(bench bench_b2 B2)"
 cat "$summary"
