@@ -71,6 +71,9 @@ class Sizes:
     b2_batch: int | None  # None: trainer.batch_size from configs/
     b2_steps: int
     b3_steps: int
+    # On CUDA a step takes milliseconds: B2 and B3 time this many steps there instead, so that
+    # launch jitter and clock ramp-up average out (4 steps of 6 ms measured noise on an H200).
+    cuda_steps: int
     b4_subjects: int
     b5_small: tuple[int, int, int]  # subjects per cohort, dimensions, permutations
     b5_large: tuple[int, int, int]
@@ -87,6 +90,7 @@ QUICK = Sizes(
     b2_batch=4,
     b2_steps=2,
     b3_steps=3,
+    cuda_steps=10,
     b4_subjects=3,
     b5_small=(300, 64, 2000),
     b5_large=(1000, 256, 10_000),
@@ -102,6 +106,7 @@ FULL = Sizes(
     b2_batch=None,
     b2_steps=4,
     b3_steps=6,
+    cuda_steps=100,
     b4_subjects=3,
     b5_small=(300, 64, 10_000),
     b5_large=(1000, 256, 10_000),
@@ -397,6 +402,7 @@ def bench_train_step(ctx: dict) -> dict:
     else:
         rate_dtype, rate = "fp32", matmul_rate(dev, torch.float32, 1024)
         cudnn = None
+    steps = sz.cuda_steps if cuda else sz.b2_steps
     variants = {
         "fp32_eager": dict(bf16=False, channels_last=False, compile_model=False, bench=False),
         "bf16_cudnn_benchmark": dict(bf16=True, channels_last=False, compile_model=False),
@@ -419,7 +425,7 @@ def bench_train_step(ctx: dict) -> dict:
             step = _Step(build_model(cfg), dev, **v)
             x = step.prepare(x_cpu)
             warm = 3 if not v["compile_model"] else 5
-            sps, loss0 = _time_steps(step, x, sz.b2_steps, warm)
+            sps, loss0 = _time_steps(step, x, steps, warm)
             out[name] = {
                 "status": "measured",
                 "steps_per_s": sps,
@@ -441,7 +447,7 @@ def bench_train_step(ctx: dict) -> dict:
             "model": cfg,
             "batch": batch,
             "patch_size": p,
-            "timed_steps": sz.b2_steps,
+            "timed_steps": steps,
             "cudnn_version": cudnn,
         },
         "flops_per_step": flops,
@@ -506,7 +512,8 @@ def bench_loader(ctx: dict) -> dict:
     ideal_step(x)
     _sync(dev)
     real_t, ideal_t = [], []
-    for _ in range(sz.b3_steps):
+    steps = sz.cuda_steps if cuda else sz.b3_steps
+    for _ in range(steps):
         t0 = time.perf_counter()
         real_step(real_step.prepare(next(it)))
         _sync(dev)
@@ -520,7 +527,7 @@ def bench_loader(ctx: dict) -> dict:
     return {
         "config": {
             "batch_shape": list(shape),
-            "steps": sz.b3_steps,
+            "steps": steps,
             "precision": "bf16" if cuda else "fp32",
             "num_workers": int(d["num_workers"]),
             "random_tensors_on": dev.type,

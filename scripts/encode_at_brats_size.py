@@ -20,8 +20,14 @@ Measures, one thread each (OMP_NUM_THREADS=1), every command a fresh process:
   default features with the per-subject step (what a user runs), and ``multiscale+texture``
   (the default before issue 18) without it (the set-up of the first measurement).
 
+- the default encoder with the preprocessed cache: a first comparison (empty cache) and a second
+  one with another default-size checkpoint, with the per-subject step: the second-run ratio and
+  the forward pass's share of it (``timings``) for the encoder users get.
+
 ``--quick-old`` leaves out the old tree's runs with the per-subject step (its image-quality
-metrics take ~16 s per BraTS subject).
+metrics take ~16 s per BraTS subject). ``--only tiny`` / ``--only default`` runs one half.
+``--device cuda`` encodes on the GPU (the data path stays on one CPU thread, as measured here):
+``scripts/gpu_checks.sh`` runs ``--device cuda --only default`` on a lent GPU.
 
 The phantoms come from an independent generator (an ellipsoid brain with texture and noise),
 not from :mod:`aad_med.data.synthetic`. Writes ``encode_brats.json``.
@@ -43,6 +49,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 CHANNELS = ("t1", "t1ce", "t2", "flair")
+DEVICE = "cpu"  # --device
 
 
 def phantoms(root: Path, n: int, seed: int, shape=(240, 240, 155)) -> Path:
@@ -86,7 +93,10 @@ def checkpoint(path: Path, seed: int, **model) -> Path:
 
 def env_for(tree: Path, cache: Path) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", MPLBACKEND="Agg")
-    env["PYTHONPATH"] = str(tree)
+    # The tree first; what PYTHONPATH held already (a GPU machine's staged packages) after it.
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(tree), os.environ.get("PYTHONPATH", "")) if p
+    )
     env["AAD_MED_CACHE"] = str(cache)
     return env
 
@@ -99,7 +109,7 @@ def compare(tree: Path, ckpt: Path, a: Path, b: Path, out: Path, cache: Path, *e
         f"checkpoint={ckpt}",
         f"cohorts.a={a}",
         f"cohorts.b={b}",
-        "device=cpu",
+        f"device={DEVICE}",
         "embedding.progress=false",
         f"hydra.run.dir={out}",
         *extra,
@@ -134,24 +144,34 @@ def main(argv=None) -> int:
     ap.add_argument("--old", type=Path, default=None, help="checkout of the code before")
     ap.add_argument("--default-subjects", type=int, default=4)
     ap.add_argument("--quick-old", action="store_true", help="old tree: no per-subject step runs")
+    ap.add_argument("--device", default="cpu", help="cpu | cuda (the encoder's device)")
+    ap.add_argument(
+        "--only", choices=("tiny", "default"), default=None, help="one half of the runs"
+    )
     args = ap.parse_args(argv)
+    global DEVICE
+    DEVICE = args.device
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     n = args.subjects
     data = out / "data"
-    if not (data / "b").is_dir():
-        phantoms(data / "a", n, 0)
-        phantoms(data / "b", n, 1)
-        phantoms(data / "ta", 2, 2, shape=(64, 64, 48))
-        phantoms(data / "tb", 2, 3, shape=(64, 64, 48))
-        phantoms(data / "da", args.default_subjects, 4)
-        phantoms(data / "db", args.default_subjects, 5)
+    tiny_runs, default_runs_wanted = args.only != "default", args.only != "tiny"
+    wanted = {"ta": (2, 2, (64, 64, 48)), "tb": (2, 3, (64, 64, 48))}
+    if tiny_runs:
+        wanted |= {"a": (n, 0, None), "b": (n, 1, None)}
+    if default_runs_wanted:
+        wanted |= {"da": (args.default_subjects, 4, None), "db": (args.default_subjects, 5, None)}
+    for name, (count, seed, shape) in wanted.items():
+        if not (data / name).is_dir():
+            phantoms(data / name, count, seed, **({"shape": shape} if shape else {}))
     tiny = dict(channels=(4, 4, 4), latent_dim=4)
     ck = [checkpoint(out / f"tiny{i}.pt", i, **tiny) for i in range(2)]
-    ck_default = checkpoint(out / "default.pt", 0)
+    ck_default = [checkpoint(out / f"default{i}.pt", i) for i in range(2)]
     res: dict = {"subjects_per_cohort": n, "shape": [240, 240, 155], "runs": {}}
+    res["device"] = DEVICE
     res["loadavg_start"] = os.getloadavg()
-    res["decode_s_per_subject"] = decode_seconds([data / "a", data / "b"])
+    baseline = [data / "a", data / "b"] if tiny_runs else [data / "da", data / "db"]
+    res["decode_s_per_subject"] = decode_seconds(baseline)
     trees = {"new": REPO} | ({"old": args.old} if args.old else {})
     lat = ["embedding.features=latent", "regional=false", "decode_means=false"]
     step = {"subjects": ["subjects=true"], "nosubjects": ["subjects=false"]}
@@ -175,22 +195,20 @@ def main(argv=None) -> int:
         print(f"{label}: {(big - start) / k:.3f} s per subject", flush=True)
         return (big - start) / k
 
-    for name, tree in trees.items():
+    for name, tree in trees.items() if tiny_runs else ():
         for st, flag in step.items():
             if name == "old" and st == "subjects" and args.quick_old:
                 continue
             per_subject(
                 f"{name}-off-{st}", tree, ck[0], out / f"cache-off-{name}", off(name) + lat + flag
             )
-    for st, flag in step.items():
+    for st, flag in step.items() if tiny_runs else ():
         cache = out / f"cache-new-{st}"
         shutil.rmtree(cache, ignore_errors=True)
         # First run fills the cache (the small cohorts are preprocessed there too).
         first = per_subject(f"new-first-{st}", REPO, ck[0], cache, lat + flag)
         second = per_subject(f"new-second-{st}", REPO, ck[1], cache, lat + flag)
         res[f"second_vs_first_speedup_{st}"] = first / max(second, 1e-9)
-    dec = res["decode_s_per_subject"]
-    res["vs_decode"] = {label: r["s_per_subject"] / dec for label, r in res["runs"].items()}
     default_runs = {
         "default-features-subjects": ["subjects=true"],
         "default-features-nosubjects": ["subjects=false"],
@@ -199,21 +217,39 @@ def main(argv=None) -> int:
             "subjects=false",
         ],
     }
-    for name, tree in trees.items():
+    for name, tree in trees.items() if default_runs_wanted else ():
         for label, extra in default_runs.items():
             if name == "old" and label.endswith("-subjects") and args.quick_old:
                 continue
             per_subject(
                 f"{name}-default-encoder-{label}",
                 tree,
-                ck_default,
+                ck_default[0],
                 out / f"cache-off-{name}",
                 off(name) + extra,
                 ("da", "db"),
                 k=2 * args.default_subjects,
             )
+    if default_runs_wanted:
+        # The default encoder with the cache: a first comparison fills it, a second one with
+        # another checkpoint of the same architecture reads it.
+        cache = out / "cache-new-default"
+        shutil.rmtree(cache, ignore_errors=True)
+        m = 2 * args.default_subjects
+        timed = {}
+        for i, when in enumerate(("first", "second")):
+            label = f"new-default-encoder-{when}-subjects"
+            per_subject(label, REPO, ck_default[i], cache, ["subjects=true"], ("da", "db"), k=m)
+            run = res["runs"][label]
+            forward = ((run["timings"] or {}).get("seconds") or {}).get("forward")
+            # The encoder's share of the subjects' time (start-up subtracted from the wall).
+            run["forward_share"] = forward / (run["wall"][0] - run["wall"][1]) if forward else None
+            timed[when] = run["s_per_subject"]
+        res["second_vs_first_speedup_default_encoder"] = timed["first"] / max(timed["second"], 1e-9)
+    dec = res["decode_s_per_subject"]
+    res["vs_decode"] = {label: r["s_per_subject"] / dec for label, r in res["runs"].items()}
     # The decode baseline again at the end: shared cores drift during a run of many minutes.
-    res["decode_s_per_subject_end"] = decode_seconds([data / "a", data / "b"])
+    res["decode_s_per_subject_end"] = decode_seconds(baseline)
     res["loadavg_end"] = os.getloadavg()
     runs = res["runs"]
     if "old" in trees:

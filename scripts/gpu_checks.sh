@@ -6,7 +6,7 @@
 # which passed. Results go to $OUT (the device tool's folder; default outputs/gpu_checks), in
 # at most 8 files because the device tool returns no more: summary.txt, log.txt (every step's
 # output, appended as each step ends, so a run cut short still returns what it did),
-# cuda_vs_cpu.json and the benchmark's json/md for B3+B4 and for B2.
+# cuda_vs_cpu.json, encode_brats.json and the benchmark's json/md for B3+B4 and for B2.
 #
 #   bash scripts/device_deps.sh                      # here, once: stage the missing packages
 #   device run: carry=[".devdeps"], command="bash scripts/gpu_checks.sh", timeout_s=600
@@ -94,6 +94,13 @@ print(json.dumps(report, indent=1))
 rel = abs(pair["cuda"]["aad"] - pair["cpu"]["aad"]) / max(abs(pair["cpu"]["aad"]), 1e-12)
 assert rel < 1e-3, f"AAD differs between CUDA and CPU by {rel:.2e} (relative)"
 PY
+
+# Encoding at BraTS size with the default encoder on CUDA: a first comparison filling the
+# preprocessed cache and a second one with another checkpoint (issue 17's second-run ratio and
+# the forward pass's share), plus the cache-off runs; the data path on one CPU thread.
+step encode_brats 200 bash -c "
+  $PY scripts/encode_at_brats_size.py --out $WORK/eb --only default --default-subjects 4 \
+      --device cuda && cp $WORK/eb/encode_brats.json $OUT/encode_brats.json"
 
 bench() {  # NAME SECTIONS -> a command line: one benchmark run, its json/md copied to $OUT
   echo "$PY scripts/benchmark.py --device cuda --only $2 --out $WORK/$1 --tmp $WORK &&
