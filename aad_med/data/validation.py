@@ -35,7 +35,7 @@ from aad_med.data.io import (
 from aad_med.data.layouts import discover_cohort
 from aad_med.data.records import Cohort, ImageSource, SubjectRecord
 from aad_med.errors import CohortError, InputError
-from aad_med.io_utils import cache_key, file_stats
+from aad_med.io_utils import DigestMemo, cache_key, file_stats
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +60,7 @@ def validate_cohort(
     max_subject_voxels: int | None = None,
     checked_dir: str | Path | None = None,
     record_checked: bool = True,
+    digests_dir: str | Path | None = None,
 ) -> Cohort:
     """Check every file of every subject and report all problems at once.
 
@@ -76,9 +77,14 @@ def validate_cohort(
             ``None`` uses ``$AAD_MAX_SUBJECT_VOXELS`` or
             :data:`aad_med.data.io.MAX_SUBJECT_VOXELS`.
         checked_dir: a folder remembering subjects whose voxels passed (an empty marker file
-            per subject, keyed by its record and its files' path, size and modification time):
-            their voxels are not read again, headers and grids are still checked.
+            per subject, keyed by its record and its files' path, size, modification time and
+            content digest, :func:`aad_med.io_utils.file_stats`): their voxels are not read
+            again, headers and grids are still checked. Used only with ``check_voxels`` (the
+            files are not hashed otherwise).
         record_checked: add markers for subjects that pass (``False``: a read-only folder).
+        digests_dir: where the markers' file digests are remembered across runs
+            (:class:`aad_med.io_utils.DigestMemo`, written with ``record_checked``), so a
+            second validation does not hash every file again; ``None``: hashed each run.
 
     Returns:
         A new cohort holding the valid subjects (the input is not modified).
@@ -90,8 +96,12 @@ def validate_cohort(
     good: list[SubjectRecord] = []
     problems: list[str] = []
     skipped = list(cohort.skipped)
+    memo = None
+    if digests_dir is not None and checked_dir is not None and check_voxels:
+        memo = DigestMemo(digests_dir, write=record_checked)
     for i, subject in enumerate(cohort.subjects, start=1):
-        marker = _checked_marker(subject, checked_dir)
+        # Without voxel checks a marker would change nothing: its key's hashing is skipped.
+        marker = _checked_marker(subject, checked_dir, memo) if check_voxels else None
         voxels = check_voxels and not (marker is not None and marker.is_file())
         lines = subject_problems(subject, max_voxels, voxels, affine_tolerance, max_subject_voxels)
         if not lines and voxels and marker is not None and record_checked:
@@ -123,10 +133,13 @@ def validate_cohort(
     return Cohort(path=cohort.path, layout=cohort.layout, subjects=good, skipped=skipped)
 
 
-def _checked_marker(subject: SubjectRecord, checked_dir: str | Path | None) -> Path | None:
+def _checked_marker(
+    subject: SubjectRecord, checked_dir: str | Path | None, memo: DigestMemo | None = None
+) -> Path | None:
     if checked_dir is None:
         return None
-    key = cache_key({"v": 1, "record": subject.as_dict(), "files": file_stats(subject.files)})
+    files = file_stats(subject.files, memo)
+    key = cache_key({"v": 1, "record": subject.as_dict(), "files": files})
     return Path(checked_dir) / f"voxels-ok-{key}"
 
 
@@ -138,6 +151,7 @@ def load_cohort(
     max_subject_voxels: int | None = None,
     checked_dir: str | Path | None = None,
     record_checked: bool = True,
+    digests_dir: str | Path | None = None,
 ) -> Cohort:
     """Discover a cohort folder or CSV manifest and validate it (see :func:`validate_cohort`).
 
@@ -153,6 +167,7 @@ def load_cohort(
         max_subject_voxels=max_subject_voxels,
         checked_dir=checked_dir,
         record_checked=record_checked,
+        digests_dir=digests_dir,
     )
 
 

@@ -363,3 +363,41 @@ def test_load_cohort_reports_discovery_problems(tmp_path):
     assert only_problem(root).endswith(
         "BraTS2021_00002: missing modality flair (no file named *_flair.nii[.gz])"
     )
+
+
+def test_voxel_markers_skip_decoding_and_take_digests_from_the_memo(tmp_path, monkeypatch):
+    """A subject whose voxels passed is not decoded again; the markers' keys hash the files
+    once (then the digest memo answers), and a headers-only validation hashes nothing."""
+    import aad_med.io_utils as io_utils
+
+    cohort = discover_cohort(cohort_dir(tmp_path, n=2))
+    checked, digests = tmp_path / "cache" / "checked", tmp_path / "cache" / "digests"
+    hashed: list = []
+    real_sha = io_utils.file_sha256
+    monkeypatch.setattr(io_utils, "_DIGESTS", {})
+    monkeypatch.setattr(io_utils, "file_sha256", lambda p, *a: hashed.append(p) or real_sha(p))
+    kw = dict(checked_dir=checked, digests_dir=digests)
+    validate_cohort(cohort, check_voxels=False, **kw)
+    assert hashed == [] and not checked.exists() and not digests.exists()
+    validate_cohort(cohort, **kw)
+    assert len(hashed) == 2 * 5 and len(list(checked.iterdir())) == 2
+    assert len(list(digests.glob("*.json"))) == 2
+    hashed.clear()
+    monkeypatch.setattr(io_utils, "_DIGESTS", {})  # a new process
+    decoded: list = []
+    real_read = io.read_stored
+    monkeypatch.setattr(
+        "aad_med.data.validation.read_stored", lambda *a: decoded.append(a[1]) or real_read(*a)
+    )
+    assert validate_cohort(cohort, **kw).subjects == cohort.subjects
+    assert hashed == [] and decoded == []
+    # An edited file (same size, restored mtime) is hashed and decoded again.
+    path = cohort.subjects[0].images["t1"].path
+    st = path.stat()
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 1
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    with pytest.raises(CohortError):  # flipped gzip bytes: the decode finds the damage
+        validate_cohort(cohort, **kw)
+    assert path in hashed and path in decoded

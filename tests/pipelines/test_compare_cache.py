@@ -61,7 +61,7 @@ def test_second_checkpoint_skips_decoding_and_equals_an_uncached_run(setup, tmp_
     # their voxels (the seg too), and the fingerprint reuses those arrays.
     assert len(decodes) == 6 * 5
     assert not (tmp_path / "emb" / "checked").exists()  # markers only with skip_invalid
-    assert len(list((tmp_path / "pre").glob("*.npz"))) == 6
+    assert len(list((tmp_path / "pre").glob("*.npys"))) == 6
     seconds = first["timings"]["seconds"]
     for phase in ("decode", "preprocessing", "fingerprint", "forward", "features", "statistics"):
         assert seconds[phase] > 0, phase
