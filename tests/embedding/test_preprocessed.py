@@ -332,3 +332,19 @@ def test_check_seg_decodes_the_seg_once_refuses_bad_labels_and_heals_unchecked_e
     with pytest.raises(InputError, match="segmentation labels") as err:
         embed_cohort(model, cohort, preprocessing, check_seg=True, **kw)
     assert str(bad) in str(err.value)
+
+
+def test_cached_items_through_dataloader_workers_give_the_same_vectors(
+    model, cohorts, preprocessing, tmp_path
+):
+    """Cached entries (with their evaluation grid) cross a worker process and give the vectors
+    of freshly preprocessed subjects encoded in this process."""
+    cohort = cohorts["siteA"]
+    kw = dict(features="latent", progress=False)
+    fresh = embed_cohort(model, cohort, preprocessing, **kw)
+    cached = dict(preprocessed_dir=tmp_path / "pre", **kw)
+    embed_cohort(model, cohort, preprocessing, **cached)
+    again = embed_cohort(model, cohort, preprocessing, num_workers=1, **cached)
+    assert "cache_read" in again.timings and "decode" not in again.timings
+    np.testing.assert_array_equal(again.vectors, fresh.vectors)
+    np.testing.assert_array_equal(again.n_patches, fresh.n_patches)
