@@ -12,7 +12,7 @@ same cohorts with another encoder or feature set need not decode a single volume
   found;
 - format (``KEY.npys``, :data:`ENTRY_SUFFIX`): a stream of uncompressed ``.npy`` records, each
   read with ``np.load(f, allow_pickle=False)`` straight into the array the encoder consumes
-  (float32 image, no cast, no copy); the first record is a JSON table naming every array with
+  (float32 image: no cast, no copy beyond the read); the first record is a JSON table naming every array with
   its dtype, shape and CRC-32, checked on every read (igzip's CRC-32 from ``isal``, about
   2.5 ms for a 51 MB BraTS entry, 5x faster than ``zlib.crc32`` that ``.npz`` used). Written
   atomically (about 51 MB for a BraTS subject cropped to its brain). Entries also hold the
@@ -170,25 +170,18 @@ class PreprocessedCache:
         """The item stored under ``key``, or ``None`` (missing, or unreadable: then deleted)."""
         path = self.path(key)
         try:
-            f = open(path, "rb")  # noqa: SIM115 - closed below; a missing entry is a miss
+            with open(path, "rb") as f:
+                item = _from_arrays(read_entry(f))
         except FileNotFoundError:
             return None
-        except OSError as e:
-            f, problem = None, e
-        if f is not None:
-            try:
-                with f:
-                    item = _from_arrays(read_entry(f))
-            except Exception as e:  # noqa: BLE001 - any damage to an entry means: recompute it
-                problem = e
-            else:
-                with contextlib.suppress(OSError):
-                    os.utime(path)  # least recently *used* goes first
-                return item
-        log.warning("removing unreadable preprocessed cache entry %s (%s)", path, problem)
+        except Exception as e:  # noqa: BLE001 - any damage to an entry means: recompute it
+            log.warning("removing unreadable preprocessed cache entry %s (%s)", path, e)
+            with contextlib.suppress(OSError):
+                path.unlink()
+            return None
         with contextlib.suppress(OSError):
-            path.unlink()
-        return None
+            os.utime(path)  # least recently *used* goes first
+        return item
 
     def put(self, key: str, item: Mapping[str, Any]) -> None:
         """Store ``item`` (read mode: nothing), then evict down to the size bound."""

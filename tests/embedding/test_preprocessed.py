@@ -348,3 +348,31 @@ def test_cached_items_through_dataloader_workers_give_the_same_vectors(
     assert "cache_read" in again.timings and "decode" not in again.timings
     np.testing.assert_array_equal(again.vectors, fresh.vectors)
     np.testing.assert_array_equal(again.n_patches, fresh.n_patches)
+
+
+def test_no_flipped_byte_anywhere_in_an_entry_is_served_or_raises(cohorts, preprocessing, tmp_path):
+    """Flip one byte at positions spread over a whole entry (tables, npy headers, data): the
+    entry is either refused (deleted, a miss) or, where the byte was inert (header padding),
+    served unchanged; a read never raises."""
+    ds = PreprocessedSubjects(cohorts["siteA"].subjects, preprocessing, quality=True)
+    item = ds.compute(cohorts["siteA"].subjects[0])
+    cache = PreprocessedCache(tmp_path / "c")
+    cache.put("k", item)
+    intact = cache.path("k").read_bytes()
+    refused = 0
+    for at in range(0, len(intact), max(1, len(intact) // 97)):
+        data = bytearray(intact)
+        data[at] ^= 0x5A
+        cache.path("k").write_bytes(bytes(data))
+        back = cache.get("k")
+        if back is None:
+            refused += 1
+            assert not cache.path("k").exists()
+            continue
+        for k in ("image", "brain", "positions", "affine"):
+            assert torch.equal(
+                torch.as_tensor(back[k]), torch.as_tensor(item[k]).as_subclass(torch.Tensor)
+            ), at
+        np.testing.assert_array_equal(back["quality"], item["quality"])
+        assert back["subject_id"] == item["subject_id"]
+    assert refused >= 90
