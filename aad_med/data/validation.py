@@ -6,7 +6,9 @@ Order per subject: headers first (readable NIfTI, header extensions, dimensional
 affine; each header read once), then the per-subject budget on the voxels all its files decode to
 (:func:`aad_med.data.io.check_subject_budget`), then one grid for all modalities (shape and affine
 within tolerance), then voxels (NaN/Inf, all-zero, segmentation labels). Voxels are read one file
-at a time, so memory stays flat whatever the cohort size, and never for a subject over budget. File reading itself lives in :mod:`aad_med.data.io`.
+at a time, so memory stays flat whatever the cohort size, and never for a subject over budget.
+A subject that passed before (a marker in ``checked_dir``, keyed by its files' content and the
+limits) is not read again. File reading itself lives in :mod:`aad_med.data.io`.
 """
 
 from __future__ import annotations
@@ -29,15 +31,22 @@ from aad_med.data.io import (
     check_seg_labels,
     check_subject_budget,
     check_values,
+    extension_byte_limit,
     read_header,
     read_stored,
+    subject_voxel_budget,
 )
 from aad_med.data.layouts import discover_cohort
 from aad_med.data.records import Cohort, ImageSource, SubjectRecord
 from aad_med.errors import CohortError, InputError
-from aad_med.io_utils import cache_key, file_stats
+from aad_med.io_utils import DigestMemo, cache_key, file_stats
 
 log = logging.getLogger(__name__)
+
+
+CHECKS_VERSION = 2
+"""Bumped whenever validation's checks change: markers of subjects that passed other checks
+are then not found (``checked_dir`` of :func:`validate_cohort`)."""
 
 
 class SkippedSubjectsWarning(UserWarning):
@@ -60,6 +69,7 @@ def validate_cohort(
     max_subject_voxels: int | None = None,
     checked_dir: str | Path | None = None,
     record_checked: bool = True,
+    digests_dir: str | Path | None = None,
 ) -> Cohort:
     """Check every file of every subject and report all problems at once.
 
@@ -75,10 +85,17 @@ def validate_cohort(
         max_subject_voxels: per-subject budget on decoded voxels across all its files;
             ``None`` uses ``$AAD_MAX_SUBJECT_VOXELS`` or
             :data:`aad_med.data.io.MAX_SUBJECT_VOXELS`.
-        checked_dir: a folder remembering subjects whose voxels passed (an empty marker file
-            per subject, keyed by its record and its files' path, size and modification time):
-            their voxels are not read again, headers and grids are still checked.
+        checked_dir: a folder remembering subjects that passed: an empty marker file per
+            subject (``headers-ok-KEY``, and ``voxels-ok-KEY`` once its voxels passed too),
+            KEY covering its record, its files' path, size, modification time and content
+            digest (:func:`aad_med.io_utils.file_stats`), the limits (voxels, affine tolerance,
+            subject budget, header extensions) and :data:`CHECKS_VERSION`. A subject with the
+            marker of what is asked is not read again at all; an edited file, other limits or
+            other checks mean other keys, so it is checked again.
         record_checked: add markers for subjects that pass (``False``: a read-only folder).
+        digests_dir: where the markers' file digests are remembered across runs
+            (:class:`aad_med.io_utils.DigestMemo`, written with ``record_checked``), so a
+            second validation does not hash every file again; ``None``: hashed each run.
 
     Returns:
         A new cohort holding the valid subjects (the input is not modified).
@@ -90,15 +107,34 @@ def validate_cohort(
     good: list[SubjectRecord] = []
     problems: list[str] = []
     skipped = list(cohort.skipped)
+    memo = None
+    if digests_dir is not None and checked_dir is not None:
+        memo = DigestMemo(digests_dir, write=record_checked)
+    limits = {
+        "v": CHECKS_VERSION,
+        "max_voxels": int(max_voxels),
+        "affine_tolerance": float(affine_tolerance),
+        "subject_budget": subject_voxel_budget(max_subject_voxels),
+        "extension_bytes": extension_byte_limit(),
+    }
     for i, subject in enumerate(cohort.subjects, start=1):
-        marker = _checked_marker(subject, checked_dir)
-        voxels = check_voxels and not (marker is not None and marker.is_file())
-        lines = subject_problems(subject, max_voxels, voxels, affine_tolerance, max_subject_voxels)
-        if not lines and voxels and marker is not None and record_checked:
-            # Decoding every volume costs as much as embedding it: do it once per file version.
+        marker = _checked_marker(subject, checked_dir, limits, memo)
+        if marker is not None and (
+            marker("voxels").is_file() or (not check_voxels and marker("headers").is_file())
+        ):
+            # Passed these checks before, file content unchanged: read nothing again (decoding
+            # every volume costs as much as embedding it; headers cost ~3 ms per subject).
+            good.append(subject)
+            continue
+        lines = subject_problems(
+            subject, max_voxels, check_voxels, affine_tolerance, max_subject_voxels
+        )
+        if not lines and marker is not None and record_checked:
             with contextlib.suppress(OSError):
-                marker.parent.mkdir(parents=True, exist_ok=True)
-                marker.touch()
+                marker("headers").parent.mkdir(parents=True, exist_ok=True)
+                marker("headers").touch()
+                if check_voxels:
+                    marker("voxels").touch()
         if not lines:
             good.append(subject)
         elif skip_invalid:
@@ -123,11 +159,18 @@ def validate_cohort(
     return Cohort(path=cohort.path, layout=cohort.layout, subjects=good, skipped=skipped)
 
 
-def _checked_marker(subject: SubjectRecord, checked_dir: str | Path | None) -> Path | None:
+def _checked_marker(
+    subject: SubjectRecord,
+    checked_dir: str | Path | None,
+    limits: dict,
+    memo: DigestMemo | None = None,
+):
+    """``what -> marker path`` (``"headers"``, ``"voxels"``) of a subject, or ``None``."""
     if checked_dir is None:
         return None
-    key = cache_key({"v": 1, "record": subject.as_dict(), "files": file_stats(subject.files)})
-    return Path(checked_dir) / f"voxels-ok-{key}"
+    files = file_stats(subject.files, memo)
+    key = cache_key({"record": subject.as_dict(), "files": files, "limits": limits})
+    return lambda what: Path(checked_dir) / f"{what}-ok-{key}"
 
 
 def load_cohort(
@@ -138,6 +181,7 @@ def load_cohort(
     max_subject_voxels: int | None = None,
     checked_dir: str | Path | None = None,
     record_checked: bool = True,
+    digests_dir: str | Path | None = None,
 ) -> Cohort:
     """Discover a cohort folder or CSV manifest and validate it (see :func:`validate_cohort`).
 
@@ -153,6 +197,7 @@ def load_cohort(
         max_subject_voxels=max_subject_voxels,
         checked_dir=checked_dir,
         record_checked=record_checked,
+        digests_dir=digests_dir,
     )
 
 

@@ -28,7 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from aad_med import DEFAULT_FEATURES
-from aad_med.data.patches import eval_patch_positions, extract_patches
+from aad_med.data.patches import extract_patches
 from aad_med.data.preprocessing import PreprocessingConfig
 from aad_med.data.records import Cohort, SubjectRecord
 from aad_med.device import resolve_device
@@ -42,6 +42,7 @@ from aad_med.embedding.preprocessed import (
     DEFAULT_MAX_BYTES,
     PreprocessedCache,
     PreprocessedSubjects,
+    eval_positions,
 )
 from aad_med.embedding.regional import RegionalAccumulator, RegionalLatents
 from aad_med.errors import CheckpointError
@@ -282,12 +283,9 @@ def encode_subject(
     """
     device = torch.device(device)
     image = torch.as_tensor(item["image"]).as_subclass(torch.Tensor).to(device, non_blocking=True)
-    brain = torch.as_tensor(item["brain"]).as_subclass(torch.Tensor).to(device)
     crop_start = torch.as_tensor(np.asarray(item["crop_start"], dtype=np.int64))
     p = preprocessing.patch_size
-    positions = eval_patch_positions(
-        brain, p, preprocessing.stride, preprocessing.min_brain_fraction
-    )
+    positions = eval_positions(item, preprocessing, device)  # the cached grid when it has one
     acc = feature_set.accumulator()
     latent_acc = LatentMeanAccumulator()
     needs_stages = not isinstance(acc, LatentMeanAccumulator)

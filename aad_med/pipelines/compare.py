@@ -155,9 +155,11 @@ def load_cohorts(
     checked_dir: str | Path | None = None,
     record_checked: bool = True,
     check_voxels: bool = True,
+    digests_dir: str | Path | None = None,
 ) -> dict[str, Cohort]:
     """Discover and validate every cohort; all problems of all cohorts are reported together
-    (``checked_dir``: subjects whose voxels already passed are not decoded again;
+    (``checked_dir``: subjects whose voxels already passed are not decoded again, their files'
+    digests remembered in ``digests_dir``;
     ``check_voxels=False``: headers and grids only, :func:`aad_med.data.validation.validate_cohort`).
 
     Raises:
@@ -173,6 +175,7 @@ def load_cohorts(
                 check_voxels=check_voxels,
                 checked_dir=checked_dir,
                 record_checked=record_checked,
+                digests_dir=digests_dir,
             )
         except CohortError as e:
             problems.extend(f"cohort {name}: {p}" for p in e.problems)
@@ -327,6 +330,8 @@ def run_comparison(
             checked_dir=None if checked is None else checked / "checked",
             record_checked=s.resolved_cache_mode() == "write",
             check_voxels=not fold,
+            # The embedding cache's digest memo: the same groups of files, one memo file each.
+            digests_dir=None if checked is None else checked / "digests",
         )
     except CohortError:
         if fold:  # the voxel problems of the same cohorts belong in the same report

@@ -363,3 +363,76 @@ def test_load_cohort_reports_discovery_problems(tmp_path):
     assert only_problem(root).endswith(
         "BraTS2021_00002: missing modality flair (no file named *_flair.nii[.gz])"
     )
+
+
+def test_voxel_markers_skip_decoding_and_take_digests_from_the_memo(tmp_path, monkeypatch):
+    """A subject whose voxels passed is not decoded again; the markers' keys hash each file
+    once, then the digest memo answers (a new process hashes nothing)."""
+    import aad_med.io_utils as io_utils
+
+    cohort = discover_cohort(cohort_dir(tmp_path, n=2))
+    checked, digests = tmp_path / "cache" / "checked", tmp_path / "cache" / "digests"
+    hashed: list = []
+    real_sha = io_utils.file_sha256
+    monkeypatch.setattr(io_utils, "_DIGESTS", {})
+    monkeypatch.setattr(io_utils, "file_sha256", lambda p, *a: hashed.append(p) or real_sha(p))
+    decoded: list = []
+    real_read = io.read_stored
+    monkeypatch.setattr(
+        "aad_med.data.validation.read_stored", lambda *a: decoded.append(a[1]) or real_read(*a)
+    )
+    kw = dict(checked_dir=checked, digests_dir=digests)
+    validate_cohort(cohort, check_voxels=False, **kw)
+    assert len(hashed) == 2 * 5 and decoded == []
+    assert sorted(p.name[:10] for p in checked.iterdir()) == ["headers-ok"] * 2
+    assert len(list(digests.glob("*.json"))) == 2
+    hashed.clear()
+    monkeypatch.setattr(io_utils, "_DIGESTS", {})  # a new process
+    validate_cohort(cohort, **kw)
+    assert hashed == [] and len(decoded) == 2 * 5  # voxels were never checked: decoded now
+    decoded.clear()
+    monkeypatch.setattr(io_utils, "_DIGESTS", {})  # a new process
+    assert validate_cohort(cohort, **kw).subjects == cohort.subjects
+    assert hashed == [] and decoded == []
+    # An edited file (same size, restored mtime) is hashed and decoded again.
+    path = cohort.subjects[0].images["t1"].path
+    st = path.stat()
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 1
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    with pytest.raises(CohortError):  # flipped gzip bytes: the decode finds the damage
+        validate_cohort(cohort, **kw)
+    assert path in hashed and path in decoded
+
+
+def test_header_markers_skip_header_reads_until_a_file_or_a_limit_changes(tmp_path, monkeypatch):
+    cohort = discover_cohort(cohort_dir(tmp_path, n=2))
+    kw = dict(check_voxels=False, checked_dir=tmp_path / "checked")
+    validate_cohort(cohort, **kw)
+    reads: list = []
+    real = io.read_header
+    monkeypatch.setattr(
+        "aad_med.data.validation.read_header", lambda *a: reads.append(a[0]) or real(*a)
+    )
+    assert validate_cohort(cohort, **kw).subjects == cohort.subjects
+    assert reads == []
+    # Another limit is another key: the headers are read again.
+    validate_cohort(cohort, max_voxels=10**8, **kw)
+    assert len(reads) == 2 * 5
+    reads.clear()
+    # A header marker does not stand for voxel checks.
+    decoded: list = []
+    real_read = io.read_stored
+    monkeypatch.setattr(
+        "aad_med.data.validation.read_stored", lambda *a: decoded.append(a[1]) or real_read(*a)
+    )
+    validate_cohort(cohort, checked_dir=tmp_path / "checked")
+    assert len(decoded) == 2 * 5
+    # A file rewritten with a problem (same name) is found: its content is another key.
+    reads.clear()
+    bad = cohort.subjects[1].images["flair"].path
+    write_nifti(bad, np.full(SHAPE, np.nan, np.float32))
+    with pytest.raises(CohortError, match="NaN"):
+        validate_cohort(cohort, checked_dir=tmp_path / "checked")
+    assert bad in reads

@@ -46,7 +46,7 @@ def test_second_encoder_reads_preprocessed_subjects_instead_of_decoding(
     decodes = count_decodes(monkeypatch)
     first = embed_cohort(model, cohort, preprocessing, **kw)
     assert len(decodes) == 3 * 4  # four channels per subject, the seg is not read
-    assert len(list((tmp_path / "pre").glob("*.npz"))) == 3
+    assert len(list((tmp_path / "pre").glob("*.npys"))) == 3
     assert first.timings["decode"] > 0 and "cache_read" not in first.timings
     decodes.clear()
     second_model = other_model(preprocessing.patch_size)
@@ -76,17 +76,39 @@ def test_read_mode_never_writes(model, cohorts, preprocessing, tmp_path):
         preprocessed_dir=tmp_path / "pre",
         cache_mode="read",
     )
-    assert not list(tmp_path.glob("pre/*.npz"))
+    assert not list(tmp_path.glob("pre/*"))
 
 
+def _flip_last_image_byte(entry):
+    """Flip one bit of the image's data (its record ends where the brain's begins): the npy
+    headers stay valid, only the checksum can tell."""
+    data = bytearray(entry.read_bytes())
+    at = data.index(b"\x93NUMPY", data.index(b"\x93NUMPY", 1) + 1) - 1  # before brain's record
+    data[at] ^= 0x10
+    entry.write_bytes(bytes(data))
+
+
+DAMAGE = {
+    "truncated": lambda e: e.write_bytes(e.read_bytes()[:200]),
+    "cut_before_the_end": lambda e: e.write_bytes(e.read_bytes()[:-7]),
+    "trailing_bytes": lambda e: e.write_bytes(e.read_bytes() + b"x"),
+    "emptied": lambda e: e.write_bytes(b""),
+    "flipped_image_bit": _flip_last_image_byte,
+    "not_an_entry": lambda e: e.write_bytes(b"PK\x03\x04" + bytes(300)),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGE))
 def test_damaged_entry_is_removed_and_recomputed(
-    model, cohorts, preprocessing, tmp_path, caplog, monkeypatch
+    model, cohorts, preprocessing, tmp_path, caplog, monkeypatch, damage
 ):
     cohort = cohorts["siteB"]
     kw = dict(features="latent", progress=False, preprocessed_dir=tmp_path / "pre")
     good = embed_cohort(model, cohort, preprocessing, **kw)
-    entry = tmp_path / "pre" / f"{subject_key(cohort.subjects[0], preprocessing)}.npz"
-    entry.write_bytes(entry.read_bytes()[:200])  # truncated
+    entry = tmp_path / "pre" / f"{subject_key(cohort.subjects[0], preprocessing)}.npys"
+    intact = entry.read_bytes()
+    DAMAGE[damage](entry)
+    assert entry.read_bytes() != intact
     decodes = count_decodes(monkeypatch)
     with caplog.at_level("WARNING"):
         again = embed_cohort(model, cohort, preprocessing, **kw)
@@ -95,8 +117,56 @@ def test_damaged_entry_is_removed_and_recomputed(
     )
     assert len(decodes) == 4  # only the damaged subject was decoded again
     np.testing.assert_array_equal(again.vectors, good.vectors)
-    with np.load(entry, allow_pickle=False) as d:  # rewritten whole
-        assert d["image"].dtype == np.float32
+    assert entry.read_bytes() == intact  # rewritten whole, byte for byte
+
+
+def test_entry_format_round_trip_and_checks(cohorts, preprocessing, tmp_path):
+    """Every array comes back with its dtype and values; the image is the float32 array the
+    encoder consumes (writable, C-contiguous: no copy or cast on the way in); the evaluation
+    grid kept in the entry is the one the brain mask gives."""
+    from aad_med.data.patches import eval_patch_positions
+    from aad_med.embedding.preprocessed import eval_positions, read_entry
+
+    ds = PreprocessedSubjects(cohorts["siteA"].subjects, preprocessing, quality=True)
+    item = ds.compute(cohorts["siteA"].subjects[0])
+    cache = PreprocessedCache(tmp_path / "c")
+    cache.put("k", item)
+    back = cache.get("k")
+    for k in ("image", "brain", "affine", "positions"):
+        assert torch.equal(
+            torch.as_tensor(back[k]), torch.as_tensor(item[k]).as_subclass(torch.Tensor)
+        )
+    assert back["image"].dtype == torch.float32 and back["image"].is_contiguous()
+    assert back["image"].numpy().flags.writeable
+    np.testing.assert_array_equal(back["quality"], item["quality"])
+    np.testing.assert_array_equal(back["fingerprint"], item["fingerprint"])
+    for k in ("subject_id", "has_seg", "seg_checked", "crop_start", "ras_shape", "spacing"):
+        assert back[k] == item[k]
+    p = preprocessing
+    ref = eval_patch_positions(item["brain"], p.patch_size, p.stride, p.min_brain_fraction)
+    assert torch.equal(back["positions"], ref)
+    # The grid is only trusted for the settings it was made with.
+    coarse = type(p)(patch_size=p.patch_size, eval_stride=p.patch_size // 2)
+    other = eval_patch_positions(item["brain"], p.patch_size, p.patch_size // 2, 0.25)
+    assert torch.equal(eval_positions(back, coarse, "cpu"), other)
+    assert not torch.equal(other, ref)
+    with open(cache.path("k"), "rb") as f:
+        assert set(read_entry(f)) >= {"image", "positions", "grid", "quality"}
+
+
+def test_an_old_format_entry_is_never_read_and_ages_out(cohorts, preprocessing, tmp_path):
+    ds = PreprocessedSubjects(cohorts["siteA"].subjects, preprocessing)
+    item = ds.compute(cohorts["siteA"].subjects[0])
+    old = tmp_path / "c" / "k.npz"
+    old.parent.mkdir()
+    old.write_bytes(bytes(10_000))
+    cache = PreprocessedCache(tmp_path / "c")
+    assert cache.get("k") is None and old.exists()  # another format: not this entry
+    cache.put("k", item)
+    size = cache.path("k").stat().st_size
+    os.utime(old, ns=(4 * 10**18, 4 * 10**18))  # newer than the entry, yet evicted first
+    small = PreprocessedCache(tmp_path / "c", max_bytes=size + 5000)
+    assert small.evict() == 1 and not old.exists() and cache.path("k").exists()
 
 
 def test_size_bound_evicts_least_recently_used(cohorts, preprocessing, tmp_path):
@@ -105,14 +175,14 @@ def test_size_bound_evicts_least_recently_used(cohorts, preprocessing, tmp_path)
     items = [ds.compute(r) for r in records]
     probe = PreprocessedCache(tmp_path / "probe")
     probe.put("x", items[0])
-    size = (tmp_path / "probe" / "x.npz").stat().st_size
+    size = probe.path("x").stat().st_size
     cache = PreprocessedCache(tmp_path / "c", max_bytes=int(2.5 * size))
     for i, item in enumerate(items[:2]):
         cache.put(f"k{i}", item)
         os.utime(cache.path(f"k{i}"), ns=(i * 10**9, i * 10**9))  # k0 older than k1
     assert cache.get("k0") is not None  # a hit makes k0 the most recently used
     cache.put("k2", items[2])
-    assert sorted(p.stem for p in (tmp_path / "c").glob("*.npz")) == ["k0", "k2"]
+    assert sorted(p.stem for p in (tmp_path / "c").glob("*.npys")) == ["k0", "k2"]
 
 
 def test_a_second_run_takes_the_input_digests_from_the_cache_folder(
@@ -262,3 +332,47 @@ def test_check_seg_decodes_the_seg_once_refuses_bad_labels_and_heals_unchecked_e
     with pytest.raises(InputError, match="segmentation labels") as err:
         embed_cohort(model, cohort, preprocessing, check_seg=True, **kw)
     assert str(bad) in str(err.value)
+
+
+def test_cached_items_through_dataloader_workers_give_the_same_vectors(
+    model, cohorts, preprocessing, tmp_path
+):
+    """Cached entries (with their evaluation grid) cross a worker process and give the vectors
+    of freshly preprocessed subjects encoded in this process."""
+    cohort = cohorts["siteA"]
+    kw = dict(features="latent", progress=False)
+    fresh = embed_cohort(model, cohort, preprocessing, **kw)
+    cached = dict(preprocessed_dir=tmp_path / "pre", **kw)
+    embed_cohort(model, cohort, preprocessing, **cached)
+    again = embed_cohort(model, cohort, preprocessing, num_workers=1, **cached)
+    assert "cache_read" in again.timings and "decode" not in again.timings
+    np.testing.assert_array_equal(again.vectors, fresh.vectors)
+    np.testing.assert_array_equal(again.n_patches, fresh.n_patches)
+
+
+def test_no_flipped_byte_anywhere_in_an_entry_is_served_or_raises(cohorts, preprocessing, tmp_path):
+    """Flip one byte at positions spread over a whole entry (tables, npy headers, data): the
+    entry is either refused (deleted, a miss) or, where the byte was inert (header padding),
+    served unchanged; a read never raises."""
+    ds = PreprocessedSubjects(cohorts["siteA"].subjects, preprocessing, quality=True)
+    item = ds.compute(cohorts["siteA"].subjects[0])
+    cache = PreprocessedCache(tmp_path / "c")
+    cache.put("k", item)
+    intact = cache.path("k").read_bytes()
+    refused = 0
+    for at in range(0, len(intact), max(1, len(intact) // 97)):
+        data = bytearray(intact)
+        data[at] ^= 0x5A
+        cache.path("k").write_bytes(bytes(data))
+        back = cache.get("k")
+        if back is None:
+            refused += 1
+            assert not cache.path("k").exists()
+            continue
+        for k in ("image", "brain", "positions", "affine"):
+            assert torch.equal(
+                torch.as_tensor(back[k]), torch.as_tensor(item[k]).as_subclass(torch.Tensor)
+            ), at
+        np.testing.assert_array_equal(back["quality"], item["quality"])
+        assert back["subject_id"] == item["subject_id"]
+    assert refused >= 90

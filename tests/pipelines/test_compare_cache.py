@@ -60,8 +60,10 @@ def test_second_checkpoint_skips_decoding_and_equals_an_uncached_run(setup, tmp_
     # Validation reads headers; the embedding decodes the 6 subjects' 5 files once, checking
     # their voxels (the seg too), and the fingerprint reuses those arrays.
     assert len(decodes) == 6 * 5
-    assert not (tmp_path / "emb" / "checked").exists()  # markers only with skip_invalid
-    assert len(list((tmp_path / "pre").glob("*.npz"))) == 6
+    # Validation checked headers only (the embedding checked the voxels): header markers.
+    markers = sorted(p.name.split("-ok-")[0] for p in (tmp_path / "emb" / "checked").iterdir())
+    assert markers == ["headers"] * 6
+    assert len(list((tmp_path / "pre").glob("*.npys"))) == 6
     seconds = first["timings"]["seconds"]
     for phase in ("decode", "preprocessing", "fingerprint", "forward", "features", "statistics"):
         assert seconds[phase] > 0, phase
@@ -71,8 +73,14 @@ def test_second_checkpoint_skips_decoding_and_equals_an_uncached_run(setup, tmp_
     assert on_disk["timings"] == first["timings"]
 
     decodes.clear()
+    from aad_med.data import validation
+
+    headers = []
+    real_header = validation.read_header
+    monkeypatch.setattr(validation, "read_header", lambda *a: headers.append(a) or real_header(*a))
     second = run_comparison(second_ckpt, cohorts, tmp_path / "run2", cached)
     assert decodes == []  # neither validation nor embedding decodes a volume again
+    assert headers == []  # unchanged files that passed the same checks: not read again
     assert "decode" not in second["timings"]["seconds"]
     assert second["timings"]["seconds"]["cache_read"] > 0
 
