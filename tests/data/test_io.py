@@ -249,3 +249,35 @@ def test_check_seg_labels_refuses_a_seg_spanning_the_whole_integer_range():
     seg = np.array([info.min, 0, 1, info.max], dtype=np.int64).reshape(1, 2, 2)
     with pytest.raises(InputError, match=r"s.nii.gz: segmentation labels"):
         check_seg_labels(seg, "s.nii.gz")
+
+
+@pytest.mark.parametrize(
+    "dtypes",
+    [
+        ("int16",) * 4,
+        ("uint8",) * 4,
+        ("int16", "int16", "float32", "int16"),
+        ("float64",) * 4,
+    ],
+)
+def test_native_load_keeps_the_stored_dtype_and_layout_and_the_float32_values(tmp_path, dtypes):
+    """load_subject(native=True): the stored dtype where every channel shares one that float32
+    holds exactly (else float32), each channel and the seg in the stored (x fastest) layout, and
+    the same values as the default C-ordered float32 read."""
+    folder = tmp_path / "S"
+    images = {}
+    for i, (ch, dt) in enumerate(zip(CHANNELS, dtypes, strict=True)):
+        data = np.clip(np.round(brain_like(SHAPE, seed=i)), 0, 250).astype(dt)
+        images[ch] = ImageSource(write_nifti(folder / f"S_{ch}.nii.gz", data))
+    seg = write_nifti(folder / "S_seg.nii.gz", tumour_like(SHAPE), dtype=np.int16)
+    rec = SubjectRecord("S", images, ImageSource(seg))
+    ref = io.load_subject(rec)
+    native = io.load_subject(rec, native=True)
+    same = len(set(dtypes)) == 1 and dtypes[0] != "float64"
+    assert native.image.dtype == (np.dtype(dtypes[0]) if same else np.float32)
+    assert ref.image.dtype == np.float32 and ref.image.flags.c_contiguous
+    assert all(native.image[c].flags.f_contiguous for c in range(len(CHANNELS)))
+    np.testing.assert_array_equal(native.image.astype(np.float32), ref.image)
+    assert native.seg.dtype == np.int16 and native.seg.flags.f_contiguous
+    assert ref.seg.flags.c_contiguous
+    np.testing.assert_array_equal(native.seg, ref.seg)
