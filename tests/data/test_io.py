@@ -281,3 +281,57 @@ def test_native_load_keeps_the_stored_dtype_and_layout_and_the_float32_values(tm
     assert native.seg.dtype == np.int16 and native.seg.flags.f_contiguous
     assert ref.seg.flags.c_contiguous
     np.testing.assert_array_equal(native.seg, ref.seg)
+
+
+def test_mid_slices_of_a_native_load_are_read_back_without_the_file(tmp_path, monkeypatch):
+    """load_subject(native=True) keeps each channel's middle slice (4D volumes too): a
+    thumbnail then reads nothing, gets what the file gives, and a rewritten file is read again;
+    a scaled file is not kept (its float32 values come from nibabel's scaling)."""
+    from aad_med.data.io import MID_SLICES
+
+    MID_SLICES.clear()
+    write_msd_cohort(tmp_path / "msd", n=1)
+    (msd,) = discover_cohort(tmp_path / "msd").subjects
+    folder = tmp_path / "S"
+    images = {
+        ch: ImageSource(write_nifti(folder / f"S_{ch}.nii.gz", brain_like(SHAPE, seed=i)))
+        for i, ch in enumerate(CHANNELS)
+    }
+    scaled = nib.Nifti1Image((brain_like(SHAPE) / 2).astype(np.int16), np.eye(4))
+    scaled.header.set_slope_inter(0.5, 10)
+    nib.save(scaled, str(folder / "S_t1.nii.gz"))
+    rec = SubjectRecord("S", images, None)
+    expected = {}
+    for r in (msd, rec):
+        whole = io.load_subject(r, load_seg=False).image
+        expected[r.subject_id] = [whole[c][:, :, whole.shape[3] // 2] for c in range(4)]
+        io.load_subject(r, load_seg=False, native=True)
+    reads = []
+    real_header = io.read_header
+    monkeypatch.setattr(
+        io, "read_header", lambda *a, **k: reads.append(a[0]) or real_header(*a, **k)
+    )
+    for r in (msd, rec):
+        for c, ch in enumerate(CHANNELS):
+            mid = io.read_mid_slice(r.images[ch])
+            assert mid.dtype == np.float32
+            np.testing.assert_array_equal(mid, expected[r.subject_id][c])
+    assert reads == [images["t1"].path]  # only the scaled file was opened
+    new = brain_like(SHAPE, seed=9) + 1
+    write_nifti(images["t2"].path, new)
+    np.testing.assert_array_equal(io.read_mid_slice(images["t2"]), new[:, :, SHAPE[2] // 2])
+    MID_SLICES.clear()
+
+
+def test_the_mid_slice_memo_keeps_the_most_recent_within_its_bound(tmp_path):
+    paths = [write_nifti(tmp_path / f"{i}.nii", brain_like(SHAPE, seed=i)) for i in range(3)]
+    one = SHAPE[0] * SHAPE[1] * 4
+    memo = io.MidSliceMemo(max_bytes=2 * one)
+    for p in paths:
+        img = nib.load(str(p))
+        memo.put(ImageSource(p), img, np.asarray(img.dataobj, dtype=np.float32))
+    assert memo.get(ImageSource(paths[0])) is None
+    for i in (1, 2):
+        np.testing.assert_array_equal(
+            memo.get(ImageSource(paths[i])), brain_like(SHAPE, seed=i)[:, :, SHAPE[2] // 2]
+        )
