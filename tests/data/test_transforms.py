@@ -228,3 +228,20 @@ def test_a_native_image_that_needs_reorienting_goes_through_the_monai_chain_unch
     for key in ("image", "seg", "brain", "affine"):
         assert torch.equal(a[key], b[key]), key
     assert a["crop_start"] == b["crop_start"]
+
+
+@pytest.mark.parametrize("dtype", [np.int16, np.uint8, np.float32, np.float64])
+def test_the_brain_mask_is_where_any_channel_is_non_zero_in_any_layout(dtype):
+    """The channels' bits OR-ed once equal a comparison per channel; -0.0 is background."""
+    from aad_med.data.transforms import _any_channel_nonzero
+
+    rng = np.random.default_rng(0)
+    a = (rng.integers(-2, 3, (4, 5, 6, 7)) * (rng.random((4, 5, 6, 7)) < 0.3)).astype(dtype)
+    if a.dtype.kind == "f":
+        a[a == 0] = -0.0
+    expected = (a != 0).any(axis=0)
+    stored = np.empty((4, 7, 6, 5), dtype).transpose(0, 3, 2, 1)  # x fastest, as NIfTI
+    stored[...] = a
+    for volume in (a, stored):
+        got = _any_channel_nonzero(volume)
+        assert got.dtype == bool and np.array_equal(got, expected)
