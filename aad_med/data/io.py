@@ -344,8 +344,15 @@ def check_values(data: np.ndarray, path: str | Path, allow_empty: bool = False) 
     if n_bad:
         n_nan = int(np.isnan(data).sum())
         raise InputError(path, f"{n_nan} NaN and {n_bad - n_nan} Inf voxels")
-    if not allow_empty and not np.any(data):
+    if not allow_empty and not _any_nonzero(data):
         raise InputError(path, "all voxels are zero (empty volume)")
+
+
+def _any_nonzero(data: np.ndarray) -> bool:
+    """``np.any(data)``, deciding from the middle slice first (a brain's holds voxels)."""
+    if data.ndim == 3 and np.any(data[:, :, data.shape[2] // 2]):
+        return True
+    return bool(np.any(data))
 
 
 def check_seg_labels(seg: np.ndarray, path: str | Path, keep_layout: bool = False) -> np.ndarray:

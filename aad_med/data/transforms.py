@@ -306,7 +306,8 @@ def _zscore_nonzero(volume: np.ndarray) -> None:
     like MONAI's ``NormalizeIntensity(nonzero=True)``, which it matches to float32 rounding.
     """
     flat = volume.reshape(-1)  # a view of a C-contiguous volume (a padded crop: a copy)
-    n = int(np.count_nonzero(flat))
+    zero = volume == 0
+    n = volume.size - int(np.count_nonzero(zero))  # counting bools: 5x faster than floats
     if n == 0:
         return
     total = float(np.sum(flat, dtype=np.float64))
@@ -317,7 +318,6 @@ def _zscore_nonzero(volume: np.ndarray) -> None:
     mean = total / n
     var = max(squares / n - mean * mean, 0.0)
     std = np.float32(np.sqrt(var)) if var > 0 else np.float32(1.0)
-    zero = volume == 0
     np.subtract(volume, np.float32(mean), out=volume)
     np.divide(volume, std, out=volume)
     np.copyto(volume, np.float32(0.0), where=zero)
