@@ -499,10 +499,12 @@ class MidSliceMemo:
         proxy = img.dataobj
         if float(proxy.slope) != 1.0 or float(proxy.inter) != 0.0 or volume.ndim != 3:
             return
+        self._keep(source, np.array(volume[:, :, volume.shape[2] // 2], order="C"))
+
+    def _keep(self, source: ImageSource, mid: np.ndarray) -> None:
         key = self._key(source)
         if key is None:
             return
-        mid = np.array(volume[:, :, volume.shape[2] // 2], order="C")
         with self._lock:
             old = self._slices.pop(key, None)
             self._bytes -= 0 if old is None else old.nbytes
@@ -519,6 +521,23 @@ class MidSliceMemo:
             if mid is not None:
                 self._slices.move_to_end(key)
         return None if mid is None else mid.astype(np.float32)
+
+    def subject_slices(self, record: SubjectRecord) -> np.ndarray | None:
+        """The kept middle slices of ``record``'s four channels as one ``(4, X, Y)`` float32
+        array (to store beside a cached subject), or ``None`` when one is not kept."""
+        slices = [self.get(record.images[ch]) for ch in CHANNELS]
+        if any(s is None for s in slices) or len({s.shape for s in slices}) != 1:
+            return None
+        return np.stack(slices)
+
+    def restore(self, record: SubjectRecord, slices: np.ndarray) -> None:
+        """Keep ``slices`` (:meth:`subject_slices`, read back from a cache whose key holds the
+        files' identity) as ``record``'s channels' middle slices."""
+        slices = np.asarray(slices, dtype=np.float32)
+        if slices.ndim != 3 or slices.shape[0] != len(CHANNELS):
+            return
+        for ch, mid in zip(CHANNELS, slices, strict=True):
+            self._keep(record.images[ch], np.array(mid, order="C"))
 
     def clear(self) -> None:
         with self._lock:

@@ -28,6 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from aad_med import DEFAULT_FEATURES
+from aad_med.data.io import MID_SLICES
 from aad_med.data.patches import eval_patch_positions, extract_patches
 from aad_med.data.preprocessing import PreprocessingConfig
 from aad_med.data.records import Cohort, SubjectRecord
@@ -433,6 +434,9 @@ def embed_cohort(
                 timings[phase] = timings.get(phase, 0.0) + float(sec)
             fingerprints.append(item.get("fingerprint"))
             quality.append(item.get("quality"))
+            if item.get("mid_slices") is not None:
+                # Kept with a cached (or a worker's) subject: report thumbnails read no file.
+                MID_SLICES.restore(record, item.pop("mid_slices"))
             seg_checked = seg_checked and bool(item.get("seg_checked", False))
             try:
                 enc = encode_subject(

@@ -335,3 +335,30 @@ def test_the_mid_slice_memo_keeps_the_most_recent_within_its_bound(tmp_path):
         np.testing.assert_array_equal(
             memo.get(ImageSource(paths[i])), brain_like(SHAPE, seed=i)[:, :, SHAPE[2] // 2]
         )
+
+
+def test_mid_slices_kept_with_a_cached_subject_are_read_back_without_the_file(
+    tmp_path, monkeypatch
+):
+    """subject_slices / restore: the slices stored beside a cached subject serve its thumbnails
+    in a later process (no file opened), with the values the file gives."""
+    from aad_med.data.io import MID_SLICES
+
+    MID_SLICES.clear()
+    folder = tmp_path / "S"
+    images = {
+        ch: ImageSource(write_nifti(folder / f"S_{ch}.nii.gz", brain_like(SHAPE, seed=i)))
+        for i, ch in enumerate(CHANNELS)
+    }
+    rec = SubjectRecord("S", images, None)
+    assert MID_SLICES.subject_slices(rec) is None
+    io.load_subject(rec, load_seg=False, native=True)
+    kept = MID_SLICES.subject_slices(rec)
+    assert kept.shape == (4, SHAPE[0], SHAPE[1]) and kept.dtype == np.float32
+    MID_SLICES.clear()  # a new process
+    MID_SLICES.restore(rec, kept)
+    monkeypatch.setattr(io, "read_header", lambda *a, **k: pytest.fail("a file was opened"))
+    for i, ch in enumerate(CHANNELS):
+        expected = brain_like(SHAPE, seed=i)[:, :, SHAPE[2] // 2]
+        np.testing.assert_array_equal(io.read_mid_slice(rec.images[ch]), expected)
+    MID_SLICES.clear()
