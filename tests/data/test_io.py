@@ -362,3 +362,37 @@ def test_mid_slices_kept_with_a_cached_subject_are_read_back_without_the_file(
         expected = brain_like(SHAPE, seed=i)[:, :, SHAPE[2] // 2]
         np.testing.assert_array_equal(io.read_mid_slice(rec.images[ch]), expected)
     MID_SLICES.clear()
+
+
+@pytest.mark.skipif(io.INFLATER != "isal", reason="ISA-L (isal) not installed")
+@pytest.mark.parametrize("tail", ["members", "zeros", "garbage", "crc", "truncated"])
+def test_one_call_inflate_reads_every_gzip_form_as_gzip_does(tmp_path, tail):
+    """The one-call ISA-L inflate gives gzip's bytes for a file of several members (bgzip) or
+    with zero padding, and refuses what gzip refuses: a wrong CRC, garbage after the stream, a
+    truncated stream."""
+    import gzip
+
+    data = (brain_like(SHAPE) * 3).astype(np.int16)
+    path = write_nifti(tmp_path / "a.nii.gz", data, dtype=np.int16)
+    raw = path.read_bytes()
+    plain = gzip.decompress(raw)
+    if tail == "members":  # the same bytes split in two gzip members
+        raw = gzip.compress(plain[:1000]) + gzip.compress(plain[1000:])
+    elif tail == "zeros":
+        raw = raw + b"\x00" * 16
+    elif tail == "garbage":
+        raw = raw + b"not gzip"
+    elif tail == "crc":
+        raw = raw[:-8] + bytes([raw[-8] ^ 0xFF]) + raw[-7:]
+    else:
+        raw = raw[: len(raw) // 2]
+    if tail in ("members", "zeros"):
+        assert io._gunzip(raw) == plain
+        path.write_bytes(raw)
+        np.testing.assert_array_equal(io.load_volume(ImageSource(path))[0], data)
+    else:
+        with pytest.raises((EOFError, io._InflateError, gzip.BadGzipFile)):
+            io._gunzip(raw)
+        path.write_bytes(raw)
+        with pytest.raises(InputError, match=r"a\.nii\.gz.*(truncated or corrupt|could not read)"):
+            io.load_volume(ImageSource(path))
