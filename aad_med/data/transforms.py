@@ -113,9 +113,10 @@ class LoadSubjectd(MapTransform):
     The file-path keys of the record are dropped. With ``native`` (the default, what
     :class:`FusedPreprocessd` takes) the image keeps the files' stored dtype where it is exactly
     float32-representable and the stored layout (``load_subject(native=True)``: no whole-volume
-    cast or transpose); ``native=False`` gives a C-ordered float32 image for MONAI transforms. With ``target_spacing`` (and ``patch_size``,
-    the edge volumes are padded to), a subject whose resampled size exceeds the per-subject
-    budget is refused from its headers (:func:`aad_med.data.io.check_subject_budget`).
+    cast or transpose); ``native=False`` gives a C-ordered float32 image for MONAI transforms.
+    With ``target_spacing`` (and ``patch_size``, the edge volumes are padded to), a subject whose
+    resampled size exceeds the per-subject budget is refused from its headers
+    (:func:`aad_med.data.io.check_subject_budget`).
 
     Raises:
         InputError: any problem with one of the subject's files (named).
