@@ -366,10 +366,10 @@ def test_mid_slices_kept_with_a_cached_subject_are_read_back_without_the_file(
 
 @pytest.mark.skipif(io.INFLATER != "isal", reason="ISA-L (isal) not installed")
 @pytest.mark.parametrize("tail", ["members", "zeros", "garbage", "crc", "truncated"])
-def test_one_call_inflate_reads_every_gzip_form_as_gzip_does(tmp_path, tail):
-    """The one-call ISA-L inflate gives gzip's bytes for a file of several members (bgzip) or
-    with zero padding, and refuses what gzip refuses: a wrong CRC, garbage after the stream, a
-    truncated stream."""
+def test_isal_inflate_reads_every_gzip_form_as_gzip_does(tmp_path, tail):
+    """The ISA-L inflate gives gzip's bytes for a file of several members (bgzip) or with zero
+    padding, and refuses what gzip refuses: a wrong CRC, garbage after the stream, a truncated
+    stream (each named as a corrupt file)."""
     import gzip
 
     data = (brain_like(SHAPE) * 3).astype(np.int16)
