@@ -65,7 +65,8 @@ def fingerprint_row(
     q = np.asarray(percentiles, dtype=np.float64)
     row = []
     for ch in image:
-        fg = ch[ch != 0]
+        flat = ch.ravel(order="K")  # any layout: the percentiles do not depend on the order
+        fg = flat[flat != 0]
         row.append(percentiles_of(fg, q) if fg.size else np.zeros(q.size))
     return np.concatenate(row).astype(np.float64)
 
@@ -81,23 +82,30 @@ def percentiles_of(values: np.ndarray, q: np.ndarray) -> np.ndarray:
     with ``np.percentile`` to about 1e-15 relative (float rounding)."""
     values = np.asarray(values).reshape(-1)
     lo, hi = values.min(), values.max()
-    if values.dtype.kind != "f" or not (np.isfinite(lo) and np.isfinite(hi)):
+    # Order statistics in float64 for stored integers (exact, as in their float32 cast).
+    kind = np.dtype(np.float64) if values.dtype.kind in "iu" else values.dtype
+    if values.dtype.kind in "iu" and values.dtype.itemsize <= 2:
+        # Stored integers (int16 scanner data): counted as they are, no float round trip.
+        base = int(lo)
+        cum = np.cumsum(np.bincount(np.subtract(values, base, dtype=np.intp)))
+    elif values.dtype.kind != "f" or not (
+        np.isfinite(lo) and np.isfinite(hi) and hi - lo < _HISTOGRAM_SPAN
+    ):
         return np.percentile(values, q)
-    if hi - lo >= _HISTOGRAM_SPAN:
-        return np.percentile(values, q)
-    ints = values.astype(np.int64)
-    if not np.array_equal(ints, values):
-        return np.percentile(values, q)
-    base = int(ints.min())
-    cum = np.cumsum(np.bincount(ints - base))
+    else:
+        ints = values.astype(np.int64)
+        if not np.array_equal(ints, values):
+            return np.percentile(values, q)
+        base = int(ints.min())
+        cum = np.cumsum(np.bincount(ints - base))
     n = values.size
     qq = np.true_divide(q, 100)
     # numpy's virtual index for the linear method (alpha = beta = 1), term for term.
     virtual = n * qq + (1 + qq * (1 - 1 - 1)) - 1
     prev = np.clip(np.floor(virtual).astype(np.int64), 0, n - 1)
     nxt = np.clip(prev + 1, 0, n - 1)
-    a = (base + np.searchsorted(cum, prev, side="right")).astype(values.dtype)
-    b = (base + np.searchsorted(cum, nxt, side="right")).astype(values.dtype)
+    a = (base + np.searchsorted(cum, prev, side="right")).astype(kind)
+    b = (base + np.searchsorted(cum, nxt, side="right")).astype(kind)
     gamma = np.asarray(virtual - np.floor(virtual), dtype=np.float64)
     diff = b - a
     out = np.add(a, diff * gamma)

@@ -29,7 +29,9 @@ import math
 import os
 import stat
 import struct
+import threading
 import zlib
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -43,6 +45,10 @@ from aad_med.data.records import ImageSource, SubjectRecord
 from aad_med.errors import ConfigError, InputError
 
 try:  # ISA-L's inflater decodes a BraTS volume ~3x faster than zlib (BENCHMARKS.md).
+    # Its streamed reader (igzip.decompress), not a one-call inflate over the whole file: the
+    # latter is faster when loading alone (0.13 vs 0.17 s per BraTS-size subject) but measured
+    # slower inside aad-compare (issue 17: decode 2.2 vs 1.5 s for 16 subjects, alternating
+    # runs; with the output presized from the gzip trailer too).
     from isal.igzip import decompress as _gunzip
     from isal.igzip_lib import IsalError as _InflateError
 
@@ -89,7 +95,8 @@ _HEADER_ERRORS = (
 class LoadedSubject:
     """One subject in memory: ``image`` is channel-first ``(4, X, Y, Z)`` float32 in canonical
     channel order, ``seg`` is ``(X, Y, Z)`` int16 or ``None``, ``affine`` is the 4x4 voxel-to-world
-    matrix shared by all modalities."""
+    matrix shared by all modalities. Read with ``native=True`` (:func:`load_subject`), ``image``
+    keeps the files' stored dtype and each channel and the seg keep the stored layout."""
 
     subject_id: str
     image: np.ndarray
@@ -341,12 +348,20 @@ def check_values(data: np.ndarray, path: str | Path, allow_empty: bool = False) 
     if n_bad:
         n_nan = int(np.isnan(data).sum())
         raise InputError(path, f"{n_nan} NaN and {n_bad - n_nan} Inf voxels")
-    if not allow_empty and not np.any(data):
+    if not allow_empty and not _any_nonzero(data):
         raise InputError(path, "all voxels are zero (empty volume)")
 
 
-def check_seg_labels(seg: np.ndarray, path: str | Path) -> np.ndarray:
-    """Return ``seg`` as int16 after checking its labels are integers in :data:`SEG_LABELS`.
+def _any_nonzero(data: np.ndarray) -> bool:
+    """``np.any(data)``, deciding from the middle slice first (a brain's holds voxels)."""
+    if data.ndim == 3 and np.any(data[:, :, data.shape[2] // 2]):
+        return True
+    return bool(np.any(data))
+
+
+def check_seg_labels(seg: np.ndarray, path: str | Path, keep_layout: bool = False) -> np.ndarray:
+    """Return ``seg`` as int16 after checking its labels are integers in :data:`SEG_LABELS`
+    (C-ordered, or in ``seg``'s own layout with ``keep_layout``).
 
     Raises:
         InputError: non-integer labels or labels outside :data:`SEG_LABELS`.
@@ -374,7 +389,7 @@ def check_seg_labels(seg: np.ndarray, path: str | Path) -> np.ndarray:
         shown = ", ".join(str(b) for b in bad[:8]) + (", ..." if len(bad) > 8 else "")
         allowed = ", ".join(map(str, SEG_LABELS))
         raise InputError(path, f"segmentation labels {{{shown}}} outside {{{allowed}}}")
-    out = np.empty(seg.shape, dtype=np.int16)
+    out = np.empty_like(seg, dtype=np.int16, order="K" if keep_layout else "C")
     copy_volume(out, seg)
     return out
 
@@ -453,15 +468,103 @@ def _reading_voxels(path: str | Path) -> Iterator[None]:
         ) from None
 
 
+MID_SLICE_MEMO_BYTES = 64 * 1024**2
+"""Bound of the middle slices kept from whole-volume reads (:class:`MidSliceMemo`): about 140
+BraTS subjects' four int16 slices."""
+
+
+class MidSliceMemo:
+    """The middle slices (:func:`read_mid_slice`) of volumes :func:`load_subject` decoded whole
+    (``native=True``: the embedding's data path), so a report thumbnail of a subject the
+    embedding read costs no second read of its files.
+
+    Keyed by the file's identity (device, inode, size, modification time) and the volume
+    index: a file replaced or rewritten is read again. Slices are kept in the stored dtype
+    (unscaled files only, so the float32 values are exactly those read from the file), the
+    least recently used dropped beyond ``max_bytes``. Thread-safe (the prefetching thread).
+    """
+
+    def __init__(self, max_bytes: int = MID_SLICE_MEMO_BYTES):
+        self.max_bytes = int(max_bytes)
+        self._slices: OrderedDict[tuple, np.ndarray] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _key(source: ImageSource) -> tuple | None:
+        try:
+            st = os.stat(source.path)
+        except OSError:
+            return None
+        return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, source.volume)
+
+    def put(self, source: ImageSource, img: nib.Nifti1Image, volume: np.ndarray) -> None:
+        """Keep the middle slice of ``volume`` (``(X, Y, Z)`` as read from ``img``'s file)."""
+        proxy = img.dataobj
+        if float(proxy.slope) != 1.0 or float(proxy.inter) != 0.0 or volume.ndim != 3:
+            return
+        self._keep(source, np.array(volume[:, :, volume.shape[2] // 2], order="C"))
+
+    def _keep(self, source: ImageSource, mid: np.ndarray) -> None:
+        key = self._key(source)
+        if key is None:
+            return
+        with self._lock:
+            old = self._slices.pop(key, None)
+            self._bytes -= 0 if old is None else old.nbytes
+            self._slices[key] = mid
+            self._bytes += mid.nbytes
+            while self._bytes > self.max_bytes and self._slices:
+                self._bytes -= self._slices.popitem(last=False)[1].nbytes
+
+    def get(self, source: ImageSource) -> np.ndarray | None:
+        """The kept slice as float32, or ``None``."""
+        key = self._key(source)
+        with self._lock:
+            mid = None if key is None else self._slices.get(key)
+            if mid is not None:
+                self._slices.move_to_end(key)
+        return None if mid is None else mid.astype(np.float32)
+
+    def subject_slices(self, record: SubjectRecord) -> np.ndarray | None:
+        """The kept middle slices of ``record``'s four channels as one ``(4, X, Y)`` float32
+        array (to store beside a cached subject), or ``None`` when one is not kept."""
+        slices = [self.get(record.images[ch]) for ch in CHANNELS]
+        if any(s is None for s in slices) or len({s.shape for s in slices}) != 1:
+            return None
+        return np.stack(slices)
+
+    def restore(self, record: SubjectRecord, slices: np.ndarray) -> None:
+        """Keep ``slices`` (:meth:`subject_slices`, read back from a cache whose key holds the
+        files' identity) as ``record``'s channels' middle slices."""
+        slices = np.asarray(slices, dtype=np.float32)
+        if slices.ndim != 3 or slices.shape[0] != len(CHANNELS):
+            return
+        for ch, mid in zip(CHANNELS, slices, strict=True):
+            self._keep(record.images[ch], np.array(mid, order="C"))
+
+    def clear(self) -> None:
+        with self._lock:
+            self._slices.clear()
+            self._bytes = 0
+
+
+MID_SLICES = MidSliceMemo()
+"""The process's :class:`MidSliceMemo`, filled by ``load_subject(native=True)``."""
+
+
 def read_mid_slice(source: ImageSource, max_voxels: int = MAX_VOXELS) -> np.ndarray:
     """The middle slice along the third stored axis, ``(X, Y)`` float32, as the whole volume's
-    ``[:, :, Z // 2]`` would give it. nibabel's array proxy reads only the bytes of that slice
-    (a ``.nii.gz`` is inflated up to it, not past it): a report thumbnail at BraTS size costs
-    0.1 s instead of decoding four volumes (0.28 s).
+    ``[:, :, Z // 2]`` would give it: from :data:`MID_SLICES` when this process decoded the
+    volume whole, else nibabel's array proxy reads only the bytes of that slice (a ``.nii.gz``
+    is inflated up to it, not past it: 0.1 s at BraTS size instead of 0.28 s for the volume).
 
     Raises:
         InputError: unreadable, truncated or corrupt file (named).
     """
+    kept = MID_SLICES.get(source)
+    if kept is not None:
+        return kept
     img = read_header(source.path, max_voxels)
     index: tuple = (slice(None), slice(None), img.shape[2] // 2)
     if source.volume is not None:
@@ -483,7 +586,7 @@ def copy_volume(dst: np.ndarray, src: np.ndarray) -> None:
 
 
 def _copy_tiles(dst: np.ndarray, src: np.ndarray) -> None:
-    if src.flags.c_contiguous or src.ndim != 3:
+    if src.ndim != 3 or _fastest_axis(src) == _fastest_axis(dst):
         np.copyto(dst, src, casting="unsafe")
         return
     for i in range(0, src.shape[0], _TILE):
@@ -493,6 +596,36 @@ def _copy_tiles(dst: np.ndarray, src: np.ndarray) -> None:
                 src[i : i + _TILE, j : j + _TILE],
                 casting="unsafe",
             )
+
+
+def _fastest_axis(a: np.ndarray) -> int:
+    """The axis along which ``a``'s elements are adjacent in memory (the smallest stride)."""
+    return int(
+        np.argmin([abs(st) if n > 1 else np.inf for st, n in zip(a.strides, a.shape, strict=True)])
+    )
+
+
+NATIVE_DTYPES = tuple(np.dtype(t) for t in (np.int8, np.uint8, np.int16, np.uint16, np.float32))
+"""Stored dtypes :func:`load_subject` keeps with ``native=True``: every value is exactly a
+float32, so computing on them equals computing on the float32 cast."""
+
+
+def stored_dtype(img: nib.Nifti1Image) -> np.dtype:
+    """The dtype :func:`read_stored` returns for ``img`` (native byte order): the stored one, or
+    float32 when the header scales the voxels."""
+    proxy = img.dataobj
+    dtype = np.dtype(proxy.dtype)
+    if float(proxy.slope) == 1.0 and float(proxy.inter) == 0.0 and dtype.kind in "iuf":
+        return dtype.newbyteorder("=")
+    return np.dtype(np.float32)
+
+
+def _channel_stack(n: int, like: np.ndarray, dtype: np.dtype, native: bool) -> np.ndarray:
+    """An empty ``(n, *like.shape)`` array; with ``native`` each channel has ``like``'s layout
+    (a Fortran-ordered NIfTI volume is then copied without a transpose)."""
+    if not native or _fastest_axis(like) == like.ndim - 1:
+        return np.empty((n, *like.shape), dtype=dtype)
+    return np.empty((n, *like.shape[::-1]), dtype=dtype).transpose(0, *range(like.ndim, 0, -1))
 
 
 def read_voxels(img: nib.Nifti1Image, path: str | Path, volume: int | None) -> np.ndarray:
@@ -592,6 +725,7 @@ def load_subject(
     max_subject_voxels: int | None = None,
     target_spacing: Sequence[float] | None = None,
     patch_size: int | None = None,
+    native: bool = False,
 ) -> LoadedSubject:
     """Read all modalities of a subject, checking that they share one grid.
 
@@ -608,6 +742,11 @@ def load_subject(
         max_subject_voxels: per-subject budget; ``None`` uses :func:`subject_voxel_budget`.
         target_spacing: spacing the caller will resample to (counted in the budget).
         patch_size: edge the caller pads every axis to after resampling (counted too).
+        native: keep the stored dtype when every channel shares one of :data:`NATIVE_DTYPES`
+            (else float32), and the stored layout (x fastest) of each channel and the seg: no
+            cast and no transpose of the whole volumes (a BraTS subject's int16 channels are
+            copied 2-3x faster); the values are those of the float32 image. The channels'
+            middle slices are kept in :data:`MID_SLICES` for report thumbnails.
 
     Raises:
         InputError: the first problem found (file named). Use
@@ -624,6 +763,11 @@ def load_subject(
     check_subject_budget(
         record.subject_id, list(headers.values()), max_subject_voxels, target_spacing, patch_size
     )
+    dtype = np.dtype(np.float32)
+    if native:
+        stored = {stored_dtype(headers[ch][1]) for ch in CHANNELS}
+        if len(stored) == 1 and next(iter(stored)) in NATIVE_DTYPES:
+            dtype = stored.pop()
     # Filled channel by channel: peak memory is the subject plus one volume, not twice it.
     image: np.ndarray | None = None
     ref_path, ref_shape, ref_affine = None, None, None
@@ -638,6 +782,8 @@ def load_subject(
                 four_d[src.path] = read_stored(img, src.path, -1)
             data = four_d[src.path][..., src.volume]
             check_values(data, f"{src.path} (volume {src.volume}, {ch})")
+        if native:
+            MID_SLICES.put(src, img, data)
         if ref_shape is None:
             ref_path, ref_shape, ref_affine = src.path, data.shape, affine
         else:
@@ -645,7 +791,7 @@ def load_subject(
                 src.path, data.shape, affine, ref_path, ref_shape, ref_affine, affine_tolerance
             )
         if image is None:
-            image = np.empty((len(CHANNELS), *data.shape), dtype=np.float32)
+            image = _channel_stack(len(CHANNELS), data, dtype, native)
         copy_volume(image[c], data)
         if data.dtype.kind == "f" and data.dtype.itemsize > 4:
             # float64 voxels beyond float32's range become Inf, and tiny ones 0, in the cast.
@@ -660,7 +806,7 @@ def load_subject(
         _check_same_grid(
             src.path, seg_data.shape, seg_affine, ref_path, ref_shape, ref_affine, affine_tolerance
         )
-        seg = check_seg_labels(seg_data, src.path)
+        seg = check_seg_labels(seg_data, src.path, keep_layout=native)
     return LoadedSubject(record.subject_id, image, seg, ref_affine)
 
 

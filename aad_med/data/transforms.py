@@ -45,7 +45,7 @@ from monai.transforms import (
     SpatialPadd,
 )
 
-from aad_med.data.io import load_subject
+from aad_med.data.io import copy_volume, load_subject
 from aad_med.data.preprocessing import PreprocessingConfig
 from aad_med.data.records import SubjectRecord
 from aad_med.errors import AADError
@@ -108,11 +108,15 @@ def find_project_error(e: BaseException) -> AADError | None:
 class LoadSubjectd(MapTransform):
     """Read one subject from the primitive dict of :meth:`SubjectRecord.as_dict`.
 
-    Output keys: ``image`` MetaTensor ``(4, X, Y, Z)`` float32 carrying the affine, ``seg``
+    Output keys: ``image`` MetaTensor ``(4, X, Y, Z)`` carrying the affine, ``seg``
     MetaTensor ``(1, X, Y, Z)`` (zeros when there is no seg), ``has_seg`` bool, ``subject_id``.
-    The file-path keys of the record are dropped. With ``target_spacing`` (and ``patch_size``,
-    the edge volumes are padded to), a subject whose resampled size exceeds the per-subject
-    budget is refused from its headers (:func:`aad_med.data.io.check_subject_budget`).
+    The file-path keys of the record are dropped. With ``native`` (the default, what
+    :class:`FusedPreprocessd` takes) the image keeps the files' stored dtype where it is exactly
+    float32-representable and the stored layout (``load_subject(native=True)``: no whole-volume
+    cast or transpose); ``native=False`` gives a C-ordered float32 image for MONAI transforms.
+    With ``target_spacing`` (and ``patch_size``, the edge volumes are padded to), a subject whose
+    resampled size exceeds the per-subject budget is refused from its headers
+    (:func:`aad_med.data.io.check_subject_budget`).
 
     Raises:
         InputError: any problem with one of the subject's files (named).
@@ -125,8 +129,10 @@ class LoadSubjectd(MapTransform):
         load_seg: bool = True,
         target_spacing: Sequence[float] | None = None,
         patch_size: int | None = None,
+        native: bool = True,
     ):
         super().__init__(keys=[image_key, seg_key])
+        self.native = native
         self.image_key = image_key
         self.seg_key = seg_key
         self.load_seg = load_seg
@@ -141,6 +147,7 @@ class LoadSubjectd(MapTransform):
             load_seg=self.load_seg,
             target_spacing=self.target_spacing,
             patch_size=self.patch_size,
+            native=self.native,
         )
         affine = torch.as_tensor(loaded.affine, dtype=torch.float64)
         image = MetaTensor(torch.from_numpy(loaded.image), affine=affine)
@@ -284,7 +291,7 @@ def _monai_tail(cfg: PreprocessingConfig) -> list:
 def monai_transforms(cfg: PreprocessingConfig) -> Compose:
     """The preprocessing as a chain of MONAI transforms, step by step (the reference
     :class:`FusedPreprocessd` is tested against, and the general path it falls back to)."""
-    steps = [LoadSubjectd(target_spacing=cfg.spacing, patch_size=cfg.patch_size)]
+    steps = [LoadSubjectd(target_spacing=cfg.spacing, patch_size=cfg.patch_size, native=False)]
     return SafeCompose(steps + _monai_tail(cfg), log_stats=False)
 
 
@@ -292,17 +299,17 @@ _IDENTITY_ORIENTATION = np.array([[0.0, 1.0], [1.0, 1.0], [2.0, 1.0]])
 _SUM_CHUNK = 1 << 20
 
 
-def _zscore_nonzero(src: np.ndarray, dst: np.ndarray) -> None:
-    """``dst`` = ``src`` z-scored over its non-zero voxels, exactly 0 where ``src`` is 0.
+def _zscore_nonzero(volume: np.ndarray) -> None:
+    """``volume`` (float32) z-scored in place over its non-zero voxels; its zeros stay exactly 0.
 
     The mean and the population standard deviation come from float64 sums (zeros add nothing
     to them), so no boolean gather of the foreground is needed; the arithmetic is then float32,
     like MONAI's ``NormalizeIntensity(nonzero=True)``, which it matches to float32 rounding.
     """
-    flat = src.reshape(-1)
-    n = int(np.count_nonzero(flat))
+    flat = volume.reshape(-1)  # a view of a C-contiguous volume (a padded crop: a copy)
+    zero = volume == 0
+    n = volume.size - int(np.count_nonzero(zero))  # counting bools: 5x faster than floats
     if n == 0:
-        np.copyto(dst, src)
         return
     total = float(np.sum(flat, dtype=np.float64))
     squares = 0.0
@@ -312,9 +319,41 @@ def _zscore_nonzero(src: np.ndarray, dst: np.ndarray) -> None:
     mean = total / n
     var = max(squares / n - mean * mean, 0.0)
     std = np.float32(np.sqrt(var)) if var > 0 else np.float32(1.0)
-    np.subtract(src, np.float32(mean), out=dst)
-    np.divide(dst, std, out=dst)
-    np.copyto(dst, np.float32(0.0), where=src == 0)
+    np.subtract(volume, np.float32(mean), out=volume)
+    np.divide(volume, std, out=volume)
+    np.copyto(volume, np.float32(0.0), where=zero)
+
+
+def _any_channel_nonzero(raw: np.ndarray) -> np.ndarray:
+    """``(X, Y, Z)`` bool: where any channel of ``raw`` is non-zero. For integers and float32 the
+    channels' bits are OR-ed first (a float's sign bit left out: -0.0 is zero) and compared
+    once: 3x faster than a comparison per channel at BraTS size."""
+    if raw.dtype.kind in "iu":
+        bits, sign = raw, 0
+    elif raw.dtype == np.float32:
+        bits, sign = raw.view(np.uint32), 0x80000000
+    else:
+        brain = raw[0] != 0
+        for c in range(1, raw.shape[0]):
+            brain |= raw[c] != 0
+        return brain
+    acc = bits[0].copy(order="K")
+    for c in range(1, raw.shape[0]):
+        np.bitwise_or(acc, bits[c], out=acc)
+    if sign:
+        np.bitwise_and(acc, np.uint32(~sign & 0xFFFFFFFF), out=acc)
+    return acc != 0
+
+
+def _brain_box(brain: np.ndarray) -> tuple[list[int], list[int]] | None:
+    """Start and end (exclusive) of the bounding box of ``brain``'s true voxels (``None``: none),
+    from two passes over the volume (the x-y projection and the z profile)."""
+    plane = brain.any(axis=2)
+    if not plane.any():
+        return None
+    spans = [plane.any(axis=1), plane.any(axis=0), brain.any(axis=(0, 1))]
+    hits = [np.flatnonzero(s) for s in spans]
+    return [int(h[0]) for h in hits], [int(h[-1]) + 1 for h in hits]
 
 
 def _fused(loaded: dict, cfg: PreprocessingConfig) -> dict | None:
@@ -322,7 +361,9 @@ def _fused(loaded: dict, cfg: PreprocessingConfig) -> dict | None:
     resampling (the affine is already RAS at the target spacing, as in BraTS); ``None`` when it
     does. Equal to the MONAI chain's result (tests/data/test_transforms.py), with one copy of
     the cropped volume instead of a copy per step and no masking (without resampling the image
-    is already 0 outside the brain)."""
+    is already 0 outside the brain). The image may be in the files' dtype and layout
+    (:class:`LoadSubjectd` ``native``): the crop's copy into the C-ordered float32 output is
+    its only cast and transpose, over the brain's box instead of the whole volume."""
     image = loaded["image"]
     affine = np.asarray(image.affine, dtype=np.float64)
     if not np.array_equal(nib.orientations.io_orientation(affine), _IDENTITY_ORIENTATION):
@@ -331,27 +372,21 @@ def _fused(loaded: dict, cfg: PreprocessingConfig) -> dict | None:
         return None
     raw = image.as_tensor().numpy()
     ras_shape = [int(v) for v in raw.shape[1:]]
-    brain = raw[0] != 0
-    for c in range(1, raw.shape[0]):
-        brain |= raw[c] != 0
-    if cfg.crop_foreground and brain.any():
-        lo, hi = [], []
-        for axis in range(3):
-            hit = np.flatnonzero(brain.any(axis=tuple(a for a in range(3) if a != axis)))
-            lo.append(int(hit[0]))
-            hi.append(int(hit[-1]) + 1)
-    else:
-        lo, hi = [0, 0, 0], list(ras_shape)
+    brain = _any_channel_nonzero(raw)
+    found = _brain_box(brain) if cfg.crop_foreground else None
+    lo, hi = found if found is not None else ([0, 0, 0], list(ras_shape))
     box = tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))
     size = [max(b - a, cfg.patch_size) for a, b in zip(lo, hi, strict=True)]
     inner = tuple(slice(0, b - a) for a, b in zip(lo, hi, strict=True))
     out = np.zeros((raw.shape[0], *size), dtype=np.float32)
     for c in range(raw.shape[0]):
-        _zscore_nonzero(np.ascontiguousarray(raw[c][box]), out[(c, *inner)])
+        volume = out[(c, *inner)]
+        copy_volume(volume, raw[c][box])
+        _zscore_nonzero(volume)
     brain_out = np.zeros((1, *size), dtype=np.uint8)
-    brain_out[(0, *inner)] = brain[box]
+    copy_volume(brain_out[(0, *inner)], brain[box])
     seg_out = np.zeros((1, *size), dtype=np.int16)
-    seg_out[(0, *inner)] = loaded["seg"].as_tensor().numpy()[(0, *box)]
+    copy_volume(seg_out[(0, *inner)], loaded["seg"].as_tensor().numpy()[(0, *box)])
     shift = np.eye(4)
     shift[:3, 3] = lo
     crop_affine = affine @ shift
@@ -368,6 +403,18 @@ def _fused(loaded: dict, cfg: PreprocessingConfig) -> dict | None:
     }
 
 
+def _reference_layout(loaded: dict) -> dict:
+    """``loaded`` with a C-ordered float32 image and a C-ordered seg, as the MONAI chain
+    expects (:class:`LoadSubjectd` ``native=False``)."""
+    d = dict(loaded)
+    for key, dtype in (("image", torch.float32), ("seg", None)):
+        x = d[key]
+        t = x.as_tensor() if isinstance(x, MetaTensor) else torch.as_tensor(x)
+        t = t.to(dtype if dtype is not None else t.dtype).contiguous()
+        d[key] = MetaTensor(t, affine=x.affine.clone()) if isinstance(x, MetaTensor) else t
+    return d
+
+
 class FusedPreprocessd(MapTransform):
     """Everything after :class:`LoadSubjectd`: one fused numpy pass for subjects already RAS at
     the target spacing, the MONAI chain (:func:`monai_transforms`) for the others."""
@@ -379,7 +426,7 @@ class FusedPreprocessd(MapTransform):
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
         fused = _fused(dict(data), self.cfg)
-        return fused if fused is not None else self.tail(dict(data))
+        return fused if fused is not None else self.tail(_reference_layout(data))
 
 
 def deterministic_transforms(cfg: PreprocessingConfig) -> Compose:

@@ -28,6 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from aad_med import DEFAULT_FEATURES
+from aad_med.data.io import MID_SLICES
 from aad_med.data.patches import extract_patches
 from aad_med.data.preprocessing import PreprocessingConfig
 from aad_med.data.records import Cohort, SubjectRecord
@@ -285,13 +286,13 @@ def encode_subject(
     image = torch.as_tensor(item["image"]).as_subclass(torch.Tensor).to(device, non_blocking=True)
     crop_start = torch.as_tensor(np.asarray(item["crop_start"], dtype=np.int64))
     p = preprocessing.patch_size
+    t_start = time.perf_counter()  # the grid counts under "features"
     positions = eval_positions(item, preprocessing, device)  # the cached grid when it has one
     acc = feature_set.accumulator()
     latent_acc = LatentMeanAccumulator()
     needs_stages = not isinstance(acc, LatentMeanAccumulator)
     latents = []
     forward = 0.0
-    t_start = time.perf_counter()
     for chunk in positions.split(batch_size):
         patches = extract_patches(image, chunk, p)
         with torch.inference_mode(), _full_precision(device):
@@ -431,6 +432,9 @@ def embed_cohort(
                 timings[phase] = timings.get(phase, 0.0) + float(sec)
             fingerprints.append(item.get("fingerprint"))
             quality.append(item.get("quality"))
+            if item.get("mid_slices") is not None:
+                # Kept with a cached (or a worker's) subject: report thumbnails read no file.
+                MID_SLICES.restore(record, item.pop("mid_slices"))
             seg_checked = seg_checked and bool(item.get("seg_checked", False))
             try:
                 enc = encode_subject(

@@ -52,6 +52,7 @@ import numpy as np
 import torch
 
 from aad_med.data.intensity import FINGERPRINT_PERCENTILES, fingerprint_row
+from aad_med.data.io import MID_SLICES
 from aad_med.data.patches import eval_patch_positions
 from aad_med.data.preprocessing import PreprocessingConfig
 from aad_med.data.quality import QUALITY_COLUMNS, QUALITY_VERSION, quality_row
@@ -105,7 +106,8 @@ _ARRAYS = {
     "grid": np.float64,
 }
 """Arrays every entry holds, with their dtypes (besides ``subject_id``, ``has_seg``,
-``seg_checked`` and the optional ``quality``)."""
+``seg_checked``, the optional ``quality`` and the optional ``mid_slices``: the channels'
+``(4, X, Y)`` float32 middle slices for thumbnails)."""
 
 
 def cache_mode(value: Any) -> str:
@@ -286,6 +288,8 @@ def _to_arrays(item: Mapping[str, Any]) -> dict[str, np.ndarray]:
     out["seg_checked"] = np.asarray(bool(item.get("seg_checked", False)))
     if item.get("quality") is not None:
         out["quality"] = np.asarray(item["quality"], dtype=np.float64)
+    if item.get("mid_slices") is not None:
+        out["mid_slices"] = np.asarray(item["mid_slices"], dtype=np.float32)
     return out
 
 
@@ -306,8 +310,12 @@ def _from_arrays(d: Mapping[str, np.ndarray]) -> dict:
         quality = d["quality"]
         if quality.dtype != np.float64 or quality.shape != (len(QUALITY_COLUMNS),):
             raise ValueError(f"quality row of dtype {quality.dtype} and shape {quality.shape}")
+    mid_slices = d.get("mid_slices")
+    if mid_slices is not None and (mid_slices.dtype != np.float32 or mid_slices.ndim != 3):
+        raise ValueError(f"middle slices of dtype {mid_slices.dtype} and shape {mid_slices.shape}")
     return {
         "quality": quality,
+        "mid_slices": mid_slices,
         "seg_checked": bool(d["seg_checked"]),
         "subject_id": str(d["subject_id"]),
         # np.load reads each record into a fresh, writable, C-contiguous array: no copy here.
@@ -448,6 +456,9 @@ class PreprocessedSubjects(torch.utils.data.Dataset):
         item["fingerprint"] = fingerprint
         item["quality"] = quality
         item["seg_checked"] = self.check_seg
+        # The channels' middle slices the decode kept, for the report's thumbnails: stored with
+        # the entry (and carried back from a loader worker), so no run re-reads a file for them.
+        item["mid_slices"] = MID_SLICES.subject_slices(record)
         t4 = time.perf_counter()
         # The grid is a function of the brain mask and the settings in the key: kept with it
         # (counted as ``features``, the phase that builds it when an item has none).

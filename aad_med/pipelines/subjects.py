@@ -319,7 +319,7 @@ def add_subjects(
     Raises:
         ConfigError: an unknown reference cohort. InputError: an unreadable file.
     """
-    from aad_med.plots.subjects import plot_drift, plot_quality, plot_thumbnails
+    from aad_med.plots.subjects import ThumbnailSheet, plot_drift, plot_quality
 
     names = list(vectors)
     reference = settings.reference_cohort or names[0]
@@ -347,36 +347,37 @@ def add_subjects(
 
     top = []
     thumbs = 0
-    for r in listed:
-        entry = {
-            c: r[c]
-            for c in (
-                "cohort",
-                "subject_id",
-                "role",
-                "atypicality",
-                "atypicality_p",
-                "atypicality_q",
-                "atypicality_p_tail",
-                "atypicality_q_tail",
-                "intensity_p",
-                "top_block",
-                "top_block_share",
-                "top_channel",
-                "top_dims",
-            )
-        }
-        entry["reason"] = subject_reason(r, reference)
-        rec = _record(records, r["cohort"], r["subject_id"])
-        if rec is not None and thumbs < N_THUMBNAILS:
-            png = f"plots/subject_{_safe(r['cohort'])}_{_safe(r['subject_id'])}.png"
-            try:
-                plot_thumbnails(rec, tmp / png, title=f"{r['cohort']} / {r['subject_id']}")
-                entry["thumbnail"] = png
-                thumbs += 1
-            except (InputError, ValueError) as e:
-                log.warning("no thumbnail for %s: %s", r["subject_id"], e)
-        top.append(entry)
+    with ThumbnailSheet() as sheet:  # one figure redrawn for every thumbnail
+        for r in listed:
+            entry = {
+                c: r[c]
+                for c in (
+                    "cohort",
+                    "subject_id",
+                    "role",
+                    "atypicality",
+                    "atypicality_p",
+                    "atypicality_q",
+                    "atypicality_p_tail",
+                    "atypicality_q_tail",
+                    "intensity_p",
+                    "top_block",
+                    "top_block_share",
+                    "top_channel",
+                    "top_dims",
+                )
+            }
+            entry["reason"] = subject_reason(r, reference)
+            rec = _record(records, r["cohort"], r["subject_id"])
+            if rec is not None and thumbs < N_THUMBNAILS:
+                png = f"plots/subject_{_safe(r['cohort'])}_{_safe(r['subject_id'])}.png"
+                try:
+                    sheet.draw(rec, tmp / png, title=f"{r['cohort']} / {r['subject_id']}")
+                    entry["thumbnail"] = png
+                    thumbs += 1
+                except (InputError, ValueError) as e:
+                    log.warning("no thumbnail for %s: %s", r["subject_id"], e)
+            top.append(entry)
     counts = {
         name: {
             "n": sum(r["cohort"] == name for r in rows),

@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 
 from aad_med import CHANNELS
-from aad_med.plots.style import cohort_colors, new_figure, save_figure
+from aad_med.io_utils import atomic_path
+from aad_med.plots.style import DPI, cohort_colors, new_figure, save_figure
 
 QUALITY_METRICS = ("snr_total", "cnr", "cjv", "efc", "inu_range", "wm2max")
 """IQMs shown in the quality figure (one row each; fber is undefined on skull-stripped data)."""
@@ -71,29 +72,91 @@ def plot_quality(
 
 
 def plot_thumbnails(record, path: str | Path, title: str = "") -> Path:
-    """The middle slice along the third stored axis of each channel of one subject, read from its
-    raw files (only that slice is read: :func:`aad_med.data.io.read_mid_slice`); the grey range
-    is 0 to the 99.5th percentile of the slice's non-zero voxels.
+    """The middle slice along the third stored axis of each channel of one subject, from its raw
+    files (:func:`aad_med.data.io.read_mid_slice`: kept from the embedding's decode, or only
+    that slice read); the grey range is 0 to the 99.5th percentile of the slice's non-zero
+    voxels. :class:`ThumbnailSheet` draws several subjects' faster.
 
     Raises:
         InputError: a file cannot be read (named by the loader).
     """
-    from aad_med.data.io import read_mid_slice
+    with ThumbnailSheet() as sheet:
+        return sheet.draw(record, path, title)
 
-    slices = [read_mid_slice(record.images[ch]) for ch in CHANNELS]
-    fig = new_figure(1.9 * len(slices), 2.2)
-    axes = fig.subplots(1, len(slices), squeeze=False)[0]
-    for c, ax in enumerate(axes):
-        sl = np.rot90(slices[c].astype(np.float64))
-        fg = sl[sl != 0]
-        hi = float(np.percentile(fg, 99.5)) if fg.size else 1.0
-        ax.imshow(sl, cmap="gray", vmin=0.0, vmax=hi or 1.0, interpolation="nearest")
-        ax.set_xticks([])
-        ax.set_yticks([])
-        ax.set_title(CHANNELS[c] if c < len(CHANNELS) else f"ch{c}", fontsize=9)
-    if title:
-        fig.suptitle(title, fontsize=9)
-    return save_figure(fig, path)
+
+class ThumbnailSheet:
+    """Draws :func:`plot_thumbnails` figures of several subjects on one figure whose axes are
+    built once, only the images, grey ranges and title changing (the same PNG as a fresh figure;
+    building the axes was a fifth of each thumbnail's time). Use as a context manager."""
+
+    def __init__(self) -> None:
+        self.fig = None
+        self.images: list = []
+        self.shapes: list[tuple[int, ...]] = []
+        self.title = None
+
+    def __enter__(self) -> ThumbnailSheet:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.fig is not None:
+            import matplotlib.pyplot as plt  # after plots.style chose the backend
+
+            plt.close(self.fig)
+        self.fig, self.images, self.shapes, self.title = None, [], [], None
+
+    def _build(self, n: int) -> None:
+        self.fig = new_figure(1.9 * n, 2.2)
+        # Fixed margins instead of the layout engine, and axes born without ticks: the saved
+        # figure is trimmed to its content anyway, and this halves the drawing time.
+        self.fig.set_layout_engine("none")
+        self.axes = self.fig.subplots(
+            1,
+            n,
+            squeeze=False,
+            subplot_kw={"xticks": [], "yticks": []},
+            gridspec_kw={"left": 0.01, "right": 0.99, "bottom": 0.01, "top": 0.8, "wspace": 0.06},
+        )[0]
+        for c, ax in enumerate(self.axes):
+            ax.set_title(CHANNELS[c] if c < len(CHANNELS) else f"ch{c}", fontsize=9)
+        self.title = self.fig.suptitle("", fontsize=9)
+
+    def draw(self, record, path: str | Path, title: str = "") -> Path:
+        """One subject's thumbnails (:func:`plot_thumbnails`) written to ``path``.
+
+        Raises:
+            InputError: a file cannot be read (named by the loader).
+        """
+        from aad_med.data.io import read_mid_slice
+
+        slices = [np.rot90(read_mid_slice(record.images[ch]).astype(np.float64)) for ch in CHANNELS]
+        if self.fig is not None and self.shapes != [sl.shape for sl in slices]:
+            self.close()  # another grid: the images' extents and the axes change
+        if self.fig is None:
+            self._build(len(slices))
+        for c, (ax, sl) in enumerate(zip(self.axes, slices, strict=True)):
+            fg = sl[sl != 0]
+            hi = float(np.percentile(fg, 99.5)) if fg.size else 1.0
+            if len(self.images) <= c:
+                im = ax.imshow(sl, cmap="gray", vmin=0.0, vmax=hi or 1.0, interpolation="nearest")
+                self.images.append(im)
+            else:
+                self.images[c].set_data(sl)
+                self.images[c].set_clim(0.0, hi or 1.0)
+        self.shapes = [sl.shape for sl in slices]
+        self.title.set_text(title)
+        self.title.set_visible(bool(title))
+        path = Path(path)
+        with atomic_path(path) as tmp:
+            # zlib level 3, not PIL's 6: half the encoding time and a smaller file for these
+            # noisy greyscale slices (110 vs 133 kB at BraTS size).
+            self.fig.savefig(
+                tmp, dpi=DPI, bbox_inches="tight", format="png", pil_kwargs={"compress_level": 3}
+            )
+        return path
 
 
 def plot_drift(points: Sequence[Mapping], reference: str, path: str | Path) -> Path:

@@ -249,3 +249,150 @@ def test_check_seg_labels_refuses_a_seg_spanning_the_whole_integer_range():
     seg = np.array([info.min, 0, 1, info.max], dtype=np.int64).reshape(1, 2, 2)
     with pytest.raises(InputError, match=r"s.nii.gz: segmentation labels"):
         check_seg_labels(seg, "s.nii.gz")
+
+
+@pytest.mark.parametrize(
+    "dtypes",
+    [
+        ("int16",) * 4,
+        ("uint8",) * 4,
+        ("int16", "int16", "float32", "int16"),
+        ("float64",) * 4,
+    ],
+)
+def test_native_load_keeps_the_stored_dtype_and_layout_and_the_float32_values(tmp_path, dtypes):
+    """load_subject(native=True): the stored dtype where every channel shares one that float32
+    holds exactly (else float32), each channel and the seg in the stored (x fastest) layout, and
+    the same values as the default C-ordered float32 read."""
+    folder = tmp_path / "S"
+    images = {}
+    for i, (ch, dt) in enumerate(zip(CHANNELS, dtypes, strict=True)):
+        data = np.clip(np.round(brain_like(SHAPE, seed=i)), 0, 250).astype(dt)
+        images[ch] = ImageSource(write_nifti(folder / f"S_{ch}.nii.gz", data))
+    seg = write_nifti(folder / "S_seg.nii.gz", tumour_like(SHAPE), dtype=np.int16)
+    rec = SubjectRecord("S", images, ImageSource(seg))
+    ref = io.load_subject(rec)
+    native = io.load_subject(rec, native=True)
+    same = len(set(dtypes)) == 1 and dtypes[0] != "float64"
+    assert native.image.dtype == (np.dtype(dtypes[0]) if same else np.float32)
+    assert ref.image.dtype == np.float32 and ref.image.flags.c_contiguous
+    assert all(native.image[c].flags.f_contiguous for c in range(len(CHANNELS)))
+    np.testing.assert_array_equal(native.image.astype(np.float32), ref.image)
+    assert native.seg.dtype == np.int16 and native.seg.flags.f_contiguous
+    assert ref.seg.flags.c_contiguous
+    np.testing.assert_array_equal(native.seg, ref.seg)
+
+
+def test_mid_slices_of_a_native_load_are_read_back_without_the_file(tmp_path, monkeypatch):
+    """load_subject(native=True) keeps each channel's middle slice (4D volumes too): a
+    thumbnail then reads nothing, gets what the file gives, and a rewritten file is read again;
+    a scaled file is not kept (its float32 values come from nibabel's scaling)."""
+    from aad_med.data.io import MID_SLICES
+
+    MID_SLICES.clear()
+    write_msd_cohort(tmp_path / "msd", n=1)
+    (msd,) = discover_cohort(tmp_path / "msd").subjects
+    folder = tmp_path / "S"
+    images = {
+        ch: ImageSource(write_nifti(folder / f"S_{ch}.nii.gz", brain_like(SHAPE, seed=i)))
+        for i, ch in enumerate(CHANNELS)
+    }
+    scaled = nib.Nifti1Image((brain_like(SHAPE) / 2).astype(np.int16), np.eye(4))
+    scaled.header.set_slope_inter(0.5, 10)
+    nib.save(scaled, str(folder / "S_t1.nii.gz"))
+    rec = SubjectRecord("S", images, None)
+    expected = {}
+    for r in (msd, rec):
+        whole = io.load_subject(r, load_seg=False).image
+        expected[r.subject_id] = [whole[c][:, :, whole.shape[3] // 2] for c in range(4)]
+        io.load_subject(r, load_seg=False, native=True)
+    reads = []
+    real_header = io.read_header
+    monkeypatch.setattr(
+        io, "read_header", lambda *a, **k: reads.append(a[0]) or real_header(*a, **k)
+    )
+    for r in (msd, rec):
+        for c, ch in enumerate(CHANNELS):
+            mid = io.read_mid_slice(r.images[ch])
+            assert mid.dtype == np.float32
+            np.testing.assert_array_equal(mid, expected[r.subject_id][c])
+    assert reads == [images["t1"].path]  # only the scaled file was opened
+    new = brain_like(SHAPE, seed=9) + 1
+    write_nifti(images["t2"].path, new)
+    np.testing.assert_array_equal(io.read_mid_slice(images["t2"]), new[:, :, SHAPE[2] // 2])
+    MID_SLICES.clear()
+
+
+def test_the_mid_slice_memo_keeps_the_most_recent_within_its_bound(tmp_path):
+    paths = [write_nifti(tmp_path / f"{i}.nii", brain_like(SHAPE, seed=i)) for i in range(3)]
+    one = SHAPE[0] * SHAPE[1] * 4
+    memo = io.MidSliceMemo(max_bytes=2 * one)
+    for p in paths:
+        img = nib.load(str(p))
+        memo.put(ImageSource(p), img, np.asarray(img.dataobj, dtype=np.float32))
+    assert memo.get(ImageSource(paths[0])) is None
+    for i in (1, 2):
+        np.testing.assert_array_equal(
+            memo.get(ImageSource(paths[i])), brain_like(SHAPE, seed=i)[:, :, SHAPE[2] // 2]
+        )
+
+
+def test_mid_slices_kept_with_a_cached_subject_are_read_back_without_the_file(
+    tmp_path, monkeypatch
+):
+    """subject_slices / restore: the slices stored beside a cached subject serve its thumbnails
+    in a later process (no file opened), with the values the file gives."""
+    from aad_med.data.io import MID_SLICES
+
+    MID_SLICES.clear()
+    folder = tmp_path / "S"
+    images = {
+        ch: ImageSource(write_nifti(folder / f"S_{ch}.nii.gz", brain_like(SHAPE, seed=i)))
+        for i, ch in enumerate(CHANNELS)
+    }
+    rec = SubjectRecord("S", images, None)
+    assert MID_SLICES.subject_slices(rec) is None
+    io.load_subject(rec, load_seg=False, native=True)
+    kept = MID_SLICES.subject_slices(rec)
+    assert kept.shape == (4, SHAPE[0], SHAPE[1]) and kept.dtype == np.float32
+    MID_SLICES.clear()  # a new process
+    MID_SLICES.restore(rec, kept)
+    monkeypatch.setattr(io, "read_header", lambda *a, **k: pytest.fail("a file was opened"))
+    for i, ch in enumerate(CHANNELS):
+        expected = brain_like(SHAPE, seed=i)[:, :, SHAPE[2] // 2]
+        np.testing.assert_array_equal(io.read_mid_slice(rec.images[ch]), expected)
+    MID_SLICES.clear()
+
+
+@pytest.mark.skipif(io.INFLATER != "isal", reason="ISA-L (isal) not installed")
+@pytest.mark.parametrize("tail", ["members", "zeros", "garbage", "crc", "truncated"])
+def test_isal_inflate_reads_every_gzip_form_as_gzip_does(tmp_path, tail):
+    """The ISA-L inflate gives gzip's bytes for a file of several members (bgzip) or with zero
+    padding, and refuses what gzip refuses: a wrong CRC, garbage after the stream, a truncated
+    stream (each named as a corrupt file)."""
+    import gzip
+
+    data = (brain_like(SHAPE) * 3).astype(np.int16)
+    path = write_nifti(tmp_path / "a.nii.gz", data, dtype=np.int16)
+    raw = path.read_bytes()
+    plain = gzip.decompress(raw)
+    if tail == "members":  # the same bytes split in two gzip members
+        raw = gzip.compress(plain[:1000]) + gzip.compress(plain[1000:])
+    elif tail == "zeros":
+        raw = raw + b"\x00" * 16
+    elif tail == "garbage":
+        raw = raw + b"not gzip"
+    elif tail == "crc":
+        raw = raw[:-8] + bytes([raw[-8] ^ 0xFF]) + raw[-7:]
+    else:
+        raw = raw[: len(raw) // 2]
+    if tail in ("members", "zeros"):
+        assert io._gunzip(raw) == plain
+        path.write_bytes(raw)
+        np.testing.assert_array_equal(io.load_volume(ImageSource(path))[0], data)
+    else:
+        with pytest.raises((EOFError, io._InflateError, gzip.BadGzipFile)):
+            io._gunzip(raw)
+        path.write_bytes(raw)
+        with pytest.raises(InputError, match=r"a\.nii\.gz.*(truncated or corrupt|could not read)"):
+            io.load_volume(ImageSource(path))

@@ -178,3 +178,70 @@ def test_fused_preprocessing_falls_back_when_reorientation_or_resampling_is_need
     coarse = PreprocessingConfig(patch_size=8, spacing=(2.0, 2.0, 2.0))
     ras = write_subject(tmp_path, "RAS")
     assert _fused(dict(LoadSubjectd()(ras.as_dict())), coarse) is None
+
+
+def write_int16_subject(root, sid: str, affine=None, flip_axes=()) -> SubjectRecord:
+    """A subject stored as int16 (as BraTS is), the float32 test subject rounded."""
+    rec = write_subject(root, sid, affine=affine, flip_axes=flip_axes)
+    for ch in CHANNELS:
+        img = nib.load(str(rec.images[ch].path))
+        data = np.round(np.asarray(img.dataobj)).astype(np.int16)
+        nib.save(nib.Nifti1Image(data, img.affine), str(rec.images[ch].path))
+    return rec
+
+
+@pytest.mark.parametrize("crop", [True, False])
+@pytest.mark.parametrize("patch", [8, 40])
+def test_fused_preprocessing_of_the_stored_int16_image_equals_that_of_its_float32_cast(
+    tmp_path, crop, patch
+):
+    """LoadSubjectd's native image (int16, stored layout) preprocesses bit for bit like the
+    C-ordered float32 image, and like the MONAI chain to float32 rounding."""
+    from aad_med.data.transforms import _fused, monai_transforms
+
+    cfg = PreprocessingConfig(patch_size=patch, crop_foreground=crop)
+    rec = write_int16_subject(tmp_path, "RAS")
+    native = LoadSubjectd()(rec.as_dict())
+    plain = LoadSubjectd(native=False)(rec.as_dict())
+    assert native["image"].dtype == torch.int16 and not native["image"].is_contiguous()
+    assert plain["image"].dtype == torch.float32 and plain["image"].is_contiguous()
+    a, b = _fused(dict(native), cfg), _fused(dict(plain), cfg)
+    for key in ("image", "seg", "brain", "affine"):
+        assert a[key].dtype == b[key].dtype and a[key].is_contiguous(), key
+        assert torch.equal(a[key], b[key]), key
+    assert a["crop_start"] == b["crop_start"] and a["ras_shape"] == b["ras_shape"]
+    ref = monai_transforms(cfg)(rec.as_dict())
+    torch.testing.assert_close(a["image"], ref["image"], rtol=0, atol=2e-6)
+    assert torch.equal(a["brain"], ref["brain"]) and torch.equal(a["seg"], ref["seg"])
+
+
+def test_a_native_image_that_needs_reorienting_goes_through_the_monai_chain_unchanged(tmp_path):
+    """The fallback (an LPS subject) gets the C-ordered float32 image the MONAI chain expects."""
+    from aad_med.data.transforms import monai_transforms
+
+    x, y, _ = TINY_SHAPE
+    lps_affine = np.diag([-1.0, -1.0, 1.0, 1.0])
+    lps_affine[:3, 3] = [x - 1, y - 1, 0]
+    rec = write_int16_subject(tmp_path, "LPS", affine=lps_affine, flip_axes=(0, 1))
+    a = deterministic_transforms(CFG)(rec.as_dict())
+    b = monai_transforms(CFG)(rec.as_dict())
+    for key in ("image", "seg", "brain", "affine"):
+        assert torch.equal(a[key], b[key]), key
+    assert a["crop_start"] == b["crop_start"]
+
+
+@pytest.mark.parametrize("dtype", [np.int16, np.uint8, np.float32, np.float64])
+def test_the_brain_mask_is_where_any_channel_is_non_zero_in_any_layout(dtype):
+    """The channels' bits OR-ed once equal a comparison per channel; -0.0 is background."""
+    from aad_med.data.transforms import _any_channel_nonzero
+
+    rng = np.random.default_rng(0)
+    a = (rng.integers(-2, 3, (4, 5, 6, 7)) * (rng.random((4, 5, 6, 7)) < 0.3)).astype(dtype)
+    if a.dtype.kind == "f":
+        a[a == 0] = -0.0
+    expected = (a != 0).any(axis=0)
+    stored = np.empty((4, 7, 6, 5), dtype).transpose(0, 3, 2, 1)  # x fastest, as NIfTI
+    stored[...] = a
+    for volume in (a, stored):
+        got = _any_channel_nonzero(volume)
+        assert got.dtype == bool and np.array_equal(got, expected)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from aad_med import CHANNELS
 from aad_med.data.datasets import build_eval_dataset
 from aad_med.data.patches import eval_patch_grid, eval_patch_positions
 from aad_med.data.preprocessing import PreprocessingConfig
@@ -278,3 +279,31 @@ def test_cuda_encoding_runs_in_full_precision_and_restores_the_flags(recwarn):
         assert not torch.is_autocast_enabled("cuda")
     assert torch.backends.cudnn.allow_tf32 is before
     assert not [w for w in recwarn if "tf32" in str(w.message).lower()]
+
+
+def test_mid_slices_an_item_carries_are_kept_for_the_report_thumbnails(
+    model, cohorts, preprocessing, monkeypatch
+):
+    """An item holding its subject's middle slices (a cached subject's, or a worker's) hands
+    them to the report's thumbnails (data.io.MID_SLICES) and not on to the encoding."""
+    from aad_med.data.io import MID_SLICES
+
+    cohort = cohorts["siteB"]
+    real = encode_mod.PreprocessedSubjects.__getitem__
+    given = {}
+
+    def with_slices(self, i):
+        item = real(self, i)
+        shape = tuple(item["ras_shape"][:2])
+        given[i] = np.random.default_rng(i).normal(size=(4, *shape)).astype(np.float32)
+        item["mid_slices"] = given[i]
+        return item
+
+    MID_SLICES.clear()
+    monkeypatch.setattr(encode_mod.PreprocessedSubjects, "__getitem__", with_slices)
+    emb = encode_mod.embed_cohort(model, cohort, preprocessing, features="latent", progress=False)
+    assert len(emb) == len(cohort.subjects) == len(given)
+    for i, rec in enumerate(cohort.subjects):
+        for c, ch in enumerate(CHANNELS):
+            np.testing.assert_array_equal(MID_SLICES.get(rec.images[ch]), given[i][c])
+    MID_SLICES.clear()

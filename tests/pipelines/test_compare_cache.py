@@ -23,8 +23,8 @@ FAST = dict(
     decode_means=False,
     device="cpu",
     progress=False,
-    # The per-subject step (quality metrics, thumbnails) reads the volumes again: not yet fed
-    # from the embedding's decoded arrays, so it is left out of this count of the data path.
+    # The data path alone; the per-subject step (quality metrics, thumbnails) has its own test
+    # below (test_thumbnails_read_no_file_in_a_first_or_a_second_comparison).
     subjects=False,
 )
 
@@ -142,3 +142,41 @@ def test_per_subject_step_reads_each_file_once_and_its_metrics_equal_a_fresh_rea
         rows = [r for r in table(run) if r["cohort"] == "b"]
         got = np.array([[float(r[c]) if r[c] else np.nan for c in columns] for r in rows])
         np.testing.assert_array_equal(got, expected)
+
+
+def test_thumbnails_read_no_file_in_a_first_or_a_second_comparison(setup, tmp_path, monkeypatch):
+    """The per-subject step's thumbnails take the middle slices the embedding's decode kept (a
+    first comparison) or the preprocessed cache's entries hold (a second one, in a new process:
+    the memo emptied), so each file is decoded once in all and the second run opens none."""
+    from aad_med.data.io import MID_SLICES
+
+    _, cohorts, (first_ckpt, second_ckpt) = setup
+    settings = CompareSettings(
+        **{**FAST, "subjects": True},
+        cache_dir=tmp_path / "emb",
+        preprocessed_dir=tmp_path / "pre",
+    )
+    decodes = count_decodes(monkeypatch)
+    misses, calls = [], []
+    real = data_io.read_mid_slice
+
+    def spy(source, *a, **k):
+        calls.append(source.path)
+        if MID_SLICES.get(source) is None:  # not kept: read_mid_slice opens the file
+            misses.append(source.path)
+        return real(source, *a, **k)
+
+    monkeypatch.setattr(data_io, "read_mid_slice", spy)
+    MID_SLICES.clear()
+    run_comparison(first_ckpt, cohorts, tmp_path / "run1", settings)
+    assert calls, "the report drew no thumbnail"
+    assert misses == []
+    assert len(decodes) == 6 * 5  # four channels and the seg of 6 subjects, once each
+
+    MID_SLICES.clear()  # what a new process starts with
+    calls.clear()
+    decodes.clear()
+    second = run_comparison(second_ckpt, cohorts, tmp_path / "run2", settings)
+    assert calls and misses == [] and decodes == []
+    assert second["timings"]["seconds"]["cache_read"] > 0
+    MID_SLICES.clear()

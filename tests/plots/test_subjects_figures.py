@@ -30,3 +30,23 @@ def test_thumbnails_and_drift(tmp_path):
         for i in range(3)
     ]
     assert_png(plot_drift(points, "ref", tmp_path / "d.png"))
+
+
+def test_a_thumbnail_sheet_redrawn_gives_the_fresh_figures_pixels(tmp_path):
+    """ThumbnailSheet reuses one figure: each subject's PNG is pixel for pixel the one a fresh
+    figure draws (images, grey ranges and titles replaced), another grid size included."""
+    from PIL import Image
+
+    from aad_med.plots.subjects import ThumbnailSheet
+
+    generate_cohort(tmp_path / "c", 2, "reference", seed=0, shape=(32, 36, 28), id_prefix="T_")
+    generate_cohort(tmp_path / "d", 1, "reference", seed=1, shape=(30, 34, 26), id_prefix="U_")
+    recs = [*load_cohort(tmp_path / "c").subjects, *load_cohort(tmp_path / "d").subjects]
+    with ThumbnailSheet() as sheet:
+        for i, rec in enumerate(recs):
+            sheet.draw(rec, tmp_path / f"sheet{i}.png", title=f"x / {rec.subject_id}")
+    for i, rec in enumerate(recs):
+        plot_thumbnails(rec, tmp_path / f"fresh{i}.png", title=f"x / {rec.subject_id}")
+        a = np.asarray(Image.open(tmp_path / f"sheet{i}.png"))
+        b = np.asarray(Image.open(tmp_path / f"fresh{i}.png"))
+        assert a.shape == b.shape and np.array_equal(a, b), rec.subject_id
