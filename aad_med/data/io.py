@@ -478,8 +478,9 @@ class MidSliceMemo:
     (``native=True``: the embedding's data path), so a report thumbnail of a subject the
     embedding read costs no second read of its files.
 
-    Keyed by the file's identity (device, inode, size, modification time) and the volume
-    index: a file replaced or rewritten is read again. Slices are kept in the stored dtype
+    Keyed by the file's identity (device, inode, size, modification and status-change times,
+    as :class:`aad_med.io_utils.DigestMemo`) and the volume index: a file replaced or rewritten
+    is read again, also when its modification time was put back (``cp`` then ``touch -r``). Slices are kept in the stored dtype
     (unscaled files only, so the float32 values are exactly those read from the file), the
     least recently used dropped beyond ``max_bytes``. Thread-safe (the prefetching thread).
     """
@@ -496,14 +497,21 @@ class MidSliceMemo:
             st = os.stat(source.path)
         except OSError:
             return None
-        return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, source.volume)
+        return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, source.volume)
 
     def put(self, source: ImageSource, img: nib.Nifti1Image, volume: np.ndarray) -> None:
         """Keep the middle slice of ``volume`` (``(X, Y, Z)`` as read from ``img``'s file)."""
         proxy = img.dataobj
         if float(proxy.slope) != 1.0 or float(proxy.inter) != 0.0 or volume.ndim != 3:
+            self._drop(source)  # nothing kept may outlive what this read saw
             return
         self._keep(source, np.array(volume[:, :, volume.shape[2] // 2], order="C"))
+
+    def _drop(self, source: ImageSource) -> None:
+        key = self._key(source)
+        with self._lock:
+            old = None if key is None else self._slices.pop(key, None)
+            self._bytes -= 0 if old is None else old.nbytes
 
     def _keep(self, source: ImageSource, mid: np.ndarray) -> None:
         key = self._key(source)
@@ -540,6 +548,9 @@ class MidSliceMemo:
         slices = np.asarray(slices, dtype=np.float32)
         if slices.ndim != 3 or slices.shape[0] != len(CHANNELS):
             return
+        if np.array_equal(slices, np.rint(slices)) and np.abs(slices).max(initial=0) < 2**15:
+            # Integer-valued (an int16 file's): kept as int16, half the bytes, the same values.
+            slices = slices.astype(np.int16)
         for ch, mid in zip(CHANNELS, slices, strict=True):
             self._keep(record.images[ch], np.array(mid, order="C"))
 

@@ -396,3 +396,48 @@ def test_isal_inflate_reads_every_gzip_form_as_gzip_does(tmp_path, tail):
         path.write_bytes(raw)
         with pytest.raises(InputError, match=r"a\.nii\.gz.*(truncated or corrupt|could not read)"):
             io.load_volume(ImageSource(path))
+
+
+def test_a_file_rewritten_in_place_with_its_time_put_back_is_read_again(tmp_path):
+    """The memo's key holds the status-change time, which ``cp`` over a file then ``touch -r``
+    (or ``rsync -t``, ``os.utime``) cannot restore: same inode, size and mtime, new voxels."""
+    import os
+
+    from aad_med.data.io import MID_SLICES
+
+    MID_SLICES.clear()
+    path = write_nifti(tmp_path / "t1.nii", brain_like(SHAPE, seed=1))
+    source = ImageSource(path)
+    img = nib.load(str(path))
+    MID_SLICES.put(source, img, np.asarray(img.dataobj))
+    before = os.stat(path)
+    new = (brain_like(SHAPE, seed=2) + 3).astype(np.int16)
+    with open(path, "r+b") as f:  # in place: the same inode
+        f.write(nib.Nifti1Image(new, np.eye(4)).to_bytes())
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = os.stat(path)
+    assert (after.st_ino, after.st_size, after.st_mtime_ns) == (
+        before.st_ino,
+        before.st_size,
+        before.st_mtime_ns,
+    )
+    assert after.st_ctime_ns != before.st_ctime_ns  # what the key relies on
+    np.testing.assert_array_equal(io.read_mid_slice(source), new[:, :, SHAPE[2] // 2])
+    MID_SLICES.clear()
+
+
+def test_slices_restored_from_a_cache_keep_int16_values_in_half_the_bytes(tmp_path):
+    folder = tmp_path / "S"
+    images = {
+        ch: ImageSource(write_nifti(folder / f"S_{ch}.nii", brain_like(SHAPE, seed=i)))
+        for i, ch in enumerate(CHANNELS)
+    }
+    rec = SubjectRecord("S", images, None)
+    memo = io.MidSliceMemo()
+    slices = np.stack([np.rint(brain_like(SHAPE, seed=i)[:, :, SHAPE[2] // 2]) for i in range(4)])
+    memo.restore(rec, slices.astype(np.float32))
+    assert memo._bytes == slices.size * 2  # kept as int16
+    np.testing.assert_array_equal(memo.subject_slices(rec), slices.astype(np.float32))
+    memo.restore(rec, slices.astype(np.float32) + 0.5)  # not integer-valued: kept as float32
+    assert memo._bytes == slices.size * 4
+    np.testing.assert_array_equal(memo.subject_slices(rec), slices.astype(np.float32) + 0.5)
