@@ -199,9 +199,9 @@ def eval_patch_positions(
         raise ValueError(f"stride must be >= 1, got {stride}")
     if any(s < patch_size for s in shape):
         raise ValueError(f"volume {shape} is smaller than the patch size {patch_size}")
-    starts = _grid_positions(shape, patch_size, stride, brain.device)
+    axes = [_grid_starts(s, patch_size, stride) for s in shape]
+    starts = torch.cartesian_prod(*(torch.tensor(a, device=brain.device) for a in axes))
     if brain.device.type == "cpu":
-        axes = [_grid_starts(s, patch_size, stride) for s in shape]
         mask = (plain_tensor(brain).reshape(shape) > 0).numpy()
         counts = torch.from_numpy(_grid_counts(mask, axes, patch_size).reshape(-1))
     else:

@@ -69,12 +69,18 @@ def test_msd_4d_channels_land_in_canonical_order(tmp_path, monkeypatch):
     assert calls.count(-1) == 1
 
 
-def test_scaling_and_integer_dtypes(tmp_path):
+def _scaled_int16_file(tmp_path: Path) -> tuple[Path, np.ndarray]:
+    """An int16 ``.nii.gz`` with slope 0.5 and intercept 10, and its stored values."""
     data = (brain_like() / 2).astype(np.int16)
     img = nib.Nifti1Image(data, np.eye(4))
     img.header.set_slope_inter(0.5, 10)
     path = tmp_path / "scaled.nii.gz"
     nib.save(img, str(path))
+    return path, data
+
+
+def test_scaling_and_integer_dtypes(tmp_path):
+    path, data = _scaled_int16_file(tmp_path)
     vol, _ = io.load_volume(ImageSource(path))
     np.testing.assert_allclose(vol, data * 0.5 + 10)
 
@@ -188,11 +194,7 @@ def test_corrupt_gzip_payload_is_named(tmp_path):
 
 
 def test_mid_slice_is_the_volumes_middle_slice(tmp_path):
-    data = (brain_like() / 2).astype(np.int16)
-    img = nib.Nifti1Image(data, np.eye(4))
-    img.header.set_slope_inter(0.5, 10)
-    path = tmp_path / "scaled.nii.gz"
-    nib.save(img, str(path))
+    path, _ = _scaled_int16_file(tmp_path)
     vol, _ = io.load_volume(ImageSource(path))
     mid = io.read_mid_slice(ImageSource(path))
     assert mid.dtype == np.float32
